@@ -1,0 +1,384 @@
+"""Analytic stage model of DeepSeek-OCR composed from the module families.
+
+    model = stage_costs(cfg, mode, grid=(2, 3), text_tokens=12, decode_steps=1000)
+    model.totals()      one row per stage (decode: the whole run, and one step)
+    model.breakdown()   one row per (stage, family)
+    model.experts()     distinct routed experts read, expected and observed
+
+A run is: SAM, CLIP and the projector over the global view (batch 1) and, when tiled, over
+all tiles (one batch); prefill of S = image tokens + text tokens; then `decode_steps` decode
+steps, step i (0-based) feeding one token against a cache of S + i positions. The first
+generated token comes from prefill's logits, so n generated tokens take n - 1 decode steps.
+
+Attention FLOPs are reported two ways: `matmul_flops` is *executed* work, what a dense kernel
+computes and FlopCounterMode counts (full S x S in prefill); `useful_matmul_flops` keeps
+only the causal lower triangle. See ROOFLINE_FLOPS for the one the roofline uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+
+from llm_perf_opt.analytic import families as fam
+from llm_perf_opt.analytic.families import Cost
+from llm_perf_opt.errors import UserError
+from llm_perf_opt.models.deepseek_ocr.config import ClipConfig, DeepSeekOCRConfig, LMConfig, SamConfig
+from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord
+from llm_perf_opt.models.deepseek_ocr.modes import ModeSpec, image_token_count, tokens_per_side
+from llm_perf_opt.profiling.ranges import CLIP, DECODE, PREFILL, PROJECTOR, SAM
+
+#: Stages the analytic model covers, in run order (preprocessing runs on the host, no FLOPs here).
+MODEL_STAGES: tuple[str, ...] = (SAM, CLIP, PROJECTOR, PREFILL, DECODE)
+
+#: Scopes of a row: a whole run, or the first decode step alone.
+RUN, STEP = "run", "step"
+
+#: BOS plus the "<|grounding|>Convert the document to markdown." prompt, about 12 tokens (fact sheet §10).
+DEFAULT_TEXT_TOKENS = 12
+
+#: Which attention count the roofline uses, and why.
+ROOFLINE_FLOPS = "useful_flops"
+ROOFLINE_NOTE = (
+    "roofline uses useful FLOPs (causal lower triangle): the GPU prefill kernels (SDPA flash/"
+    "efficient and flash_attn with is_causal) skip fully masked tiles, so they do about the useful "
+    "work; executed FLOPs (full S x S, = FlopCounterMode) would credit work never done. "
+    "They differ only in prefill attention."
+)
+
+_METRICS = (
+    "matmul_flops",
+    "useful_matmul_flops",
+    "other_flops",
+    "flops",
+    "useful_flops",
+    "weight_bytes",
+    "act_read_bytes",
+    "act_write_bytes",
+    "kv_read_bytes",
+    "kv_write_bytes",
+    "bytes",
+)
+
+Breakdown = dict[str, Cost]  # family -> cost
+
+
+def _accumulate(items: Sequence[tuple[str, Cost]]) -> Breakdown:
+    out: Breakdown = {}
+    for family, cost in items:
+        out[family] = out.get(family, Cost()) + cost
+    return out
+
+
+def _total(parts: Breakdown) -> Cost:
+    return sum(parts.values(), Cost())
+
+
+def _moe_layers(lm: LMConfig) -> list[int]:
+    return [i for i in range(lm.num_hidden_layers) if lm.is_moe_layer(i)]
+
+
+# -- vision ------------------------------------------------------------------------------------
+
+
+def sam_costs(sam: SamConfig, size: int, batch: int, dtype: object) -> Breakdown:
+    """SAM over `batch` views of size x size: patch conv, pos-embed add, 12 blocks, neck, net_2, net_3."""
+    if size % sam.patch_size:
+        raise UserError(f"sam: view size {size} is not a multiple of the patch size {sam.patch_size}")
+    g = size // sam.patch_size
+    d, n = sam.width, batch * g * g
+    c2, c3 = sam.downsample_channels
+    items = [
+        ("conv2d", fam.conv2d(batch, 3, d, size, sam.patch_size, dtype, stride=sam.patch_size, bias=True)),
+        ("add", fam.add(n * d, dtype)),  # absolute position embedding (resized without matmuls)
+    ]
+    for i in range(sam.depth):
+        is_global = i in sam.global_attn_indexes
+        window = 0 if is_global else sam.window_size
+        attention = fam.sam_attention(batch, g, d, sam.heads, dtype, window=window)
+        items += [
+            ("layernorm", 2 * fam.layernorm(n, d, dtype)),
+            ("sam_attention_global" if is_global else "sam_attention_window", attention),
+            ("add", 2 * fam.add(n * d, dtype)),
+            ("linear", fam.linear(n, d, sam.mlp_ratio * d, dtype)),
+            ("gelu", fam.gelu(n * sam.mlp_ratio * d, dtype)),
+            ("linear", fam.linear(n, sam.mlp_ratio * d, d, dtype)),
+        ]
+    g2 = fam.conv2d_out(g, 3, 2, 1)
+    items += [
+        ("conv2d", fam.conv2d(batch, d, sam.neck_channels, g, 1, dtype)),
+        ("layernorm2d", fam.layernorm2d(batch, sam.neck_channels, g, dtype)),
+        ("conv2d", fam.conv2d(batch, sam.neck_channels, sam.neck_channels, g, 3, dtype, padding=1)),
+        ("layernorm2d", fam.layernorm2d(batch, sam.neck_channels, g, dtype)),
+        ("conv2d", fam.conv2d(batch, sam.neck_channels, c2, g, 3, dtype, stride=2, padding=1)),
+        ("conv2d", fam.conv2d(batch, c2, c3, g2, 3, dtype, stride=2, padding=1)),
+    ]
+    return _accumulate(items)
+
+
+def clip_costs(clip: ClipConfig, side: int, batch: int, dtype: object) -> Breakdown:
+    """CLIP over `batch` views whose SAM output is side x side: T = side^2 + 1 tokens (CLS first)."""
+    t = side * side + 1
+    rows, w = batch * t, clip.width
+    # position embeddings, then pre_layrnorm
+    items = [("add", fam.add(rows * w, dtype)), ("layernorm", fam.layernorm(rows, w, dtype))]
+    items += [
+        ("layernorm", 2 * fam.layernorm(rows, w, dtype)),
+        ("clip_attention", fam.clip_attention(batch, t, w, clip.heads, dtype)),
+        ("add", 2 * fam.add(rows * w, dtype)),
+        ("linear", fam.linear(rows, w, clip.ffn, dtype)),
+        ("quick_gelu", fam.quick_gelu(rows * clip.ffn, dtype)),
+        ("linear", fam.linear(rows, clip.ffn, w, dtype)),
+    ] * clip.layers
+    return _accumulate(items)
+
+
+def projector_costs(cfg: DeepSeekOCRConfig, side: int, batch: int, dtype: object) -> Breakdown:
+    """Linear(2048 -> 1280, bias) over the side^2 tokens of each view (CLIP's CLS dropped)."""
+    return {"linear": fam.linear(batch * side * side, cfg.projector_in, cfg.lm.hidden_size, dtype)}
+
+
+# -- language model ----------------------------------------------------------------------------
+
+
+def lm_costs(
+    lm: LMConfig,
+    new_tokens: float,
+    cached_tokens: float,
+    dtype: object,
+    experts_touched: Sequence[float] | None = None,
+) -> Breakdown:
+    """One LM forward of `new_tokens` after `cached_tokens`: prefill is (S, 0), a decode step (1, L).
+
+    embedding -> per layer [RMSNorm, causal attention, add, RMSNorm, SwiGLU or MoE, add] ->
+    final RMSNorm and lm_head on the last position only. `experts_touched` gives the distinct
+    routed experts per MoE layer (default: the uniform-routing expectation).
+    """
+    moe_layers = _moe_layers(lm)
+    if experts_touched is not None and len(experts_touched) != len(moe_layers):
+        raise UserError(f"routing: {len(experts_touched)} MoE layers given, the model has {len(moe_layers)}")
+    touched = dict(zip(moe_layers, experts_touched)) if experts_touched is not None else {}
+    h, t = lm.hidden_size, new_tokens
+    items = [("embedding", fam.embedding(t, h, dtype))]
+    for i in range(lm.num_hidden_layers):
+        items += [
+            ("rmsnorm", 2 * fam.rmsnorm(t, h, dtype)),
+            ("causal_attention", fam.causal_attention(t, cached_tokens, h, lm.num_attention_heads, dtype)),
+            ("add", 2 * fam.add(t * h, dtype)),
+        ]
+        if lm.is_moe_layer(i):
+            parts = fam.moe_parts(
+                t,
+                h,
+                lm.moe_intermediate_size,
+                lm.n_routed_experts,
+                lm.num_experts_per_tok,
+                lm.shared_intermediate_size,
+                dtype,
+                experts_touched=touched.get(i),
+            )
+            items += [(f"moe_{name}", cost) for name, cost in parts.items()]
+        else:
+            items.append(("swiglu_mlp", fam.swiglu_mlp(t, h, lm.intermediate_size, dtype)))
+    items += [("rmsnorm", fam.rmsnorm(1, h, dtype)), ("lm_head", fam.lm_head(1, h, lm.vocab_size, dtype))]
+    return _accumulate(items)
+
+
+# -- routing -----------------------------------------------------------------------------------
+
+
+def _distinct(counts: Sequence[int]) -> int:
+    return sum(1 for c in counts if c > 0)
+
+
+# -- the stage model ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one run processes."""
+
+    mode: str
+    global_size: int
+    tile_size: int
+    grid: tuple[int, int]  # (cols, rows); (1, 1) = global view only
+    image_tokens: int
+    prompt_tokens: int  # S = image tokens + text tokens
+    decode_steps: int
+    dtype: str
+
+    @property
+    def tiles(self) -> int:
+        cols, rows = self.grid
+        return cols * rows if cols * rows > 1 else 0
+
+
+@dataclass(frozen=True)
+class StageModel:
+    """Per-family costs of each stage of one run, plus the first decode step and expert usage."""
+
+    workload: Workload
+    stages: dict[str, Breakdown]  # MODEL_STAGES -> family -> cost; decode summed over the run
+    decode_step: Breakdown  # the first decode step (cache holds the S prompt tokens)
+    expert_usage: tuple[dict[str, object], ...]
+
+    def total(self, stage: str) -> Cost:
+        if stage not in self.stages:
+            raise UserError(f"analytic: unknown stage {stage!r}; expected one of {', '.join(self.stages)}")
+        return _total(self.stages[stage])
+
+    def breakdown(self) -> pd.DataFrame:
+        """Rows (stage, scope, family): scope is "run", or "step" for the first decode step."""
+        rows = [
+            {"stage": stage, "scope": RUN, "family": family, **cost.as_dict()}
+            for stage, parts in self.stages.items()
+            for family, cost in parts.items()
+        ]
+        rows += [
+            {"stage": DECODE, "scope": STEP, "family": family, **cost.as_dict()}
+            for family, cost in self.decode_step.items()
+        ]
+        return pd.DataFrame(rows, columns=["stage", "scope", "family", *_METRICS])
+
+    def totals(self) -> pd.DataFrame:
+        """One row per stage over the run, plus the first decode step; attrs["note"] = ROOFLINE_NOTE."""
+        rows = [{"stage": s, "scope": RUN, **self.total(s).as_dict()} for s in self.stages]
+        rows.append({"stage": DECODE, "scope": STEP, **_total(self.decode_step).as_dict()})
+        table = pd.DataFrame(rows, columns=["stage", "scope", *_METRICS])
+        table.attrs["note"] = ROOFLINE_NOTE
+        return table
+
+    def experts(self) -> pd.DataFrame:
+        """Distinct routed experts read per MoE layer: expected (uniform routing) and observed."""
+        return pd.DataFrame(list(self.expert_usage))
+
+
+def resolve_grid(
+    mode: ModeSpec, grid: tuple[int, int] | None = None, image_size: tuple[int, int] | None = None
+) -> tuple[int, int]:
+    """(cols, rows) of tiles: the one given, or the preprocessing's choice for a (width, height) image."""
+    if grid is not None:
+        cols, rows = grid
+        if cols < 1 or rows < 1:
+            raise UserError(f"analytic: tile grid must be at least 1x1, got {cols}x{rows}")
+        if not mode.crop_mode and cols * rows > 1:
+            raise UserError(f"analytic: mode {mode.name} does not tile; grid must be 1x1")
+        if cols * rows > 1 and not mode.min_tiles <= cols * rows <= mode.max_tiles:
+            raise UserError(
+                f"analytic: mode {mode.name} uses {mode.min_tiles}-{mode.max_tiles} tiles, not {cols * rows}"
+            )
+        return (cols, rows)
+    if not mode.crop_mode:
+        return (1, 1)
+    if image_size is None:
+        raise UserError(f"analytic: mode {mode.name} tiles the page; give the image size or the tile grid")
+    # Imported here: preprocessing pulls in PIL, which the stage model otherwise does not need.
+    from llm_perf_opt.models.deepseek_ocr.preprocess import select_tile_grid
+
+    return select_tile_grid(image_size[0], image_size[1], mode)
+
+
+def _vision(cfg: DeepSeekOCRConfig, size: int, batch: int, dtype: object) -> dict[str, Breakdown]:
+    side = tokens_per_side(size)
+    return {
+        SAM: sam_costs(cfg.sam, size, batch, dtype),
+        CLIP: clip_costs(cfg.clip, side, batch, dtype),
+        PROJECTOR: projector_costs(cfg, side, batch, dtype),
+    }
+
+
+def _merge(a: Breakdown, b: Breakdown) -> Breakdown:
+    return _accumulate(list(a.items()) + list(b.items()))
+
+
+def stage_costs(
+    cfg: DeepSeekOCRConfig,
+    mode: ModeSpec,
+    *,
+    grid: tuple[int, int] | None = None,
+    image_size: tuple[int, int] | None = None,
+    text_tokens: int = DEFAULT_TEXT_TOKENS,
+    decode_steps: int = 0,
+    dtype: object = "bfloat16",
+    routing: RoutingRecord | None = None,
+) -> StageModel:
+    """Costs of every stage of one run of `mode` on one image.
+
+    The tile grid is `grid`, or chosen from `image_size` = (width, height) in crop mode.
+    Decode costs are affine in the context length, so the run's decode total is
+    decode_steps x (one step at the mean context S + (n - 1)/2). Routed-expert weights are
+    read for the distinct experts each forward touches: observed from `routing` when given,
+    otherwise the uniform expectation E * (1 - (1 - k/E)^T) (T = S in prefill, 1 per decode step).
+    """
+    if text_tokens < 1 or decode_steps < 0:
+        raise UserError("analytic: need text_tokens >= 1 (BOS at least) and decode_steps >= 0")
+    fam.dtype_bytes(dtype)  # fail early on an unknown dtype
+    grid = resolve_grid(mode, grid, image_size)
+    image_tokens = image_token_count(mode.global_size, mode.image_size, grid)
+    s = image_tokens + text_tokens
+    lm = cfg.lm
+    if s + decode_steps > lm.max_position_embeddings:
+        raise UserError(
+            f"analytic: {s} prompt + {decode_steps} decode positions exceed {lm.max_position_embeddings}"
+        )
+    workload = Workload(
+        mode.name, mode.global_size, mode.image_size, grid, image_tokens, s, decode_steps, str(dtype)
+    )
+
+    stages = _vision(cfg, mode.global_size, 1, dtype)
+    if workload.tiles:
+        tiles = _vision(cfg, mode.image_size, workload.tiles, dtype)
+        stages = {name: _merge(parts, tiles[name]) for name, parts in stages.items()}
+
+    if routing is not None:
+        routing.check(lm, s, decode_steps)
+    prefill_touched = [_distinct(c) for c in routing.prefill] if routing is not None else None
+    step_touched = None
+    if routing is not None and routing.decode:
+        layers = len(routing.prefill)
+        step_touched = [
+            sum(_distinct(step[layer]) for step in routing.decode) / decode_steps for layer in range(layers)
+        ]
+    stages[PREFILL] = lm_costs(lm, s, 0, dtype, prefill_touched)
+    first_step = lm_costs(lm, 1, s, dtype, step_touched)
+    mean_step = lm_costs(lm, 1, s + (decode_steps - 1) / 2, dtype, step_touched)
+    stages[DECODE] = {family: decode_steps * cost for family, cost in mean_step.items()}
+
+    return StageModel(
+        workload=workload,
+        stages={name: stages[name] for name in MODEL_STAGES},
+        decode_step=first_step,
+        expert_usage=_expert_usage(lm, s, decode_steps, routing),
+    )
+
+
+def _expert_usage(
+    lm: LMConfig, s: int, steps: int, routing: RoutingRecord | None
+) -> tuple[dict[str, object], ...]:
+    """Expected and observed distinct experts per MoE layer: in prefill, in one decode step, and
+    over all decode steps of the run (the routed-expert weights the run reads at least once)."""
+    e, k = lm.n_routed_experts, lm.num_experts_per_tok
+    rows = []
+    for j, layer in enumerate(_moe_layers(lm)):
+        observed: dict[str, float | None] = {"prefill": None, "decode_step": None, "decode_run": None}
+        if routing is not None:
+            observed["prefill"] = _distinct(routing.prefill[j])
+            if routing.decode:
+                per_step = [step[j] for step in routing.decode]
+                observed["decode_step"] = sum(_distinct(c) for c in per_step) / steps
+                observed["decode_run"] = _distinct([sum(col) for col in zip(*per_step)])
+        for scope, tokens in (("prefill", s), ("decode_step", 1), ("decode_run", steps)):
+            rows.append(
+                {
+                    "layer": layer,
+                    "scope": scope,
+                    "tokens": tokens,
+                    "experts": e,
+                    "top_k": k,
+                    "expected_distinct": fam.expected_distinct_experts(tokens, e, k),
+                    "observed_distinct": observed[scope],
+                }
+            )
+    return tuple(rows)

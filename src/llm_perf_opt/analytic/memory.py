@@ -1,0 +1,178 @@
+"""Memory footprint of a DeepSeek-OCR run from shapes alone, to set beside measured peaks.
+
+Per stage: the weights that stage's modules hold, and its largest transient activation (one
+tensor alive at once, in the run's dtype unless noted). For the run: the KV cache at its end
+and the logits of one call. Attention is assumed fused (no score matrix), except where an
+additive mask is materialised: SAM's relative-position bias.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+
+from llm_perf_opt.analytic.deepseek_ocr import MODEL_STAGES, Workload
+from llm_perf_opt.analytic.families import dtype_bytes
+from llm_perf_opt.models.deepseek_ocr.config import ClipConfig, DeepSeekOCRConfig, LMConfig, SamConfig
+from llm_perf_opt.models.deepseek_ocr.modes import tokens_per_side
+from llm_perf_opt.profiling.ranges import CLIP, DECODE, PREFILL, PROJECTOR, SAM
+
+FP32 = 4
+
+
+def sam_parameters(sam: SamConfig) -> int:
+    """Patch conv (+bias), pos-embed, 12 blocks (2 LayerNorms, qkv+proj with biases, rel-pos
+    tables of 2*grid-1 rows, MLP with biases), neck (two convs, two LayerNorm2d), net_2, net_3."""
+    d, p, n = sam.width, sam.patch_size, sam.neck_channels
+    grid = sam.img_size // p
+    hidden = sam.mlp_ratio * d
+    block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * hidden * d + hidden + d
+    sides = [grid if i in sam.global_attn_indexes else sam.window_size for i in range(sam.depth)]
+    rel_pos = sum(2 * (2 * side - 1) * sam.head_dim for side in sides)
+    c2, c3 = sam.downsample_channels
+    return (
+        d * 3 * p * p + d
+        + grid * grid * d
+        + sam.depth * block
+        + rel_pos
+        + n * d + 2 * n + n * n * 9 + 2 * n
+        + c2 * n * 9 + c3 * c2 * 9
+    )  # fmt: skip
+
+
+def clip_parameters(clip: ClipConfig) -> int:
+    """CLS, the (unused) patch conv, position table, pre-LN, 24 blocks (2 LayerNorms, qkv and
+    out projections with biases, fc1/fc2 with biases)."""
+    w, f = clip.width, clip.ffn
+    block = 4 * w + (3 * w * w + 3 * w) + (w * w + w) + (w * f + f) + (f * w + w)
+    return w + w * 3 * clip.patch_size**2 + clip.num_positions * w + 2 * w + clip.layers * block
+
+
+def projector_parameters(cfg: DeepSeekOCRConfig) -> int:
+    """Linear(2048 -> 1280) with bias, plus the image_newline and view_seperator vectors."""
+    h = cfg.lm.hidden_size
+    return cfg.projector_in * h + h + 2 * h
+
+
+def expert_parameters(lm: LMConfig) -> int:
+    """One routed expert: gate, up and down projections, bias-free."""
+    return 3 * lm.hidden_size * lm.moe_intermediate_size
+
+
+def lm_parameters(lm: LMConfig) -> int:
+    """embed_tokens, 12 layers (2 RMSNorms, q/k/v/o, dense SwiGLU or MoE: gate, 64 experts,
+    shared experts), final norm, lm_head."""
+    h = lm.hidden_size
+    total = 2 * lm.vocab_size * h + h
+    for i in range(lm.num_hidden_layers):
+        total += 2 * h + 4 * h * h
+        if lm.is_moe_layer(i):
+            total += lm.n_routed_experts * h + lm.n_routed_experts * expert_parameters(lm)
+            total += 3 * h * lm.shared_intermediate_size
+        else:
+            total += 3 * h * lm.intermediate_size
+    return total
+
+
+def stage_parameters(cfg: DeepSeekOCRConfig) -> dict[str, int]:
+    """Parameters each stage's modules hold; prefill and decode share the whole LM."""
+    lm = lm_parameters(cfg.lm)
+    return {
+        SAM: sam_parameters(cfg.sam),
+        CLIP: clip_parameters(cfg.clip),
+        PROJECTOR: projector_parameters(cfg),
+        PREFILL: lm,
+        DECODE: lm,
+    }
+
+
+def kv_bytes_per_token(lm: LMConfig, dtype: object) -> int:
+    """layers * 2 (K and V) * kv_heads * head_dim * b: 61,440 B in bf16 for DeepSeek-OCR."""
+    return lm.num_hidden_layers * 2 * lm.num_key_value_heads * lm.head_dim * dtype_bytes(dtype)
+
+
+def _sam_transients(sam: SamConfig, size: int, batch: int, b: int) -> list[tuple[str, float]]:
+    g = size // sam.patch_size
+    d = sam.width
+    padded = math.ceil(g / sam.window_size) * sam.window_size
+    windows = (padded // sam.window_size) ** 2
+    return [
+        ("global rel-pos bias [B*heads, N, N]", batch * sam.heads * g**4 * b),
+        ("window rel-pos bias [B*nW*heads, 196, 196]", batch * windows * sam.heads * sam.window_size**4 * b),
+        ("qkv [B, Np, 3d]", batch * padded * padded * 3 * d * b),
+        ("MLP hidden [B, N, 4d]", batch * g * g * sam.mlp_ratio * d * b),
+    ]
+
+
+def _clip_transients(clip: ClipConfig, side: int, batch: int, b: int) -> list[tuple[str, float]]:
+    t = side * side + 1
+    return [
+        ("qkv [B, T, 3w]", batch * t * 3 * clip.width * b),
+        ("fc1 out [B, T, ffn]", batch * t * clip.ffn * b),
+    ]
+
+
+def _lm_transients(lm: LMConfig, tokens: int, b: int) -> list[tuple[str, float]]:
+    h = lm.hidden_size
+    return [
+        ("dense MLP gate/up out [S, I]", tokens * lm.intermediate_size * b),
+        ("MoE gate input in fp32 [S, h]", tokens * h * FP32),
+        ("routed expert inputs [S*k, h]", tokens * lm.num_experts_per_tok * h * b),
+        ("routed outputs in fp32 [S*k, h]", tokens * lm.num_experts_per_tok * h * FP32),
+        ("logits fp32 [1, V]", lm.vocab_size * FP32),
+    ]
+
+
+def _largest(candidates: list[tuple[str, float]]) -> tuple[str, float]:
+    return max(candidates, key=lambda c: c[1])
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Weights and transients per stage, KV cache and logits for one run."""
+
+    table: pd.DataFrame  # stage, weight_params, weight_bytes, transient, transient_bytes
+    kv_cache_bytes: int  # at the end of the run: S + decode_steps positions
+    kv_bytes_per_token: int
+    logits_bytes: int  # one call's logits: last position only, fp32
+    total_weight_bytes: int  # the whole model resident
+
+
+def footprint(cfg: DeepSeekOCRConfig, workload: Workload) -> Footprint:
+    """Footprint of the run a StageModel describes (its `workload`)."""
+    b = dtype_bytes(workload.dtype)
+    params = stage_parameters(cfg)
+    views = [(workload.global_size, 1)] + ([(workload.tile_size, workload.tiles)] if workload.tiles else [])
+    transients = {
+        SAM: [c for size, n in views for c in _sam_transients(cfg.sam, size, n, b)],
+        CLIP: [c for size, n in views for c in _clip_transients(cfg.clip, tokens_per_side(size), n, b)],
+        PROJECTOR: [
+            ("fused input [B, q^2, 2048]", n * tokens_per_side(size) ** 2 * cfg.projector_in * b)
+            for size, n in views
+        ],
+        PREFILL: _lm_transients(cfg.lm, workload.prompt_tokens, b),
+        DECODE: _lm_transients(cfg.lm, 1, b),
+    }
+    rows = []
+    for stage in MODEL_STAGES:
+        name, size = _largest(transients[stage])
+        rows.append(
+            {
+                "stage": stage,
+                "weight_params": params[stage],
+                "weight_bytes": params[stage] * b,
+                "transient": name,
+                "transient_bytes": size,
+            }
+        )
+    per_token = kv_bytes_per_token(cfg.lm, workload.dtype)
+    total_params = params[SAM] + params[CLIP] + params[PROJECTOR] + params[PREFILL]
+    return Footprint(
+        table=pd.DataFrame(rows),
+        kv_cache_bytes=per_token * (workload.prompt_tokens + workload.decode_steps),
+        kv_bytes_per_token=per_token,
+        logits_bytes=cfg.lm.vocab_size * FP32,
+        total_weight_bytes=total_params * b,
+    )

@@ -1,0 +1,257 @@
+"""python -m llm_perf_opt.analytic.validate: the analytic stage model against FlopCounterMode.
+
+For every mode (tiny, small, base, large; gundam with 1x2, 2x2, 2x3, 3x3 tiles) the full-size
+model runs on the meta device (no memory, no arithmetic) under FlopCounterMode, stage by
+stage: SAM, CLIP and the projector over the global view and the tiles, prefill of the whole
+prompt, and two decode steps. Each stage's analytic *executed* matmul FLOPs must agree with
+the count within 1%; so must the fact sheet's reference figures (§10). Prints both tables and
+the analytic model's evaluation time; exits 1 on any disagreement.
+
+FLOP formulas: on meta tensors SDPA decomposes into aten.bmm, which FlopCounterMode counts, so
+no formula is missing there. On real CPU tensors SDPA runs
+aten._scaled_dot_product_flash_attention_for_cpu, which torch (2.13) has no formula for;
+`flop_counter()` registers one (4*B*H*Sq*Sk*D, the same as torch's own SDPA formulas).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from llm_perf_opt.analytic import families as fam
+from llm_perf_opt.analytic.deepseek_ocr import (
+    DEFAULT_TEXT_TOKENS,
+    ROOFLINE_NOTE,
+    RUN,
+    STEP,
+    StageModel,
+    stage_costs,
+)
+from llm_perf_opt.errors import UserError
+from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRConfig
+from llm_perf_opt.models.deepseek_ocr.modes import ModeSpec
+from llm_perf_opt.config import load_mode, mode_names
+from llm_perf_opt.profiling.ranges import CLIP, DECODE, PREFILL, PROJECTOR, SAM
+
+TOLERANCE = 0.01
+#: Decode steps run per case: the first is checked alone, both together as the run.
+DECODE_STEPS = 2
+GIGA = 1e9
+
+
+def builtin_modes() -> dict[str, ModeSpec]:
+    """The released resolution modes, from conf/mode/."""
+    return {name: load_mode(name) for name in mode_names()}
+
+
+@dataclass(frozen=True)
+class Case:
+    mode: ModeSpec
+    grid: tuple[int, int]  # (cols, rows)
+
+    @property
+    def name(self) -> str:
+        cols, rows = self.grid
+        return f"{self.mode.name} {cols}x{rows}" if self.mode.crop_mode else self.mode.name
+
+
+def cases() -> list[Case]:
+    """Every no-crop mode, and gundam at 1x2, 2x2, 2x3 and 3x3 tiles (cols x rows)."""
+    modes = builtin_modes()
+    plain = [Case(modes[name], (1, 1)) for name in ("tiny", "small", "base", "large")]
+    return plain + [Case(modes["gundam"], grid) for grid in ((1, 2), (2, 2), (2, 3), (3, 3))]
+
+
+def _cpu_flash_sdpa_flop(query_shape, key_shape, value_shape, *args: Any, **kwargs: Any) -> int:
+    """Forward FLOPs of CPU flash SDPA: QK^T and PV, 2 * 2*B*H*Sq*Sk*D (causal masking not discounted)."""
+    b, h, sq, _ = query_shape
+    return 4 * b * h * sq * key_shape[2] * value_shape[3]
+
+
+def flop_counter() -> FlopCounterMode:
+    """FlopCounterMode, plus a formula for CPU flash SDPA, which torch lacks."""
+    aten = torch.ops.aten
+    return FlopCounterMode(
+        display=False, custom_mapping={aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_sdpa_flop}
+    )
+
+
+def _count(fn) -> tuple[int, Any]:
+    with flop_counter() as counter:
+        out = fn()
+    return counter.get_total_flops(), out
+
+
+def build_meta_model(cfg: DeepSeekOCRConfig):
+    """The full-size model on the meta device, in bf16: shapes only."""
+    from llm_perf_opt.models.deepseek_ocr.model import DeepSeekOCR
+
+    with torch.device("meta"):
+        return DeepSeekOCR(cfg).to(torch.bfloat16)
+
+
+class Counter:
+    """FlopCounterMode counts of the meta model per stage; vision counts are reused across cases."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self._vision: dict[tuple[int, int], tuple[dict[str, int], torch.Tensor]] = {}
+
+    def vision(self, size: int, batch: int) -> tuple[dict[str, int], torch.Tensor]:
+        """FLOPs of SAM, CLIP and the projector on `batch` views of size x size, and the features."""
+        key = (size, batch)
+        if key not in self._vision:
+            m = self.model
+            pixels = torch.empty(batch, 3, size, size, device="meta", dtype=torch.bfloat16)
+            sam_flops, sam_out = _count(lambda: m.sam(pixels))
+            clip_flops, clip_out = _count(lambda: m.clip(sam_out))
+            proj_flops, feats = _count(lambda: m.project(sam_out, clip_out))
+            self._vision[key] = ({SAM: sam_flops, CLIP: clip_flops, PROJECTOR: proj_flops}, feats)
+        return self._vision[key]
+
+    def case(self, case: Case, text_tokens: int) -> dict[tuple[str, str], int]:
+        """(stage, scope) -> counted FLOPs for one run of `case` with DECODE_STEPS decode steps."""
+        m, mode = self.model, case.mode
+        counts, global_feats = self.vision(mode.global_size, 1)
+        counts = dict(counts)
+        tile_feats = None
+        cols, rows = case.grid
+        if cols * rows > 1:
+            tile_counts, tile_feats = self.vision(mode.image_size, cols * rows)
+            counts = {stage: counts[stage] + tile_counts[stage] for stage in counts}
+        embeds = m.layout(global_feats, tile_feats, case.grid)
+        s = embeds.shape[0] + text_tokens
+        cache = m.new_cache(s + DECODE_STEPS)
+        ids = torch.empty(1, s, dtype=torch.long, device="meta")
+        out = {(stage, RUN): flops for stage, flops in counts.items()}
+        out[(PREFILL, RUN)], _ = _count(lambda: m.prefill(ids, embeds, cache))
+        token = torch.empty(1, 1, dtype=torch.long, device="meta")
+        steps = [_count(lambda: m.decode_step(token, cache))[0] for _ in range(DECODE_STEPS)]
+        out[(DECODE, STEP)] = steps[0]
+        out[(DECODE, RUN)] = sum(steps)
+        return out
+
+
+def analytic_case(
+    cfg: DeepSeekOCRConfig, case: Case, text_tokens: int, decode_steps: int = DECODE_STEPS
+) -> StageModel:
+    return stage_costs(cfg, case.mode, grid=case.grid, text_tokens=text_tokens, decode_steps=decode_steps)
+
+
+def _agreement(analytic: float, reference: float) -> dict[str, Any]:
+    err = abs(analytic - reference) / abs(reference) if reference else abs(analytic)
+    return {"rel_err": err, "ok": err <= TOLERANCE}
+
+
+def compare(cfg: DeepSeekOCRConfig, counter: Counter, text_tokens: int) -> pd.DataFrame:
+    """Analytic executed matmul GFLOPs vs FlopCounterMode GFLOPs, per case and stage."""
+    rows = []
+    for case in cases():
+        model = analytic_case(cfg, case, text_tokens)
+        totals = model.totals().set_index(["stage", "scope"])
+        counted = counter.case(case, text_tokens)
+        for (stage, scope), flops in counted.items():
+            analytic = totals.loc[(stage, scope)]
+            rows.append(
+                {
+                    "case": case.name,
+                    "S": model.workload.prompt_tokens,
+                    "stage": stage,
+                    "scope": scope,
+                    "analytic": analytic["matmul_flops"] / GIGA,
+                    "flopcounter": flops / GIGA,
+                    "useful": analytic["useful_matmul_flops"] / GIGA,
+                    **_agreement(analytic["matmul_flops"], flops),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def references(cfg: DeepSeekOCRConfig, text_tokens: int) -> pd.DataFrame:
+    """The fact sheet's figures (§10), in GFLOPs unless the check says otherwise."""
+    modes = builtin_modes()
+    base = analytic_case(cfg, Case(modes["base"], (1, 1)), text_tokens)
+    small = analytic_case(cfg, Case(modes["small"], (1, 1)), text_tokens)
+    gundam = analytic_case(cfg, Case(modes["gundam"], (2, 3)), text_tokens=12)
+
+    def vision(model: StageModel) -> float:
+        return sum(model.total(stage).matmul_flops for stage in (SAM, CLIP, PROJECTOR)) / GIGA
+
+    lm = cfg.lm
+    step = base.decode_step
+    # Per-token LM work without attention scores: the first decode step minus lm_head and
+    # minus the score/value products against its L+1 keys.
+    keys = base.workload.prompt_tokens + 1
+    core = fam.attention_core(1, lm.num_attention_heads, 1, keys, lm.head_dim, "bf16")
+    scores = lm.num_hidden_layers * core
+    step_flops = sum(c.matmul_flops for c in step.values())
+    per_token = step_flops - step["lm_head"].matmul_flops - scores.matmul_flops
+    slope = stage_costs(cfg, modes["base"], text_tokens=text_tokens + 1).decode_step
+    per_context = sum(c.matmul_flops for c in slope.values()) - sum(c.matmul_flops for c in step.values())
+    checks = [
+        ("SAM, 1024^2 view", base.total(SAM).matmul_flops / GIGA, 976.9),
+        ("SAM+CLIP+projector, 1024^2 view", vision(base), 1140.0),
+        ("SAM+CLIP+projector, 640^2 tile", vision(small), 388.0),
+        ("vision, gundam 2x3 page", vision(gundam), 3470.0),
+        ("LM per token, no attention scores", per_token / GIGA, 0.817),
+        ("lm_head per token", step["lm_head"].matmul_flops / GIGA, 0.331),
+        ("prefill useful, gundam 2x3, S=915", gundam.total(PREFILL).useful_matmul_flops / GIGA, 770.0),
+        ("decode FLOPs per context token", per_context, 61_440.0),
+        ("KV cache bytes per token (bf16)", sum(c.kv_write_bytes for c in step.values()), 61_440.0),
+    ]
+    return pd.DataFrame(
+        [{"check": what, "analytic": a, "reference": r, **_agreement(a, r)} for what, a, r in checks]
+    )
+
+
+def analytic_speed(cfg: DeepSeekOCRConfig, text_tokens: int, decode_steps: int = 1000) -> float:
+    """Seconds to evaluate the stage model for every case (no model instance involved)."""
+    start = time.perf_counter()
+    for case in cases():
+        analytic_case(cfg, case, text_tokens, decode_steps).totals()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m llm_perf_opt.analytic.validate", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS, help="non-image prompt tokens (BOS included)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        if args.text_tokens < 1:
+            raise UserError("validate: --text-tokens must be at least 1")
+        cfg = DeepSeekOCRConfig()
+        seconds = analytic_speed(cfg, args.text_tokens)
+        start = time.perf_counter()
+        stages = compare(cfg, Counter(build_meta_model(cfg)), args.text_tokens)
+        counted_seconds = time.perf_counter() - start
+        refs = references(cfg, args.text_tokens)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    display = ("display.width", 200, "display.max_rows", None, "display.float_format", "{:.4g}".format)
+    with pd.option_context(*display):
+        print("Matmul GFLOPs per stage: analytic (executed) vs FlopCounterMode on the meta-device model")
+        print(f"useful = causal lower triangle only; {ROOFLINE_NOTE}")
+        print(stages.to_string(index=False))
+        print("\nFact-sheet reference figures (GFLOPs unless noted)")
+        print(refs.to_string(index=False))
+    bad = int((~stages["ok"]).sum() + (~refs["ok"]).sum())
+    print(f"\nanalytic model: {len(cases())} cases in {seconds * 1e3:.1f} ms (target < 1 s); "
+          f"FlopCounterMode on meta: {counted_seconds:.1f} s")  # fmt: skip
+    print(f"{'FAIL' if bad else 'PASS'}: {bad} disagreement(s) above {TOLERANCE:.0%}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Architecture of DeepSeek-OCR as plain frozen dataclasses.
+
+The full-size defaults are the official release's values (fact sheet §1-4). The official
+config.json does not describe the vision towers (the remote code hard-codes them), so
+`from_official_json` reads only the language-model fields from it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from llm_perf_opt.errors import UserError
+
+
+@dataclass(frozen=True)
+class SamConfig:
+    """SAM ViT-B image encoder plus its neck and the two stride-2 "compressor" convs."""
+
+    img_size: int = 1024  # pos-embed grid = img_size / patch_size
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: int = 4
+    window_size: int = 14
+    global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    neck_channels: int = 256
+    downsample_channels: tuple[int, int] = (512, 1024)  # net_2, net_3 outputs
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def out_channels(self) -> int:
+        return self.downsample_channels[-1]
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """CLIP-L transformer that reads SAM's features as its patch embeddings."""
+
+    width: int = 1024
+    layers: int = 24
+    heads: int = 16
+    ffn: int = 4096
+    image_size: int = 224
+    patch_size: int = 14
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_positions(self) -> int:
+        return self.grid**2 + 1
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    """DeepSeek-V2-style MoE decoder with plain multi-head attention (no MLA)."""
+
+    vocab_size: int = 129280
+    hidden_size: int = 1280
+    intermediate_size: int = 6848
+    moe_intermediate_size: int = 896
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 10
+    num_key_value_heads: int = 10
+    n_routed_experts: int = 64
+    n_shared_experts: int = 2
+    num_experts_per_tok: int = 6
+    first_k_dense_replace: int = 1
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 8192
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def shared_intermediate_size(self) -> int:
+        return self.moe_intermediate_size * self.n_shared_experts
+
+    def is_moe_layer(self, index: int) -> bool:
+        return index >= self.first_k_dense_replace
+
+
+@dataclass(frozen=True)
+class DeepSeekOCRConfig:
+    sam: SamConfig = field(default_factory=SamConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    image_token_id: int = 128815
+
+    @property
+    def projector_in(self) -> int:
+        """CLIP features (CLS dropped) concatenated with SAM features, per token."""
+        return self.clip.width + self.sam.out_channels
+
+    def __post_init__(self) -> None:
+        if self.sam.out_channels != self.clip.width:
+            raise UserError(
+                f"model: SAM output channels ({self.sam.out_channels}) must equal the CLIP width "
+                f"({self.clip.width}); SAM features are CLIP's patch embeddings"
+            )
+        if self.lm.hidden_size % self.lm.num_attention_heads:
+            raise UserError("model: lm.hidden_size must be a multiple of lm.num_attention_heads")
+        if self.lm.num_key_value_heads != self.lm.num_attention_heads:
+            raise UserError("model: only plain multi-head attention is supported (kv heads = heads)")
+        if self.lm.num_experts_per_tok > self.lm.n_routed_experts:
+            raise UserError("model: lm.num_experts_per_tok exceeds lm.n_routed_experts")
+        if self.sam.width % self.sam.heads or self.clip.width % self.clip.heads:
+            raise UserError("model: vision widths must be multiples of their head counts")
+        if max(self.sam.global_attn_indexes, default=-1) >= self.sam.depth:
+            raise UserError("model: sam.global_attn_indexes must be below sam.depth")
+
+
+VISION_KEY = "llm_perf_opt_vision"
+
+
+def _tuples(values: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+def _pick(cls, values: dict) -> dict:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in values.items() if k in names}
+
+
+def from_official_json(path: Path) -> DeepSeekOCRConfig:
+    """Read a checkpoint's config.json: the top-level language-model fields (as HF does)."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"checkpoint: cannot read {path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"checkpoint: {path} is not a JSON object")
+    if raw.get("use_mla"):
+        raise UserError(f"checkpoint: {path} uses MLA attention, which DeepSeek-OCR v1 does not")
+    # The official file has no usable vision block; checkpoints written by this project
+    # (e.g. reduced test models) add one under VISION_KEY.
+    vision = raw.get(VISION_KEY, {})
+    try:
+        return DeepSeekOCRConfig(
+            sam=SamConfig(**_tuples(_pick(SamConfig, vision.get("sam", {})))),
+            clip=ClipConfig(**_pick(ClipConfig, vision.get("clip", {}))),
+            lm=LMConfig(**_pick(LMConfig, raw)),
+        )
+    except TypeError as exc:
+        raise UserError(f"checkpoint: bad field in {path}: {exc}") from None
+
+
+def to_official_json(cfg: DeepSeekOCRConfig) -> dict:
+    """The config.json fields this implementation reads, in the official naming."""
+    lm = {f.name: getattr(cfg.lm, f.name) for f in fields(LMConfig)}
+    return {
+        "architectures": ["DeepseekOCRForCausalLM"],
+        "model_type": "deepseek_vl_v2",
+        "use_mla": False,
+        "torch_dtype": "bfloat16",
+        "projector_config": {"input_dim": cfg.projector_in, "n_embed": cfg.lm.hidden_size},
+        **lm,
+        "language_config": dict(lm),
+        VISION_KEY: {"sam": asdict(cfg.sam), "clip": asdict(cfg.clip)},
+    }

@@ -1,0 +1,65 @@
+"""Record one call under torch.profiler as a Chrome trace, and read such traces back.
+
+Tracing is its own pass: the profiler adds per-launch overhead, so traced runs are used for
+attribution (:mod:`llm_perf_opt.profiling.attribution`), never for timing.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from llm_perf_opt.errors import UserError
+from llm_perf_opt.report.artifacts import atomic_path
+
+
+def record_trace(fn: Callable[[], Any], path: str | os.PathLike[str], *, cuda: bool) -> Path:
+    """Run ``fn()`` once under torch.profiler and write its Chrome trace to ``path`` atomically.
+
+    CPU activity is always recorded (it holds the stage ranges and the kernel launches);
+    CUDA activity is added when ``cuda`` is true. Returns ``path``; read it with
+    :func:`load_trace`.
+    """
+    activities = [ProfilerActivity.CPU]
+    if cuda:
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        fn()
+        if cuda:
+            # Kernels still running when the profiler stops would be missing from the trace.
+            torch.cuda.synchronize()
+    with atomic_path(path) as tmp:
+        prof.export_chrome_trace(str(tmp))
+    return Path(path)
+
+
+def load_trace(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The events of a Chrome trace file (``.json`` or gzipped ``.json.gz``).
+
+    Raises :class:`UserError` when the file is missing or is not a Chrome trace.
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"trace file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read trace {path}: {err}") from None
+    return trace_events(data, source=str(path))
+
+
+def trace_events(trace: dict[str, Any] | list[dict[str, Any]], *, source: str = "trace") -> list[dict[str, Any]]:
+    """The event list of a parsed Chrome trace: a ``{"traceEvents": [...]}`` object or a bare list."""
+    events = trace.get("traceEvents") if isinstance(trace, dict) else trace
+    if not isinstance(events, list):
+        raise UserError(f"{source} is not a Chrome trace (no traceEvents list)")
+    return events

@@ -1,0 +1,258 @@
+"""The DeepSeek-OCR stage model and memory footprint: totals, bytes, experts, routing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_perf_opt.analytic import memory
+from llm_perf_opt.analytic.deepseek_ocr import (
+    MODEL_STAGES,
+    ROOFLINE_NOTE,
+    lm_costs,
+    resolve_grid,
+    stage_costs,
+)
+from llm_perf_opt.analytic.families import Cost
+from llm_perf_opt.analytic.validate import build_meta_model, builtin_modes
+from llm_perf_opt.errors import UserError
+from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRConfig
+from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord
+from llm_perf_opt.profiling.ranges import CLIP, DECODE, PREFILL, PROJECTOR, SAM
+
+CFG = DeepSeekOCRConfig()
+MODES = builtin_modes()
+G = 1e9
+
+
+def run(mode: str, grid=None, **kw):
+    return stage_costs(CFG, MODES[mode], grid=grid, **kw)
+
+
+@pytest.fixture(scope="module")
+def meta_model():
+    return build_meta_model(CFG)
+
+
+def test_base_stage_totals_match_the_fact_sheet():
+    base = run("base")
+    assert base.workload.image_tokens == 273 and base.workload.prompt_tokens == 285
+    assert base.total(SAM).matmul_flops / G == pytest.approx(976.9, rel=1e-4)
+    vision = sum(base.total(s).matmul_flops for s in (SAM, CLIP, PROJECTOR)) / G
+    assert vision == pytest.approx(1140, rel=1e-3)
+    assert base.total(CLIP).matmul_flops / G == pytest.approx(161.7, rel=1e-3)
+    assert base.total(PROJECTOR).matmul_flops / G == pytest.approx(1.34, rel=1e-2)
+
+
+def test_tile_and_gundam_totals_match_the_fact_sheet():
+    def vision(model) -> float:
+        return sum(model.total(s).matmul_flops for s in (SAM, CLIP, PROJECTOR))
+
+    small, gundam = run("small"), run("gundam", (2, 3))
+    assert vision(small) / G == pytest.approx(388, rel=1e-3)
+    assert gundam.workload.image_tokens == 903 and gundam.workload.prompt_tokens == 915
+    assert vision(gundam) == pytest.approx(6 * vision(small) + vision(run("base")))
+    assert vision(gundam) / G == pytest.approx(3470, rel=1e-3)
+    # Prefill at S = 915: 0.77 TF counting the causal triangle, last-position logits only.
+    assert gundam.total(PREFILL).useful_matmul_flops / G == pytest.approx(770, rel=1e-2)
+
+
+def test_lm_per_token_and_decode_slope():
+    lm = CFG.lm
+    step = run("base").decode_step
+    assert step["lm_head"].matmul_flops == 2 * 1280 * 129280
+    assert step["lm_head"].matmul_flops / G == pytest.approx(0.331, rel=1e-3)
+    a = sum(c.matmul_flops for c in lm_costs(lm, 1, 100, "bf16").values())
+    b = sum(c.matmul_flops for c in lm_costs(lm, 1, 101, "bf16").values())
+    assert b - a == 12 * 4 * 1280 == 61_440
+    # At an empty cache, one query against one key: 0.817 GF + lm_head + 12 * 4 * 1280.
+    assert (a - 100 * 61_440 - step["lm_head"].matmul_flops - 61_440) / G == pytest.approx(0.817, rel=1e-3)
+
+
+def test_decode_run_is_the_sum_of_its_steps():
+    lm, n = CFG.lm, 5
+    model = run("base", decode_steps=n)
+    s = model.workload.prompt_tokens
+    steps = sum((sum(lm_costs(lm, 1, s + i, "bf16").values(), Cost()) for i in range(n)), Cost())
+    total = model.total(DECODE)
+    for field in ("matmul_flops", "other_flops", "weight_bytes", "act_read_bytes", "kv_read_bytes"):
+        assert getattr(total, field) == pytest.approx(getattr(steps, field))
+    first = sum(model.decode_step.values(), Cost())
+    assert first == sum(lm_costs(lm, 1, s, "bf16").values(), Cost())
+    assert run("base").total(DECODE) == Cost()
+
+
+def test_executed_and_useful_attention():
+    model = run("gundam", (2, 3), decode_steps=10)
+    s = model.workload.prompt_tokens
+    prefill = model.total(PREFILL)
+    assert prefill.matmul_flops - prefill.useful_matmul_flops == pytest.approx(12 * 2 * 1280 * s * (s - 1))
+    for stage in (SAM, CLIP, PROJECTOR, DECODE):
+        assert model.total(stage).masked_matmul_flops == 0
+    totals = model.totals()
+    assert totals.attrs["note"] == ROOFLINE_NOTE and "useful" in ROOFLINE_NOTE
+    assert {"matmul_flops", "useful_matmul_flops", "useful_flops"} <= set(totals.columns)
+
+
+def test_tables_add_up():
+    model = run("gundam", (2, 2), decode_steps=3)
+    parts = model.breakdown()
+    totals = model.totals().set_index(["stage", "scope"])
+    sums = parts.groupby(["stage", "scope"])[["matmul_flops", "bytes"]].sum()
+    assert list(model.stages) == list(MODEL_STAGES)
+    for key in sums.index:
+        assert sums.loc[key, "matmul_flops"] == pytest.approx(totals.loc[key, "matmul_flops"])
+        assert sums.loc[key, "bytes"] == pytest.approx(totals.loc[key, "bytes"])
+    families = set(parts[parts.stage == SAM].family)
+    assert {"conv2d", "sam_attention_global", "sam_attention_window", "linear", "layernorm2d"} <= families
+    assert {"causal_attention", "moe_routed", "moe_shared", "moe_gate", "swiglu_mlp", "lm_head"} <= set(
+        parts[parts.stage == PREFILL].family
+    )
+
+
+def _decode_used_parameter_bytes(model, touched_per_layer: int) -> int:
+    """Bytes of the LM parameters one decode step uses: everything but the embedding table
+    (one row is gathered) and the routed experts not selected."""
+    total = 0
+    for name, p in model.named_parameters():
+        if name.startswith("model.embed_tokens"):
+            total += p.shape[1] * 2
+        elif ".mlp.experts." in name:
+            if int(name.split(".mlp.experts.")[1].split(".")[0]) < touched_per_layer:
+                total += p.numel() * 2
+        elif name.startswith(("model.layers.", "model.norm.", "lm_head.")):
+            total += p.numel() * 2
+    return total
+
+
+def test_decode_weight_bytes_are_the_parameters_used(meta_model):
+    step = sum(run("base").decode_step.values(), Cost())
+    assert step.weight_bytes == _decode_used_parameter_bytes(meta_model, CFG.lm.num_experts_per_tok)
+    n = 4
+    assert run("base", decode_steps=n).total(DECODE).weight_bytes == pytest.approx(n * step.weight_bytes)
+
+
+def test_kv_bytes_per_token():
+    assert memory.kv_bytes_per_token(CFG.lm, "bfloat16") == 61_440
+    assert memory.kv_bytes_per_token(CFG.lm, torch.float32) == 2 * 61_440
+    step = sum(run("base").decode_step.values(), Cost())
+    assert step.kv_write_bytes == 61_440
+    prefill = run("base").total(PREFILL)
+    assert prefill.kv_write_bytes == 61_440 * 285
+
+
+def test_parameter_counts_match_the_checkpoint(meta_model):
+    params = memory.stage_parameters(CFG)
+    assert params[SAM] == 95_569_152
+    assert params[CLIP] == 303_177_728
+    assert params[PROJECTOR] == 2_622_720 + 2_560
+    assert params[PREFILL] == params[DECODE] == 2_934_734_080
+    assert sum(params[s] for s in (SAM, CLIP, PROJECTOR, PREFILL)) == 3_336_106_240
+    counts = {SAM: 0, CLIP: 0, PROJECTOR: 0, PREFILL: 0}
+    for name, p in meta_model.named_parameters():
+        if name.startswith("model.sam_model."):
+            counts[SAM] += p.numel()
+        elif name.startswith("model.vision_model."):
+            counts[CLIP] += p.numel()
+        elif name.startswith(("model.projector.", "model.image_newline", "model.view_seperator")):
+            counts[PROJECTOR] += p.numel()
+        else:
+            counts[PREFILL] += p.numel()
+    assert counts == {s: params[s] for s in counts}
+
+
+def test_footprint():
+    model = run("gundam", (2, 3), decode_steps=100)
+    fp = memory.footprint(CFG, model.workload)
+    assert fp.kv_bytes_per_token == 61_440
+    assert fp.kv_cache_bytes == 61_440 * (915 + 100)
+    assert fp.logits_bytes == 129_280 * 4
+    assert fp.total_weight_bytes == 3_336_106_240 * 2
+    table = fp.table.set_index("stage")
+    assert list(table.index) == list(MODEL_STAGES)
+    base = memory.footprint(CFG, run("base").workload).table.set_index("stage")
+    assert base.loc[SAM, "transient_bytes"] == 12 * 4096 * 4096 * 2
+    assert "rel-pos bias" in base.loc[SAM, "transient"]
+    assert table.loc[SAM, "weight_bytes"] == 95_569_152 * 2
+
+
+def test_experts_expected_and_observed():
+    lm = CFG.lm
+    s = run("base").workload.prompt_tokens
+    prefill = [[0] * 64 for _ in range(11)]
+    for layer in prefill:  # every token to experts 0..5
+        layer[:6] = [s] * 6
+    step = [[1] * 6 + [0] * 58 for _ in range(11)]
+    other = [[0] * 6 + [1] * 6 + [0] * 52 for _ in range(11)]
+    routing = RoutingRecord(prefill=prefill, decode=[step, other, step])
+    observed = run("base", decode_steps=3, routing=routing)
+    expected = run("base", decode_steps=3)
+    table = observed.experts().set_index(["layer", "scope"])
+    assert table.loc[(1, "prefill"), "observed_distinct"] == 6
+    assert table.loc[(1, "prefill"), "expected_distinct"] == pytest.approx(64)
+    assert table.loc[(1, "decode_step"), "observed_distinct"] == 6
+    assert table.loc[(1, "decode_step"), "expected_distinct"] == pytest.approx(6)
+    assert table.loc[(11, "decode_run"), "observed_distinct"] == 12
+    assert table.loc[(11, "decode_run"), "expected_distinct"] == pytest.approx(64 * (1 - (58 / 64) ** 3))
+    expert_bytes = memory.expert_parameters(lm) * 2
+    saved = expected.total(PREFILL).weight_bytes - observed.total(PREFILL).weight_bytes
+    assert saved == pytest.approx(11 * (64 - 6) * expert_bytes)
+    assert observed.total(DECODE).weight_bytes == pytest.approx(expected.total(DECODE).weight_bytes)
+    assert observed.total(PREFILL).matmul_flops == expected.total(PREFILL).matmul_flops
+
+
+def test_routing_from_expert_ids():
+    s = run("base").workload.prompt_tokens
+    ids = [list(range(6)) * s] * 11  # every token to experts 0..5
+    record = RoutingRecord.from_expert_ids(ids, [[[7, 8, 9, 10, 11, 12]] * 11], n_experts=64)
+    assert record.prefill[0][:7] == (s, s, s, s, s, s, 0)
+    model = run("base", decode_steps=1, routing=record)
+    table = model.experts().set_index(["layer", "scope"])
+    assert table.loc[(3, "prefill"), "observed_distinct"] == 6
+    assert table.loc[(3, "decode_run"), "observed_distinct"] == 6
+    with pytest.raises(UserError):
+        RoutingRecord.from_expert_ids([[64]], n_experts=64)
+
+
+@pytest.mark.parametrize(
+    "routing, steps",
+    [
+        (RoutingRecord(prefill=[[1] * 64] * 11), 0),  # counts do not sum to S * k
+        (RoutingRecord(prefill=[[0] * 64] * 10), 0),  # a layer missing
+        # one decode step recorded for a run of two
+        (RoutingRecord(prefill=[[285 * 6] + [0] * 63] * 11, decode=[[[6] + [0] * 63] * 11]), 2),
+    ],
+)
+def test_bad_routing_is_a_user_error(routing, steps):
+    with pytest.raises(UserError):
+        run("base", decode_steps=steps, routing=routing)
+
+
+def test_grids():
+    gundam = MODES["gundam"]
+    assert resolve_grid(gundam, image_size=(1191, 1684)) == (2, 3)
+    assert resolve_grid(gundam, image_size=(600, 500)) == (1, 1)
+    assert resolve_grid(MODES["base"]) == (1, 1)
+    assert stage_costs(CFG, gundam, image_size=(1000, 1000)).workload.image_tokens == 693
+    small_page = stage_costs(CFG, gundam, image_size=(600, 500))
+    assert small_page.workload.tiles == 0 and small_page.workload.image_tokens == 273
+    for bad in (
+        lambda: resolve_grid(gundam),
+        lambda: resolve_grid(MODES["base"], (2, 1)),
+        lambda: resolve_grid(gundam, (5, 2)),
+        lambda: resolve_grid(gundam, (0, 2)),
+        lambda: run("base", text_tokens=0),
+        lambda: run("base", decode_steps=9000),
+        lambda: run("base", dtype="int3"),
+        lambda: run("base").total("preprocess"),
+    ):
+        with pytest.raises(UserError):
+            bad()
+
+
+def test_every_mode_evaluates_without_a_model():
+    for name, mode in MODES.items():
+        grids = [(1, 2), (2, 2), (2, 3), (3, 3)] if mode.crop_mode else [None]
+        for grid in grids:
+            model = stage_costs(CFG, mode, grid=grid, decode_steps=500, dtype=torch.bfloat16)
+            assert all(model.total(stage).matmul_flops > 0 for stage in MODEL_STAGES)
