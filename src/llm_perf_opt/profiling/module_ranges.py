@@ -24,12 +24,14 @@ def module_families(model: DeepSeekOCR) -> dict[str, str]:
     """Qualified name → family of every module that gets its own nested range.
 
     Only the outermost module of a family is tagged (an MoE's experts run inside `moe`).
+    A dense LM layer's SwiGLU is its `mlp`; the SwiGLUs inside an MoE (`experts.N`,
+    `shared_experts`) are not tagged.
     """
     families: dict[str, str] = {}
     for name, module in model.named_modules():
         if isinstance(module, (SamAttention, ClipAttention, LMAttention)):
             families[name] = "attn"
-        elif isinstance(module, (SamMLP, ClipMLP)) or (isinstance(module, SwiGLU) and name.endswith("layers.0.mlp")):
+        elif isinstance(module, (SamMLP, ClipMLP)) or (isinstance(module, SwiGLU) and name.endswith(".mlp")):
             families[name] = "mlp"
         elif isinstance(module, MoE):
             families[name] = "moe"

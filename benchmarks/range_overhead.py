@@ -1,0 +1,142 @@
+"""Cost of the stage ranges (NVTX + record_function) when no profiler is attached.
+
+Two estimates:
+
+1. End to end: N runs of the model on the sample page with ranges on, N with
+   `ranges_enabled(False)`, interleaved A/B (the order flips every pair, so drift and
+   thermal/load trends hit both sides equally). Prints the medians, the overhead in %
+   from the medians and the median of the paired differences.
+2. Per range: many empty `with stage_range("prefill"):` blocks, on minus off, in µs per
+   range, times the number of ranges one run opens (counted from one profiled run).
+
+The end-to-end figure is noisy when the range cost is far below the run-to-run spread;
+the per-range estimate is the sharper one then. With `--granularity module` the forward
+hooks themselves still run when ranges are off, so only the range cost is measured.
+
+Usage:
+    python3 benchmarks/range_overhead.py                      # tiny model, 20 pairs
+    python3 benchmarks/range_overhead.py --granularity module
+    python3 benchmarks/range_overhead.py --threads 1             # on a shared, busy machine
+    python3 benchmarks/range_overhead.py --model full --runs 3 --max-new-tokens 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from omegaconf import OmegaConf
+from torch.profiler import ProfilerActivity, profile
+
+from llm_perf_opt.config import CONF_DIR, DTYPES, build_arch, load_mode
+from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRConfig
+from llm_perf_opt.profiling.ranges import is_range_name, ranges_enabled, stage_range
+from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession
+
+MODELS = {"tiny": "deepseek_ocr_tiny", "full": "deepseek_ocr"}
+
+
+def arch_of(model: str) -> DeepSeekOCRConfig:
+    conf = OmegaConf.load(CONF_DIR / "model" / f"{MODELS[model]}.yaml")
+    return build_arch(OmegaConf.to_container(conf.arch))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_run(session: DeepSeekOCRSession, mode, max_new_tokens: int) -> float:
+    device = session.model.device
+    sync(device)
+    t0 = time.perf_counter()
+    session.run(None, mode, max_new_tokens=max_new_tokens)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def ranges_per_run(session: DeepSeekOCRSession, mode, max_new_tokens: int) -> int:
+    """Stage (and stage/family) ranges one run opens, counted in a profiled run."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        session.run(None, mode, max_new_tokens=max_new_tokens)
+    return sum(1 for e in prof.events() if is_range_name(e.name))
+
+
+def empty_range_us(n: int, repeats: int = 5) -> tuple[float, float]:
+    """µs per empty `with stage_range("prefill"):` block with ranges on and off (best of repeats)."""
+
+    def loop() -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            with stage_range("prefill"):
+                pass
+        return (time.perf_counter() - t0) / n * 1e6
+
+    on, off = [], []
+    for _ in range(repeats):
+        on.append(loop())
+        with ranges_enabled(False):
+            off.append(loop())
+    return min(on), min(off)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
+    parser.add_argument("--mode", default="base")
+    parser.add_argument("--runs", type=int, default=None, help="A/B pairs (default 20 tiny, 3 full)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--granularity", choices=("stage", "module"), default="stage")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads; 1 avoids stalls when other processes share the cores")
+    parser.add_argument("--empty-ranges", type=int, default=200_000, help="iterations of the empty-range loop")
+    args = parser.parse_args()
+    runs = args.runs or (20 if args.model == "tiny" else 3)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    mode = load_mode(args.mode)
+    t0 = time.perf_counter()
+    session = DeepSeekOCRSession.from_local(
+        None, arch=arch_of(args.model), device=args.device, dtype=DTYPES[args.dtype], granularity=args.granularity
+    )
+    device = session.model.device
+    print(f"model {MODELS[args.model]} (dummy weights), mode {mode.name}, {device}, {args.dtype}, "
+          f"granularity {args.granularity}, {args.max_new_tokens} new tokens, {torch.get_num_threads()} threads; "
+          f"built in {time.perf_counter() - t0:.1f} s")
+
+    for _ in range(args.warmup):  # the first run also fits the dummy router to the page
+        timed_run(session, mode, args.max_new_tokens)
+
+    on, off = [], []
+    for i in range(runs):
+        order = (True, False) if i % 2 == 0 else (False, True)
+        for enabled in order:
+            with ranges_enabled(enabled):
+                (on if enabled else off).append(timed_run(session, mode, args.max_new_tokens))
+    med_on, med_off = statistics.median(on), statistics.median(off)
+    paired = statistics.median(a - b for a, b in zip(on, off))
+    spread = statistics.pstdev(off) / med_off * 100 if len(off) > 1 else float("nan")
+    print(f"\nend to end, {runs} interleaved pairs:")
+    print(f"  ranges on : median {med_on * 1e3:9.2f} ms (min {min(on) * 1e3:.2f})")
+    print(f"  ranges off: median {med_off * 1e3:9.2f} ms (min {min(off) * 1e3:.2f}; run-to-run spread {spread:.1f}%)")
+    print(f"  overhead  : {(med_on - med_off) / med_off * 100:+.3f}% from the medians, "
+          f"{paired / med_off * 100:+.3f}% from the median paired difference ({paired * 1e3:+.3f} ms)")
+
+    count = ranges_per_run(session, mode, args.max_new_tokens)
+    us_on, us_off = empty_range_us(args.empty_ranges)
+    per_range = max(us_on - us_off, 0.0)
+    estimate_ms = per_range * count / 1e3
+    print(f"\nper range ({args.empty_ranges} empty ranges, best of 5):")
+    print(f"  empty block: {us_on:.3f} µs with ranges, {us_off:.3f} µs without -> {per_range:.3f} µs per range")
+    print(f"  {count} ranges per run -> {estimate_ms:.3f} ms per run = {estimate_ms / (med_off * 1e3) * 100:.4f}% "
+          "of the median run")
+
+
+if __name__ == "__main__":
+    main()
