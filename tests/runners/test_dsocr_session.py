@@ -119,9 +119,9 @@ def test_module_granularity_nests_family_ranges_in_their_stage(module_session, m
 
 def test_record_routing_counts_every_token_k_times(session, mode):
     request = session.prepare(None, mode)
-    with session.record_routing() as out:
+    with session.record_routing() as recorder:
         session.run(None, mode, max_new_tokens=MAX_NEW_TOKENS)
-    (record,) = out
+    record = recorder.record
     assert isinstance(record, RoutingRecord)
     lm = session.model.cfg.lm
     k, experts = lm.num_experts_per_tok, lm.n_routed_experts

@@ -105,9 +105,9 @@ def measure(
         for i in range(warmup):
             bar.set_description(f"warm-up {i + 1}/{warmup}")
             if i == 0:
-                with session.record_routing() as record:
+                with session.record_routing() as recorder:
                     one_run()
-                m.routing = record[0]
+                m.routing = recorder.record
             else:
                 one_run()
         _reset_peak_memory(device)

@@ -34,7 +34,7 @@ def versions() -> dict:
 
 def describe_device(device: torch.device) -> dict:
     if device.type != "cuda":
-        return {"type": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+        return {"type": "cpu", "name": _cpu_name(), "threads": torch.get_num_threads()}
     props = torch.cuda.get_device_properties(device)
     return {
         "type": "cuda",
@@ -44,6 +44,13 @@ def describe_device(device: torch.device) -> dict:
         "memory_bytes": props.total_memory,
         "l2_bytes": getattr(props, "L2_cache_size", None),
     }
+
+
+def _cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")  # Linux; elsewhere platform's answer is the best there is
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def stages_table(m: Measurement) -> pd.DataFrame:

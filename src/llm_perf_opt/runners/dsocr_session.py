@@ -226,29 +226,40 @@ class DeepSeekOCRSession:
 
     @contextlib.contextmanager
     def record_routing(self):
-        """Inside the block, record tokens per expert of every MoE layer for the first prefill
-        and each decode step after it. Yields a list that holds the RoutingRecord afterwards."""
-        layers = list(self.model.moe_layers().values())
-        prefill: list[list[int] | None] = [None] * len(layers)
-        steps: list[list[list[int] | None]] = []
-
-        def observer(slot: int):
-            def observe(experts: torch.Tensor) -> None:
-                counts = torch.bincount(experts.flatten(), minlength=len(layers[slot].experts)).tolist()
-                if self._stage == PREFILL and prefill[slot] is None:
-                    prefill[slot] = counts
-                elif self._stage == DECODE:
-                    if slot == 0:
-                        steps.append([None] * len(layers))
-                    steps[-1][slot] = counts
-            return observe
-
-        for slot, moe in enumerate(layers):
-            moe.on_route = observer(slot)
-        out: list[RoutingRecord] = []
+        """Inside the block, count tokens per expert of every MoE layer in the first prefill and
+        in each decode step after it; the recorder's `record` holds the result afterwards."""
+        recorder = RoutingRecorder(list(self.model.moe_layers().values()), lambda: self._stage)
         try:
-            yield out
+            yield recorder
         finally:
-            for moe in layers:
-                moe.on_route = None
-        out.append(RoutingRecord(prefill=prefill, decode=steps))
+            recorder.detach()
+
+
+class RoutingRecorder:
+    """Observes MoE routing through each layer's `on_route` hook (one bincount per layer call)."""
+
+    def __init__(self, layers: list, current_stage):
+        self._layers = layers
+        self._stage = current_stage
+        self._prefill: list[list[int] | None] = [None] * len(layers)
+        self._steps: list[list[list[int] | None]] = []
+        for slot, moe in enumerate(layers):
+            moe.on_route = functools.partial(self._observe, slot)
+
+    def _observe(self, slot: int, experts: torch.Tensor) -> None:
+        counts = torch.bincount(experts.flatten(), minlength=len(self._layers[slot].experts)).tolist()
+        stage = self._stage()
+        if stage == PREFILL and self._prefill[slot] is None:
+            self._prefill[slot] = counts
+        elif stage == DECODE:
+            if slot == 0:  # layers run in order: the first MoE layer opens a new step
+                self._steps.append([None] * len(self._layers))
+            self._steps[-1][slot] = counts
+
+    def detach(self) -> None:
+        for moe in self._layers:
+            moe.on_route = None
+
+    @property
+    def record(self) -> RoutingRecord:
+        return RoutingRecord(prefill=self._prefill, decode=self._steps)
