@@ -220,12 +220,22 @@ def test_missing_image_is_one_line(tmp_path):
     assert record["status"] == "failed" and record["error"] == line.removeprefix("error: ")
 
 
-def test_unknown_mode_gives_hydras_message(tmp_path):
-    proc = cli(*TINY, "mode=huge", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+@pytest.mark.parametrize("override", ["mode=huge", "mode=tiny,huge"])
+def test_unknown_mode_is_one_line_listing_the_modes(tmp_path, override):
+    proc = cli(*TINY, *(["-m"] if "," in override else []), override, f"hydra.run.dir={tmp_path / 'run'}",
+               f"hydra.sweep.dir={tmp_path / 'multi'}", cwd=tmp_path)
     assert proc.returncode != 0
     no_traceback(proc)
-    assert "Could not find 'mode/huge'" in proc.stderr
-    assert "gundam" in proc.stderr  # Hydra lists the available modes
+    (line,) = error_lines(proc)
+    assert "unknown mode 'huge'" in line and "gundam" in line
+    assert not (tmp_path / "run").exists() and not (tmp_path / "multi").exists()
+
+
+def test_unknown_model_is_one_line(tmp_path):
+    proc = cli("model=gpt5", "profiling=quick", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode != 0
+    (line,) = error_lines(proc)
+    assert "unknown model 'gpt5'" in line and "deepseek_ocr_tiny" in line
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")

@@ -7,6 +7,7 @@ returns a frozen `Settings` that the rest of the code receives.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -176,4 +177,26 @@ def load_mode(name: str) -> ModeSpec:
 
 
 def mode_names() -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / "mode").glob("*.yaml"))
+    return group_options("mode")
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+GROUPS = ("model", "mode", "hardware", "profiling")
+_CHOICE = re.compile(r"^(?P<group>" + "|".join(GROUPS) + r")=(?P<names>[\w.-]+(,[\w.-]+)*)$")
+
+
+def check_group_overrides(overrides: list[str]) -> None:
+    """Unknown config-group options (`mode=foo`, `-m mode=tiny,foo`) as one line, before Hydra
+    composes anything (Hydra's own message lists its whole search path). Sweep expressions
+    other than plain comma lists are left to Hydra."""
+    for override in overrides:
+        match = _CHOICE.match(override)
+        if not match:
+            continue
+        group, known = match["group"], group_options(match["group"])
+        for name in match["names"].split(","):
+            if name not in known:
+                raise UserError(f"unknown {group} {name!r}; choose one of {', '.join(known)}")

@@ -15,7 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from llm_perf_opt.config import Settings, register_configs, resolve
+from llm_perf_opt.config import Settings, check_group_overrides, register_configs, resolve
 from llm_perf_opt.errors import UserError
 from llm_perf_opt.profiling.passes import measure
 from llm_perf_opt.report.run_report import compact_table, write_artifacts, write_failure
@@ -70,6 +70,11 @@ def _fail(out_dir: Path, settings, config: dict, status: str, error: str) -> Non
 
 
 def main() -> None:
+    try:
+        check_group_overrides(sys.argv[1:])
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     _main()
     if _failed_jobs:
         sys.exit(1)
