@@ -25,9 +25,8 @@ register_configs()
 _failed_jobs: list[str] = []
 
 
-def run_job(cfg: DictConfig, out_dir: Path) -> Settings:
+def run_job(settings: Settings, config: dict, out_dir: Path) -> None:
     """One job: everything it measures ends up in out_dir."""
-    settings = resolve(cfg)
     session = DeepSeekOCRSession.from_config(settings)
     request = session.prepare(settings.image, settings.mode, settings.prompt)
     measurement = measure(
@@ -38,10 +37,9 @@ def run_job(cfg: DictConfig, out_dir: Path) -> Settings:
         repeats=settings.repeats,
         trace_path=out_dir / "trace.json" if settings.trace else None,
     )
-    written = write_artifacts(out_dir, settings, OmegaConf.to_container(cfg, resolve=True), measurement)
+    written = write_artifacts(out_dir, settings, config, measurement)
     print(f"[{settings.model_name} · {settings.mode.name}] {out_dir}")
     print(compact_table(written["stages"], measurement))
-    return settings
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
@@ -51,7 +49,7 @@ def _main(cfg: DictConfig) -> None:
     settings = None
     try:
         settings = resolve(cfg)
-        run_job(cfg, out_dir)
+        run_job(settings, config, out_dir)
     except UserError as exc:
         _fail(out_dir, settings, config, "failed", str(exc))
         print(f"error: {exc}", file=sys.stderr)

@@ -112,7 +112,6 @@ class DeepSeekOCRSession:
         """A local checkpoint folder (official layout, safetensors), or dummy weights when path is None."""
         device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
         backend = resolve_backend(attn_impl, device)
-        torch.manual_seed(seed)
         if path is None:
             model = dummy_model(arch or DeepSeekOCRConfig(), device, dtype, backend, seed=seed)
         else:
