@@ -28,7 +28,10 @@ from llm_perf_opt.report.run_report import STAGE_COLUMNS
 
 TINY = ("model=deepseek_ocr_tiny", "device=cpu", "profiling=quick")
 TIMEOUT_S = 600
-DOCUMENTED_STAGE_COLUMNS = ["stage", "calls", "time_ms", "time_ms_min", "time_ms_max", "busy_ms", "share"]
+DOCUMENTED_STAGE_COLUMNS = [
+    "stage", "calls", "time_ms", "time_ms_min", "time_ms_max", "busy_ms", "share",
+    "gflop", "gbyte", "achieved_tflop_s", "achieved_gbyte_s",
+]
 DOCUMENTED_KERNEL_COLUMNS = ["stage", "name", "calls", "total_ms"]
 
 
@@ -109,6 +112,17 @@ def test_stages_csv(gundam_run):
     assert (stages["busy_ms"] > 0).all()
     assert stages["share"].between(0, 1).all()
     assert stages["share"].sum() == pytest.approx(record["trace"]["coverage"], abs=1e-6)
+    # The analytic join: preprocessing has no model FLOPs; every model stage has its run's
+    # useful FLOPs from run.json, and throughput = work / busy time.
+    rows = stages.set_index("stage")
+    assert rows.loc["preprocess", ["gflop", "achieved_tflop_s"]].isna().all()
+    analytic = {r["stage"]: r for r in record["analytic"]["stages"] if r["scope"] == "run"}
+    for stage in ("sam", "clip", "projector", "prefill", "decode"):
+        assert rows.loc[stage, "gflop"] == pytest.approx(analytic[stage]["useful_flops"] / 1e9)
+        assert rows.loc[stage, "gbyte"] == pytest.approx(analytic[stage]["bytes"] / 1e9)
+        assert rows.loc[stage, "achieved_tflop_s"] == pytest.approx(
+            rows.loc[stage, "gflop"] / rows.loc[stage, "busy_ms"]
+        )
 
 
 def test_kernels_csv(gundam_run):
@@ -299,3 +313,16 @@ def test_interrupt_records_the_job_and_leaves_no_partial_artifacts(tmp_path, sma
     for name in ("stages.csv", "kernels.csv", "trace.json", "report.md"):
         assert not (out / name).exists(), name
     assert temp_files(tmp_path) == []
+
+
+def test_run_json_analytic_uses_the_observed_routing(gundam_run):
+    _, _, record = gundam_run
+    analytic = record["analytic"]
+    assert "useful FLOPs" in analytic["note"]
+    experts = analytic["experts"]
+    assert {e["scope"] for e in experts} == {"prefill", "decode_step", "decode_run"}
+    observed = {(e["layer"], e["scope"]): e["observed_distinct"] for e in experts}
+    prefill_counts = record["routing"]["prefill"]
+    for layer_slot, counts in enumerate(prefill_counts):
+        layer = sorted({e["layer"] for e in experts})[layer_slot]
+        assert observed[(layer, "prefill")] == sum(c > 0 for c in counts)

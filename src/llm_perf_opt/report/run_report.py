@@ -12,6 +12,7 @@ import torch
 import transformers
 
 import llm_perf_opt
+from llm_perf_opt.analytic.deepseek_ocr import StageModel, stage_costs
 from llm_perf_opt.config import Settings
 from llm_perf_opt.profiling.attribution import KERNEL_COLUMNS
 from llm_perf_opt.profiling.passes import Measurement
@@ -19,7 +20,26 @@ from llm_perf_opt.profiling.ranges import STAGES
 
 from .artifacts import write_csv, write_json, write_text
 
-STAGE_COLUMNS = ["stage", "calls", "time_ms", "time_ms_min", "time_ms_max", "busy_ms", "share"]
+STAGE_COLUMNS = [
+    "stage", "calls", "time_ms", "time_ms_min", "time_ms_max", "busy_ms", "share",
+    "gflop", "gbyte", "achieved_tflop_s", "achieved_gbyte_s",
+]
+
+
+def analytic_model(settings: Settings, m: Measurement) -> StageModel:
+    """The analytic FLOPs and bytes of exactly this run (tiles, prompt, decode steps, observed routing)."""
+    views = m.request.views
+    steps = len(m.result.tokens) - 1 if m.result else 0
+    routing = m.routing if m.routing is not None and len(m.routing.decode) == steps else None
+    return stage_costs(
+        settings.arch,
+        settings.mode,
+        grid=views.grid,
+        text_tokens=m.request.prompt_tokens - views.image_tokens,
+        decode_steps=steps,
+        dtype=settings.dtype,
+        routing=routing,
+    )
 
 
 def versions() -> dict:
@@ -53,29 +73,41 @@ def _cpu_name() -> str:
     return names[0] if names else platform.processor() or platform.machine()
 
 
-def stages_table(m: Measurement) -> pd.DataFrame:
+def stages_table(m: Measurement, analytic: StageModel) -> pd.DataFrame:
     """One row per stage: calls per run, median/min/max over repeats of the stage's total time
-    per run, and the trace pass's busy time and share of all op/kernel time."""
+    per run, the trace pass's busy time and share of all op/kernel time, and the analytic
+    useful FLOPs and bytes with the throughput they imply over the busy time."""
+    totals = analytic.totals()
+    costs = totals[totals["scope"] == "run"].set_index("stage")[["useful_flops", "bytes"]].to_dict("index")
     busy = {}
     if m.attribution is not None:
         busy = m.attribution.stages.set_index("stage")[["busy_ms", "share"]].to_dict("index")
     rows = []
     for stage in STAGES:
-        totals = m.stage_totals(stage)
+        times = m.stage_totals(stage)
         calls = len(m.runs[0].stages.get(stage, [])) if m.runs else 0
+        busy_ms = busy.get(stage, {}).get("busy_ms")
+        cost = costs.get(stage)
         rows.append({
             "stage": stage,
             "calls": calls,
-            "time_ms": statistics.median(totals) if totals else None,
-            "time_ms_min": min(totals) if totals else None,
-            "time_ms_max": max(totals) if totals else None,
-            "busy_ms": busy.get(stage, {}).get("busy_ms"),
+            "time_ms": statistics.median(times) if times else None,
+            "time_ms_min": min(times) if times else None,
+            "time_ms_max": max(times) if times else None,
+            "busy_ms": busy_ms,
             "share": busy.get(stage, {}).get("share"),
+            "gflop": cost["useful_flops"] / 1e9 if cost else None,
+            "gbyte": cost["bytes"] / 1e9 if cost else None,
+            "achieved_tflop_s": cost["useful_flops"] / busy_ms / 1e9 if cost and busy_ms else None,
+            "achieved_gbyte_s": cost["bytes"] / busy_ms / 1e6 if cost and busy_ms else None,
         })
     return pd.DataFrame(rows, columns=STAGE_COLUMNS)
 
 
-def run_record(settings: Settings, config: dict, m: Measurement | None, status: str, error: str | None) -> dict:
+def run_record(
+    settings: Settings, config: dict, m: Measurement | None, status: str, error: str | None,
+    analytic: StageModel | None = None,
+) -> dict:
     """Everything about the job in one JSON-able dict."""
     record = {
         "status": status,
@@ -108,6 +140,11 @@ def run_record(settings: Settings, config: dict, m: Measurement | None, status: 
             "prefill": m.routing.prefill,
             "decode_sum": _sum_steps(m.routing.decode),
             "decode_steps": len(m.routing.decode),
+        },
+        "analytic": None if analytic is None else {
+            "note": analytic.totals().attrs.get("note"),
+            "stages": analytic.totals().to_dict("records"),
+            "experts": analytic.experts().to_dict("records"),
         },
         "trace": None if m.attribution is None else {
             "path": m.trace_path.name,
@@ -161,9 +198,10 @@ def report_markdown(settings: Settings, record: dict, stages: pd.DataFrame, m: M
 
 def write_artifacts(out_dir: Path, settings: Settings, config: dict, m: Measurement) -> dict:
     """Tables first, run.json last: a run.json with status ok means every artifact is there."""
-    stages = stages_table(m)
+    analytic = analytic_model(settings, m)
+    stages = stages_table(m, analytic)
     kernels = m.attribution.kernels if m.attribution is not None else pd.DataFrame(columns=KERNEL_COLUMNS)
-    record = run_record(settings, config, m, "ok", None)
+    record = run_record(settings, config, m, "ok", None, analytic)
     write_csv(out_dir / "stages.csv", stages)
     write_csv(out_dir / "kernels.csv", kernels[list(KERNEL_COLUMNS)])
     write_text(out_dir / "report.md", report_markdown(settings, record, stages, m))
