@@ -1,8 +1,10 @@
 """DeepSeekOCRSession: owns the model, tokenizer and device, and runs one request stage by stage.
 
     session = DeepSeekOCRSession.from_local(None)             # dummy weights, CPU/CUDA auto
-    request = session.prepare(SAMPLE_PAGE, load_mode("base"))
-    result  = session.run(request, max_new_tokens=32)
+    result  = session.run(SAMPLE_PAGE, load_mode("base"), max_new_tokens=32)
+    result.tokens                                              # 32 generated ids
+
+or stage by stage: prepare → encode_images → prefill → decode.
 
 Every stage runs inside `stage_range(<stage>)` (NVTX + record_function): `preprocess`,
 `sam`, `clip`, `projector`, `prefill`, and one `decode` range per decode step. A `StageTimer`
