@@ -18,7 +18,13 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from llm_perf_opt.errors import UserError
 from llm_perf_opt.models.deepseek_ocr.attention import BACKENDS
-from llm_perf_opt.models.deepseek_ocr.config import ClipConfig, DeepSeekOCRConfig, LMConfig, SamConfig
+from llm_perf_opt.models.deepseek_ocr.config import (
+    ClipConfig,
+    DeepSeekOCRConfig,
+    LMConfig,
+    SamConfig,
+    lists_to_tuples,
+)
 from llm_perf_opt.models.deepseek_ocr.modes import ModeSpec
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -134,14 +140,14 @@ def build_arch(arch: dict) -> DeepSeekOCRConfig:
     unknown = set(arch) - {"sam", "clip", "lm"}
     if unknown:
         raise UserError(f"config: model.arch has unknown section(s) {sorted(unknown)}; use sam, clip, lm")
+    for section, values in arch.items():
+        if not isinstance(values, dict):
+            raise UserError(f"config: model.arch.{section} must be a mapping of fields, got {values!r}")
     try:
-        sam = dict(arch.get("sam", {}))
-        if "global_attn_indexes" in sam:
-            sam["global_attn_indexes"] = tuple(sam["global_attn_indexes"])
-        if "downsample_channels" in sam:
-            sam["downsample_channels"] = tuple(sam["downsample_channels"])
         return DeepSeekOCRConfig(
-            sam=SamConfig(**sam), clip=ClipConfig(**arch.get("clip", {})), lm=LMConfig(**arch.get("lm", {}))
+            sam=SamConfig(**lists_to_tuples(arch.get("sam", {}))),
+            clip=ClipConfig(**arch.get("clip", {})),
+            lm=LMConfig(**arch.get("lm", {})),
         )
     except TypeError as exc:
         raise UserError(f"config: bad model.arch field: {exc}") from None

@@ -141,11 +141,7 @@ def run_record(
             "decode_sum": _sum_steps(m.routing.decode),
             "decode_steps": len(m.routing.decode),
         },
-        "analytic": None if analytic is None else {
-            "note": analytic.totals().attrs.get("note"),
-            "stages": analytic.totals().to_dict("records"),
-            "experts": analytic.experts().to_dict("records"),
-        },
+        "analytic": None if analytic is None else _analytic_record(analytic),
         "trace": None if m.attribution is None else {
             "path": m.trace_path.name,
             "basis": m.attribution.basis,
@@ -156,6 +152,15 @@ def run_record(
         },
     })
     return record
+
+
+def _analytic_record(analytic: StageModel) -> dict:
+    totals = analytic.totals()
+    return {
+        "note": totals.attrs.get("note"),
+        "stages": totals.to_dict("records"),
+        "experts": analytic.experts().to_dict("records"),
+    }
 
 
 def _sum_steps(steps: list[list[list[int]]]) -> list[list[int]]:

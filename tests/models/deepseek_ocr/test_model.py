@@ -124,24 +124,24 @@ def pixels(batch: int, size: int, seed: int) -> torch.Tensor:
     return torch.rand(batch, 3, size, size, generator=gen) * 2 - 1
 
 
+def vision_stages(model, batch: int, size: int, seed: int):
+    """SAM, CLIP and projector outputs for `batch` random views of `size`²."""
+    with torch.no_grad():
+        sam = model.sam(pixels(batch, size, seed=seed))
+        clip = model.clip(sam)
+        return sam, clip, model.project(sam, clip)
+
+
 @pytest.fixture(scope="module")
 def global_view(tiny_model):
     """Stage outputs of one 1024² view (base mode, and the global view of gundam)."""
-    with torch.no_grad():
-        sam = tiny_model.sam(pixels(1, 1024, seed=1))
-        clip = tiny_model.clip(sam)
-        feats = tiny_model.project(sam, clip)
-    return sam, clip, feats
+    return vision_stages(tiny_model, 1, 1024, seed=1)
 
 
 @pytest.fixture(scope="module")
 def tile_views(tiny_model):
     """Stage outputs of a 2 cols x 3 rows grid of 640² tiles (gundam)."""
-    with torch.no_grad():
-        sam = tiny_model.sam(pixels(6, 640, seed=2))
-        clip = tiny_model.clip(sam)
-        feats = tiny_model.project(sam, clip)
-    return sam, clip, feats
+    return vision_stages(tiny_model, 6, 640, seed=2)
 
 
 def test_stage_shapes_base(tiny_arch, tiny_model, global_view):

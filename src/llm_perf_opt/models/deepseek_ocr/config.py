@@ -154,7 +154,8 @@ def _check_field_types(section: str, part) -> None:
 VISION_KEY = "llm_perf_opt_vision"
 
 
-def _tuples(values: dict) -> dict:
+def lists_to_tuples(values: dict) -> dict:
+    """JSON/YAML lists → the tuples the frozen dataclasses hold."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
@@ -180,7 +181,7 @@ def from_official_json(path: Path) -> DeepSeekOCRConfig:
         raise UserError(f"checkpoint: {path}: {VISION_KEY} must be an object with sam and clip objects")
     try:
         return DeepSeekOCRConfig(
-            sam=SamConfig(**_tuples(_pick(SamConfig, vision.get("sam", {})))),
+            sam=SamConfig(**lists_to_tuples(_pick(SamConfig, vision.get("sam", {})))),
             clip=ClipConfig(**_pick(ClipConfig, vision.get("clip", {}))),
             lm=LMConfig(**_pick(LMConfig, raw)),
         )
