@@ -1,208 +1,160 @@
-"""Run configuration: the Hydra schema (registered once) and its validation into typed settings.
+"""The run configuration: one structured schema, composed by Hydra and validated once.
 
-conf/*.yaml holds the values; `RunConf` and friends give OmegaConf the types, so a wrong
-type is rejected while composing; `resolve` then checks what types cannot express and
-returns a frozen `Settings` that the rest of the code receives.
+`conf/` (shipped inside the package) holds the values; the dataclasses here give them types.
+Each model brings its own typed config, a subclass of :class:`ModelConfig`, declared as an
+entry point in the `llm_perf_opt.models` group (pyproject.toml) and registered here as the
+Hydra schema `schema/model/<entry point name>` that its `conf/model/*.yaml` extends. This module
+names no model.
+
+    run = load(["model=deepseek_ocr_tiny", "mode=gundam"])   # RunConfig, every field typed
+    run.model.mode.name                                       # "gundam"
+
+Every problem a user can fix (an unknown option, a wrong type, a bad value) surfaces as one
+:class:`UserError` line, from Hydra's and OmegaConf's own errors.
 """
 
 from __future__ import annotations
 
-import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Optional
+from importlib.metadata import entry_points
+from typing import Any, ClassVar, Optional
 
-import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_module
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from llm_perf_opt.errors import UserError
-from llm_perf_opt.models.deepseek_ocr.attention import BACKENDS
-from llm_perf_opt.models.deepseek_ocr.config import (
-    ClipConfig,
-    DeepSeekOCRConfig,
-    LMConfig,
-    SamConfig,
-    lists_to_tuples,
-)
-from llm_perf_opt.models.deepseek_ocr.modes import ModeSpec
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+CONFIG_MODULE = "llm_perf_opt.conf"
+CONFIG_NAME = "config"
+MODEL_ENTRY_POINTS = "llm_perf_opt.models"
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 GRANULARITIES = ("stage", "module")
 
 
 @dataclass
-class ModelConf:
+class ModelConfig:
+    """What every model's config has; a model subclasses it with its own typed fields and
+    names, by dotted path, the session class that runs it and its analytic model."""
+
+    session: ClassVar[str]
+    analytic: ClassVar[str]
+
     name: str = MISSING
-    weights: str = "dummy"
-    attn_impl: str = "sdpa"
-    arch: dict[str, Any] = field(default_factory=dict)
+    weights: str = "dummy"  # dummy, or a local checkpoint folder
+
+    @property
+    def dummy_weights(self) -> bool:
+        return self.weights == "dummy"
 
 
 @dataclass
-class ModeConf:
-    name: str = MISSING
-    base_size: int = MISSING
-    image_size: int = MISSING
-    crop_mode: bool = MISSING
-    min_tiles: int = 2
-    max_tiles: int = 9
-
-
-@dataclass
-class HardwareConf:
+class HardwareConfig:
     name: str = "auto"
 
 
 @dataclass
-class ProfilingConf:
-    warmup: int = 1
-    repeats: int = 3
-    trace: bool = True
-    granularity: str = "stage"
+class ProfilingConfig:
+    warmup: int = 1  # untimed runs before measuring (the first also records MoE routing)
+    repeats: int = 3  # timed runs; every raw sample is kept in run.json
+    trace: bool = True  # one extra run under torch.profiler, attributed to stages
+    granularity: str = "stage"  # stage | module (nested ranges per module family, trace pass only)
+
+    def __post_init__(self) -> None:
+        _check_choice("profiling.granularity", self.granularity, GRANULARITIES)
+        _check_at_least("profiling.repeats", self.repeats, 1)
+        _check_at_least("profiling.warmup", self.warmup, 0)
 
 
 @dataclass
-class RunConf:
-    model: ModelConf = field(default_factory=ModelConf)
-    mode: ModeConf = field(default_factory=ModeConf)
-    hardware: HardwareConf = field(default_factory=HardwareConf)
-    profiling: ProfilingConf = field(default_factory=ProfilingConf)
-    image: Optional[str] = None
+class RunConfig:
+    model: Any = MISSING  # the model's own ModelConfig subclass
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
+    image: Optional[str] = None  # None = the model's bundled sample input
     prompt: str = MISSING
     max_new_tokens: int = 32
-    device: str = "auto"
-    dtype: str = "bfloat16"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     seed: int = 0
-    ignore_eos: Optional[bool] = None
+    ignore_eos: Optional[bool] = None  # None = true with dummy weights (every run decodes max_new_tokens)
+
+    def __post_init__(self) -> None:
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_at_least("max_new_tokens", self.max_new_tokens, 1)
+
+    @property
+    def stops_at_eos(self) -> bool:
+        return not self.model.dummy_weights if self.ignore_eos is None else not self.ignore_eos
 
 
-def register_configs() -> None:
-    ConfigStore.instance().store(name="run_schema", node=RunConf)
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything a run needs, validated and typed."""
-
-    model_name: str
-    arch: DeepSeekOCRConfig
-    checkpoint: Path | None  # None = dummy weights
-    attn_impl: str
-    mode: ModeSpec
-    image: Path | None  # None = bundled sample page
-    prompt: str
-    max_new_tokens: int
-    device: torch.device
-    dtype: torch.dtype
-    seed: int
-    ignore_eos: bool
-    warmup: int
-    repeats: int
-    trace: bool
-    granularity: str
-    hardware: str
-
-
-def resolve(cfg: DictConfig) -> Settings:
-    """Validate a composed config once; every problem becomes a one-line UserError."""
-    _check_choice("model.attn_impl", cfg.model.attn_impl, BACKENDS)
-    _check_choice("dtype", cfg.dtype, DTYPES)
-    _check_choice("profiling.granularity", cfg.profiling.granularity, GRANULARITIES)
-    for key, low in (("max_new_tokens", 1), ("profiling.repeats", 1), ("profiling.warmup", 0)):
-        if OmegaConf.select(cfg, key) < low:
-            raise UserError(f"config: {key} must be >= {low}, got {OmegaConf.select(cfg, key)}")
-    checkpoint = None if cfg.model.weights == "dummy" else Path(cfg.model.weights).expanduser()
-    return Settings(
-        model_name=cfg.model.name,
-        arch=build_arch(OmegaConf.to_container(cfg.model.arch)),
-        checkpoint=checkpoint,
-        attn_impl=cfg.model.attn_impl,
-        mode=ModeSpec(**OmegaConf.to_container(cfg.mode)),
-        image=None if cfg.image is None else Path(cfg.image).expanduser(),
-        prompt=cfg.prompt,
-        max_new_tokens=cfg.max_new_tokens,
-        device=resolve_device(cfg.device),
-        dtype=DTYPES[cfg.dtype],
-        seed=cfg.seed,
-        ignore_eos=checkpoint is None if cfg.ignore_eos is None else cfg.ignore_eos,
-        warmup=cfg.profiling.warmup,
-        repeats=cfg.profiling.repeats,
-        trace=cfg.profiling.trace,
-        granularity=cfg.profiling.granularity,
-        hardware=cfg.hardware.name,
-    )
-
-
-def build_arch(arch: dict) -> DeepSeekOCRConfig:
-    """Architecture from `model.arch` overrides (sam / clip / lm) over the official values."""
-    unknown = set(arch) - {"sam", "clip", "lm"}
-    if unknown:
-        raise UserError(f"config: model.arch has unknown section(s) {sorted(unknown)}; use sam, clip, lm")
-    for section, values in arch.items():
-        if not isinstance(values, dict):
-            raise UserError(f"config: model.arch.{section} must be a mapping of fields, got {values!r}")
-    try:
-        return DeepSeekOCRConfig(
-            sam=SamConfig(**lists_to_tuples(arch.get("sam", {}))),
-            clip=ClipConfig(**arch.get("clip", {})),
-            lm=LMConfig(**arch.get("lm", {})),
-        )
-    except TypeError as exc:
-        raise UserError(f"config: bad model.arch field: {exc}") from None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"config: device={name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"config: device={name} requested but no CUDA GPU is available here")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"config: device={name!r} is not supported (use cpu or cuda)")
-    return device
-
-
-def _check_choice(key: str, value: str, choices) -> None:
+def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise UserError(f"config: {key}={value!r} is not one of {', '.join(choices)}")
 
 
-def load_mode(name: str) -> ModeSpec:
-    """A built-in mode from conf/mode/<name>.yaml, for code that runs without Hydra."""
-    path = CONF_DIR / "mode" / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (CONF_DIR / "mode").glob("*.yaml"))
-        raise UserError(f"unknown mode {name!r}; choose one of {', '.join(known)}")
-    conf = OmegaConf.merge(OmegaConf.structured(ModeConf), OmegaConf.load(path))
-    return ModeSpec(**OmegaConf.to_container(conf))
+def _check_at_least(key: str, value: int, low: int) -> None:
+    if value < low:
+        raise UserError(f"config: {key} must be >= {low}, got {value}")
 
 
-def mode_names() -> list[str]:
-    return group_options("mode")
+def register_configs() -> None:
+    """The run schema and every installed model's schema, in Hydra's ConfigStore."""
+    store = ConfigStore.instance()
+    store.store(name="run_schema", node=RunConfig)
+    for entry in entry_points(group=MODEL_ENTRY_POINTS):
+        store.store(group="schema/model", name=entry.name, node=entry.load())
 
 
-def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+def validate(cfg: DictConfig) -> RunConfig:
+    """The composed config as a typed RunConfig (every __post_init__ check runs here)."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        raise UserError(f"config: {one_line(exc)}") from None
 
 
-GROUPS = ("model", "mode", "hardware", "profiling")
-_CHOICE = re.compile(r"^(?P<group>" + "|".join(GROUPS) + r")=(?P<names>[\w.-]+(,[\w.-]+)*)$")
+def compose(overrides: Sequence[str] = (), *, return_hydra_config: bool = False) -> DictConfig:
+    """The composed (not yet validated) config for these overrides, through Hydra's compose API."""
+    GlobalHydra.instance().clear()
+    register_configs()
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            return hydra_compose(
+                config_name=CONFIG_NAME, overrides=list(overrides), return_hydra_config=return_hydra_config
+            )
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise UserError(one_line(exc)) from None
 
 
-def check_group_overrides(overrides: list[str]) -> None:
-    """Unknown config-group options (`mode=foo`, `-m mode=tiny,foo`) as one line, before Hydra
-    composes anything (Hydra's own message lists its whole search path). Sweep expressions
-    other than plain comma lists are left to Hydra."""
-    for override in overrides:
-        match = _CHOICE.match(override)
-        if not match:
-            continue
-        group, known = match["group"], group_options(match["group"])
-        for name in match["names"].split(","):
-            if name not in known:
-                raise UserError(f"unknown {group} {name!r}; choose one of {', '.join(known)}")
+def load(overrides: Sequence[str] = ()) -> RunConfig:
+    """compose + validate: what tests, benchmarks and tools use instead of the CLI."""
+    return validate(compose(overrides))
+
+
+def one_line(exc: BaseException) -> str:
+    """Hydra's and OmegaConf's messages on one line: the first line, the key concerned, and the
+    available options when Hydra lists them (an unknown `mode=huge`)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = lines[0]
+    key = getattr(exc, "full_key", None)
+    if key:
+        text += f" (at {key})"
+    if exc.__cause__ is not None:  # Hydra's "Error merging override x=y" names the override, the cause says why
+        text = text.rstrip(".") + ": " + one_line(exc.__cause__)
+    header = next((i for i, line in enumerate(lines) if line.startswith("Available options")), None)
+    if header is not None:
+        options = []
+        for line in lines[header + 1 :]:
+            if line.endswith(":"):  # the next section (Hydra's search path)
+                break
+            options.append(line)
+        text += "; " + lines[header].rstrip(":").lower() + ": " + ", ".join(options)
+    return text

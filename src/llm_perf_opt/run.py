@@ -1,78 +1,186 @@
-"""python -m llm_perf_opt.run [overrides]: compose → session → measurement passes → artifacts.
+"""python -m llm_perf_opt.run [overrides]: compose → build the model → session → measure → report.
 
 One job writes into its Hydra run dir. In a multirun (`-m mode=tiny,base`) each job has its
-own dir, and a failed job is recorded and reported without stopping the others; the
-process exits non-zero if any job failed.
+own dir, and a failed job is recorded and reported without stopping the others; the process
+exits non-zero if any job failed. Mistakes a user can fix are one `error:` line, found
+before anything is built where possible: the overrides of every job of a sweep are composed
+and validated first, the output folder is checked, and the request is prepared and checked
+against the context window and the machine's memory before the weights are built.
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from llm_perf_opt.config import Settings, check_group_overrides, register_configs, resolve
+from llm_perf_opt.config import CONFIG_NAME, RunConfig, compose, register_configs, validate
 from llm_perf_opt.errors import UserError
-from llm_perf_opt.profiling.passes import measure
-from llm_perf_opt.report.run_report import compact_table, write_artifacts, write_failure
-from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession
+from llm_perf_opt.hardware.device import resolve_device
+from llm_perf_opt.hardware.memory_check import available_memory_bytes, check_fits
+from llm_perf_opt.hardware.precision import DtypeChoice, choose_dtype, header_text
+from llm_perf_opt.models.interface import ModelSession, SessionOptions
+from llm_perf_opt.profiling.passes import RunInputs, measure
+from llm_perf_opt.report.run_report import Job, compact_table, write_artifacts, write_failure
 
 register_configs()
 _failed_jobs: list[str] = []
+# Hydra's own flags that take a value in the next argument.
+_FLAGS_WITH_VALUE = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
 
 
-def run_job(settings: Settings, config: dict, out_dir: Path) -> None:
+def run_job(run: RunConfig, config: dict, out_dir: Path) -> None:
     """One job: everything it measures ends up in out_dir."""
-    session = DeepSeekOCRSession.from_config(settings)
-    request = session.prepare(settings.image, settings.mode, settings.prompt)
-    measurement = measure(
-        session,
-        request,
-        max_new_tokens=settings.max_new_tokens,
-        warmup=settings.warmup,
-        repeats=settings.repeats,
-        trace_path=out_dir / "trace.json" if settings.trace else None,
+    device = resolve_device(run.device)
+    dtype = choose_dtype(run.dtype, device)
+    if dtype.warning:
+        print(f"warning: {dtype.warning}", file=sys.stderr)
+    session: ModelSession = get_class(type(run.model).session)(
+        run.model, SessionOptions(device, dtype.dtype, run.seed, run.stops_at_eos)
     )
-    written = write_artifacts(out_dir, settings, config, measurement)
-    print(f"[{settings.model_name} · {settings.mode.name}] {out_dir}")
-    print(compact_table(written["stages"], measurement))
+    analytic = get_class(type(run.model).analytic)(run.model)
+    inputs = RunInputs(None if run.image is None else Path(run.image).expanduser(), run.prompt, run.max_new_tokens)
+    request = session.prepare(inputs.image, inputs.prompt)
+    session.check(request, inputs.max_new_tokens)
+    footprint = analytic.footprint(request, inputs.max_new_tokens, _dtype_name(dtype))
+    check_memory(run, footprint, dtype, device)
+    print(f"[{run.model.name}] {device} · {header_text(dtype)}", file=sys.stderr)
+    session.load()
+    m = measure(
+        session,
+        inputs,
+        warmup=run.profiling.warmup,
+        repeats=run.profiling.repeats,
+        trace_path=out_dir / "trace.json" if run.profiling.trace else None,
+        module_ranges=run.profiling.granularity == "module",
+    )
+    stage_model = analytic.stage_model(m.request, m.decode_steps, _dtype_name(dtype), m.routing)
+    written = write_artifacts(out_dir, Job(run, config, m, stage_model, footprint, device, dtype))
+    print(f"[{run.model.name}] {out_dir}")
+    print(compact_table(written["stages"], m))
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
+def check_memory(run: RunConfig, footprint, dtype: DtypeChoice, device) -> None:
+    """Refuse, in one line, a run whose weights and largest transient cannot fit here."""
+    transient = footprint.table.sort_values("transient_bytes").iloc[-1]
+    parts = {
+        "weights": int(footprint.total_weight_bytes),
+        f"largest transient ({transient['stage']})": int(transient["transient_bytes"]),
+    }
+    available = available_memory_bytes(device)
+    if available is None:  # nothing here tells; the run goes ahead
+        return
+    suggestions = (["dtype=bfloat16"] if dtype.dtype.itemsize > 2 else []) + ["a smaller model= option"]
+    check_fits(int(sum(parts.values())), available, what=run.model.name,
+               dtype_name=_dtype_name(dtype), breakdown=parts, suggestions=suggestions)  # fmt: skip
+
+
+def _dtype_name(choice: DtypeChoice) -> str:
+    return str(choice.dtype).removeprefix("torch.")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name=CONFIG_NAME)
 def _main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
-    settings = None
     try:
-        settings = resolve(cfg)
-        run_job(settings, config, out_dir)
+        run_job(validate(cfg), config, out_dir)
     except UserError as exc:
-        _fail(out_dir, settings, config, "failed", str(exc))
+        _fail(out_dir, config, "failed", str(exc))
         print(f"error: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
-        _fail(out_dir, settings, config, "interrupted", "interrupted by the user")
+        _fail(out_dir, config, "interrupted", "interrupted by the user")
         print(f"interrupted: {out_dir / 'run.json'} records it", file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as exc:  # a bug, not a user error: keep the traceback, let other jobs run
         traceback.print_exc()
-        _fail(out_dir, settings, config, "failed", f"{type(exc).__name__}: {exc}")
+        _fail(out_dir, config, "failed", f"{type(exc).__name__}: {exc}")
 
 
-def _fail(out_dir: Path, settings, config: dict, status: str, error: str) -> None:
+def _fail(out_dir: Path, config: dict, status: str, error: str) -> None:
     _failed_jobs.append(str(out_dir))
-    write_failure(out_dir, settings, config, status, error)
+    write_failure(out_dir, config, status, error)
+
+
+# -- before Hydra runs anything ---------------------------------------------------------------------
+def quote_paths(argv: Sequence[str]) -> list[str]:
+    """`image=` values Hydra's override grammar cannot read (spaces, non-ASCII: `image=/data/página
+    1.png`) are quoted for it, so paths work as typed; values it reads (quoted ones, sweeps) are kept."""
+    parser = OverridesParser.create()
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") == "image":
+            try:
+                parser.parse_override(arg)
+            except HydraException:
+                escaped = value.replace("\\", "\\\\").replace("'", "\\'")
+                arg = f"{key}='{escaped}'"
+        out.append(arg)
+    return out
+
+
+def job_overrides(argv: Sequence[str]) -> tuple[bool, list[list[str]]]:
+    """(multirun?, the overrides of every job): Hydra's flags dropped, sweeps expanded by Hydra's parser."""
+    multirun, overrides, skip = False, [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("-m", "--multirun"):
+            multirun = True
+        elif arg in _FLAGS_WITH_VALUE:
+            skip = True
+        elif not arg.startswith("-"):
+            overrides.append(arg)
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as exc:
+        raise UserError(f"cannot read the overrides: {' '.join(str(exc).split())}") from None
+    choices = []
+    for override, text in zip(parsed, overrides):
+        if multirun and override.is_sweep_override():
+            key = override.get_key_element()
+            choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+        else:
+            choices.append([text])
+    return multirun, [list(job) for job in itertools.product(*choices)]
+
+
+def preflight(argv: Sequence[str]) -> None:
+    """Compose and validate every job's config, and check the output folder can be made."""
+    multirun, jobs = job_overrides(argv)
+    for overrides in jobs:
+        validate(compose([o for o in overrides if not o.startswith("hydra")]))
+    hydra_cfg = compose(jobs[0], return_hydra_config=True).hydra
+    check_creatable(Path(hydra_cfg.sweep.dir if multirun else hydra_cfg.run.dir))
+
+
+def check_creatable(folder: Path) -> None:
+    """The output folder exists as a folder or can be created (no file in the way)."""
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"output folder {folder} cannot be created: {parent} is a file")
+            return
 
 
 def main() -> None:
-    try:
-        check_group_overrides(sys.argv[1:])
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.argv[1:] = quote_paths(sys.argv[1:])
+    if not any(arg in ("--help", "-h", "--hydra-help", "--info", "-i") for arg in sys.argv[1:]):
+        try:
+            preflight(sys.argv[1:])
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
     _main()
     if _failed_jobs:
         sys.exit(1)

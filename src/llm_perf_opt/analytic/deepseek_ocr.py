@@ -28,7 +28,7 @@ from llm_perf_opt.errors import UserError
 from llm_perf_opt.models.deepseek_ocr.config import ClipConfig, DeepSeekOCRConfig, LMConfig, SamConfig
 from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord
 from llm_perf_opt.models.deepseek_ocr.modes import ModeSpec, image_token_count, tokens_per_side
-from llm_perf_opt.profiling.ranges import CLIP, DECODE, PREFILL, PROJECTOR, SAM
+from llm_perf_opt.models.deepseek_ocr.stages import CLIP, DECODE, PREFILL, PROJECTOR, SAM
 
 #: Stages the analytic model covers, in run order (preprocessing runs on the host, no FLOPs here).
 MODEL_STAGES: tuple[str, ...] = (SAM, CLIP, PROJECTOR, PREFILL, DECODE)
@@ -36,7 +36,7 @@ MODEL_STAGES: tuple[str, ...] = (SAM, CLIP, PROJECTOR, PREFILL, DECODE)
 #: Scopes of a row: a whole run, or the first decode step alone.
 RUN, STEP = "run", "step"
 
-#: BOS plus the "<|grounding|>Convert the document to markdown." prompt, about 12 tokens (fact sheet §10).
+#: BOS plus the "<|grounding|>Convert the document to markdown." prompt, about 12 tokens.
 DEFAULT_TEXT_TOKENS = 12
 
 #: Which attention count the roofline uses, and why.
@@ -382,3 +382,4 @@ def _expert_usage(
                 }
             )
     return tuple(rows)
+

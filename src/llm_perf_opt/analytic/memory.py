@@ -17,7 +17,7 @@ from llm_perf_opt.analytic.deepseek_ocr import MODEL_STAGES, Workload
 from llm_perf_opt.analytic.families import dtype_bytes
 from llm_perf_opt.models.deepseek_ocr.config import ClipConfig, DeepSeekOCRConfig, LMConfig, SamConfig
 from llm_perf_opt.models.deepseek_ocr.modes import tokens_per_side
-from llm_perf_opt.profiling.ranges import CLIP, DECODE, PREFILL, PROJECTOR, SAM
+from llm_perf_opt.models.deepseek_ocr.stages import CLIP, DECODE, PREFILL, PROJECTOR, SAM
 
 FP32 = 4
 
@@ -134,7 +134,7 @@ class Footprint:
     """Weights and transients per stage, KV cache and logits for one run."""
 
     table: pd.DataFrame  # stage, weight_params, weight_bytes, transient, transient_bytes
-    kv_cache_bytes: int  # at the end of the run: S + decode_steps positions
+    kv_cache_bytes: int  # as allocated: S + max_new_tokens = S + decode_steps + 1 positions
     kv_bytes_per_token: int
     logits_bytes: int  # one call's logits: last position only, fp32
     total_weight_bytes: int  # the whole model resident
@@ -171,7 +171,7 @@ def footprint(cfg: DeepSeekOCRConfig, workload: Workload) -> Footprint:
     total_params = params[SAM] + params[CLIP] + params[PROJECTOR] + params[PREFILL]
     return Footprint(
         table=pd.DataFrame(rows),
-        kv_cache_bytes=per_token * (workload.prompt_tokens + workload.decode_steps),
+        kv_cache_bytes=per_token * (workload.prompt_tokens + workload.decode_steps + 1),
         kv_bytes_per_token=per_token,
         logits_bytes=cfg.lm.vocab_size * FP32,
         total_weight_bytes=total_params * b,

@@ -4,7 +4,7 @@ For every mode (tiny, small, base, large; gundam with 1x2, 2x2, 2x3, 3x3 tiles) 
 model runs on the meta device (no memory, no arithmetic) under FlopCounterMode, stage by
 stage: SAM, CLIP and the projector over the global view and the tiles, prefill of the whole
 prompt, and two decode steps. Each stage's analytic *executed* matmul FLOPs must agree with
-the count within 1%; so must the fact sheet's reference figures (§10). Prints both tables and
+the count within 1%; so must the published reference figures in `references()`. Prints both tables and
 the analytic model's evaluation time; exits 1 on any disagreement.
 
 FLOP formulas: on meta tensors SDPA decomposes into aten.bmm, which FlopCounterMode counts, so
@@ -38,7 +38,7 @@ from llm_perf_opt.errors import UserError
 from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRConfig
 from llm_perf_opt.models.deepseek_ocr.modes import ModeSpec
 from llm_perf_opt.config import load_mode, mode_names
-from llm_perf_opt.profiling.ranges import CLIP, DECODE, PREFILL, PROJECTOR, SAM
+from llm_perf_opt.models.deepseek_ocr.stages import CLIP, DECODE, PREFILL, PROJECTOR, SAM
 
 TOLERANCE = 0.01
 #: Decode steps run per case: the first is checked alone, both together as the run.
@@ -175,7 +175,7 @@ def compare(cfg: DeepSeekOCRConfig, counter: Counter, text_tokens: int) -> pd.Da
 
 
 def references(cfg: DeepSeekOCRConfig, text_tokens: int) -> pd.DataFrame:
-    """The fact sheet's figures (§10), in GFLOPs unless the check says otherwise."""
+    """Reference figures for DeepSeek-OCR, in GFLOPs unless the check says otherwise."""
     modes = builtin_modes()
     base = analytic_case(cfg, Case(modes["base"], (1, 1)), text_tokens)
     small = analytic_case(cfg, Case(modes["small"], (1, 1)), text_tokens)

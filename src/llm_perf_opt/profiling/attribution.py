@@ -1,9 +1,9 @@
 """Attribute the time in a torch.profiler Chrome trace (Kineto JSON) to stage ranges.
 
-Rules (see ``profiling_notes.md``, "Attributing device time"):
+Rules (launch containment by correlation id, as Nsight Systems and torch.profiler do):
 
 * Ranges are host ``user_annotation`` complete events whose name is a stage or a
-  ``"stage/family"`` name (:func:`~llm_perf_opt.profiling.ranges.is_range_name`); other
+  ``"stage/family"`` name (:func:`~llm_perf_opt.runners.ranges.is_range_name`); other
   annotations are ignored. Nesting is time containment on the same pid/tid.
 * A CPU op (``cpu_op``) contributes its self time (its duration minus that of the CPU ops
   directly inside it) to the innermost range around it on its thread.
@@ -35,7 +35,7 @@ from typing import Any
 
 import pandas as pd
 
-from llm_perf_opt.profiling.ranges import SEPARATOR, STAGES, is_range_name, stage_of
+from llm_perf_opt.runners.ranges import SEPARATOR, is_range_name, stage_of
 from llm_perf_opt.profiling.trace import trace_events
 
 #: Stage label of time outside every stage range.
@@ -111,9 +111,7 @@ class _Sweep:
     launch_ranges: dict[Any, int]
 
 
-def attribute_trace(
-    trace: dict[str, Any] | list[dict[str, Any]], stages: Sequence[str] = STAGES
-) -> Attribution:
+def attribute_trace(trace: dict[str, Any] | list[dict[str, Any]], stages: Sequence[str]) -> Attribution:
     """Attribute a parsed Chrome trace (``{"traceEvents": [...]}`` or the event list) to ``stages``.
 
     ``stages`` lists the known stage names in report order; ranges named ``stage/family``

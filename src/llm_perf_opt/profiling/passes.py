@@ -1,66 +1,75 @@
 """The measurement passes of one job: warm-up (+ routing), timing, trace.
 
-Tracing is kept out of the timed runs (the profiler adds per-op overhead), so each pass is a
-separate set of runs of the same request.
+One run = prepare the request (stage `preprocess`) + generate (every later stage). Tracing
+and nested module ranges are kept out of the timed runs (both add per-op overhead), so each
+pass is a separate set of runs of the same inputs.
 """
 
 from __future__ import annotations
 
-import resource
+import statistics
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord
-from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession, Request, Result
+from llm_perf_opt.models.interface import ModelSession, Request, Result, RoutingCounts, Stage
+from llm_perf_opt.runners.ranges import listening
 
 from .attribution import Attribution, attribute_trace
-from .ranges import DECODE, STAGES
+from .memory import CudaPeaks, MemoryFigures, RssSampler
 from .timing import StageTimer, summarize
 from .trace import load_trace, record_trace
+from .trackers import ModuleRanges, RoutingRecorder, StepCounter
 
 E2E = "e2e"
-TTFT_STAGES = tuple(s for s in STAGES if s != DECODE)  # everything up to the first token
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """What one run processes: the user's image and prompt, and how many tokens to generate."""
+
+    image: Path | None
+    prompt: str
+    max_new_tokens: int
 
 
 @dataclass
 class RunSample:
-    """One timed run: per-stage lists of per-call milliseconds, plus derived figures."""
+    """One timed run: per-stage lists of per-call milliseconds, and its end-to-end time."""
 
     stages: dict[str, list[float]]
     e2e_ms: float
-    decode_steps: int
-
-    @property
-    def ttft_ms(self) -> float:
-        return sum(sum(self.stages.get(s, [])) for s in TTFT_STAGES)
-
-    @property
-    def decode_ms(self) -> float:
-        return sum(self.stages.get(DECODE, []))
+    ttft_ms: float  # the once-per-request stages: everything up to the first generated token
+    decode_steps: int  # calls of the per-step stages
 
     @property
     def tpot_ms(self) -> float | None:
-        """(E2E − TTFT) / (output tokens − 1), taken over the decode steps alone."""
-        return self.decode_ms / self.decode_steps if self.decode_steps else None
+        """Time per output token after the first: (E2E − TTFT) / (output tokens − 1)."""
+        return (self.e2e_ms - self.ttft_ms) / self.decode_steps if self.decode_steps else None
 
     @property
     def decode_tokens_per_s(self) -> float | None:
-        return 1e3 * self.decode_steps / self.decode_ms if self.decode_steps and self.decode_ms else None
+        tpot = self.tpot_ms
+        return 1e3 / tpot if tpot else None
+
+    def as_dict(self) -> dict:
+        return {"stages": self.stages, "e2e_ms": self.e2e_ms, "ttft_ms": self.ttft_ms, "tpot_ms": self.tpot_ms}
 
 
 @dataclass
 class Measurement:
+    stages: tuple[Stage, ...]
     request: Request
     result: Result | None = None
     runs: list[RunSample] = field(default_factory=list)
-    routing: RoutingRecord | None = None
+    routing: RoutingCounts | None = None
     attribution: Attribution | None = None
     trace_path: Path | None = None
-    peak_memory: dict = field(default_factory=dict)
+    memory: MemoryFigures | None = None
 
     def summary(self) -> dict:
         """Medians and spreads of the headline figures over the timed runs."""
@@ -76,67 +85,75 @@ class Measurement:
         """Per run, the total time of a stage (all its calls), in ms."""
         return [sum(r.stages.get(stage, [])) for r in self.runs]
 
+    def median_stage_ms(self, stage: str) -> float | None:
+        totals = self.stage_totals(stage)
+        return statistics.median(totals) if totals else None
+
+    @property
+    def decode_steps(self) -> int:
+        return len(self.result.tokens) - 1 if self.result is not None else 0
+
 
 def measure(
-    session: DeepSeekOCRSession,
-    request: Request,
+    session: ModelSession,
+    inputs: RunInputs,
     *,
-    max_new_tokens: int,
     warmup: int,
     repeats: int,
     trace_path: Path | None,
+    module_ranges: bool = False,
 ) -> Measurement:
-    """Run the passes on one prepared request and return every raw figure."""
-    m = Measurement(request)
-    session.balance_routing(request)  # dummy weights: fit the router before anything is measured
-    steps = max_new_tokens - 1
+    """Run the passes on these inputs and return every raw figure.
+
+    `module_ranges` adds nested `stage/family` ranges to the trace pass only.
+    """
+    device = session.options.device
+    stages = session.stages
+    first_token = {s.name for s in stages if not s.per_step}
+    per_step = {s.name for s in stages if s.per_step}
+    steps = inputs.max_new_tokens - 1
     passes = warmup + repeats + (trace_path is not None)
-    device = session.model.device
-    with tqdm(total=passes * steps if steps else passes, desc="warm-up", unit="tok", file=sys.stderr,
-              disable=None, leave=False) as bar:
-        tick = bar.update if steps else (lambda: None)
 
-        def one_run(timer: StageTimer | None = None) -> Result:
-            result = session.run(request.image_path, request.mode, request.prompt, max_new_tokens, timer, tick)
-            if not steps:
-                bar.update(1)
-            return result
+    request = session.prepare(inputs.image, inputs.prompt)
+    session.fit_dummy_weights(request)  # before anything is measured
+    m = Measurement(stages, request)
+    # The bar counts decode steps (a StepCounter ticks it), or whole runs when nothing is decoded.
+    bar = tqdm(total=passes * steps if steps else passes, desc="warm-up", unit="tok" if steps else "run",
+               file=sys.stderr, disable=None, leave=False)
 
+    def one_run() -> tuple[Request, Result]:
+        request = session.prepare(inputs.image, inputs.prompt)
+        result = session.generate(request, inputs.max_new_tokens)
+        if not steps:
+            bar.update()
+        return request, result
+
+    with bar, listening(StepCounter(stages, bar.update)):
         for i in range(warmup):
             bar.set_description(f"warm-up {i + 1}/{warmup}")
             if i == 0:
-                with session.record_routing() as recorder:
+                with RoutingRecorder(session.routed_layers()) as recorder:
                     one_run()
-                m.routing = recorder.record
+                m.routing = recorder.counts or None
             else:
                 one_run()
-        _reset_peak_memory(device)
-        for i in range(repeats):
-            bar.set_description(f"repeat {i + 1}/{repeats}")
-            timer = StageTimer(device)
-            with timer.time(E2E):
-                m.result = one_run(timer)
-            samples = timer.samples()
-            e2e = samples.pop(E2E)[0]
-            m.runs.append(RunSample(samples, e2e, len(samples.get(DECODE, []))))
-        m.peak_memory = _peak_memory(device)
+        cuda_peaks = CudaPeaks(device) if device.type == "cuda" else nullcontext()
+        with RssSampler() as rss, cuda_peaks:
+            for i in range(repeats):
+                bar.set_description(f"repeat {i + 1}/{repeats}")
+                timer = StageTimer(device)
+                with listening(timer), timer.time(E2E):
+                    m.request, m.result = one_run()
+                samples = timer.samples()
+                e2e = samples.pop(E2E)[0]
+                ttft = sum(sum(samples.get(s, [])) for s in first_token)
+                n_steps = sum(len(samples.get(s, [])) for s in per_step)
+                m.runs.append(RunSample(samples, e2e, ttft, n_steps))
+        m.memory = MemoryFigures.collect(rss=rss, cuda=cuda_peaks if device.type == "cuda" else None)
         if trace_path is not None:
             bar.set_description("trace")
-            m.trace_path = record_trace(one_run, trace_path, cuda=device.type == "cuda")
-            m.attribution = attribute_trace(load_trace(m.trace_path))
+            ranges = ModuleRanges(session.module, session.module_families()) if module_ranges else nullcontext()
+            with ranges:
+                m.trace_path = record_trace(one_run, trace_path, device)
+            m.attribution = attribute_trace(load_trace(m.trace_path), session.stage_names())
     return m
-
-
-def _reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak_memory(device: torch.device) -> dict:
-    """Peak device memory over the timed runs (CUDA allocator), or the process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return {"bytes": torch.cuda.max_memory_allocated(device), "source": "torch.cuda.max_memory_allocated"}
-    # ru_maxrss is in KiB on Linux; it covers the whole process lifetime, weights included.
-    return {"bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "source": "process peak RSS"}
-

@@ -1,10 +1,13 @@
-"""Timing primitives for the timing pass: per-stage wall-time samples and their summary.
+"""Timing for the timing pass: per-stage wall-time samples and their summary.
 
-On CUDA a region is timed with a pair of ``torch.cuda.Event(enable_timing=True)`` recorded
-on the current stream. Elapsed times are read only in :meth:`StageTimer.samples`, after a
-single ``torch.cuda.synchronize()``, so timing adds no host/device synchronisation between
-stages. The measured time is stream time from the start event to the end event, which
-includes idle gaps while the host is still launching work for that region.
+:class:`StageTimer` listens to stage events (`llm_perf_opt.runners.ranges.listening`) and
+times every top-level stage range; nested `stage/family` ranges are not timed.
+
+On CUDA a region is timed with a pair of ``torch.cuda.Event(enable_timing=True)`` recorded on
+the current stream *of the model's device*. Elapsed times are read only in
+:meth:`StageTimer.samples`, after one ``torch.cuda.synchronize(device)``, so timing adds no
+host/device synchronisation between stages. The measured time is stream time from the start
+event to the end event, which includes idle gaps while the host is still launching work.
 
 On CPU a region is timed with ``time.perf_counter`` (the work is synchronous there).
 """
@@ -20,50 +23,63 @@ from contextlib import contextmanager
 
 import torch
 
-from llm_perf_opt.errors import UserError
+from llm_perf_opt.runners.ranges import SEPARATOR
 
 
 class StageTimer:
     """Collects raw timing samples, in milliseconds, per region name (one sample per call).
 
-    ``clock`` is the host clock used on CPU, in seconds; tests replace it.
+    ``clock`` is the host clock used on CPU, in seconds; tests replace it. ``cuda`` is the
+    ``torch.cuda`` module; tests replace it with a recording fake.
     """
 
-    def __init__(self, device: str | torch.device, *, clock: Callable[[], float] = time.perf_counter):
-        try:
-            kind = torch.device(device).type
-        except RuntimeError as err:
-            raise UserError(f"invalid device {device!r}: {err}") from None
-        if kind not in ("cpu", "cuda"):
-            raise UserError(f"stage timing supports cpu and cuda devices, not {kind!r}")
-        self._cuda = kind == "cuda"
+    def __init__(self, device: torch.device, *, clock: Callable[[], float] = time.perf_counter, cuda=torch.cuda):
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"stage timing supports cpu and cuda devices, not {device.type!r}")
+        self._device = device
+        self._cuda = cuda if device.type == "cuda" else None
         self._clock = clock
         self._samples: defaultdict[str, list[float]] = defaultdict(list)
+        self._open: dict[str, list] = defaultdict(list)  # name -> stack of start marks
         # CUDA event pairs not read yet, in recording order.
-        self._pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+        self._pending: list[tuple[str, object, object]] = []
+
+    # -- stage events -----------------------------------------------------------------------------
+    def stage_entered(self, name: str) -> None:
+        if SEPARATOR not in name:
+            self._open[name].append(self._mark())
+
+    def stage_exited(self, name: str) -> None:
+        if SEPARATOR not in name:
+            self._close(name, self._open[name].pop())
 
     @contextmanager
     def time(self, name: str) -> Iterator[None]:
-        """Time the block as one sample of ``name``; regions may nest."""
-        if self._cuda:
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self._pending.append((name, start, end))
+        """Time the block as one sample of ``name`` (e.g. a whole run)."""
+        start = self._mark()
+        yield
+        self._close(name, start)
+
+    def _mark(self):
+        if self._cuda is None:
+            return self._clock()
+        event = self._cuda.Event(enable_timing=True)
+        event.record(self._cuda.current_stream(self._device))
+        return event
+
+    def _close(self, name: str, start) -> None:
+        if self._cuda is None:
+            self._samples[name].append((self._clock() - start) * 1e3)
         else:
-            t0 = self._clock()
-            yield
-            self._samples[name].append((self._clock() - t0) * 1e3)
+            self._pending.append((name, start, self._mark()))
 
     def samples(self) -> dict[str, list[float]]:
         """All samples so far: region name -> milliseconds per call, in call order.
 
-        On CUDA this waits once for the device to finish the recorded work.
+        On CUDA this waits once for the model's device to finish the recorded work.
         """
         if self._pending:
-            torch.cuda.synchronize()
+            self._cuda.synchronize(self._device)
             for name, start, end in self._pending:
                 self._samples[name].append(start.elapsed_time(end))
             self._pending.clear()

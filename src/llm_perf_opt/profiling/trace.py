@@ -17,24 +17,23 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from llm_perf_opt.errors import UserError
-from llm_perf_opt.report.artifacts import atomic_path
+from llm_perf_opt.atomic import atomic_path
 
 
-def record_trace(fn: Callable[[], Any], path: str | os.PathLike[str], *, cuda: bool) -> Path:
+def record_trace(fn: Callable[[], Any], path: str | os.PathLike[str], device: torch.device) -> Path:
     """Run ``fn()`` once under torch.profiler and write its Chrome trace to ``path`` atomically.
 
-    CPU activity is always recorded (it holds the stage ranges and the kernel launches);
-    CUDA activity is added when ``cuda`` is true. Returns ``path``; read it with
-    :func:`load_trace`.
+    CPU activity is always recorded (it holds the stage ranges and the kernel launches); CUDA
+    activity is added on a CUDA device, whose work is waited for before the profiler stops.
+    Returns ``path``; read it with :func:`load_trace`.
     """
-    activities = [ProfilerActivity.CPU]
-    if cuda:
-        activities.append(ProfilerActivity.CUDA)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         fn()
         if cuda:
             # Kernels still running when the profiler stops would be missing from the trace.
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
     with atomic_path(path) as tmp:
         prof.export_chrome_trace(str(tmp))
     return Path(path)

@@ -1,45 +1,49 @@
 """What one job writes: run.json, stages.csv, kernels.csv, report.md (trace.json comes from the
-trace pass). Built from a Measurement; every file is written atomically."""
+trace pass). Built from a Measurement and the model's analytic stage model; every file is
+written atomically, run.json last."""
 
 from __future__ import annotations
 
 import platform
-import statistics
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
 import transformers
 
 import llm_perf_opt
-from llm_perf_opt.analytic.deepseek_ocr import StageModel, stage_costs
-from llm_perf_opt.config import Settings
+from llm_perf_opt.atomic import write_csv, write_json, write_text
+from llm_perf_opt.config import RunConfig
+from llm_perf_opt.hardware.precision import DtypeChoice, header_text
 from llm_perf_opt.profiling.attribution import KERNEL_COLUMNS
 from llm_perf_opt.profiling.passes import Measurement
-from llm_perf_opt.profiling.ranges import STAGES
-
-from .artifacts import write_csv, write_json, write_text
 
 STAGE_COLUMNS = [
-    "stage", "calls", "time_ms", "time_ms_min", "time_ms_max", "busy_ms", "share",
-    "gflop", "gbyte", "achieved_tflop_s", "achieved_gbyte_s",
+    "stage", "calls", "time_ms", "time_ms_min", "time_ms_max", "busy_ms", "share", "gflop", "gbyte",
+    "achieved_tflop_s_busy", "achieved_gbyte_s_busy", "achieved_tflop_s_wall", "achieved_gbyte_s_wall",
 ]
+TIME_BASES = (
+    "`time_ms` is the median over the timed runs of the stage's measured time (wall clock on a CPU, "
+    "CUDA-event stream time on a GPU); `busy_ms` is the op (CPU) or kernel (GPU) time the trace pass "
+    "attributes to the stage. `achieved_*_busy` divide the analytic FLOPs and bytes by `busy_ms`, "
+    "`achieved_*_wall` by `time_ms`: the gap between them is time the device sat idle inside the stage "
+    "(Python, launches, synchronisation), large where a stage is host-bound."
+)
 
 
-def analytic_model(settings: Settings, m: Measurement) -> StageModel:
-    """The analytic FLOPs and bytes of exactly this run (tiles, prompt, decode steps, observed routing)."""
-    views = m.request.views
-    steps = len(m.result.tokens) - 1 if m.result else 0
-    routing = m.routing if m.routing is not None and len(m.routing.decode) == steps else None
-    return stage_costs(
-        settings.arch,
-        settings.mode,
-        grid=views.grid,
-        text_tokens=m.request.prompt_tokens - views.image_tokens,
-        decode_steps=steps,
-        dtype=settings.dtype,
-        routing=routing,
-    )
+@dataclass(frozen=True)
+class Job:
+    """Everything one finished job reports."""
+
+    run: RunConfig
+    config: dict
+    measurement: Measurement
+    stage_model: Any  # the model's analytic StageModel: totals(), breakdown(), experts()
+    footprint: Any  # the model's analytic memory Footprint
+    device: torch.device
+    dtype: DtypeChoice
 
 
 def versions() -> dict:
@@ -58,6 +62,7 @@ def describe_device(device: torch.device) -> dict:
     props = torch.cuda.get_device_properties(device)
     return {
         "type": "cuda",
+        "index": device.index,
         "name": props.name,
         "capability": f"{props.major}.{props.minor}",
         "sm_count": props.multi_processor_count,
@@ -73,75 +78,88 @@ def _cpu_name() -> str:
     return names[0] if names else platform.processor() or platform.machine()
 
 
-def stages_table(m: Measurement, analytic: StageModel) -> pd.DataFrame:
+def stages_table(m: Measurement, stage_model) -> pd.DataFrame:
     """One row per stage: calls per run, median/min/max over repeats of the stage's total time
     per run, the trace pass's busy time and share of all op/kernel time, and the analytic
-    useful FLOPs and bytes with the throughput they imply over the busy time."""
-    totals = analytic.totals()
+    useful FLOPs and bytes with the rates they imply over busy time and over measured time."""
+    totals = stage_model.totals()
     costs = totals[totals["scope"] == "run"].set_index("stage")[["useful_flops", "bytes"]].to_dict("index")
     busy = {}
     if m.attribution is not None:
         busy = m.attribution.stages.set_index("stage")[["busy_ms", "share"]].to_dict("index")
     rows = []
-    for stage in STAGES:
+    for stage in (s.name for s in m.stages):
         times = m.stage_totals(stage)
-        calls = len(m.runs[0].stages.get(stage, [])) if m.runs else 0
+        time_ms = m.median_stage_ms(stage)
         busy_ms = busy.get(stage, {}).get("busy_ms")
         cost = costs.get(stage)
         rows.append({
             "stage": stage,
-            "calls": calls,
-            "time_ms": statistics.median(times) if times else None,
+            "calls": len(m.runs[0].stages.get(stage, [])) if m.runs else 0,
+            "time_ms": time_ms,
             "time_ms_min": min(times) if times else None,
             "time_ms_max": max(times) if times else None,
             "busy_ms": busy_ms,
             "share": busy.get(stage, {}).get("share"),
             "gflop": cost["useful_flops"] / 1e9 if cost else None,
             "gbyte": cost["bytes"] / 1e9 if cost else None,
-            "achieved_tflop_s": cost["useful_flops"] / busy_ms / 1e9 if cost and busy_ms else None,
-            "achieved_gbyte_s": cost["bytes"] / busy_ms / 1e6 if cost and busy_ms else None,
+            "achieved_tflop_s_busy": _rate(cost, "useful_flops", busy_ms, 1e9),
+            "achieved_gbyte_s_busy": _rate(cost, "bytes", busy_ms, 1e6),
+            "achieved_tflop_s_wall": _rate(cost, "useful_flops", time_ms, 1e9),
+            "achieved_gbyte_s_wall": _rate(cost, "bytes", time_ms, 1e6),
         })
     return pd.DataFrame(rows, columns=STAGE_COLUMNS)
 
 
-def run_record(
-    settings: Settings, config: dict, m: Measurement | None, status: str, error: str | None,
-    analytic: StageModel | None = None,
-) -> dict:
+def _rate(cost: dict | None, key: str, ms: float | None, per_ms_unit: float) -> float | None:
+    """cost[key] per millisecond, in units of per_ms_unit (1e9 per ms = TFLOP/s, 1e6 per ms = GB/s)."""
+    return cost[key] / ms / per_ms_unit if cost and ms else None
+
+
+def footprint_record(footprint) -> dict:
+    return {
+        "total_weight_bytes": footprint.total_weight_bytes,
+        "kv_cache_bytes": footprint.kv_cache_bytes,
+        "kv_bytes_per_token": footprint.kv_bytes_per_token,
+        "logits_bytes": footprint.logits_bytes,
+        "stages": footprint.table.to_dict("records"),
+    }
+
+
+def run_record(job: Job, status: str = "ok", error: str | None = None) -> dict:
     """Everything about the job in one JSON-able dict."""
-    record = {
+    m = job.measurement
+    analytic_totals = job.stage_model.totals()
+    return {
         "status": status,
         "error": error,
-        "config": config,
+        "config": job.config,
         "versions": versions(),
-        "device": describe_device(settings.device),
-        "dtype": str(settings.dtype).removeprefix("torch."),
-        "weights": "dummy" if settings.checkpoint is None else str(settings.checkpoint),
-    }
-    if m is None:
-        return record
-    views = m.request.views
-    generated = len(m.result.tokens) if m.result else None
-    record.update({
-        "image": {"path": str(m.request.image_path), "size": list(views.source_size)},
-        "mode": m.request.mode,
-        "tiles": {"cols": views.grid[0], "rows": views.grid[1], "count": 0 if views.tiles is None else len(views.tiles)},
-        "tokens": {"image": views.image_tokens, "prompt": m.request.prompt_tokens, "generated": generated},
+        "device": describe_device(job.device),
+        "dtype": str(job.dtype.dtype).removeprefix("torch."),
+        "dtype_reason": job.dtype.reason,
+        "weights": job.run.model.weights,
+        **m.request.describe(),
+        "generated_tokens": len(m.result.tokens) if m.result else None,
         "timing": {
             "unit": "ms",
+            "tpot": "(e2e - ttft) / decode steps; ttft = the once-per-request stages",
             "summary": m.summary(),
-            "samples": [
-                {"stages": r.stages, "e2e_ms": r.e2e_ms, "ttft_ms": r.ttft_ms, "tpot_ms": r.tpot_ms}
-                for r in m.runs
-            ],
+            "samples": [r.as_dict() for r in m.runs],
         },
-        "peak_memory": m.peak_memory,
+        "memory": {
+            "measured": None if m.memory is None else m.memory.as_dict(),
+            "analytic": footprint_record(job.footprint),
+        },
         "routing": None if m.routing is None else {
-            "prefill": m.routing.prefill,
-            "decode_sum": _sum_steps(m.routing.decode),
-            "decode_steps": len(m.routing.decode),
+            stage: {"calls": len(calls), "tokens_per_expert": _sum_calls(calls)} for stage, calls in m.routing.items()
         },
-        "analytic": None if analytic is None else _analytic_record(analytic),
+        "analytic": {
+            "note": analytic_totals.attrs.get("note"),
+            "stages": analytic_totals.to_dict("records"),
+            "families": job.stage_model.breakdown().to_dict("records"),
+            "experts": job.stage_model.experts().to_dict("records"),
+        },
         "trace": None if m.attribution is None else {
             "path": m.trace_path.name,
             "basis": m.attribution.basis,
@@ -150,23 +168,12 @@ def run_record(
             "unattributed_ms": m.attribution.unattributed_ms,
             "ranges": m.attribution.stages.to_dict("records"),
         },
-    })
-    return record
-
-
-def _analytic_record(analytic: StageModel) -> dict:
-    totals = analytic.totals()
-    return {
-        "note": totals.attrs.get("note"),
-        "stages": totals.to_dict("records"),
-        "experts": analytic.experts().to_dict("records"),
     }
 
 
-def _sum_steps(steps: list[list[list[int]]]) -> list[list[int]]:
-    if not steps:
-        return []
-    return [[sum(step[layer][e] for step in steps) for e in range(len(steps[0][layer]))] for layer in range(len(steps[0]))]
+def _sum_calls(calls: list[list[list[int]]]) -> list[list[int]]:
+    """Tokens per expert of each routed layer, summed over the calls."""
+    return [[sum(counts) for counts in zip(*layer)] for layer in zip(*calls)]
 
 
 def compact_table(stages: pd.DataFrame, m: Measurement) -> str:
@@ -182,41 +189,53 @@ def compact_table(stages: pd.DataFrame, m: Measurement) -> str:
     return "\n".join(lines)
 
 
-def report_markdown(settings: Settings, record: dict, stages: pd.DataFrame, m: Measurement) -> str:
-    tokens = record["tokens"]
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def report_markdown(job: Job, record: dict, stages: pd.DataFrame) -> str:
+    m, run = job.measurement, job.run
+    measured = m.memory.as_dict() if m.memory is not None else {}
+    fp = job.footprint
+    largest = fp.table.sort_values("transient_bytes").iloc[-1]
+    memory_lines = [
+        f"- memory, measured: " + ", ".join(
+            f"{key.removesuffix('_bytes').replace('_', ' ')} {_gb(value)}"
+            for key, value in measured.items() if key.endswith("_bytes") and value is not None
+        ),
+        f"- memory, analytic: weights {_gb(fp.total_weight_bytes)}, KV cache {_gb(fp.kv_cache_bytes)}, "
+        f"largest transient {_gb(largest['transient_bytes'])} ({largest['stage']}: {largest['transient']})",
+    ]
     return "\n".join([
-        f"# {settings.model_name} · mode {settings.mode.name} · {record['device']['name']}",
+        f"# {run.model.name} · {record['device']['name']}",
         "",
-        f"- weights: {record['weights']}, dtype {record['dtype']}, attention {settings.attn_impl}",
-        f"- image {record['image']['size'][0]}×{record['image']['size'][1]}, tiles "
-        f"{record['tiles']['cols']}×{record['tiles']['rows']}; tokens: image {tokens['image']}, "
-        f"prompt {tokens['prompt']}, generated {tokens['generated']}",
-        f"- {settings.warmup} warm-up, {settings.repeats} timed runs; times are medians over the timed runs, "
-        "busy/share from the trace pass",
+        f"- request: {m.request.summary()}; generated {record['generated_tokens']} tokens",
+        f"- weights: {run.model.weights}; {header_text(job.dtype)}; torch {record['versions']['torch']}",
+        f"- {run.profiling.warmup} warm-up, {run.profiling.repeats} timed runs, "
+        f"{'a trace run' if m.attribution is not None else 'no trace run'}",
+        *memory_lines,
         "",
         "```",
         compact_table(stages, m),
         "```",
         "",
+        TIME_BASES,
+        "",
     ])
 
 
-def write_artifacts(out_dir: Path, settings: Settings, config: dict, m: Measurement) -> dict:
+def write_artifacts(out_dir: Path, job: Job) -> dict:
     """Tables first, run.json last: a run.json with status ok means every artifact is there."""
-    analytic = analytic_model(settings, m)
-    stages = stages_table(m, analytic)
+    m = job.measurement
+    stages = stages_table(m, job.stage_model)
     kernels = m.attribution.kernels if m.attribution is not None else pd.DataFrame(columns=KERNEL_COLUMNS)
-    record = run_record(settings, config, m, "ok", None, analytic)
+    record = run_record(job)
     write_csv(out_dir / "stages.csv", stages)
     write_csv(out_dir / "kernels.csv", kernels[list(KERNEL_COLUMNS)])
-    write_text(out_dir / "report.md", report_markdown(settings, record, stages, m))
+    write_text(out_dir / "report.md", report_markdown(job, record, stages))
     write_json(out_dir / "run.json", record)
     return {"stages": stages, "record": record}
 
 
-def write_failure(out_dir: Path, settings: Settings | None, config: dict, status: str, error: str) -> None:
-    record = {"status": status, "error": error, "config": config, "versions": versions()}
-    if settings is not None:
-        record = run_record(settings, config, None, status, error)
-    write_json(out_dir / "run.json", record)
-
+def write_failure(out_dir: Path, config: dict, status: str, error: str) -> None:
+    write_json(out_dir / "run.json", {"status": status, "error": error, "config": config, "versions": versions()})

@@ -1,38 +1,40 @@
-"""DeepSeekOCRSession: owns the model, tokenizer and device, and runs one request stage by stage.
+"""DeepSeekOCRSession: DeepSeek-OCR behind the harness's ModelSession interface.
 
-    session = DeepSeekOCRSession.from_local(None)             # dummy weights, CPU/CUDA auto
-    result  = session.run(SAMPLE_PAGE, load_mode("base"), max_new_tokens=32)
-    result.tokens                                              # 32 generated ids
+    session = DeepSeekOCRSession(model_cfg, SessionOptions(torch.device("cpu"), torch.float32))
+    request = session.prepare(None, DEFAULT_PROMPT)      # stage `preprocess` (no weights needed)
+    session.check(request, max_new_tokens=32)            # fits the context window?
+    session.load()                                        # dummy weights or the checkpoint
+    result = session.generate(request, max_new_tokens=32)
+    result.tokens                                         # 32 generated ids
 
-or stage by stage: prepare → encode_images → prefill → decode.
-
-Every stage runs inside `stage_range(<stage>)` (NVTX + record_function): `preprocess`,
-`sam`, `clip`, `projector`, `prefill`, and one `decode` range per decode step. A `StageTimer`
-passed to `run` times the same regions with device synchronisation.
+Every stage runs inside `stage_range(<stage>)` (NVTX + record_function + stage events):
+`preprocess`, `sam`, `clip`, `projector`, `prefill`, and one `decode` range per decode step.
+Timers, routing recorders and nested module ranges attach from outside (llm_perf_opt.profiling).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from llm_perf_opt.config import Settings, resolve_device
+from llm_perf_opt.errors import UserError
 from llm_perf_opt.models.deepseek_ocr.attention import resolve_backend
-from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRConfig
+from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRConfig, DeepSeekOCRModelConfig
+from llm_perf_opt.models.deepseek_ocr.families import module_families
 from llm_perf_opt.models.deepseek_ocr.model import DeepSeekOCR
 from llm_perf_opt.models.deepseek_ocr.modes import ModeSpec
 from llm_perf_opt.models.deepseek_ocr.preprocess import SAMPLE_PAGE, ImageViews, load_image, preprocess_image
-from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord, balance_router
-from llm_perf_opt.models.deepseek_ocr.tokenizer import DEFAULT_PROMPT, Tokenizer, build_input_ids, load_tokenizer
-from llm_perf_opt.models.deepseek_ocr.weights import dummy_model, load_checkpoint
-from llm_perf_opt.profiling.module_ranges import attach_module_ranges
-from llm_perf_opt.profiling.ranges import CLIP, DECODE, PREFILL, PREPROCESS, PROJECTOR, SAM, stage_range
-from llm_perf_opt.profiling.timing import StageTimer
+from llm_perf_opt.models.deepseek_ocr.routing import balance_router
+from llm_perf_opt.models.deepseek_ocr.stages import CLIP, DECODE, PREFILL, PREPROCESS, PROJECTOR, SAM, STAGES
+from llm_perf_opt.models.deepseek_ocr.tokenizer import build_input_ids, load_tokenizer
+from llm_perf_opt.models.deepseek_ocr.weights import checkpoint_config, dummy_model, load_checkpoint
+from llm_perf_opt.models.interface import ModelSession, Result, RoutedLayer, SessionOptions
+from llm_perf_opt.runners.ranges import stage_range
 
 
 @dataclass(frozen=True)
@@ -49,95 +51,54 @@ class Request:
     def prompt_tokens(self) -> int:
         return self.input_ids.shape[1]
 
+    @property
+    def text_tokens(self) -> int:
+        return self.prompt_tokens - self.views.image_tokens
 
-@dataclass
-class Result:
-    """Generated token ids, left on the device: reading them forces a device→host copy,
-    which happens when `tokens` is first read, after the measured region."""
+    def describe(self) -> dict[str, Any]:
+        views = self.views
+        return {
+            "image": {"path": str(self.image_path), "size": list(views.source_size)},
+            "mode": dataclasses.asdict(self.mode),
+            "tiles": {"cols": views.grid[0], "rows": views.grid[1], "count": 0 if views.tiles is None else len(views.tiles)},
+            "tokens": {"image": views.image_tokens, "text": self.text_tokens, "prompt": self.prompt_tokens},
+        }
 
-    ids: torch.Tensor  # [n]
-
-    @functools.cached_property
-    def tokens(self) -> list[int]:
-        return self.ids.tolist()
-
-
-class DeepSeekOCRSession:
-    def __init__(
-        self,
-        model: DeepSeekOCR,
-        tokenizer: Tokenizer,
-        *,
-        dummy_weights: bool,
-        ignore_eos: bool | None = None,
-        granularity: str = "stage",
-        seed: int = 0,
-    ):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.dummy_weights = dummy_weights
-        # Dummy weights produce no meaningful stop token: decode the full budget by default.
-        self.ignore_eos = dummy_weights if ignore_eos is None else ignore_eos
-        self.seed = seed
-        self._stage = PREPROCESS
-        self._balanced_for: Request | None = None
-        if granularity == "module":
-            attach_module_ranges(model, lambda: self._stage)
-
-    # -- construction --------------------------------------------------------------------------
-    @classmethod
-    def from_config(cls, settings: Settings) -> DeepSeekOCRSession:
-        return cls.from_local(
-            settings.checkpoint,
-            arch=settings.arch,
-            device=settings.device,
-            dtype=settings.dtype,
-            attn_impl=settings.attn_impl,
-            ignore_eos=settings.ignore_eos,
-            granularity=settings.granularity,
-            seed=settings.seed,
+    def summary(self) -> str:
+        (width, height), (cols, rows) = self.views.source_size, self.views.grid
+        tiles = f"{cols}×{rows} tiles" if cols * rows > 1 else "no tiles"
+        return (
+            f"mode {self.mode.name}, image {width}×{height} ({self.image_path.name}), {tiles}; "
+            f"prompt {self.prompt_tokens} tokens ({self.views.image_tokens} image, {self.text_tokens} text)"
         )
 
-    @classmethod
-    def from_local(
-        cls,
-        path: str | Path | None,
-        *,
-        arch: DeepSeekOCRConfig | None = None,
-        device: str | torch.device = "auto",
-        dtype: torch.dtype = torch.bfloat16,
-        attn_impl: str = "sdpa",
-        ignore_eos: bool | None = None,
-        granularity: str = "stage",
-        seed: int = 0,
-    ) -> DeepSeekOCRSession:
-        """A local checkpoint folder (official layout, safetensors), or dummy weights when path is None."""
-        device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
-        backend = resolve_backend(attn_impl, device)
-        if path is None:
-            model = dummy_model(arch or DeepSeekOCRConfig(), device, dtype, backend, seed=seed)
-        else:
-            model = load_checkpoint(path, device, dtype, backend)
-        tokenizer = load_tokenizer(None if path is None else Path(path))
-        return cls(model, tokenizer, dummy_weights=path is None, ignore_eos=ignore_eos,
-                   granularity=granularity, seed=seed)
 
-    # -- stages -----------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _in_stage(self, name: str, timer: StageTimer | None):
-        self._stage = name
-        with stage_range(name), (timer.time(name) if timer else contextlib.nullcontext()):
-            yield
+class DeepSeekOCRSession(ModelSession):
+    stages = STAGES
 
-    def prepare(
-        self, image: str | Path | None, mode: ModeSpec, prompt: str = DEFAULT_PROMPT, timer: StageTimer | None = None
-    ) -> Request:
-        """Stage `preprocess`: load, resize/pad/tile, normalise, tokenise (host work)."""
+    def __init__(self, cfg: DeepSeekOCRModelConfig, options: SessionOptions) -> None:
+        super().__init__(cfg, options)
+        self.checkpoint = None if cfg.dummy_weights else Path(cfg.weights).expanduser()
+        # A checkpoint brings its own architecture; `model.arch` describes dummy-weight models.
+        self.arch: DeepSeekOCRConfig = cfg.arch if self.checkpoint is None else checkpoint_config(self.checkpoint)
+        self.backend = resolve_backend(cfg.attn_impl, options.device)
+        self.tokenizer = load_tokenizer(self.checkpoint)
+        self._model: DeepSeekOCR | None = None
+        self._fitted_to: tuple | None = None
+
+    # -- the interface -----------------------------------------------------------------------
+    def prepare(self, image: str | Path | None, prompt: str) -> Request:
+        """Stage `preprocess`: load, resize/pad/tile, normalise, tokenise, copy to the device."""
         path = Path(image) if image is not None else SAMPLE_PAGE
-        device = self.model.device
-        with self._in_stage(PREPROCESS, timer):
-            views = preprocess_image(load_image(path), mode)
+        device = self.options.device
+        with stage_range(PREPROCESS):
+            views = preprocess_image(load_image(path), self.cfg.mode)
             ids = build_input_ids(self.tokenizer, prompt, views.image_tokens)
+            if ids.count(self.tokenizer.image_id) != views.image_tokens:
+                raise UserError(
+                    f"prompt: its text encodes extra {self.tokenizer.image_id} (<image>) ids; "
+                    f"the page needs exactly {views.image_tokens}"
+                )
             input_ids = torch.tensor([ids], dtype=torch.long).to(device, non_blocking=True)
             # The host→device copies of the pixels belong to preprocessing, not to SAM.
             views = dataclasses.replace(
@@ -145,122 +106,103 @@ class DeepSeekOCRSession:
                 global_view=views.global_view.to(device, non_blocking=True),
                 tiles=None if views.tiles is None else views.tiles.to(device, non_blocking=True),
             )
-        return Request(path, mode, prompt, views, input_ids)
+        return Request(path, self.cfg.mode, prompt, views, input_ids)
+
+    def check(self, request: Request, max_new_tokens: int) -> None:
+        window = self.arch.lm.max_position_embeddings
+        needed = request.prompt_tokens + max_new_tokens
+        if needed > window:
+            raise UserError(
+                f"max_new_tokens={max_new_tokens}: the prompt has {request.prompt_tokens} tokens "
+                f"({request.views.image_tokens} for the image), so {needed} positions exceed the context "
+                f"window of {window}; use max_new_tokens <= {window - request.prompt_tokens}"
+            )
+
+    def load(self) -> None:
+        device, dtype = self.options.device, self.options.dtype
+        if self.checkpoint is None:
+            self._model = dummy_model(self.arch, device, dtype, self.backend, seed=self.options.seed)
+        else:
+            self._model = load_checkpoint(self.checkpoint, device, dtype, self.backend)
 
     @torch.inference_mode()
-    def encode_images(self, request: Request, timer: StageTimer | None = None) -> torch.Tensor:
+    def generate(self, request: Request, max_new_tokens: int) -> Result:
+        """Vision → prefill → up to max_new_tokens−1 decode steps, each in its stage range.
+
+        The first generated token comes from prefill's logits; each decode step adds one.
+        """
+        embeds = self.encode_images(request)
+        token, cache = self.prefill(request, embeds, max_new_tokens)
+        return Result(torch.cat(self.decode(token, cache, max_new_tokens - 1)).flatten())
+
+    @torch.inference_mode()
+    def fit_dummy_weights(self, request: Request) -> None:
+        """With dummy weights, fit the MoE gates to this request once (see models/…/routing.py)."""
+        key = (request.image_path, request.prompt)
+        if self.checkpoint is not None or self._fitted_to == key:
+            return
+        model = self.model
+        feats = [model.project(s, model.clip(s)) for s in map(model.sam, _pixels(request.views))]
+        embeds = model.layout(feats[0], feats[1] if len(feats) > 1 else None, request.views.grid)
+        balance_router(model, request.input_ids, embeds, seed=self.options.seed)
+        self._fitted_to = key
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model
+
+    def module_families(self) -> dict[str, str]:
+        return module_families(self.model)
+
+    def routed_layers(self) -> list[RoutedLayer]:
+        return list(self.model.moe_layers().values())
+
+    # -- the stages, usable one by one ------------------------------------------------------------
+    @property
+    def model(self) -> DeepSeekOCR:
+        if self._model is None:
+            raise RuntimeError("DeepSeekOCRSession.load() must run before the model is used")
+        return self._model
+
+    @torch.inference_mode()
+    def encode_images(self, request: Request) -> torch.Tensor:
         """Stages `sam`, `clip`, `projector` over all views → image embeddings [N_img, hidden]."""
-        views = request.views
-        pixels = [views.global_view] + ([views.tiles] if views.tiles is not None else [])
-        with self._in_stage(SAM, timer):
-            sam_out = [self.model.sam(p) for p in pixels]
-        with self._in_stage(CLIP, timer):
-            clip_out = [self.model.clip(s) for s in sam_out]
-        with self._in_stage(PROJECTOR, timer):
-            feats = [self.model.project(s, c) for s, c in zip(sam_out, clip_out)]
-            embeds = self.model.layout(feats[0], feats[1] if len(feats) > 1 else None, views.grid)
-        return embeds
+        model = self.model
+        with stage_range(SAM):
+            sam_out = [model.sam(p) for p in _pixels(request.views)]
+        with stage_range(CLIP):
+            clip_out = [model.clip(s) for s in sam_out]
+        with stage_range(PROJECTOR):
+            feats = [model.project(s, c) for s, c in zip(sam_out, clip_out)]
+            return model.layout(feats[0], feats[1] if len(feats) > 1 else None, request.views.grid)
 
     @torch.inference_mode()
-    def prefill(self, request: Request, image_embeds: torch.Tensor, max_new_tokens: int, timer=None):
+    def prefill(self, request: Request, image_embeds: torch.Tensor, max_new_tokens: int):
         """Stage `prefill`: the LM over the whole prompt → (first generated token [1,1], cache)."""
-        with self._in_stage(PREFILL, timer):
+        with stage_range(PREFILL):
             cache = self.model.new_cache(request.prompt_tokens + max_new_tokens)
             logits = self.model.prefill(request.input_ids, image_embeds, cache)
-            token = logits.argmax(-1, keepdim=True)
-        return token, cache
+            return logits.argmax(-1, keepdim=True), cache
 
     @torch.inference_mode()
-    def decode(self, token: torch.Tensor, cache, steps: int, timer=None, on_step=None) -> list[torch.Tensor]:
+    def decode(self, token: torch.Tensor, cache, steps: int) -> list[torch.Tensor]:
         """Stage `decode`, one range per step: greedy, batch 1. Returns the tokens fed and produced."""
         tokens = [token]
         stop = self._is_eos(token)
         for _ in range(steps):
             if stop:
                 break
-            with self._in_stage(DECODE, timer):
+            with stage_range(DECODE):
                 token = self.model.decode_step(token, cache).argmax(-1, keepdim=True)
                 stop = self._is_eos(token)
             tokens.append(token)
-            if on_step is not None:
-                on_step()
         return tokens
 
     def _is_eos(self, token: torch.Tensor) -> bool:
-        # Reading the token on the host is a device sync: skipped when EOS is ignored.
-        return not self.ignore_eos and int(token) == self.tokenizer.eos_id
-
-    # -- whole request ---------------------------------------------------------------------
-    def run(
-        self,
-        image: str | Path | None,
-        mode: ModeSpec,
-        prompt: str = DEFAULT_PROMPT,
-        max_new_tokens: int = 32,
-        timer: StageTimer | None = None,
-        on_step=None,
-    ) -> Result:
-        """preprocess → vision → prefill → up to max_new_tokens−1 decode steps, each in its stage.
-
-        The first generated token comes from prefill's logits; each decode step adds one.
-        """
-        request = self.prepare(image, mode, prompt, timer)
-        self.balance_routing(request)
-        embeds = self.encode_images(request, timer)
-        token, cache = self.prefill(request, embeds, max_new_tokens, timer)
-        return Result(torch.cat(self.decode(token, cache, max_new_tokens - 1, timer, on_step)).flatten())
-
-    def balance_routing(self, request: Request) -> None:
-        """With dummy weights, fit the MoE gates to this request once (see models/…/routing.py)."""
-        if not self.dummy_weights or self._same_request(request):
-            return
-        with torch.inference_mode():
-            embeds = self.encode_images(request)
-            balance_router(self.model, request.input_ids, embeds, seed=self.seed)
-        self._balanced_for = request
-
-    def _same_request(self, request: Request) -> bool:
-        done = self._balanced_for
-        return done is not None and (done.image_path, done.mode, done.prompt) == (
-            request.image_path, request.mode, request.prompt,
-        )
-
-    @contextlib.contextmanager
-    def record_routing(self):
-        """Inside the block, count tokens per expert of every MoE layer in the first prefill and
-        in each decode step after it; the recorder's `record` holds the result afterwards."""
-        recorder = RoutingRecorder(list(self.model.moe_layers().values()), lambda: self._stage)
-        try:
-            yield recorder
-        finally:
-            recorder.detach()
+        # Reading the token on the host is a device sync: skipped unless stopping at EOS.
+        return self.options.stops_at_eos and int(token) == self.tokenizer.eos_id
 
 
-class RoutingRecorder:
-    """Observes MoE routing through each layer's `on_route` hook (one bincount per layer call)."""
-
-    def __init__(self, layers: list, current_stage):
-        self._layers = layers
-        self._stage = current_stage
-        self._prefill: list[list[int] | None] = [None] * len(layers)
-        self._steps: list[list[list[int] | None]] = []
-        for slot, moe in enumerate(layers):
-            moe.on_route = functools.partial(self._observe, slot)
-
-    def _observe(self, slot: int, experts: torch.Tensor) -> None:
-        counts = torch.bincount(experts.flatten(), minlength=len(self._layers[slot].experts)).tolist()
-        stage = self._stage()
-        if stage == PREFILL and self._prefill[slot] is None:
-            self._prefill[slot] = counts
-        elif stage == DECODE:
-            if slot == 0:  # layers run in order: the first MoE layer opens a new step
-                self._steps.append([None] * len(self._layers))
-            self._steps[-1][slot] = counts
-
-    def detach(self) -> None:
-        for moe in self._layers:
-            moe.on_route = None
-
-    @property
-    def record(self) -> RoutingRecord:
-        return RoutingRecord(prefill=self._prefill, decode=self._steps)
+def _pixels(views: ImageViews) -> list[torch.Tensor]:
+    """The global view, then the tiles as one batch when the page is tiled."""
+    return [views.global_view] + ([views.tiles] if views.tiles is not None else [])

@@ -1,4 +1,4 @@
-"""CLIP-L transformer that takes SAM's output as its patch embeddings (fact sheet §3).
+"""CLIP-L transformer that takes SAM's output as its patch embeddings.
 
 sam_out [B,1024,h,w] → tokens [B, 1+h·w, 1024] (CLS first) → pre-LN → 24 blocks → [B, 1+h·w, 1024].
 """

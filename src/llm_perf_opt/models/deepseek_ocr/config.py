@@ -1,8 +1,9 @@
-"""Architecture of DeepSeek-OCR as plain frozen dataclasses.
+"""DeepSeek-OCR's typed config: the architecture (plain dataclasses) and the model's run options.
 
-The full-size defaults are the official release's values (fact sheet §1-4). The official
-config.json does not describe the vision towers (the remote code hard-codes them), so
-`from_official_json` reads only the language-model fields from it.
+The full-size defaults are the official release's values. The official config.json does not describe the vision towers
+(the remote code hard-codes them), so `from_official_json` reads only the language-model
+fields from it. The dataclasses are also the Hydra schema of `conf/model/*.yaml`, which is
+why they are not frozen: OmegaConf merges the YAML values into them.
 """
 
 from __future__ import annotations
@@ -10,11 +11,18 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar
 
+from omegaconf import MISSING
+
+from llm_perf_opt.config import ModelConfig
 from llm_perf_opt.errors import UserError
 
+from .attention import BACKENDS
+from .modes import ModeSpec
 
-@dataclass(frozen=True)
+
+@dataclass
 class SamConfig:
     """SAM ViT-B image encoder plus its neck and the two stride-2 "compressor" convs."""
 
@@ -29,6 +37,11 @@ class SamConfig:
     neck_channels: int = 256
     downsample_channels: tuple[int, int] = (512, 1024)  # net_2, net_3 outputs
 
+    def __post_init__(self) -> None:
+        # YAML and JSON give lists; the architecture holds tuples.
+        self.global_attn_indexes = tuple(self.global_attn_indexes)
+        self.downsample_channels = tuple(self.downsample_channels)
+
     @property
     def head_dim(self) -> int:
         return self.width // self.heads
@@ -38,7 +51,7 @@ class SamConfig:
         return self.downsample_channels[-1]
 
 
-@dataclass(frozen=True)
+@dataclass
 class ClipConfig:
     """CLIP-L transformer that reads SAM's features as its patch embeddings."""
 
@@ -62,7 +75,7 @@ class ClipConfig:
         return self.grid**2 + 1
 
 
-@dataclass(frozen=True)
+@dataclass
 class LMConfig:
     """DeepSeek-V2-style MoE decoder with plain multi-head attention (no MLA)."""
 
@@ -95,7 +108,7 @@ class LMConfig:
         return index >= self.first_k_dense_replace
 
 
-@dataclass(frozen=True)
+@dataclass
 class DeepSeekOCRConfig:
     sam: SamConfig = field(default_factory=SamConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
@@ -154,10 +167,6 @@ def _check_field_types(section: str, part) -> None:
 VISION_KEY = "llm_perf_opt_vision"
 
 
-def lists_to_tuples(values: dict) -> dict:
-    """JSON/YAML lists → the tuples the frozen dataclasses hold."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-
 
 def _pick(cls, values: dict) -> dict:
     names = {f.name for f in fields(cls)}
@@ -181,7 +190,7 @@ def from_official_json(path: Path) -> DeepSeekOCRConfig:
         raise UserError(f"checkpoint: {path}: {VISION_KEY} must be an object with sam and clip objects")
     try:
         return DeepSeekOCRConfig(
-            sam=SamConfig(**lists_to_tuples(_pick(SamConfig, vision.get("sam", {})))),
+            sam=SamConfig(**_pick(SamConfig, vision.get("sam", {}))),
             clip=ClipConfig(**_pick(ClipConfig, vision.get("clip", {}))),
             lm=LMConfig(**_pick(LMConfig, raw)),
         )
@@ -202,3 +211,19 @@ def to_official_json(cfg: DeepSeekOCRConfig) -> dict:
         "language_config": dict(lm),
         VISION_KEY: {"sam": asdict(cfg.sam), "clip": asdict(cfg.clip)},
     }
+
+
+@dataclass
+class DeepSeekOCRModelConfig(ModelConfig):
+    """The `model` node of a DeepSeek-OCR run (conf/model/deepseek_ocr*.yaml, conf/mode/*.yaml)."""
+
+    session: ClassVar[str] = "llm_perf_opt.runners.dsocr_session.DeepSeekOCRSession"
+    analytic: ClassVar[str] = "llm_perf_opt.analytic.dsocr_analytic.DeepSeekOCRAnalytic"
+
+    attn_impl: str = "sdpa"  # sdpa | eager | flash_attn
+    arch: DeepSeekOCRConfig = field(default_factory=DeepSeekOCRConfig)
+    mode: ModeSpec = MISSING
+
+    def __post_init__(self) -> None:
+        if self.attn_impl not in BACKENDS:
+            raise UserError(f"config: model.attn_impl={self.attn_impl!r} is not one of {', '.join(BACKENDS)}")

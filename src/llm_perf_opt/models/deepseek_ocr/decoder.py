@@ -1,5 +1,5 @@
 """DeepSeek MoE language model: RMSNorm, RoPE, multi-head attention with a KV cache,
-dense SwiGLU (layer 0) and MoE (layers 1-11). Fact sheet §1, §1b.
+dense SwiGLU (layer 0) and MoE (layers 1-11).
 """
 
 from __future__ import annotations
@@ -114,6 +114,11 @@ class Router(nn.Module):
 RoutingHook = Callable[[torch.Tensor], None]
 
 
+def tokens_per_expert(flat: torch.Tensor, n_experts: int) -> list[int]:
+    """Tokens routed to each expert, on the host: one device sync per MoE layer (as the reference does)."""
+    return torch.bincount(flat, minlength=n_experts).tolist()
+
+
 class MoE(nn.Module):
     """Softmax top-k routing without renormalisation, plus always-on shared experts.
 
@@ -130,6 +135,13 @@ class MoE(nn.Module):
         self.shared_experts = SwiGLU(cfg.hidden_size, cfg.shared_intermediate_size)
         # Called with the top-k expert ids [T, k] of every forward; set by whoever observes routing.
         self.on_route: RoutingHook | None = None
+        # Sizes the per-expert batches. Replaced from outside where tensors carry no values
+        # (the FLOP and byte validators run the model on the meta device).
+        self.count_tokens: Callable[[torch.Tensor, int], list[int]] = tokens_per_expert
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -140,7 +152,7 @@ class MoE(nn.Module):
         flat = experts.flatten()
         order = flat.argsort()
         token_of = order // self.top_k  # token of each (token, slot) pair, grouped by expert
-        counts = self._tokens_per_expert(flat)
+        counts = self.count_tokens(flat, len(self.experts))
         grouped = x[token_of]  # [T·k, d]
         outs = [
             self.experts[e](chunk) for e, chunk in enumerate(grouped.split(counts)) if chunk.shape[0]
@@ -148,16 +160,6 @@ class MoE(nn.Module):
         routed = torch.cat(outs).float() * weights.flatten()[order, None]
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token_of, routed)
         return (y.to(x.dtype) + self.shared_experts(x)).view(shape)
-
-    def _tokens_per_expert(self, flat: torch.Tensor) -> list[int]:
-        n = len(self.experts)
-        if flat.is_meta:
-            # Meta tensors carry no values. Any split of the T·k assignments costs the same
-            # FLOPs, so spread them evenly (used to count FLOPs without running the model).
-            total = flat.numel()
-            return [total // n + (e < total % n) for e in range(n)]
-        # One host sync per MoE layer to size the per-expert batches (as the reference does).
-        return torch.bincount(flat, minlength=n).tolist()
 
 
 class DecoderLayer(nn.Module):

@@ -1,4 +1,4 @@
-"""Resolution modes: how a page becomes the views the vision encoder sees (fact sheet §4-5)."""
+"""Resolution modes: how a page becomes the views the vision encoder sees."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from llm_perf_opt.errors import UserError
 PIXELS_PER_TOKEN_SIDE = 64
 
 
-@dataclass(frozen=True)
+@dataclass
 class ModeSpec:
-    """One resolution mode. Values live in conf/mode/*.yaml."""
+    """One resolution mode; the options are conf/mode/*.yaml (placed under `model.mode`)."""
 
     name: str
     base_size: int  # side of the global view

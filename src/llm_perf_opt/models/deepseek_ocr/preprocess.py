@@ -1,4 +1,4 @@
-"""Image loading and the per-mode views DeepSeek-OCR's vision encoder sees (fact sheet §5).
+"""Image loading and the per-mode views DeepSeek-OCR's vision encoder sees.
 
 Everything here follows the official HF `infer` path pixel for pixel (Pillow BICUBIC
 resizes, `ImageOps.pad` with 127-grey, ToTensor + Normalize(0.5, 0.5)), written with

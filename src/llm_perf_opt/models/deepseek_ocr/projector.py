@@ -1,4 +1,4 @@
-"""Linear projector into the LM width, and the image-token layout (fact sheet §4).
+"""Linear projector into the LM width, and the image-token layout.
 
 Per image the LM sees [stitched tile grid, a newline after each row] + [global grid, a
 newline after each row] + [view separator]; without tiles only the last two parts.

@@ -1,4 +1,4 @@
-"""SAM ViT-B image encoder with its neck and the 16x token compressor (fact sheet §2).
+"""SAM ViT-B image encoder with its neck and the 16x token compressor.
 
 pixels [B,3,S,S] → patches [B,G,G,768] (G = S/16) → 12 blocks (windowed 14×14, global at
 2,5,8,11) → neck [B,256,G,G] → net_2 [B,512,G/2,G/2] → net_3 [B,1024,G/4,G/4].

@@ -3,7 +3,7 @@
 Both expose the same small surface (`Tokenizer`): the special ids, `encode` (no special
 tokens added), `decode`, and a `name` for reports. The stand-in keeps the real special-token
 ids and realistic text token counts, so sequence lengths and the prompt layout match the
-real model when no checkpoint is available (fact sheet §6).
+real model when no checkpoint is available.
 """
 
 from __future__ import annotations

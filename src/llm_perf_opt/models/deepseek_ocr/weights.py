@@ -74,6 +74,15 @@ def _fill_from_pool(param: torch.Tensor, pool: torch.Tensor, gen: torch.Generato
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
+def checkpoint_config(folder: Path) -> DeepSeekOCRConfig:
+    """The architecture a checkpoint folder describes (its config.json, read as data)."""
+    if not folder.is_dir():
+        raise UserError(f"checkpoint: {folder} is not a folder")
+    if not (folder / "config.json").is_file():
+        raise UserError(f"checkpoint: {folder} has no config.json")
+    return from_official_json(folder / "config.json")
+
+
 def load_checkpoint(path, device, dtype, backend: str = "sdpa") -> DeepSeekOCR:
     """Build the model from `path/config.json` and fill it from safetensors by parameter name.
 
@@ -81,11 +90,7 @@ def load_checkpoint(path, device, dtype, backend: str = "sdpa") -> DeepSeekOCR:
     Missing, unexpected and wrongly shaped tensors are reported together in one UserError.
     """
     folder = Path(path)
-    if not folder.is_dir():
-        raise UserError(f"checkpoint: {folder} is not a folder")
-    if not (folder / "config.json").is_file():
-        raise UserError(f"checkpoint: {folder} has no config.json")
-    cfg = from_official_json(folder / "config.json")
+    cfg = checkpoint_config(folder)
     files = _weight_files(folder)
     model = build_model(cfg, torch.device(device), dtype, backend)
     params = dict(model.named_parameters())

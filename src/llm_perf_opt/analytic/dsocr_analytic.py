@@ -1,0 +1,49 @@
+"""DeepSeek-OCR's analytic model behind the harness: the stage costs and the memory footprint of
+one run, from the shapes of its request. Named by `DeepSeekOCRModelConfig.analytic`."""
+
+from __future__ import annotations
+
+from llm_perf_opt.analytic.deepseek_ocr import StageModel, stage_costs
+from llm_perf_opt.analytic.memory import Footprint, footprint
+from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRModelConfig
+from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord
+from llm_perf_opt.models.deepseek_ocr.stages import DECODE, PREFILL
+from llm_perf_opt.models.interface import RoutingCounts
+from llm_perf_opt.runners.dsocr_session import Request
+
+
+class DeepSeekOCRAnalytic:
+    """The analytic side of DeepSeek-OCR for the harness (named by DeepSeekOCRModelConfig.analytic)."""
+
+    def __init__(self, cfg: DeepSeekOCRModelConfig):
+        self.cfg = cfg
+
+    def stage_model(
+        self, request: Request, decode_steps: int, dtype: str, routing: RoutingCounts | None
+    ) -> StageModel:
+        """The FLOPs and bytes of exactly this run: its tiles, prompt, decode steps and observed routing."""
+        return stage_costs(
+            self.cfg.arch,
+            self.cfg.mode,
+            grid=request.views.grid,
+            text_tokens=request.text_tokens,
+            decode_steps=decode_steps,
+            dtype=dtype,
+            routing=None if routing is None else routing_record(routing),
+        )
+
+    def footprint(self, request: Request, max_new_tokens: int, dtype: str) -> Footprint:
+        """Weights, KV cache and largest transients of the run, to check memory before building."""
+        model = stage_costs(
+            self.cfg.arch, self.cfg.mode, grid=request.views.grid, text_tokens=request.text_tokens,
+            decode_steps=max_new_tokens - 1, dtype=dtype,
+        )  # fmt: skip
+        return footprint(self.cfg.arch, model.workload)
+
+
+def routing_record(counts: RoutingCounts) -> RoutingRecord:
+    """The recorder's per-stage counts as DeepSeek-OCR's prefill / decode record."""
+    prefill = counts.get(PREFILL, [])
+    if len(prefill) != 1:
+        raise ValueError(f"routing: expected one recorded prefill, got {len(prefill)}")
+    return RoutingRecord(prefill=prefill[0], decode=counts.get(DECODE, []))
