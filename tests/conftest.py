@@ -1,20 +1,19 @@
-"""Shared fixtures: the reduced DeepSeek-OCR architecture of conf/model/deepseek_ocr_tiny.yaml."""
+"""Shared fixtures: the reduced DeepSeek-OCR architecture of conf/model/deepseek_ocr_tiny.yaml,
+composed through Hydra like any run."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from llm_perf_opt.config import CONF_DIR, build_arch
+from llm_perf_opt.config import load
 from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRConfig
 
 
 @pytest.fixture(scope="session")
 def tiny_arch() -> DeepSeekOCRConfig:
     """Same structure and code paths as the official model, with small widths and depths."""
-    cfg = OmegaConf.load(CONF_DIR / "model" / "deepseek_ocr_tiny.yaml")
-    return build_arch(OmegaConf.to_container(cfg.arch))
+    return load(["model=deepseek_ocr_tiny"]).model.arch
 
 
 @pytest.fixture(scope="session")

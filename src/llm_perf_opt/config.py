@@ -132,6 +132,14 @@ def compose(overrides: Sequence[str] = (), *, return_hydra_config: bool = False)
         raise UserError(one_line(exc)) from None
 
 
+def group_options(group: str) -> list[str]:
+    """The options of a config group as Hydra sees them (`mode` -> base, gundam, ...)."""
+    GlobalHydra.instance().clear()
+    register_configs()
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        return sorted(GlobalHydra.instance().config_loader().get_group_options(group))
+
+
 def load(overrides: Sequence[str] = ()) -> RunConfig:
     """compose + validate: what tests, benchmarks and tools use instead of the CLI."""
     return validate(compose(overrides))

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
+from hydra._internal.utils import get_args_parser  # the parser hydra.main itself uses
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
@@ -34,8 +35,6 @@ from llm_perf_opt.report.run_report import Job, compact_table, write_artifacts, 
 
 register_configs()
 _failed_jobs: list[str] = []
-# Hydra's own flags that take a value in the next argument.
-_FLAGS_WITH_VALUE = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
 
 
 def run_job(run: RunConfig, config: dict, out_dir: Path) -> None:
@@ -129,20 +128,10 @@ def quote_paths(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def job_overrides(argv: Sequence[str]) -> tuple[bool, list[list[str]]]:
-    """(multirun?, the overrides of every job): Hydra's flags dropped, sweeps expanded by Hydra's parser."""
-    multirun, overrides, skip = False, [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in ("-m", "--multirun"):
-            multirun = True
-        elif arg in _FLAGS_WITH_VALUE:
-            skip = True
-        elif not arg.startswith("-"):
-            overrides.append(arg)
+def job_overrides(multirun: bool, overrides: Sequence[str]) -> list[list[str]]:
+    """The overrides of every job: sweeps expanded by Hydra's own parser."""
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
     except HydraException as exc:
         raise UserError(f"cannot read the overrides: {' '.join(str(exc).split())}") from None
     choices = []
@@ -152,12 +141,12 @@ def job_overrides(argv: Sequence[str]) -> tuple[bool, list[list[str]]]:
             choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
         else:
             choices.append([text])
-    return multirun, [list(job) for job in itertools.product(*choices)]
+    return [list(job) for job in itertools.product(*choices)]
 
 
-def preflight(argv: Sequence[str]) -> None:
+def preflight(multirun: bool, overrides: Sequence[str]) -> None:
     """Compose and validate every job's config, and check the output folder can be made."""
-    multirun, jobs = job_overrides(argv)
+    jobs = job_overrides(multirun, overrides)
     for overrides in jobs:
         validate(compose([o for o in overrides if not o.startswith("hydra")]))
     hydra_cfg = compose(jobs[0], return_hydra_config=True).hydra
@@ -174,10 +163,12 @@ def check_creatable(folder: Path) -> None:
 
 
 def main() -> None:
+    _failed_jobs.clear()
     sys.argv[1:] = quote_paths(sys.argv[1:])
-    if not any(arg in ("--help", "-h", "--hydra-help", "--info", "-i") for arg in sys.argv[1:]):
+    args = get_args_parser().parse_args(sys.argv[1:])  # Hydra's own command line
+    if not (args.help or args.hydra_help or args.info or args.shell_completion):
         try:
-            preflight(sys.argv[1:])
+            preflight(args.multirun, args.overrides)
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)

@@ -1,26 +1,19 @@
-"""Module-family ranges: which modules are tagged, and attaching/detaching the hooks.
+"""Trackers attached from outside: nested module ranges, the routing recorder, the step counter.
 
-tiny_arch and tiny_model come from tests/conftest.py."""
+tiny_model comes from tests/conftest.py."""
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-from collections import Counter
 
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from llm_perf_opt.models.deepseek_ocr.decoder import MoE, SwiGLU
-from llm_perf_opt.models.deepseek_ocr.model import DeepSeekOCR
-from llm_perf_opt.profiling import module_ranges
-from llm_perf_opt.profiling.module_ranges import attach_module_ranges, module_families
-
-
-def meta_model(arch) -> DeepSeekOCR:
-    with torch.device("meta"):
-        return DeepSeekOCR(arch)
+from llm_perf_opt.models.deepseek_ocr.families import module_families
+from llm_perf_opt.models.interface import Stage
+from llm_perf_opt.profiling.trackers import ModuleRanges, RoutingRecorder, StepCounter
+from llm_perf_opt.runners.ranges import listening, stage_range
 
 
 @pytest.fixture(scope="module")
@@ -28,123 +21,100 @@ def model(tiny_model):
     return copy.deepcopy(tiny_model)  # hooks are attached to it; the shared model stays untouched
 
 
-def test_families_of_the_tiny_model(tiny_arch):
-    m = meta_model(tiny_arch)
-    families = module_families(m)
-    sam, clip, lm = tiny_arch.sam, tiny_arch.clip, tiny_arch.lm
-    moe = sum(lm.is_moe_layer(i) for i in range(lm.num_hidden_layers))
-    dense = lm.num_hidden_layers - moe
-    assert Counter(families.values()) == {
-        "attn": sam.depth + clip.layers + lm.num_hidden_layers,
-        "mlp": sam.depth + clip.layers + dense,
-        "moe": moe,
-        "norm": 2 * lm.num_hidden_layers + 1,
-        "neck": 3,
-        "patch_embed": 1,
-        "embed": 1,
-        "linear": 1,
-        "lm_head": 1,
-    }
-    assert families["lm_head"] == "lm_head"
-    assert families["model.embed_tokens"] == "embed"
-    assert families["model.layers.0.mlp"] == "mlp"
-    assert families["model.layers.1.mlp"] == "moe"
-    modules = dict(m.named_modules())
-    assert all(name in modules for name in families)
-
-
-def test_only_the_outermost_module_of_a_family_is_tagged(tiny_arch):
-    m = meta_model(tiny_arch)
-    families = module_families(m)
-    for name in families:
-        for other in families:
-            assert not other.startswith(name + "."), f"{other} is tagged inside {name}"
-    # MoE experts (routed and shared) run inside their `moe` range, never as `mlp` of their own.
-    for name, module in m.named_modules():
-        if ".experts." in name or name.endswith(".shared_experts") or name.endswith(".gate"):
-            assert name not in families, name
-
-
-def test_every_dense_lm_mlp_is_tagged(tiny_arch):
-    # With more dense layers up front, each dense SwiGLU is an `mlp`; the MoE layers stay `moe`.
-    arch = dataclasses.replace(tiny_arch, lm=dataclasses.replace(tiny_arch.lm, first_k_dense_replace=2))
-    m = meta_model(arch)
-    families = module_families(m)
-    for i, layer in enumerate(m.model.layers):
-        expected = "moe" if isinstance(layer.mlp, MoE) else "mlp"
-        assert isinstance(layer.mlp, (MoE, SwiGLU))
-        assert families[f"model.layers.{i}.mlp"] == expected
-
-
-class Recorder:
-    """Stands in for module_range: logs every range opened and closed."""
+class Heard:
+    """A stage listener that logs the ranges it hears."""
 
     def __init__(self):
         self.log: list[tuple[str, str]] = []
-        self.depth = 0
 
-    def __call__(self, stage, family):
-        rec = self
+    def stage_entered(self, name):
+        self.log.append(("enter", name))
 
-        class Range:
-            def __enter__(self):
-                rec.log.append(("enter", f"{stage}/{family}"))
-                rec.depth += 1
-                return self
-
-            def __exit__(self, *exc):
-                rec.log.append(("exit", f"{stage}/{family}"))
-                rec.depth -= 1
-
-        return Range()
+    def stage_exited(self, name):
+        self.log.append(("exit", name))
 
 
 def hook_count(m: torch.nn.Module) -> int:
     return sum(len(x._forward_hooks) + len(x._forward_pre_hooks) for x in m.modules())
 
 
-def test_attach_and_detach(model, monkeypatch):
-    recorder = Recorder()
-    monkeypatch.setattr(module_ranges, "module_range", recorder)
-    assert hook_count(model) == 0
-    handles = attach_module_ranges(model, lambda: "decode")
-    assert len(handles) == 2 * len(module_families(model))
-    assert hook_count(model) == len(handles)
-
+def test_module_ranges_attach_name_the_running_stage_and_detach(model):
+    heard = Heard()
     moe = model.model.layers[1].mlp
     x = torch.randn(1, 3, model.cfg.lm.hidden_size)
-    with torch.inference_mode():
-        moe(x)
-        model.lm_head(x[:, -1])
-    assert recorder.log == [
+    assert hook_count(model) == 0
+    with ModuleRanges(model, module_families(model)), listening(heard), torch.inference_mode():
+        assert hook_count(model) == 2 * len(module_families(model))
+        with stage_range("decode"):
+            moe(x)
+            model.lm_head(x[:, -1])
+        model.lm_head(x[:, -1])  # outside every stage: no nested range
+        # A forward that raises still closes its range.
+        with pytest.raises(RuntimeError), stage_range("decode"):
+            model.lm_head(torch.randn(1, 7))
+    assert heard.log == [
+        ("enter", "decode"),
         ("enter", "decode/moe"), ("exit", "decode/moe"),
         ("enter", "decode/lm_head"), ("exit", "decode/lm_head"),
+        ("exit", "decode"),
+        ("enter", "decode"), ("enter", "decode/lm_head"), ("exit", "decode/lm_head"), ("exit", "decode"),
     ]
-
-    # A forward that raises still closes its range.
-    with pytest.raises(RuntimeError), torch.inference_mode():
-        model.lm_head(torch.randn(1, 7))
-    assert recorder.depth == 0
-
-    for handle in handles:
-        handle.remove()
     assert hook_count(model) == 0
-    recorder.log.clear()
-    with torch.inference_mode():
-        moe(x)
-    assert recorder.log == []
 
 
-def test_attached_ranges_reach_the_profiler(model):
-    handles = attach_module_ranges(model, lambda: "prefill")
-    try:
-        x = torch.randn(1, 4, model.cfg.lm.hidden_size)
-        with profile(activities=[ProfilerActivity.CPU]) as prof, torch.inference_mode():
+def test_module_ranges_reach_the_profiler(model):
+    x = torch.randn(1, 4, model.cfg.lm.hidden_size)
+    with ModuleRanges(model, module_families(model)), torch.inference_mode():
+        with profile(activities=[ProfilerActivity.CPU]) as prof, stage_range("prefill"):
             model.model.layers[1].mlp(x)
-        names = [e.name for e in prof.events()]
-        assert names.count("prefill/moe") == 1
-        assert "prefill/mlp" not in names  # the experts are inside prefill/moe, not ranges of their own
-    finally:
-        for handle in handles:
-            handle.remove()
+    names = [e.name for e in prof.events()]
+    assert names.count("prefill/moe") == 1
+    assert "prefill/mlp" not in names  # the experts run inside prefill/moe, not as ranges of their own
     assert hook_count(model) == 0
+
+
+class FakeLayer:
+    """A routed layer: calls on_route with the expert ids it picked."""
+
+    def __init__(self, n_experts):
+        self.on_route = None
+        self.n_experts = n_experts
+
+    def route(self, ids):
+        if self.on_route is not None:
+            self.on_route(torch.tensor(ids))
+
+
+def test_routing_recorder_counts_per_stage_call_and_detaches():
+    layers = [FakeLayer(4), FakeLayer(4)]
+    with RoutingRecorder(layers) as recorder:
+        with stage_range("prefill"):  # 3 tokens, top-2
+            layers[0].route([[0, 1], [0, 2], [3, 0]])
+            layers[1].route([[1, 2], [1, 2], [1, 3]])
+        for step in ([[2, 3]], [[0, 3]]):
+            with stage_range("decode"):
+                layers[0].route(step)
+                layers[1].route([[1, 0]])
+    assert recorder.counts == {
+        "prefill": [[[3, 1, 1, 1], [0, 3, 2, 1]]],
+        "decode": [[[0, 0, 1, 1], [1, 1, 0, 0]], [[1, 0, 0, 1], [1, 1, 0, 0]]],
+    }
+    assert all(layer.on_route is None for layer in layers)
+
+
+def test_routing_outside_every_stage_is_a_bug():
+    layer = FakeLayer(2)
+    with RoutingRecorder([layer]), pytest.raises(RuntimeError):
+        layer.route([[0, 1]])
+
+
+def test_step_counter_ticks_after_each_per_step_stage():
+    ticks = []
+    counter = StepCounter((Stage("prefill"), Stage("decode", per_step=True)), lambda: ticks.append(1))
+    with listening(counter):
+        with stage_range("prefill"):
+            pass
+        for _ in range(3):
+            with stage_range("decode"), stage_range("decode/attn"):
+                pass
+    assert len(ticks) == 3

@@ -1,5 +1,6 @@
-"""DeepSeekOCRSession on the tiny architecture (CPU): decoding, stage ranges in a real
-torch.profiler trace, routing records, and loading a saved checkpoint."""
+"""DeepSeekOCRSession on the tiny architecture (CPU): the ModelSession interface, decoding,
+stage ranges in a real torch.profiler trace, the context-window check, and loading a saved
+checkpoint."""
 
 from __future__ import annotations
 
@@ -9,15 +10,20 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from llm_perf_opt.config import load_mode
-from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord
+from llm_perf_opt.config import load
+from llm_perf_opt.errors import UserError
+from llm_perf_opt.models.deepseek_ocr.stages import DECODE
+from llm_perf_opt.models.deepseek_ocr.tokenizer import DEFAULT_PROMPT
 from llm_perf_opt.models.deepseek_ocr.weights import save_checkpoint
-from llm_perf_opt.profiling.ranges import STAGES, is_range_name, stage_of
+from llm_perf_opt.models.interface import SessionOptions
+from llm_perf_opt.profiling.trackers import ModuleRanges, RoutingRecorder
 from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession
+from llm_perf_opt.runners.ranges import is_range_name, stage_of
 
-# tiny_arch comes from tests/conftest.py (conf/model/deepseek_ocr_tiny.yaml).
 MAX_NEW_TOKENS = 3
 EPS_US = 1.0  # slack for containment checks on trace timestamps (µs)
+NAMES = DeepSeekOCRSession.stage_names()
+CPU_FP32 = SessionOptions(torch.device("cpu"), torch.float32)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -29,23 +35,45 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def mode():
-    return load_mode("tiny")  # one 512×512 view: the fastest path through every stage
+def tiny_config(*overrides: str):
+    # mode=tiny: one 512×512 view, the fastest path through every stage.
+    return load(["model=deepseek_ocr_tiny", "mode=tiny", *overrides]).model
 
 
 @pytest.fixture(scope="module")
-def session(tiny_arch, mode):
-    s = DeepSeekOCRSession.from_local(None, arch=tiny_arch, device="cpu")
-    s.run(None, mode, max_new_tokens=2)  # balances the router, so later runs are plain runs
+def session():
+    s = DeepSeekOCRSession(tiny_config(), CPU_FP32)
+    s.load()
+    s.fit_dummy_weights(s.prepare(None, DEFAULT_PROMPT))
     return s
 
 
-@pytest.fixture(scope="module")
-def module_session(tiny_arch, mode):
-    s = DeepSeekOCRSession.from_local(None, arch=tiny_arch, device="cpu", granularity="module")
-    s.run(None, mode, max_new_tokens=2)
-    return s
+def run(session, max_new_tokens=MAX_NEW_TOKENS):
+    return session.generate(session.prepare(None, DEFAULT_PROMPT), max_new_tokens)
+
+
+def test_stages_are_declared_once_in_run_order():
+    assert NAMES == ("preprocess", "sam", "clip", "projector", "prefill", "decode")
+    assert [s.name for s in DeepSeekOCRSession.stages if s.per_step] == ["decode"]
+
+
+def test_prepare_needs_no_weights_and_checks_the_context_window():
+    s = DeepSeekOCRSession(tiny_config(), CPU_FP32)
+    request = s.prepare(None, DEFAULT_PROMPT)  # no load(): preparing is host work
+    # tiny mode: a 512x512 view is 8x8 tokens plus a newline per row and the separator.
+    assert request.views.image_tokens == 8 * 9 + 1
+    assert request.prompt_tokens == request.views.image_tokens + request.text_tokens
+    window = s.arch.lm.max_position_embeddings
+    s.check(request, window - request.prompt_tokens)
+    with pytest.raises(UserError, match="context window") as err:
+        s.check(request, window - request.prompt_tokens + 1)
+    assert "\n" not in str(err.value)
+
+
+def test_the_model_is_built_only_by_load():
+    s = DeepSeekOCRSession(tiny_config(), CPU_FP32)
+    with pytest.raises(RuntimeError, match="load"):
+        s.module
 
 
 def traced_ranges(fn, tmp_path) -> list[dict]:
@@ -58,7 +86,7 @@ def traced_ranges(fn, tmp_path) -> list[dict]:
     events = json.loads(path.read_text())["traceEvents"]
     ranges = [
         e for e in events
-        if e.get("ph") == "X" and e.get("cat") == "user_annotation" and is_range_name(e.get("name", ""))
+        if e.get("ph") == "X" and e.get("cat") == "user_annotation" and is_range_name(e.get("name", ""), NAMES)
     ]
     return sorted(ranges, key=lambda e: (float(e["ts"]), -float(e["dur"])))
 
@@ -76,29 +104,38 @@ def top_level(ranges: list[dict]) -> list[dict]:
 def check_stage_sequence(ranges: list[dict], decode_steps: int) -> None:
     stages = top_level(ranges)
     names = [r["name"] for r in stages]
-    assert names == [s for s in STAGES if s != "decode"] + ["decode"] * decode_steps
+    assert names == [s for s in NAMES if s != DECODE] + [DECODE] * decode_steps
     for before, after in zip(stages, stages[1:]):  # sequential, never overlapping
         assert float(before["ts"]) + float(before["dur"]) <= float(after["ts"]) + EPS_US
     assert len({(r["pid"], r["tid"]) for r in stages}) == 1
 
 
-def test_run_decodes_exactly_max_new_tokens(session, mode):
+def test_generate_decodes_exactly_max_new_tokens(session):
     for n in (1, MAX_NEW_TOKENS):
-        result = session.run(None, mode, max_new_tokens=n)
+        result = run(session, n)
         assert len(result.tokens) == n
         assert all(0 <= t < session.model.cfg.lm.vocab_size for t in result.tokens)
     # Dummy weights: the stop token never ends a run early.
-    assert session.dummy_weights and session.ignore_eos
+    assert not session.options.stops_at_eos
 
 
-def test_stage_ranges_in_a_profiler_trace(session, mode, tmp_path):
-    ranges = traced_ranges(lambda: session.run(None, mode, max_new_tokens=MAX_NEW_TOKENS), tmp_path)
+def test_stage_ranges_in_a_profiler_trace(session, tmp_path):
+    def one_request():
+        request = session.prepare(None, DEFAULT_PROMPT)
+        session.generate(request, MAX_NEW_TOKENS)
+
+    ranges = traced_ranges(one_request, tmp_path)
     check_stage_sequence(ranges, MAX_NEW_TOKENS - 1)
-    assert all("/" not in r["name"] for r in ranges)  # granularity "stage": no nested ranges
+    assert all("/" not in r["name"] for r in ranges)  # no module ranges attached: no nested ranges
 
 
-def test_module_granularity_nests_family_ranges_in_their_stage(module_session, mode, tmp_path):
-    ranges = traced_ranges(lambda: module_session.run(None, mode, max_new_tokens=MAX_NEW_TOKENS), tmp_path)
+def test_module_ranges_nest_family_ranges_in_their_stage(session, tmp_path):
+    def one_request():
+        request = session.prepare(None, DEFAULT_PROMPT)
+        with ModuleRanges(session.module, session.module_families()):
+            session.generate(request, MAX_NEW_TOKENS)
+
+    ranges = traced_ranges(one_request, tmp_path)
     check_stage_sequence(ranges, MAX_NEW_TOKENS - 1)
     stages = top_level(ranges)
     nested = [r for r in ranges if "/" in r["name"]]
@@ -110,48 +147,48 @@ def test_module_granularity_nests_family_ranges_in_their_stage(module_session, m
     # One lm_head per forward of the LM: prefill once, each decode step once.
     assert sum(r["name"] == "prefill/lm_head" for r in nested) == 1
     assert sum(r["name"] == "decode/lm_head" for r in nested) == MAX_NEW_TOKENS - 1
-    layers = module_session.model.cfg.lm.num_hidden_layers
-    moe_layers = len(module_session.model.moe_layers())
-    assert sum(r["name"] == "prefill/attn" for r in nested) == layers
-    assert sum(r["name"] == "prefill/moe" for r in nested) == moe_layers
-    assert sum(r["name"] == "sam/attn" for r in nested) == module_session.model.cfg.sam.depth
+    arch = session.arch
+    assert sum(r["name"] == "prefill/attn" for r in nested) == arch.lm.num_hidden_layers
+    assert sum(r["name"] == "prefill/moe" for r in nested) == len(session.routed_layers())
+    assert sum(r["name"] == "sam/attn" for r in nested) == arch.sam.depth
 
 
-def test_record_routing_counts_every_token_k_times(session, mode):
-    request = session.prepare(None, mode)
-    with session.record_routing() as recorder:
-        session.run(None, mode, max_new_tokens=MAX_NEW_TOKENS)
-    record = recorder.record
-    assert isinstance(record, RoutingRecord)
-    lm = session.model.cfg.lm
+def test_routing_is_recorded_per_stage_call(session):
+    request = session.prepare(None, DEFAULT_PROMPT)
+    layers = session.routed_layers()
+    with RoutingRecorder(layers) as recorder:
+        session.generate(request, MAX_NEW_TOKENS)
+    lm = session.arch.lm
     k, experts = lm.num_experts_per_tok, lm.n_routed_experts
-    moe_layers = len(session.model.moe_layers())
-    assert moe_layers >= 1
-    assert len(record.prefill) == moe_layers
-    for counts in record.prefill:
-        assert len(counts) == experts and min(counts) >= 0
-        assert sum(counts) == request.prompt_tokens * k
-    assert len(record.decode) == MAX_NEW_TOKENS - 1
-    for step in record.decode:
-        assert [sum(counts) for counts in step] == [k] * moe_layers
-    record.check(lm, request.prompt_tokens, MAX_NEW_TOKENS - 1)
+    # tiny: 3 layers, the first dense, so 2 routed layers.
+    assert len(layers) == 2
+    (prefill,) = recorder.counts["prefill"]
+    assert [len(c) for c in prefill] == [experts, experts]
+    assert [sum(c) for c in prefill] == [request.prompt_tokens * k] * 2
+    assert len(recorder.counts["decode"]) == MAX_NEW_TOKENS - 1
+    for step in recorder.counts["decode"]:
+        assert [sum(c) for c in step] == [k, k]
+    assert set(recorder.counts) == {"prefill", "decode"}
     # Balanced dummy routing: the prompt's tokens reach every expert.
-    assert all(min(counts) > 0 for counts in record.prefill)
-    # The hooks are gone after the block.
-    assert all(moe.on_route is None for moe in session.model.moe_layers().values())
+    assert all(min(c) > 0 for c in prefill)
 
 
-def test_from_local_loads_a_saved_checkpoint(session, mode, tmp_path):
+def test_a_saved_checkpoint_loads_and_gives_the_same_tokens(session, tmp_path):
     folder = save_checkpoint(session.model, tmp_path / "ckpt")
-    loaded = DeepSeekOCRSession.from_local(folder, device="cpu", ignore_eos=True)
-    assert not loaded.dummy_weights
-    assert loaded.model.cfg == session.model.cfg
+    loaded = DeepSeekOCRSession(tiny_config(f"model.weights={folder}"), CPU_FP32)
+    loaded.load()
+    assert loaded.arch == session.arch
     reference = session.model.state_dict()
     for name, tensor in loaded.model.state_dict().items():
         assert torch.equal(tensor, reference[name]), name
-    # Same weights (the saved gates are the balanced ones): same tokens, no re-balancing.
-    expected = session.run(None, mode, max_new_tokens=MAX_NEW_TOKENS).tokens
-    assert loaded.run(None, mode, max_new_tokens=MAX_NEW_TOKENS).tokens == expected
-    assert loaded._balanced_for is None
-    # A checkpoint stops at its stop token by default.
-    assert DeepSeekOCRSession.from_local(folder, device="cpu").ignore_eos is False
+    # Same weights (the saved gates are the balanced ones): same tokens, and nothing is refitted.
+    request = loaded.prepare(None, DEFAULT_PROMPT)
+    loaded.fit_dummy_weights(request)
+    for name, tensor in loaded.model.state_dict().items():
+        assert torch.equal(tensor, reference[name]), name
+    assert loaded.generate(request, MAX_NEW_TOKENS).tokens == run(session).tokens
+
+
+def test_a_missing_checkpoint_folder_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="is not a folder"):
+        DeepSeekOCRSession(tiny_config(f"model.weights={tmp_path / 'nope'}"), CPU_FP32)

@@ -37,7 +37,7 @@ from llm_perf_opt.analytic.deepseek_ocr import (
 from llm_perf_opt.errors import UserError
 from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRConfig
 from llm_perf_opt.models.deepseek_ocr.modes import ModeSpec
-from llm_perf_opt.config import load_mode, mode_names
+from llm_perf_opt.config import group_options, load
 from llm_perf_opt.models.deepseek_ocr.stages import CLIP, DECODE, PREFILL, PROJECTOR, SAM
 
 TOLERANCE = 0.01
@@ -47,8 +47,8 @@ GIGA = 1e9
 
 
 def builtin_modes() -> dict[str, ModeSpec]:
-    """The released resolution modes, from conf/mode/."""
-    return {name: load_mode(name) for name in mode_names()}
+    """The released resolution modes: every option of the `mode` config group, composed by Hydra."""
+    return {name: load([f"mode={name}"]).model.mode for name in group_options("mode")}
 
 
 @dataclass(frozen=True)
@@ -89,12 +89,22 @@ def _count(fn) -> tuple[int, Any]:
     return counter.get_total_flops(), out
 
 
+def even_split(flat: torch.Tensor, n_experts: int) -> list[int]:
+    """Tokens per expert for meta tensors, which carry no expert ids: the T·k assignments spread
+    evenly. Any split costs the same FLOPs, so the count does not depend on it."""
+    total = flat.numel()
+    return [total // n_experts + (e < total % n_experts) for e in range(n_experts)]
+
+
 def build_meta_model(cfg: DeepSeekOCRConfig):
     """The full-size model on the meta device, in bf16: shapes only."""
     from llm_perf_opt.models.deepseek_ocr.model import DeepSeekOCR
 
     with torch.device("meta"):
-        return DeepSeekOCR(cfg).to(torch.bfloat16)
+        model = DeepSeekOCR(cfg).to(torch.bfloat16)
+    for moe in model.moe_layers().values():
+        moe.count_tokens = even_split
+    return model
 
 
 class Counter:

@@ -1,0 +1,82 @@
+"""Imports run one way: config → model → session → measurement → analytic → report → entry points.
+
+Every `import` in the package (module level or inside a function) is read from the source and
+must point at the same layer or one below it."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import llm_perf_opt
+
+PACKAGE = Path(llm_perf_opt.__file__).parent
+
+#: Lowest first. A module belongs to the first layer with a prefix matching its dotted name.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("base", ("llm_perf_opt.errors", "llm_perf_opt.atomic")),
+    ("hardware", ("llm_perf_opt.hardware",)),
+    ("config", ("llm_perf_opt.config", "llm_perf_opt.conf")),
+    ("model", ("llm_perf_opt.models",)),
+    ("session", ("llm_perf_opt.runners",)),
+    ("measurement", ("llm_perf_opt.profiling",)),
+    ("analytic", ("llm_perf_opt.analytic",)),
+    ("report", ("llm_perf_opt.report",)),
+    ("entry points", ("llm_perf_opt.run", "llm_perf_opt.calibrate", "llm_perf_opt.compare",
+                      "llm_perf_opt.summarize", "llm_perf_opt.tree", "llm_perf_opt")),
+]
+
+
+def layer_of(module: str) -> int:
+    for index, (_, prefixes) in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return index
+    raise AssertionError(f"{module} is in no layer")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(source: str, name: str, is_package: bool = False) -> list[str]:
+    """The package modules that the source of module `name` imports, relative imports resolved."""
+    package = name if is_package else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            target = (f"{base}.{node.module}" if node.module else base) if node.level else node.module
+            # `from llm_perf_opt.report import run_report` imports the submodule run_report.
+            found += [target] + [f"{target}.{alias.name}" for alias in node.names]
+    return [m for m in found if m.startswith("llm_perf_opt.")]
+
+
+def file_imports(path: Path) -> list[str]:
+    return imports(path.read_text(), module_name(path), path.name == "__init__.py")
+
+
+def test_every_module_has_a_layer():
+    for path in PACKAGE.rglob("*.py"):
+        layer_of(module_name(path))
+
+
+def test_no_import_runs_back_up():
+    back_edges = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = module_name(path)
+        for target in file_imports(path):
+            if layer_of(target) > layer_of(source):
+                back_edges.append(f"{source} ({LAYERS[layer_of(source)][0]}) imports {target} "
+                                  f"({LAYERS[layer_of(target)][0]})")
+    assert back_edges == []
+
+
+def test_the_walk_finds_imports_in_functions_and_relative_ones():
+    source = "from .families import Cost\n\ndef f():\n    from ..report import run_report\n"
+    found = imports(source, "llm_perf_opt.analytic.deepseek_ocr")
+    assert "llm_perf_opt.analytic.families" in found
+    assert "llm_perf_opt.report.run_report" in found
+    assert layer_of("llm_perf_opt.report.run_report") > layer_of("llm_perf_opt.analytic.deepseek_ocr")
