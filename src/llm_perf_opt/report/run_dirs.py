@@ -1,0 +1,159 @@
+"""The jobs behind a path: a run dir, a sweep dir of job dirs, or a run.json file.
+
+A job is identified across sweeps by its model name, its mode name and the overrides it was
+launched with (``.hydra/overrides.yaml`` next to its run.json). Hydra's own settings
+(``hydra.*``, ``hydra/...``: output paths, launcher) are left out, and so are the ``model`` and
+``mode`` group choices, whose resolved names are already part of the identity: a job launched
+with ``mode=tiny`` and one that got ``tiny`` as the default are the same job.
+
+A job dir whose run.json is missing (the process was killed before it wrote one) still has
+Hydra's ``.hydra/config.yaml``; it becomes a job with status :data:`MISSING`, so a sweep that
+lost a job reports it instead of silently comparing fewer jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from llm_perf_opt.errors import UserError
+
+RUN_JSON = "run.json"
+HYDRA_DIR = ".hydra"
+#: Status of a job dir that has Hydra's files but no run.json.
+MISSING = "missing"
+
+# Override keys whose resolved value is part of the identity anyway; "model/mode" is where
+# the mode group lives if it moves under the model.
+_NAMED_GROUPS = frozenset({"model", "mode", "model/mode"})
+
+
+@dataclass(frozen=True)
+class JobIdentity:
+    """What pairs a job of one sweep with the same job of another."""
+
+    model: str
+    mode: str
+    overrides: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return " · ".join((self.model, self.mode, *self.overrides))
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job: its run.json record and identity; ``path`` is the run.json, or the job dir
+    where there is none."""
+
+    path: Path
+    record: dict[str, Any]
+    identity: JobIdentity
+
+    @property
+    def status(self) -> str:
+        return str(self.record.get("status"))
+
+    @property
+    def error(self) -> str | None:
+        return self.record.get("error")
+
+
+@dataclass(frozen=True)
+class RunSet:
+    """The jobs found at ``path``: one for a run dir or run.json file, all job dirs of a sweep."""
+
+    path: Path
+    jobs: tuple[Job, ...]
+    sweep: bool
+
+
+def load_run_set(path: str | Path) -> RunSet:
+    """Read a run.json file, a run dir (holding run.json) or a sweep dir (whose subdirs are jobs)."""
+    path = Path(path)
+    if path.is_file():
+        return RunSet(path, (_load_job(path.parent, path),), sweep=False)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such run dir, sweep dir or run.json")
+    if (path / RUN_JSON).is_file():
+        return RunSet(path, (_load_job(path, path / RUN_JSON),), sweep=False)
+    job_dirs = sorted(
+        (d for d in path.iterdir() if (d / RUN_JSON).is_file() or (d / HYDRA_DIR / "config.yaml").is_file()),
+        key=_job_order,
+    )
+    if not job_dirs:
+        raise UserError(f"{path}: no {RUN_JSON} in it or in any of its subdirectories")
+    jobs = tuple(_load_job(d, d / RUN_JSON) for d in job_dirs)
+    seen: dict[JobIdentity, Path] = {}
+    for job in jobs:
+        if job.identity in seen:
+            raise UserError(
+                f"{path}: jobs {seen[job.identity].parent.name} and {job.path.parent.name} have the same identity "
+                f"({job.identity})"
+            )
+        seen[job.identity] = job.path
+    return RunSet(path, jobs, sweep=True)
+
+
+def model_name(record: dict[str, Any]) -> str | None:
+    return _get(record, "config", "model", "name")
+
+
+def mode_name(record: dict[str, Any]) -> str | None:
+    """The mode's name from ``config.mode`` or, where the mode is part of the model, ``config.model.mode``."""
+    return _get(record, "config", "mode", "name") or _get(record, "config", "model", "mode", "name")
+
+
+def job_identity(record: dict[str, Any], overrides: list[str]) -> JobIdentity:
+    """Identity of a job from its record and its launch overrides (see the module docstring)."""
+    kept = sorted(o for o in overrides if not _is_ignored_override(o))
+    return JobIdentity(model_name(record) or "?", mode_name(record) or "?", tuple(kept))
+
+
+def _is_ignored_override(override: str) -> bool:
+    key = override.lstrip("+~").partition("=")[0].strip()
+    return key == "hydra" or key.startswith(("hydra.", "hydra/")) or key in _NAMED_GROUPS
+
+
+def _load_job(job_dir: Path, run_json: Path) -> Job:
+    hydra = job_dir / HYDRA_DIR
+    if run_json.is_file():
+        record, path = _read_record(run_json), run_json
+    else:
+        config = OmegaConf.to_container(OmegaConf.load(hydra / "config.yaml"), resolve=False)
+        record = {"status": MISSING, "error": f"no {RUN_JSON} (killed before it finished?)", "config": config}
+        path = job_dir
+    overrides_file = hydra / "overrides.yaml"
+    overrides = OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
+    return Job(path, record, job_identity(record, [str(o) for o in overrides]))
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read it ({exc})") from None
+    if not isinstance(record, dict) or "status" not in record:
+        raise UserError(f"{path}: not a run.json of llm_perf_opt (no status field)")
+    return record
+
+
+def _job_order(job_dir: Path) -> tuple[float, str]:
+    """Hydra names sweep job dirs ``<job number>_...``: sort by that number, then by name."""
+    number = job_dir.name.partition("_")[0]
+    return (int(number) if number.isdigit() else math.inf, job_dir.name)
+
+
+def _get(record: dict[str, Any], *keys: str) -> Any:
+    value: Any = record
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
