@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from llm_perf_opt.errors import UserError
-from llm_perf_opt.report.artifacts import write_text
+from llm_perf_opt.atomic import write_text
 from llm_perf_opt.report.compare import Thresholds, compare, to_markdown
 from llm_perf_opt.report.run_dirs import load_run_set
 

@@ -29,6 +29,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from llm_perf_opt.errors import UserError
+from llm_perf_opt.hardware.ceilings import HardwareConfig
 
 CONFIG_MODULE = "llm_perf_opt.conf"
 CONFIG_NAME = "config"
@@ -51,11 +52,6 @@ class ModelConfig:
     @property
     def dummy_weights(self) -> bool:
         return self.weights == "dummy"
-
-
-@dataclass
-class HardwareConfig:
-    name: str = "auto"
 
 
 @dataclass

@@ -26,12 +26,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from llm_perf_opt.config import CONFIG_NAME, RunConfig, compose, register_configs, validate
 from llm_perf_opt.errors import UserError
+from llm_perf_opt.hardware.calibration import cached_calibration
+from llm_perf_opt.hardware.ceilings import select
 from llm_perf_opt.hardware.device import resolve_device
 from llm_perf_opt.hardware.memory_check import available_memory_bytes, check_fits
 from llm_perf_opt.hardware.precision import DtypeChoice, choose_dtype, header_text
 from llm_perf_opt.models.interface import ModelSession, SessionOptions
 from llm_perf_opt.profiling.passes import RunInputs, measure
-from llm_perf_opt.report.run_report import Job, compact_table, write_artifacts, write_failure
+from llm_perf_opt.report.run_report import Hardware, Job, compact_table, write_artifacts, write_failure
 
 register_configs()
 _failed_jobs: list[str] = []
@@ -53,6 +55,9 @@ def run_job(run: RunConfig, config: dict, out_dir: Path) -> None:
     footprint = analytic.footprint(request, inputs.max_new_tokens, _dtype_name(dtype))
     check_memory(run, footprint, dtype, device)
     print(f"[{run.model.name}] {device} · {header_text(dtype)}", file=sys.stderr)
+    hardware = Hardware(select(run.hardware.name, device), cached_calibration(device))
+    if hardware.selection.warning:
+        print(f"warning: {hardware.selection.warning}", file=sys.stderr)
     session.load()
     m = measure(
         session,
@@ -63,9 +68,11 @@ def run_job(run: RunConfig, config: dict, out_dir: Path) -> None:
         module_ranges=run.profiling.granularity == "module",
     )
     stage_model = analytic.stage_model(m.request, m.decode_steps, _dtype_name(dtype), m.routing)
-    written = write_artifacts(out_dir, Job(run, config, m, stage_model, footprint, device, dtype))
+    job = Job(run, config, m, stage_model, footprint, device, dtype, hardware,
+              type(session).compute_groups, type(session).bandwidth_groups)  # fmt: skip
+    written = write_artifacts(out_dir, job)
     print(f"[{run.model.name}] {out_dir}")
-    print(compact_table(written["stages"], m))
+    print(compact_table(written["stages"], m, hardware.roofs[0].label))
 
 
 def check_memory(run: RunConfig, footprint, dtype: DtypeChoice, device) -> None:

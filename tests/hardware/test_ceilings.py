@@ -121,7 +121,7 @@ def test_every_option_loads_and_only_gpus_have_figures():
 
 def test_datasheet_roof_is_in_flop_and_bytes_per_second():
     roof = datasheet_roof("h100_sxm")
-    assert roof.label == "datasheet h100_sxm"
+    assert roof.label == "datasheet" and roof.source.startswith("h100_sxm: ")
     assert roof.peak("bfloat16") == pytest.approx(989.4e12)  # 989.4 TFLOP/s x 1e12
     assert roof.peak("float32") == pytest.approx(66.9e12)
     assert roof.byte_s == pytest.approx(3.35e12)  # 3,350 GB/s x 1e9
@@ -153,7 +153,7 @@ def test_explicit_choice_is_kept_with_a_warning_when_the_device_differs():
     assert (same.key, same.how, same.warning) == ("h100_sxm", "explicit", None)
     other = select_for("h100_sxm", "cuda", "NVIDIA L4", None)
     assert other.key == "h100_sxm"
-    assert other.roof.label == "datasheet h100_sxm"
+    assert other.roof.label == "datasheet" and other.roof.source.startswith("h100_sxm: ")
     assert "NVIDIA L4" in other.warning and "matches l4" in other.warning
 
 

@@ -38,6 +38,7 @@ from llm_perf_opt.profiling.nsys_import import (
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nsys"
 PREFIX = "dsocr"
+STAGES = ("preprocess", "sam", "clip", "projector", "prefill", "decode")
 GEMM = (
     "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__5x_cublas"
 )
@@ -62,7 +63,7 @@ def copy_fixtures(tmp_path: Path, edit=lambda name, text: text) -> Path:
 
 @pytest.fixture(scope="module")
 def attribution():
-    return load_nsys_attribution(FIXTURES)
+    return load_nsys_attribution(FIXTURES, STAGES)
 
 
 def by_stage(table) -> dict:
@@ -153,19 +154,20 @@ def test_kernel_table_credits_each_instance_to_its_innermost_range(attribution):
     ],
 )
 def test_range_names_with_or_without_domain(raw, expected):
-    assert range_name(raw) == expected
+    assert range_name(raw, STAGES) == expected
 
 
 @pytest.mark.parametrize("prefix", ["", ":"])
 def test_the_same_run_with_other_domain_spellings(tmp_path, attribution, prefix):
-    plain = load_nsys_attribution(copy_fixtures(tmp_path, lambda _, text: text.replace("llm_perf_opt:", prefix)))
+    edited = copy_fixtures(tmp_path, lambda _, text: text.replace("llm_perf_opt:", prefix))
+    plain = load_nsys_attribution(edited, STAGES)
     assert plain.stages.equals(attribution.stages)
     assert plain.kernels.equals(attribution.kernels)
 
 
 def test_ranges_of_another_domain_are_ignored(tmp_path):
     moved = copy_fixtures(tmp_path, lambda _, text: text.replace("llm_perf_opt:sam", "cudnn:sam"))
-    a = load_nsys_attribution(moved)
+    a = load_nsys_attribution(moved, STAGES)
     assert "sam" not in set(a.stages["stage"])
     # sam's 5.0 ms join the 0.3 ms outside every stage range.
     assert a.unattributed_ms == pytest.approx(5.3)
@@ -180,7 +182,7 @@ def test_the_stage_list_is_an_argument():
 
 def test_notice_lines_before_the_header_are_skipped(tmp_path, attribution):
     noisy = copy_fixtures(tmp_path, lambda _, text: "NOTICE: Existing SQLite export found: report.sqlite\n" + text)
-    assert load_nsys_attribution(noisy).stages.equals(attribution.stages)
+    assert load_nsys_attribution(noisy, STAGES).stages.equals(attribution.stages)
 
 
 def test_time_units_in_the_header(tmp_path):
@@ -191,7 +193,7 @@ def test_time_units_in_the_header(tmp_path):
 
 
 def test_gpu_projection():
-    projection = load_gpu_projection(FIXTURES)
+    projection = load_gpu_projection(FIXTURES, STAGES)
     assert list(projection.columns) == list(PROJECTION_COLUMNS)
     rows = by_stage(projection)
     assert set(rows) == {"sam", "clip", "projector", "prefill", "prefill/attn", "prefill/moe", "decode"}
@@ -202,8 +204,8 @@ def test_gpu_projection():
 def test_projection_is_optional(tmp_path):
     no_projection = copy_fixtures(tmp_path)
     (no_projection / f"{PREFIX}_nvtx_gpu_proj_sum.csv").unlink()
-    assert load_gpu_projection(no_projection) is None
-    assert load_nsys_attribution(no_projection).total_busy_ms == pytest.approx(12.4)
+    assert load_gpu_projection(no_projection, STAGES) is None
+    assert load_nsys_attribution(no_projection, STAGES).total_busy_ms == pytest.approx(12.4)
 
 
 def _replace_in(file: str, old: str, new: str):
@@ -233,7 +235,7 @@ def _replace_in(file: str, old: str, new: str):
 def test_malformed_reports_are_one_line_user_errors(tmp_path, edit, message):
     broken = copy_fixtures(tmp_path, edit)
     with pytest.raises(UserError, match=message) as err:
-        load_nsys_attribution(broken)
+        load_nsys_attribution(broken, STAGES)
     assert "\n" not in str(err.value)
 
 
@@ -241,9 +243,9 @@ def test_missing_or_ambiguous_reports(tmp_path):
     partial = copy_fixtures(tmp_path)
     (partial / f"{PREFIX}_nvtx_kern_sum.csv").unlink()
     with pytest.raises(UserError, match=r"no \*_nvtx_kern_sum.csv"):
-        load_nsys_attribution(partial)
+        load_nsys_attribution(partial, STAGES)
     shutil.copy(FIXTURES / f"{PREFIX}_nvtx_kern_sum.csv", partial / f"{PREFIX}_nvtx_kern_sum.csv")
     shutil.copy(FIXTURES / f"{PREFIX}_nvtx_sum.csv", partial / "other_nvtx_sum.csv")
     with pytest.raises(UserError, match="several nvtx_sum reports"):
-        load_nsys_attribution(partial)
-    assert load_nsys_attribution(partial / PREFIX).total_busy_ms == pytest.approx(12.4)
+        load_nsys_attribution(partial, STAGES)
+    assert load_nsys_attribution(partial / PREFIX, STAGES).total_busy_ms == pytest.approx(12.4)

@@ -65,7 +65,7 @@ class HardwareConfig:
 class Roof:
     """Ceilings of one device: FLOP/s per dtype name and memory bytes/s."""
 
-    label: str  # "datasheet h100_sxm" or "calibrated"
+    label: str  # "datasheet" or "calibrated"
     flop_s: dict[str, float]
     byte_s: float
     source: str
@@ -136,10 +136,10 @@ def datasheet_roof(key: str) -> Roof:
         raise UserError(f"no datasheet ceilings for hardware {key!r}; known: {', '.join(sheets)}")
     cfg = sheets[key]
     return Roof(
-        label=f"datasheet {key}",
+        label="datasheet",  # the same column names in every report; the key is in the source
         flop_s={dtype: tflops * TERA for dtype, tflops in cfg.peak_tflops.items()},
         byte_s=cfg.memory_gbps * GIGA,
-        source=cfg.source,
+        source=f"{key}: {cfg.source}",
     )
 
 

@@ -97,6 +97,10 @@ class ModelSession(ABC):
 
     #: The stages of a request in the order they run; names are defined once, by the model.
     stages: ClassVar[tuple[Stage, ...]]
+    #: Stage groups of the report's headline: FLOP utilisation of each compute group and
+    #: memory-bandwidth utilisation of each bandwidth group (e.g. {"decode": ("decode",)}).
+    compute_groups: ClassVar[dict[str, tuple[str, ...]]] = {}
+    bandwidth_groups: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, cfg: Any, options: SessionOptions) -> None:
         self.cfg = cfg

@@ -269,7 +269,7 @@ def _stage_table(
             "self_busy_ms": row[self_busy] / 1e3,
             "share": row[busy] / total_us if total_us > 0 else 0.0,
         }
-        for name, row in sorted(rows.items(), key=lambda item: _name_order(item[0], known))
+        for name, row in sorted(rows.items(), key=lambda item: range_order(item[0], known))
     ]
     return pd.DataFrame.from_records(records, columns=list(STAGE_COLUMNS))
 
@@ -279,7 +279,7 @@ def _kernel_table(per_name: dict[tuple[str, str], list[float]], known: tuple[str
     records = [
         {"stage": stage, "name": name, "calls": int(calls), "total_ms": total / 1e3}
         for (stage, name), (calls, total) in sorted(
-            per_name.items(), key=lambda item: (_name_order(item[0][0], known), -item[1][1], item[0][1])
+            per_name.items(), key=lambda item: (range_order(item[0][0], known), -item[1][1], item[0][1])
         )
     ]
     return pd.DataFrame.from_records(records, columns=list(KERNEL_COLUMNS))
@@ -295,8 +295,8 @@ def _add(table: dict[Any, list[float]], key: Any, total: float) -> None:
     entry[1] += total
 
 
-def _name_order(name: str, known: tuple[str, ...]) -> tuple[int, bool, str]:
-    """Sort key: stages in ``known`` order, each before its ``stage/family`` ranges; unattributed last."""
+def range_order(name: str, known: tuple[str, ...]) -> tuple[int, bool, str]:
+    """Sort key: stages in ``known`` order, each before its ``stage/family`` ranges; anything else last."""
     stage = stage_of(name)
     position = known.index(stage) if stage in known else len(known)
     return position, SEPARATOR in name, name

@@ -15,7 +15,7 @@ Rules:
 * Range names. nsys shows a range as ``name``, ``:name`` (push/pop range) or ``domain:name``.
   Everything before the last ``:`` must be empty or the NVTX domain (stage range names never
   contain ``:``); ranges of other domains and names that are not stage ranges
-  (:func:`~llm_perf_opt.profiling.ranges.is_range_name`) are ignored.
+  (:func:`~llm_perf_opt.runners.ranges.is_range_name`) are ignored.
 * Innermost crediting. ``nvtx_kern_sum`` lists each kernel under every range that encloses
   its launch, ancestors included. The ranges nested in stage ``s`` are its ``s/family``
   ranges, so for every kernel ``k``, in instances and in time::
@@ -51,8 +51,8 @@ import pandas as pd
 
 from llm_perf_opt.errors import UserError
 
-from .attribution import KERNEL_COLUMNS, STAGE_COLUMNS, UNATTRIBUTED, Attribution
-from .ranges import NVTX_DOMAIN, SEPARATOR, STAGES, is_range_name, stage_of
+from .attribution import KERNEL_COLUMNS, STAGE_COLUMNS, UNATTRIBUTED, Attribution, range_order
+from llm_perf_opt.runners.ranges import NVTX_DOMAIN, SEPARATOR, is_range_name, stage_of
 
 KERNEL_SUM, RANGE_SUM, RANGE_KERNEL_SUM, PROJECTION_SUM = (
     "cuda_gpu_kern_sum", "nvtx_sum", "nvtx_kern_sum", "nvtx_gpu_proj_sum",
@@ -161,7 +161,7 @@ def read_report(path: str | Path, report: str) -> pd.DataFrame:
     return pd.DataFrame(columns, columns=list(layout.required))
 
 
-def range_name(raw: str, stages: Sequence[str] = STAGES, domain: str = NVTX_DOMAIN) -> str | None:
+def range_name(raw: str, stages: Sequence[str], domain: str = NVTX_DOMAIN) -> str | None:
     """The stage range an nsys range name refers to (``"llm_perf_opt:prefill/attn"`` ->
     ``"prefill/attn"``), or ``None`` for another domain's or a non-stage range."""
     *prefixes, name = raw.strip().split(":")
@@ -174,7 +174,7 @@ def attribute_nsys(
     kernels: pd.DataFrame,
     ranges: pd.DataFrame,
     range_kernels: pd.DataFrame,
-    stages: Sequence[str] = STAGES,
+    stages: Sequence[str],
     domain: str = NVTX_DOMAIN,
 ) -> Attribution:
     """Attribution from the ``cuda_gpu_kern_sum``, ``nvtx_sum`` and ``nvtx_kern_sum`` tables
@@ -213,7 +213,7 @@ def attribute_nsys(
 
 
 def gpu_projection(
-    projection: pd.DataFrame, stages: Sequence[str] = STAGES, domain: str = NVTX_DOMAIN
+    projection: pd.DataFrame, stages: Sequence[str], domain: str = NVTX_DOMAIN
 ) -> pd.DataFrame:
     """Per stage range of ``nvtx_gpu_proj_sum``: instances, projected GPU time (first GPU op
     start to last end, summed over instances: idle bubbles included, so projected − busy is
@@ -228,13 +228,13 @@ def gpu_projection(
             "range_ms": float(row["Total Range Time"]),
             "gpu_ops": int(row["Total GPU Ops"]),
         }
-        for name, row in sorted(table.iterrows(), key=lambda item: _name_order(item[0], known))
+        for name, row in sorted(table.iterrows(), key=lambda item: range_order(item[0], known))
     ]
     return pd.DataFrame.from_records(records, columns=list(PROJECTION_COLUMNS))
 
 
 def load_nsys_attribution(
-    path: str | Path, stages: Sequence[str] = STAGES, domain: str = NVTX_DOMAIN
+    path: str | Path, stages: Sequence[str], domain: str = NVTX_DOMAIN
 ) -> Attribution:
     """:func:`attribute_nsys` of the reports at ``path`` (see :func:`find_reports`)."""
     files = find_reports(path)
@@ -248,7 +248,7 @@ def load_nsys_attribution(
 
 
 def load_gpu_projection(
-    path: str | Path, stages: Sequence[str] = STAGES, domain: str = NVTX_DOMAIN
+    path: str | Path, stages: Sequence[str], domain: str = NVTX_DOMAIN
 ) -> pd.DataFrame | None:
     """:func:`gpu_projection` of the ``nvtx_gpu_proj_sum`` report at ``path``, or ``None`` without one."""
     files = find_reports(path)
@@ -367,7 +367,7 @@ def _stage_table(
             "self_busy_ms": self_busy[name],
             "share": busy[name] / total_ms if total_ms > 0 else 0.0,
         }
-        for name, row in sorted(host.iterrows(), key=lambda item: _name_order(item[0], known))
+        for name, row in sorted(host.iterrows(), key=lambda item: range_order(item[0], known))
     ]
     return pd.DataFrame.from_records(records, columns=list(STAGE_COLUMNS))
 
@@ -377,13 +377,9 @@ def _kernel_table(per_name: dict[tuple[str, str], tuple[int, float]], known: tup
     records = [
         {"stage": stage, "name": name, "calls": int(calls), "total_ms": ms}
         for (stage, name), (calls, ms) in sorted(
-            per_name.items(), key=lambda item: (_name_order(item[0][0], known), -item[1][1], item[0][1])
+            per_name.items(), key=lambda item: (range_order(item[0][0], known), -item[1][1], item[0][1])
         )
     ]
     return pd.DataFrame.from_records(records, columns=list(KERNEL_COLUMNS))
 
 
-def _name_order(name: str, known: tuple[str, ...]) -> tuple[int, bool, str]:
-    """Stages in ``known`` order, each before its ``stage/family`` ranges; anything else last."""
-    stage = stage_of(name)
-    return (known.index(stage) if stage in known else len(known), SEPARATOR in name, name)

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from llm_perf_opt.errors import UserError
-from llm_perf_opt.profiling.ranges import STAGES
 
 from .run_dirs import Job, RunSet, mode_name, model_name
 
@@ -140,9 +139,8 @@ def sample_figures(record: dict[str, Any]) -> dict[str, list[float]]:
         DECODE_TPS: [1e3 / s["tpot_ms"] for s in samples if s.get("tpot_ms")],
         E2E: [s["e2e_ms"] for s in samples if s.get("e2e_ms") is not None],
     }
-    seen = dict.fromkeys(stage for s in samples for stage in s.get("stages", {}))
-    # Known stages in run order, then others as they first appear (sorted() is stable).
-    for stage in sorted(seen, key=lambda name: STAGES.index(name) if name in STAGES else len(STAGES)):
+    # Stages in the order the runs recorded them, which is the order they ran.
+    for stage in dict.fromkeys(stage for s in samples for stage in s.get("stages", {})):
         figures[stage_figure(stage)] = [sum(s["stages"][stage]) for s in samples if stage in s.get("stages", {})]
     return {name: values for name, values in figures.items() if values}
 

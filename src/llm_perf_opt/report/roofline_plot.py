@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.transforms import Bbox
 
-from .artifacts import atomic_path
+from llm_perf_opt.atomic import atomic_path
 from .roofline import RoofLike
 
 _ROOF_STYLES = ("-", "--", ":", "-.")

@@ -1,9 +1,10 @@
-"""What one job writes: run.json, stages.csv, kernels.csv, report.md (trace.json comes from the
-trace pass). Built from a Measurement and the model's analytic stage model; every file is
-written atomically, run.json last."""
+"""What one job writes: run.json, stages.csv, stages.json, kernels.csv, report.md, roofline.png
+(trace.json comes from the trace pass). Every file is written atomically, run.json last."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +17,16 @@ import transformers
 import llm_perf_opt
 from llm_perf_opt.atomic import write_csv, write_json, write_text
 from llm_perf_opt.config import RunConfig
+from llm_perf_opt.hardware.calibration import Calibration
+from llm_perf_opt.hardware.ceilings import Roof, Selection
 from llm_perf_opt.hardware.precision import DtypeChoice, header_text
 from llm_perf_opt.profiling.attribution import KERNEL_COLUMNS
 from llm_perf_opt.profiling.passes import Measurement
 
-STAGE_COLUMNS = [
-    "stage", "calls", "time_ms", "time_ms_min", "time_ms_max", "busy_ms", "share", "gflop", "gbyte",
-    "achieved_tflop_s_busy", "achieved_gbyte_s_busy", "achieved_tflop_s_wall", "achieved_gbyte_s_wall",
-]
+from .roofline import headline, roof_prefix
+from .roofline_plot import roofline_plot
+from .stage_report import stage_table, top_ops
+
 TIME_BASES = (
     "`time_ms` is the median over the timed runs of the stage's measured time (wall clock on a CPU, "
     "CUDA-event stream time on a GPU); `busy_ms` is the op (CPU) or kernel (GPU) time the trace pass "
@@ -31,6 +34,33 @@ TIME_BASES = (
     "`achieved_*_wall` by `time_ms`: the gap between them is time the device sat idle inside the stage "
     "(Python, launches, synchronisation), large where a stage is host-bound."
 )
+SPLIT_NOTE = (
+    "Each stage's time = the roofline minimum (its FLOPs and bytes at the {roof} ceilings) + op/kernel "
+    "time above that minimum + host time with the device idle (time − busy)."
+)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """The ceilings a run is judged against and where they come from."""
+
+    selection: Selection
+    calibration: Calibration
+
+    @property
+    def roofs(self) -> list[Roof]:
+        """The calibrated roof first (what verdicts use: reachable here), then the datasheet's."""
+        datasheet = [] if self.selection.roof is None else [self.selection.roof]
+        return [self.calibration.roof(), *datasheet]
+
+    def record(self) -> dict:
+        return {
+            "datasheet": self.selection.key,
+            "matched": self.selection.how,
+            "device_name": self.selection.device_name,
+            "calibration": dataclasses.asdict(self.calibration),
+            "roofs": [dataclasses.asdict(r) for r in self.roofs],
+        }
 
 
 @dataclass(frozen=True)
@@ -44,6 +74,13 @@ class Job:
     footprint: Any  # the model's analytic memory Footprint
     device: torch.device
     dtype: DtypeChoice
+    hardware: Hardware
+    compute_groups: dict[str, tuple[str, ...]]
+    bandwidth_groups: dict[str, tuple[str, ...]]
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype.dtype).removeprefix("torch.")
 
 
 def versions() -> dict:
@@ -78,44 +115,6 @@ def _cpu_name() -> str:
     return names[0] if names else platform.processor() or platform.machine()
 
 
-def stages_table(m: Measurement, stage_model) -> pd.DataFrame:
-    """One row per stage: calls per run, median/min/max over repeats of the stage's total time
-    per run, the trace pass's busy time and share of all op/kernel time, and the analytic
-    useful FLOPs and bytes with the rates they imply over busy time and over measured time."""
-    totals = stage_model.totals()
-    costs = totals[totals["scope"] == "run"].set_index("stage")[["useful_flops", "bytes"]].to_dict("index")
-    busy = {}
-    if m.attribution is not None:
-        busy = m.attribution.stages.set_index("stage")[["busy_ms", "share"]].to_dict("index")
-    rows = []
-    for stage in (s.name for s in m.stages):
-        times = m.stage_totals(stage)
-        time_ms = m.median_stage_ms(stage)
-        busy_ms = busy.get(stage, {}).get("busy_ms")
-        cost = costs.get(stage)
-        rows.append({
-            "stage": stage,
-            "calls": len(m.runs[0].stages.get(stage, [])) if m.runs else 0,
-            "time_ms": time_ms,
-            "time_ms_min": min(times) if times else None,
-            "time_ms_max": max(times) if times else None,
-            "busy_ms": busy_ms,
-            "share": busy.get(stage, {}).get("share"),
-            "gflop": cost["useful_flops"] / 1e9 if cost else None,
-            "gbyte": cost["bytes"] / 1e9 if cost else None,
-            "achieved_tflop_s_busy": _rate(cost, "useful_flops", busy_ms, 1e9),
-            "achieved_gbyte_s_busy": _rate(cost, "bytes", busy_ms, 1e6),
-            "achieved_tflop_s_wall": _rate(cost, "useful_flops", time_ms, 1e9),
-            "achieved_gbyte_s_wall": _rate(cost, "bytes", time_ms, 1e6),
-        })
-    return pd.DataFrame(rows, columns=STAGE_COLUMNS)
-
-
-def _rate(cost: dict | None, key: str, ms: float | None, per_ms_unit: float) -> float | None:
-    """cost[key] per millisecond, in units of per_ms_unit (1e9 per ms = TFLOP/s, 1e6 per ms = GB/s)."""
-    return cost[key] / ms / per_ms_unit if cost and ms else None
-
-
 def footprint_record(footprint) -> dict:
     return {
         "total_weight_bytes": footprint.total_weight_bytes,
@@ -126,7 +125,19 @@ def footprint_record(footprint) -> dict:
     }
 
 
-def run_record(job: Job, status: str = "ok", error: str | None = None) -> dict:
+def headline_figures(job: Job, table: pd.DataFrame) -> dict:
+    """TTFT, TPOT, decode tokens/s (medians), and the utilisation of the model's stage groups."""
+    summary = job.measurement.summary()
+    figures = {key: None if summary[key] is None else summary[key]["median"]
+               for key in ("ttft_ms", "tpot_ms", "decode_tokens_per_s", "e2e_ms")}  # fmt: skip
+    utilisation = headline(
+        table.rename(columns={"time_ms": "wall_ms"}), job.hardware.roofs, job.dtype_name,
+        compute_stages=job.compute_groups, bandwidth_stages=job.bandwidth_groups,
+    )  # fmt: skip
+    return {**figures, **utilisation}
+
+
+def run_record(job: Job, table: pd.DataFrame, status: str = "ok", error: str | None = None) -> dict:
     """Everything about the job in one JSON-able dict."""
     m = job.measurement
     analytic_totals = job.stage_model.totals()
@@ -136,11 +147,13 @@ def run_record(job: Job, status: str = "ok", error: str | None = None) -> dict:
         "config": job.config,
         "versions": versions(),
         "device": describe_device(job.device),
-        "dtype": str(job.dtype.dtype).removeprefix("torch."),
+        "hardware": job.hardware.record(),
+        "dtype": job.dtype_name,
         "dtype_reason": job.dtype.reason,
         "weights": job.run.model.weights,
         **m.request.describe(),
         "generated_tokens": len(m.result.tokens) if m.result else None,
+        "headline": headline_figures(job, table),
         "timing": {
             "unit": "ms",
             "tpot": "(e2e - ttft) / decode steps; ttft = the once-per-request stages",
@@ -176,10 +189,30 @@ def _sum_calls(calls: list[list[list[int]]]) -> list[list[int]]:
     return [[sum(counts) for counts in zip(*layer)] for layer in zip(*calls)]
 
 
-def compact_table(stages: pd.DataFrame, m: Measurement) -> str:
+# -- what people read -------------------------------------------------------------------------------
+def _num(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def compact_table(table: pd.DataFrame, m: Measurement, roof_label: str) -> str:
+    """The table printed at the end of a run: time, busy time, work, rate and % of the first roof."""
+    p = roof_prefix(roof_label)
+    view = pd.DataFrame({
+        "stage": table["stage"],
+        "calls": table["calls"],
+        "time_ms": table["time_ms"].map(_num),
+        "busy_ms": table["busy_ms"].map(_num),
+        "GFLOP": (table["flops"] / 1e9).map(_num),
+        "GB": (table["bytes"] / 1e9).map(lambda v: _num(v, 3)),
+        "TFLOP/s": table["achieved_tflop_s_wall"].map(lambda v: _num(v, 3)),
+        "GB/s": table["achieved_gbyte_s_wall"].map(_num),
+        f"% {roof_label} roof": table[p + "pct_roof_wall"].map(lambda v: _num(v, 1)),
+        "bound": table[p + "bound"].replace({"unknown": "-"}),
+    })
+    lines = [view.to_string(index=False)]
     s = m.summary()
-    view = stages.assign(share=stages["share"].map(lambda v: None if pd.isna(v) else f"{100 * v:.1f}%"))
-    lines = [view.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="-")]
     for key, label in (("ttft_ms", "TTFT ms"), ("tpot_ms", "TPOT ms"), ("decode_tokens_per_s", "decode tok/s"),
                        ("e2e_ms", "end-to-end ms")):
         if s.get(key):
@@ -193,48 +226,146 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
-def report_markdown(job: Job, record: dict, stages: pd.DataFrame) -> str:
+def _markdown_table(df: pd.DataFrame) -> str:
+    header = "| " + " | ".join(df.columns) + " |"
+    rule = "|" + "|".join("---" for _ in df.columns) + "|"
+    rows = ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([header, rule, *rows])
+
+
+def _roof_lines(job: Job) -> list[str]:
+    lines = []
+    for roof in job.hardware.roofs:
+        peak = roof.flop_s.get(job.dtype_name)
+        flops = "-" if peak is None else f"{peak / 1e12:,.3g} TFLOP/s {job.dtype_name}"
+        lines.append(f"- {roof.label} ceilings: {flops}, {roof.byte_s / 1e9:,.1f} GB/s ({roof.source})")
+    emulated = [d for d, slow in job.hardware.calibration.emulated.items() if slow]
+    if emulated:
+        lines.append(f"- emulated here (calibrated matmul rate under a quarter of float32's): {', '.join(emulated)}")
+    sel = job.hardware.selection
+    lines.append(f"- datasheet: {sel.key or 'none'} ({sel.how})")
+    return lines
+
+
+def _headline_lines(headline_: dict) -> list[str]:
+    lines = []
+    for key, label in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT")):
+        if headline_.get(key) is not None:
+            lines.append(f"- {label}: {headline_[key]:.2f} ms")
+    if headline_.get("decode_tokens_per_s") is not None:
+        lines.append(f"- decode: {headline_['decode_tokens_per_s']:.1f} tokens/s")
+    for kind, label in (("flop_utilisation_pct", "FLOP utilisation"), ("bandwidth_utilisation_pct", "bandwidth utilisation")):
+        for group, per_roof in headline_.get(kind, {}).items():
+            parts = [f"{roof} roof {_num(v['wall'], 1)}% (busy {_num(v['busy'], 1)}%)" for roof, v in per_roof.items()]
+            lines.append(f"- {label} of {group}: " + "; ".join(parts))
+    return lines
+
+
+def report_markdown(job: Job, record: dict, table: pd.DataFrame) -> str:
     m, run = job.measurement, job.run
+    roof = job.hardware.roofs[0].label
+    p = roof_prefix(roof)
     measured = m.memory.as_dict() if m.memory is not None else {}
     fp = job.footprint
     largest = fp.table.sort_values("transient_bytes").iloc[-1]
-    memory_lines = [
-        f"- memory, measured: " + ", ".join(
+    roof_view = pd.DataFrame({
+        "stage": table["stage"],
+        "time ms": table["time_ms"].map(_num),
+        "busy ms": table["busy_ms"].map(_num),
+        "GFLOP": (table["flops"] / 1e9).map(_num),
+        "GB": (table["bytes"] / 1e9).map(lambda v: _num(v, 3)),
+        "FLOP/B": table["intensity"].map(lambda v: _num(v, 1)),
+        "TFLOP/s (time / busy)": [f"{_num(a, 3)} / {_num(b, 3)}" for a, b in
+                                  zip(table["achieved_tflop_s_wall"], table["achieved_tflop_s_busy"])],
+        "GB/s (time / busy)": [f"{_num(a, 1)} / {_num(b, 1)}" for a, b in
+                               zip(table["achieved_gbyte_s_wall"], table["achieved_gbyte_s_busy"])],
+        **{f"% {r.label} roof": table[roof_prefix(r.label) + "pct_roof_wall"].map(lambda v: _num(v, 1))
+           for r in job.hardware.roofs},
+        "bound": table[p + "bound"].replace({"unknown": "-"}),
+    })  # fmt: skip
+    split_view = pd.DataFrame({
+        "stage": table["stage"],
+        "time ms": table["time_ms"].map(_num),
+        "roofline ms": table["split_roofline_ms"].map(lambda v: _num(v, 3)),
+        "above roof ms": table["above_roof_ms"].map(_num),
+        "host ms": table["host_ms"].map(_num),
+        "launches": table["launches"].map(lambda v: "-" if pd.isna(v) else f"{int(v):,}"),
+    })
+    top_lines = []
+    work = "kernels" if job.device.type == "cuda" else "ops"
+    for stage in table["stage"]:
+        ops = top_ops(m.attribution, stage)
+        if ops:
+            listed = "; ".join(f"`{name[:60]}` {ms:.2f} ms ×{calls}" for name, ms, calls in ops)
+            top_lines.append(f"- **{stage}**: {listed}")
+    return "\n".join([
+        f"# {run.model.name} · {record['device']['name']}",
+        "",
+        "## Run",
+        "",
+        f"- request: {m.request.summary()}; generated {record['generated_tokens']} tokens",
+        f"- weights: {run.model.weights}; {header_text(job.dtype)}; torch {record['versions']['torch']}, "
+        f"CUDA {record['versions']['cuda'] or 'none'}",
+        f"- {run.profiling.warmup} warm-up, {run.profiling.repeats} timed runs, "
+        f"{'one trace run' if m.attribution is not None else 'no trace run'}",
+        *_roof_lines(job),
+        "- memory, measured: " + ", ".join(
             f"{key.removesuffix('_bytes').replace('_', ' ')} {_gb(value)}"
             for key, value in measured.items() if key.endswith("_bytes") and value is not None
         ),
         f"- memory, analytic: weights {_gb(fp.total_weight_bytes)}, KV cache {_gb(fp.kv_cache_bytes)}, "
         f"largest transient {_gb(largest['transient_bytes'])} ({largest['stage']}: {largest['transient']})",
-    ]
-    return "\n".join([
-        f"# {run.model.name} · {record['device']['name']}",
         "",
-        f"- request: {m.request.summary()}; generated {record['generated_tokens']} tokens",
-        f"- weights: {run.model.weights}; {header_text(job.dtype)}; torch {record['versions']['torch']}",
-        f"- {run.profiling.warmup} warm-up, {run.profiling.repeats} timed runs, "
-        f"{'a trace run' if m.attribution is not None else 'no trace run'}",
-        *memory_lines,
+        "## Headline",
         "",
-        "```",
-        compact_table(stages, m),
-        "```",
+        *_headline_lines(record["headline"]),
         "",
-        TIME_BASES,
+        "## Stages against the roofline",
+        "",
+        _markdown_table(roof_view),
+        "",
+        TIME_BASES + " " + (record["analytic"]["note"] or ""),
+        "",
+        "![roofline](roofline.png)",
+        "",
+        "## Where each stage's time goes",
+        "",
+        SPLIT_NOTE.format(roof=roof),
+        "",
+        _markdown_table(split_view),
+        "",
+        "## Verdicts",
+        "",
+        *[f"- {v}" for v in table["verdict"]],
+        "",
+        f"## Top {work} per stage (trace pass)",
+        "",
+        *(top_lines or ["- no trace"]),
         "",
     ])
 
 
 def write_artifacts(out_dir: Path, job: Job) -> dict:
-    """Tables first, run.json last: a run.json with status ok means every artifact is there."""
+    """Tables and pictures first, run.json last: a run.json with status ok means every artifact is there."""
     m = job.measurement
-    stages = stages_table(m, job.stage_model)
+    table = stage_table(m, job.stage_model, job.hardware.roofs, job.dtype_name, job.device.type)
     kernels = m.attribution.kernels if m.attribution is not None else pd.DataFrame(columns=KERNEL_COLUMNS)
-    record = run_record(job)
-    write_csv(out_dir / "stages.csv", stages)
+    record = run_record(job, table)
+    write_csv(out_dir / "stages.csv", table)
+    write_json(out_dir / "stages.json", {
+        "dtype": job.dtype_name,
+        "roofs": record["hardware"]["roofs"],
+        "headline": record["headline"],
+        "stages": table.to_dict("records"),
+    })
     write_csv(out_dir / "kernels.csv", kernels[list(KERNEL_COLUMNS)])
-    write_text(out_dir / "report.md", report_markdown(job, record, stages))
+    roofline_plot(
+        table.rename(columns={"time_ms": "wall_ms"}), job.hardware.roofs, job.dtype_name, out_dir / "roofline.png",
+        title=f"{job.run.model.name} · {m.request.summary().split(',')[0]} · {record['device']['name']} · {job.dtype_name}",
+    )  # fmt: skip
+    write_text(out_dir / "report.md", report_markdown(job, record, table))
     write_json(out_dir / "run.json", record)
-    return {"stages": stages, "record": record}
+    return {"stages": table, "record": record}
 
 
 def write_failure(out_dir: Path, config: dict, status: str, error: str) -> None:

@@ -75,6 +75,8 @@ class Request:
 
 class DeepSeekOCRSession(ModelSession):
     stages = STAGES
+    compute_groups = {"vision": (SAM, CLIP, PROJECTOR), "prefill": (PREFILL,)}
+    bandwidth_groups = {"decode": (DECODE,)}
 
     def __init__(self, cfg: DeepSeekOCRModelConfig, options: SessionOptions) -> None:
         super().__init__(cfg, options)

@@ -1,0 +1,111 @@
+"""The per-stage roofline table: measured time joined with the analytic work of each stage,
+against the hardware ceilings, with the split of each stage's time and a verdict in words.
+
+    table = stage_table(measurement, stage_model, roofs, dtype)
+
+One row per stage (`Stage` order). Columns, in groups:
+
+* measured: `calls` per run, `time_ms` (median over the timed runs of the stage's total),
+  `time_ms_min/max`, `busy_ms` and `share` (op or kernel time of the trace pass), `launches`
+  (kernels, or CPU ops, the trace attributes to the stage);
+* analytic: `flops` (useful FLOPs, 2 per multiply-add), `bytes` and its parts
+  `weight_bytes`, `act_bytes`, `kv_bytes`;
+* roofline (`report.roofline.roofline_table`): `intensity`, `achieved_*_{wall,busy}`, and
+  per roof `<roof>_ridge/attainable_tflop_s/roofline_ms/pct_roof_wall/pct_roof_busy/bound`;
+* split (against the first roof, `report.roofline.time_split`): `split_roofline_ms`,
+  `above_roof_ms`, `host_ms` (adding up to `time_ms`; `unsplit_ms` holds what cannot be
+  split, e.g. without a trace), `overlap_ms`;
+* `verdict`: one line in words.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from llm_perf_opt.profiling.attribution import Attribution
+from llm_perf_opt.profiling.passes import Measurement
+from llm_perf_opt.runners.ranges import stage_of
+
+from .roofline import RoofLike, roofline_table, time_split, verdict
+
+#: Ops or kernels listed per stage in report.md.
+TOP_OPS = 5
+
+
+def measured_table(m: Measurement) -> pd.DataFrame:
+    """Per stage: calls per run, median/min/max of its total time per run, and the trace's busy time."""
+    busy = {}
+    if m.attribution is not None:
+        busy = m.attribution.stages.set_index("stage")[["busy_ms", "share"]].to_dict("index")
+    launches = stage_launches(m.attribution)
+    rows = []
+    for stage in (s.name for s in m.stages):
+        totals = m.stage_totals(stage)
+        rows.append({
+            "stage": stage,
+            "calls": len(m.runs[0].stages.get(stage, [])) if m.runs else 0,
+            "time_ms": m.median_stage_ms(stage),
+            "time_ms_min": min(totals) if totals else None,
+            "time_ms_max": max(totals) if totals else None,
+            "busy_ms": busy.get(stage, {}).get("busy_ms"),
+            "share": busy.get(stage, {}).get("share"),
+            "launches": launches.get(stage),
+        })
+    # Missing figures (no trace, no runs) are NaN, so every column stays numeric.
+    numeric = ["time_ms", "time_ms_min", "time_ms_max", "busy_ms", "share", "launches"]
+    return pd.DataFrame(rows).astype({c: "float64" for c in numeric})
+
+
+def stage_launches(attribution: Attribution | None) -> dict[str, int]:
+    """Kernels (or CPU ops on a CPU trace) per stage, nested `stage/family` ranges included."""
+    if attribution is None:
+        return {}
+    kernels = attribution.kernels
+    return kernels.groupby(kernels["stage"].map(stage_of))["calls"].sum().astype(int).to_dict()
+
+
+def work_table(stage_model) -> pd.DataFrame:
+    """Per stage of the analytic model (whole run): useful FLOPs and bytes by category."""
+    totals = stage_model.totals()
+    run = totals[totals["scope"] == "run"]
+    return pd.DataFrame({
+        "stage": run["stage"],
+        "flops": run["useful_flops"],
+        "bytes": run["bytes"],
+        "weight_bytes": run["weight_bytes"],
+        "act_bytes": run["act_read_bytes"] + run["act_write_bytes"],
+        "kv_bytes": run["kv_read_bytes"] + run["kv_write_bytes"],
+    })
+
+
+def top_ops(attribution: Attribution | None, stage: str, n: int = TOP_OPS) -> list[tuple[str, float, int]]:
+    """The stage's n longest ops or kernels (nested ranges included): (name, total ms, calls)."""
+    if attribution is None:
+        return []
+    k = attribution.kernels
+    mine = k[k["stage"].map(stage_of) == stage].groupby("name")[["total_ms", "calls"]].sum()
+    mine = mine.sort_values("total_ms", ascending=False).head(n)
+    return [(name, float(row.total_ms), int(row.calls)) for name, row in mine.iterrows()]
+
+
+def stage_table(m: Measurement, stage_model, roofs: list[RoofLike], dtype: str, device_kind: str) -> pd.DataFrame:
+    """The joined table of the module docstring; the split and verdicts use ``roofs[0]``."""
+    joined = measured_table(m).merge(work_table(stage_model), on="stage", how="left")
+    table = roofline_table(joined.rename(columns={"time_ms": "wall_ms"}), roofs, dtype)
+    split = time_split(table, roofs[0].label)
+    steps = {s.name: len(m.runs[0].stages.get(s.name, [])) for s in m.stages if s.per_step} if m.runs else {}
+    table["verdict"] = [
+        verdict(
+            row, split.loc[i], roofs[0].label, dtype,
+            launches=None if pd.isna(row["launches"]) else int(row["launches"]),
+            steps=steps.get(row["stage"]) or None,
+            top_ops=[(name, ms) for name, ms, _ in top_ops(m.attribution, row["stage"], 1)],
+            device_kind=device_kind,
+        )  # fmt: skip
+        for i, row in table.iterrows()
+    ]
+    table = table.rename(columns={"wall_ms": "time_ms"})
+    parts = split[["roofline_ms", "above_roof_ms", "host_ms", "unsplit_ms", "overlap_ms"]].rename(
+        columns={"roofline_ms": "split_roofline_ms"}
+    )
+    return pd.concat([table, parts], axis=1)
