@@ -1,5 +1,7 @@
 """Atomic artifact writers."""
 
+from __future__ import annotations
+
 import dataclasses
 import enum
 import json
@@ -12,8 +14,8 @@ import pandas as pd
 import pytest
 import torch
 
-from llm_perf_opt.report import artifacts
-from llm_perf_opt.report.artifacts import atomic_path, write_csv, write_json, write_text
+from llm_perf_opt import atomic
+from llm_perf_opt.atomic import atomic_path, write_csv, write_json, write_text
 
 
 @dataclasses.dataclass
@@ -115,7 +117,7 @@ def test_failure_before_rename_keeps_old_file(tmp_path, monkeypatch):
     def interrupted(fd):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(artifacts.os, "fsync", interrupted)
+    monkeypatch.setattr(atomic.os, "fsync", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_json(path, {"run": 2})
     assert json.loads(path.read_text()) == {"run": 1}

@@ -14,7 +14,7 @@ from llm_perf_opt.analytic.validate import flop_counter
 from llm_perf_opt.errors import UserError
 from llm_perf_opt.models.deepseek_ocr.clip import ClipAttention
 from llm_perf_opt.models.deepseek_ocr.config import ClipConfig, LMConfig, SamConfig
-from llm_perf_opt.models.deepseek_ocr.decoder import MoE, Attention, KVCache, RMSNorm, SwiGLU, rope_cos_sin
+from llm_perf_opt.models.deepseek_ocr.decoder import Attention, KVCache, MoE, RMSNorm, SwiGLU, rope_cos_sin
 from llm_perf_opt.models.deepseek_ocr.sam import LayerNorm2d, SamAttention, window_partition
 
 F32 = "float32"

@@ -1,7 +1,8 @@
 """Attribution of torch.profiler Chrome traces to stage ranges."""
 
+from __future__ import annotations
+
 import json
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -15,10 +16,12 @@ from llm_perf_opt.profiling.attribution import (
     UNATTRIBUTED,
     attribute_trace,
 )
-from llm_perf_opt.profiling.ranges import module_range, stage_range
 from llm_perf_opt.profiling.trace import load_trace, record_trace
+from llm_perf_opt.runners.ranges import module_range, stage_range
 
 FIXTURE = Path(__file__).parent / "fixtures" / "cuda_trace.json"
+#: The stages the traces below open ranges for, in report order.
+STAGES = ("sam", "prefill", "decode")
 
 
 def _rows(df: pd.DataFrame, key: str = "stage") -> dict:
@@ -27,7 +30,7 @@ def _rows(df: pd.DataFrame, key: str = "stage") -> dict:
 
 @pytest.fixture(scope="module")
 def cuda_attribution():
-    return attribute_trace(json.loads(FIXTURE.read_text()))
+    return attribute_trace(json.loads(FIXTURE.read_text()), STAGES)
 
 
 def test_device_time_follows_the_launch_not_the_kernel_time(cuda_attribution):
@@ -108,7 +111,7 @@ def test_cpu_trace_uses_op_self_time_of_innermost_range():
         _op("aten::sum", 150.0, 25.0),  # outside every range
         _op("prefill", 0.0, 500.0, tid=2, cat="user_annotation"),  # another thread's range
     ]
-    a = attribute_trace({"traceEvents": events})
+    a = attribute_trace({"traceEvents": events}, STAGES)
     assert a.basis == "cpu"
     rows = _rows(a.stages)
     assert rows["prefill"]["range_calls"] == 2
@@ -134,7 +137,7 @@ def test_kernel_without_a_recorded_launch_is_unattributed():
         {"ph": "X", "cat": "kernel", "name": "k", "pid": 0, "tid": 7, "ts": 7.0, "dur": 3.0,
          "args": {"correlation": 99}},
     ]
-    a = attribute_trace(events)
+    a = attribute_trace(events, STAGES)
     assert a.unattributed_ms == pytest.approx(0.004)
     assert a.coverage == pytest.approx(0.5)
 
@@ -147,8 +150,14 @@ def test_only_the_given_stages_count_as_ranges():
     assert a.coverage == pytest.approx(0.4)
 
 
+def test_stage_table_follows_the_given_order():
+    a = attribute_trace(json.loads(FIXTURE.read_text()), ("decode", "prefill", "sam"))
+    assert list(a.stages["stage"]) == ["decode", "decode/lm_head", "prefill", "prefill/attn", "sam"]
+    assert a.kernels["stage"].iloc[0] == "decode"
+
+
 def test_empty_trace_has_zero_coverage():
-    a = attribute_trace({"traceEvents": []})
+    a = attribute_trace({"traceEvents": []}, STAGES)
     assert a.stages.empty and a.kernels.empty
     assert list(a.stages.columns) == list(STAGE_COLUMNS)
     assert (a.total_busy_ms, a.coverage) == (0.0, 0.0)
@@ -156,11 +165,12 @@ def test_empty_trace_has_zero_coverage():
 
 def test_not_a_trace_is_a_user_error():
     with pytest.raises(UserError):
-        attribute_trace({"events": []})
+        attribute_trace({"events": []}, STAGES)
 
 
-def test_large_trace_is_attributed_in_linear_log_time():
-    # 25k decode ranges, each with an op, a launch and its kernel: 100k events.
+def test_large_trace_is_attributed_exactly():
+    # 25k decode ranges, each with an op, a launch and its kernel: 100k events (a sweep that
+    # grew quadratically would not finish; its speed is a benchmark's business, not a test's).
     events = []
     for i in range(25_000):
         t = i * 10.0
@@ -171,9 +181,7 @@ def test_large_trace_is_attributed_in_linear_log_time():
             {"ph": "X", "cat": "kernel", "name": "gemv", "pid": 0, "tid": 7, "ts": t + 5, "dur": 3.0,
              "args": {"correlation": i}},
         ]
-    start = time.perf_counter()
-    a = attribute_trace(events)
-    assert time.perf_counter() - start < 5.0
+    a = attribute_trace(events, STAGES)
     assert _rows(a.stages)["decode"]["range_calls"] == 25_000
     assert a.coverage == 1.0
     assert a.total_busy_ms == pytest.approx(75.0)
@@ -191,7 +199,7 @@ def test_real_cpu_trace_is_covered_by_its_ranges(tmp_path):
             with stage_range("decode"):
                 (x * 2).sum()
 
-    a = attribute_trace(load_trace(record_trace(run, tmp_path / "trace.json", cuda=False)))
+    a = attribute_trace(load_trace(record_trace(run, tmp_path / "trace.json", torch.device("cpu"))), STAGES)
     assert a.basis == "cpu"
     assert list(a.stages["stage"]) == ["prefill", "prefill/attn", "decode"]
     rows = _rows(a.stages)
@@ -203,11 +211,11 @@ def test_real_cpu_trace_is_covered_by_its_ranges(tmp_path):
 
 
 def test_real_cuda_trace_from_an_h100():
-    # Recorded with record_trace(cuda=True) (torch 2.11, CUDA 13): prefill/attn issues 21 sgemm
+    # Recorded with record_trace on a CUDA device (torch 2.11, CUDA 13): prefill/attn issues 21 sgemm
     # kernels (launched through cuLaunchKernel) that mostly run after the range closed on the
     # host, prefill copies the result to the host, decode runs a sum and a zeros (fill +
     # memset), and one add kernel runs outside every range.
-    a = attribute_trace(load_trace(Path(__file__).parent / "fixtures" / "cuda_trace_h100.json"))
+    a = attribute_trace(load_trace(Path(__file__).parent / "fixtures" / "cuda_trace_h100.json"), STAGES)
     assert a.basis == "device"
     rows = _rows(a.stages)
     assert rows["prefill/attn"]["device_ms"] > rows["prefill/attn"]["host_ms"]

@@ -1,4 +1,5 @@
-"""The architecture dataclasses and the checkpoint config.json (fact sheet §1)."""
+"""The architecture dataclasses, their composition from the packaged configs, and the
+checkpoint config.json."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_perf_opt.config import build_arch
+from llm_perf_opt.config import load
 from llm_perf_opt.errors import UserError
 from llm_perf_opt.models.deepseek_ocr.config import (
     VISION_KEY,
@@ -65,9 +66,9 @@ def test_official_json_round_trip_keeps_the_vision_block(tiny_arch, tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(data))
     back = from_official_json(path)
+    # Equal field by field, tuples included (JSON gives lists), so the reduced towers survive.
     assert back == tiny_arch
-    assert back.sam.global_attn_indexes == (1, 3) and back.sam.downsample_channels == (64, 128)
-    assert back.clip.width == 128 and back.lm.n_routed_experts == 8
+    assert back.sam != SamConfig() and back.clip != ClipConfig()
 
 
 def test_official_json_without_vision_block_uses_the_official_towers(tiny_arch, tmp_path):
@@ -79,14 +80,27 @@ def test_official_json_without_vision_block_uses_the_official_towers(tiny_arch, 
     assert cfg.lm == tiny_arch.lm and cfg.sam == SamConfig() and cfg.clip == ClipConfig()
 
 
-def test_build_arch_overrides(tiny_arch):
-    assert build_arch({}) == DeepSeekOCRConfig()
-    assert tiny_arch.sam.out_channels == tiny_arch.clip.width == 128
-    assert tiny_arch.lm.num_experts_per_tok == 2 and tiny_arch.lm.vocab_size == 129280
+def arch_with(**sections: dict) -> DeepSeekOCRConfig:
+    """The official architecture with the given fields of its sam / clip / lm sections replaced."""
+    base = DeepSeekOCRConfig()
+    return DeepSeekOCRConfig(
+        **{name: dataclasses.replace(getattr(base, name), **sections.get(name, {})) for name in ("sam", "clip", "lm")}
+    )
+
+
+def test_packaged_model_configs_compose_to_typed_architectures(tiny_arch):
+    assert load([]).model.arch == DeepSeekOCRConfig()
+    # YAML lists arrive as the tuples the architecture holds.
+    assert type(tiny_arch.sam.global_attn_indexes) is tuple and type(tiny_arch.sam.downsample_channels) is tuple
+    # The reduced model keeps the official structure: SAM's output feeds CLIP, top-k within the experts.
+    assert tiny_arch.sam.out_channels == tiny_arch.clip.width
+    assert tiny_arch.lm.num_experts_per_tok <= tiny_arch.lm.n_routed_experts
+    # What the reduced config leaves out comes from the official defaults.
+    assert tiny_arch.lm.vocab_size == 129280 and tiny_arch.image_token_id == 128815
 
 
 @pytest.mark.parametrize(
-    ("arch", "match"),
+    ("sections", "match"),
     [
         ({"sam": {"downsample_channels": [512, 512]}}, "SAM output channels"),
         ({"clip": {"width": 768, "heads": 12}}, "SAM output channels"),
@@ -95,11 +109,11 @@ def test_build_arch_overrides(tiny_arch):
         ({"lm": {"num_experts_per_tok": 65}}, "num_experts_per_tok"),
         ({"sam": {"heads": 7}}, "multiples of their head counts"),
         ({"sam": {"global_attn_indexes": [2, 12]}}, "global_attn_indexes"),
+        ({"sam": {"global_attn_indexes": [-1]}}, "global_attn_indexes"),
         ({"lm": {"num_attention_heads": 0}}, "num_attention_heads"),
         ({"lm": {"num_hidden_layers": 2.5}}, "num_hidden_layers"),
         ({"lm": {"vocab_size": "129280"}}, "vocab_size"),
-        ({"lm": {"no_such_field": 1}}, "bad model.arch field"),
-        ({"decoder": {}}, "unknown section"),
+        ({"lm": {"rope_theta": -1.0}}, "rope_theta"),
     ],
     ids=[
         "sam-out-vs-clip",
@@ -109,16 +123,32 @@ def test_build_arch_overrides(tiny_arch):
         "top-k",
         "vision-heads",
         "global-index",
+        "negative-index",
         "zero-heads",
         "float-layers",
         "string-vocab",
-        "unknown-field",
-        "unknown-section",
+        "negative-theta",
     ],
 )
-def test_bad_arch_values_raise_user_error(arch, match):
+def test_bad_arch_values_raise_user_error(sections, match):
     with pytest.raises(UserError, match=match) as info:
-        build_arch(arch)
+        arch_with(**sections)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("model.arch.lm.num_experts_per_tok=65", "num_experts_per_tok"),  # the architecture's own check
+        ("model.arch.lm.num_hidden_layers=2.5", "num_hidden_layers"),  # the schema's type
+        ("model.arch.lm.no_such_field=1", "no_such_field"),
+        ("model.arch.decoder.layers=1", "decoder"),
+    ],
+    ids=["arch-check", "type", "unknown-field", "unknown-section"],
+)
+def test_bad_arch_overrides_raise_one_line_user_error(override, match):
+    with pytest.raises(UserError, match=match) as info:
+        load(["model=deepseek_ocr_tiny", override])
     assert "\n" not in str(info.value)
 
 

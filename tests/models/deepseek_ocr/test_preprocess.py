@@ -1,4 +1,4 @@
-"""Image loading, mode rules, tiling and token counts (fact sheet §4-5)."""
+"""Image loading, the resolution modes, tiling and token counts."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from llm_perf_opt.config import group_options, load
 from llm_perf_opt.errors import UserError
 from llm_perf_opt.models.deepseek_ocr.modes import ModeSpec
 from llm_perf_opt.models.deepseek_ocr.preprocess import (
@@ -22,19 +23,38 @@ from llm_perf_opt.models.deepseek_ocr.preprocess import (
     select_tile_grid,
 )
 
-MODES = {
-    "tiny": ModeSpec("tiny", 512, 512, False),
-    "small": ModeSpec("small", 640, 640, False),
-    "base": ModeSpec("base", 1024, 1024, False),
-    "large": ModeSpec("large", 1280, 1280, False),
-    "gundam": ModeSpec("gundam", 1024, 640, True),
+# The official release's resolution modes: (global view side, tile side, tiled?).
+OFFICIAL_MODES = {
+    "tiny": (512, 512, False),
+    "small": (640, 640, False),
+    "base": (1024, 1024, False),
+    "large": (1280, 1280, False),
+    "gundam": (1024, 640, True),
 }
-GUNDAM = MODES["gundam"]
+# Gundam's tile-count bounds: the defaults of the official `dynamic_preprocess`.
+OFFICIAL_GUNDAM_TILES = (2, 9)
 PAD_VALUE = (127 / 255 - 0.5) / 0.5  # about -0.0039
 
 
 def white(width: int, height: int) -> Image.Image:
     return Image.new("RGB", (width, height), "white")
+
+
+@pytest.fixture(scope="module")
+def modes() -> dict[str, ModeSpec]:
+    """Every option of the `mode` config group, composed as a run composes it."""
+    return {name: load([f"mode={name}"]).model.mode for name in group_options("mode")}
+
+
+@pytest.fixture(scope="module")
+def gundam(modes: dict[str, ModeSpec]) -> ModeSpec:
+    return modes["gundam"]
+
+
+def test_shipped_modes_are_the_official_ones(modes: dict[str, ModeSpec]) -> None:
+    assert {name: (m.base_size, m.image_size, m.crop_mode) for name, m in modes.items()} == OFFICIAL_MODES
+    assert all(m.name == name for name, m in modes.items())
+    assert (modes["gundam"].min_tiles, modes["gundam"].max_tiles) == OFFICIAL_GUNDAM_TILES
 
 
 # --- token counts and shapes ---------------------------------------------------------
@@ -44,8 +64,8 @@ def white(width: int, height: int) -> Image.Image:
     ("mode", "size", "tokens"),
     [("tiny", 512, 73), ("small", 640, 111), ("base", 1024, 273), ("large", 1280, 421)],
 )
-def test_no_crop_modes_give_one_view(mode: str, size: int, tokens: int) -> None:
-    views = preprocess_image(white(900, 700), MODES[mode])
+def test_no_crop_modes_give_one_view(modes: dict[str, ModeSpec], mode: str, size: int, tokens: int) -> None:
+    views = preprocess_image(white(900, 700), modes[mode])
     assert views.global_view.shape == (1, 3, size, size)
     assert views.global_view.dtype == torch.float32
     assert views.tiles is None
@@ -64,9 +84,9 @@ def test_no_crop_modes_give_one_view(mode: str, size: int, tokens: int) -> None:
         ((600, 400), (1, 1), 273),
     ],
 )
-def test_gundam_grids_and_token_counts(size: tuple[int, int], grid: tuple[int, int], tokens: int) -> None:
-    views = preprocess_image(white(*size), GUNDAM)
-    assert views.grid == grid == select_tile_grid(*size, GUNDAM)
+def test_gundam_grids_and_token_counts(gundam: ModeSpec, size: tuple[int, int], grid: tuple[int, int], tokens: int) -> None:
+    views = preprocess_image(white(*size), gundam)
+    assert views.grid == grid == select_tile_grid(*size, gundam)
     assert views.image_tokens == tokens
     assert views.global_view.shape == (1, 3, 1024, 1024)
     if grid == (1, 1):
@@ -83,21 +103,21 @@ def test_candidate_order_matches_reference() -> None:
     ]  # fmt: skip
 
 
-def test_equal_ratio_tie_prefers_more_tiles_only_for_large_images() -> None:
+def test_equal_ratio_tie_prefers_more_tiles_only_for_large_images(gundam: ModeSpec) -> None:
     # Square images tie between (2,2) and (3,3); (3,3) wins above half its 1920x1920 area.
-    assert select_tile_grid(1300, 1300, GUNDAM) == (2, 2)
-    assert select_tile_grid(1400, 1400, GUNDAM) == (3, 3)
+    assert select_tile_grid(1300, 1300, gundam) == (2, 2)
+    assert select_tile_grid(1400, 1400, gundam) == (3, 3)
 
 
-def test_no_crop_modes_never_tile() -> None:
-    assert select_tile_grid(3000, 1000, MODES["base"]) == (1, 1)
+def test_no_crop_modes_never_tile(modes: dict[str, ModeSpec]) -> None:
+    assert select_tile_grid(3000, 1000, modes["base"]) == (1, 1)
 
 
-def test_tiles_are_row_major() -> None:
+def test_tiles_are_row_major(gundam: ModeSpec) -> None:
     # 1280x1920 is exactly a 2x3 grid of 640 tiles, so the resize is the identity.
     colours = np.arange(6 * 3, dtype=np.uint8).reshape(3, 2, 3) * 10  # [row, col, rgb]
     pixels = np.kron(colours, np.ones((640, 640, 1), dtype=np.uint8))
-    views = preprocess_image(Image.fromarray(pixels), GUNDAM)
+    views = preprocess_image(Image.fromarray(pixels), gundam)
     assert views.grid == (2, 3)
     for k in range(6):
         row, col = divmod(k, 2)
@@ -108,9 +128,9 @@ def test_tiles_are_row_major() -> None:
 # --- normalisation and padding --------------------------------------------------------
 
 
-def test_values_in_range_and_pad_colour() -> None:
+def test_values_in_range_and_pad_colour(modes: dict[str, ModeSpec]) -> None:
     # A wide white page in base mode: padded above and below with 127-grey.
-    views = preprocess_image(white(1000, 500), MODES["base"])
+    views = preprocess_image(white(1000, 500), modes["base"])
     view = views.global_view[0]
     assert view.min() >= -1 and view.max() <= 1
     assert torch.allclose(view[:, :200, :], torch.tensor(PAD_VALUE), atol=1e-6)
@@ -118,18 +138,18 @@ def test_values_in_range_and_pad_colour() -> None:
     assert torch.allclose(view[:, 400:600, :], torch.tensor(1.0))
 
 
-def test_black_maps_to_minus_one() -> None:
-    views = preprocess_image(Image.new("RGB", (640, 640)), MODES["small"])
+def test_black_maps_to_minus_one(modes: dict[str, ModeSpec]) -> None:
+    views = preprocess_image(Image.new("RGB", (640, 640)), modes["small"])
     assert torch.all(views.global_view == -1)
 
 
-def test_tiny_and_small_stretch_instead_of_padding() -> None:
-    views = preprocess_image(white(1000, 500), MODES["tiny"])
+def test_tiny_and_small_stretch_instead_of_padding(modes: dict[str, ModeSpec]) -> None:
+    views = preprocess_image(white(1000, 500), modes["tiny"])
     assert torch.all(views.global_view == 1)
 
 
-def test_large_upscales_with_padding() -> None:
-    views = preprocess_image(white(400, 200), MODES["large"])
+def test_large_upscales_with_padding(modes: dict[str, ModeSpec]) -> None:
+    views = preprocess_image(white(400, 200), modes["large"])
     view = views.global_view[0]
     assert torch.allclose(view[:, 0, :], torch.tensor(PAD_VALUE), atol=1e-6)  # 320 px pad bands
     assert torch.allclose(view[:, 640, :], torch.tensor(1.0))
@@ -268,15 +288,15 @@ def test_extreme_aspect_ratio(tmp_path: Path) -> None:
     assert_one_line_error(path, "aspect ratio")
 
 
-def test_aspect_ratio_at_limit_is_accepted() -> None:
+def test_aspect_ratio_at_limit_is_accepted(gundam: ModeSpec) -> None:
     side = 20
     image = white(int(side * MAX_ASPECT_RATIO), side)
-    assert preprocess_image(image, GUNDAM).grid == (9, 1)
+    assert preprocess_image(image, gundam).grid == (9, 1)
 
 
-def test_too_small_in_memory_image() -> None:
+def test_too_small_in_memory_image(gundam: ModeSpec) -> None:
     with pytest.raises(UserError, match="too small"):
-        preprocess_image(white(8, 100), GUNDAM)
+        preprocess_image(white(8, 100), gundam)
 
 
 def test_decompression_bomb_warning_is_an_error(tmp_path: Path) -> None:
@@ -298,10 +318,10 @@ def test_decompression_bomb_error(tmp_path: Path) -> None:
 # --- the bundled sample page ----------------------------------------------------------
 
 
-def test_sample_page_is_a4_at_144_dpi_and_gives_903_tokens() -> None:
+def test_sample_page_is_a4_at_144_dpi_and_gives_903_tokens(gundam: ModeSpec) -> None:
     image = load_image(SAMPLE_PAGE)
     assert image.size == (1191, 1684)
-    views = preprocess_image(image, GUNDAM)
+    views = preprocess_image(image, gundam)
     assert views.grid == (2, 3)
     assert views.image_tokens == 903
     assert views.tiles is not None and views.tiles.shape == (6, 3, 640, 640)

@@ -1,4 +1,4 @@
-"""Tokenizers and the prompt layout (fact sheet §6)."""
+"""Tokenizers and the prompt layout."""
 
 from __future__ import annotations
 

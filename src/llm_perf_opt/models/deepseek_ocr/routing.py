@@ -26,10 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llm_perf_opt.errors import UserError
-
 from .config import LMConfig
-
 from .model import DeepSeekOCR
 
 # Singular directions weaker than this fraction of the strongest are noise, not signal.
@@ -81,41 +78,20 @@ class RoutingRecord:
     prefill: Sequence[Sequence[int]]
     decode: Sequence[Sequence[Sequence[int]]] = ()
 
-    @classmethod
-    def from_expert_ids(
-        cls,
-        prefill: Sequence[Sequence[int]],
-        decode: Sequence[Sequence[Sequence[int]]] = (),
-        *,
-        n_experts: int,
-    ) -> RoutingRecord:
-        """Counts from the expert ids each forward chose, as the MoE `on_route` hook sees them
-        (`experts.flatten().tolist()`): prefill[l] and decode[s][l] hold T*k ids in 0..E-1."""
-
-        def counts(ids: Sequence[int]) -> tuple[int, ...]:
-            if any(not 0 <= i < n_experts for i in ids):
-                raise UserError(f"routing: expert ids must be in 0..{n_experts - 1}")
-            out = [0] * n_experts
-            for i in ids:
-                out[i] += 1
-            return tuple(out)
-
-        return cls(
-            prefill=tuple(counts(ids) for ids in prefill),
-            decode=tuple(tuple(counts(ids) for ids in step) for step in decode),
-        )
-
     def check(self, lm: LMConfig, prompt_tokens: int, decode_steps: int) -> None:
-        """Shapes and totals must match the run: every token goes to exactly top_k experts."""
+        """Shapes and totals must match the run: every token goes to exactly top_k experts.
+
+        The counts come from the run's own recorder, so a mismatch is a bug (ValueError).
+        """
         layers = sum(lm.is_moe_layer(i) for i in range(lm.num_hidden_layers))
         k, e = lm.num_experts_per_tok, lm.n_routed_experts
         if self.decode and len(self.decode) != decode_steps:
-            raise UserError(f"routing: {len(self.decode)} decode steps recorded, the run has {decode_steps}")
+            raise ValueError(f"routing: {len(self.decode)} decode steps recorded, the run has {decode_steps}")
         for where, tokens, per_layer in [("prefill", prompt_tokens, self.prefill)] + [
             (f"decode step {s}", 1, step) for s, step in enumerate(self.decode)
         ]:
             if len(per_layer) != layers or any(len(counts) != e for counts in per_layer):
-                raise UserError(f"routing: {where} needs {layers} MoE layers x {e} expert counts")
+                raise ValueError(f"routing: {where} needs {layers} MoE layers x {e} expert counts")
             for counts in per_layer:
                 if min(counts) < 0 or sum(counts) != tokens * k:
-                    raise UserError(f"routing: {where} counts must be >= 0 and sum to {tokens} x {k}")
+                    raise ValueError(f"routing: {where} counts must be >= 0 and sum to {tokens} x {k}")
