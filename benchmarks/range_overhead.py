@@ -25,22 +25,20 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
-from omegaconf import OmegaConf
+from hydra.utils import get_class
 from torch.profiler import ProfilerActivity, profile
 
-from llm_perf_opt.config import CONF_DIR, DTYPES, build_arch, load_mode
-from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRConfig
-from llm_perf_opt.profiling.ranges import is_range_name, ranges_enabled, stage_range
-from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession
+from llm_perf_opt.config import load
+from llm_perf_opt.hardware.device import resolve_device
+from llm_perf_opt.hardware.precision import choose_dtype
+from llm_perf_opt.models.interface import ModelSession, SessionOptions
+from llm_perf_opt.profiling.trackers import ModuleRanges
+from llm_perf_opt.runners.ranges import is_range_name, ranges_enabled, stage_range
 
 MODELS = {"tiny": "deepseek_ocr_tiny", "full": "deepseek_ocr"}
-
-
-def arch_of(model: str) -> DeepSeekOCRConfig:
-    conf = OmegaConf.load(CONF_DIR / "model" / f"{MODELS[model]}.yaml")
-    return build_arch(OmegaConf.to_container(conf.arch))
 
 
 def sync(device: torch.device) -> None:
@@ -48,20 +46,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_run(session: DeepSeekOCRSession, mode, max_new_tokens: int) -> float:
-    device = session.model.device
+def timed_run(session: ModelSession, prompt: str, max_new_tokens: int) -> float:
+    device = session.options.device
     sync(device)
     t0 = time.perf_counter()
-    session.run(None, mode, max_new_tokens=max_new_tokens)
+    session.generate(session.prepare(None, prompt), max_new_tokens)
     sync(device)
     return time.perf_counter() - t0
 
 
-def ranges_per_run(session: DeepSeekOCRSession, mode, max_new_tokens: int) -> int:
+def ranges_per_run(session: ModelSession, prompt: str, max_new_tokens: int) -> int:
     """Stage (and stage/family) ranges one run opens, counted in a profiled run."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        session.run(None, mode, max_new_tokens=max_new_tokens)
-    return sum(1 for e in prof.events() if is_range_name(e.name))
+        session.generate(session.prepare(None, prompt), max_new_tokens)
+    return sum(1 for e in prof.events() if is_range_name(e.name, session.stage_names()))
 
 
 def empty_range_us(n: int, repeats: int = 5) -> tuple[float, float]:
@@ -90,7 +88,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
     parser.add_argument("--granularity", choices=("stage", "module"), default="stage")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads; 1 avoids stalls when other processes share the cores")
@@ -100,25 +98,30 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    mode = load_mode(args.mode)
+    run = load([f"model={MODELS[args.model]}", f"mode={args.mode}"])
+    device = resolve_device(args.device)
+    dtype = choose_dtype(args.dtype, device)
     t0 = time.perf_counter()
-    session = DeepSeekOCRSession.from_local(
-        None, arch=arch_of(args.model), device=args.device, dtype=DTYPES[args.dtype], granularity=args.granularity
-    )
-    device = session.model.device
-    print(f"model {MODELS[args.model]} (dummy weights), mode {mode.name}, {device}, {args.dtype}, "
+    session = get_class(type(run.model).session)(run.model, SessionOptions(device, dtype.dtype))
+    session.load()
+    session.fit_dummy_weights(session.prepare(None, run.prompt))
+    print(f"model {run.model.name} (dummy weights), mode {args.mode}, {device}, {dtype.dtype}, "
           f"granularity {args.granularity}, {args.max_new_tokens} new tokens, {torch.get_num_threads()} threads; "
           f"built in {time.perf_counter() - t0:.1f} s")
+    modules = ModuleRanges(session.module, session.module_families()) if args.granularity == "module" else nullcontext()
+    with modules:
+        for _ in range(args.warmup):
+            timed_run(session, run.prompt, args.max_new_tokens)
+        measure_overhead(session, run.prompt, args, runs)
 
-    for _ in range(args.warmup):  # the first run also fits the dummy router to the page
-        timed_run(session, mode, args.max_new_tokens)
 
+def measure_overhead(session: ModelSession, prompt: str, args, runs: int) -> None:
     on, off = [], []
     for i in range(runs):
         order = (True, False) if i % 2 == 0 else (False, True)
         for enabled in order:
             with ranges_enabled(enabled):
-                (on if enabled else off).append(timed_run(session, mode, args.max_new_tokens))
+                (on if enabled else off).append(timed_run(session, prompt, args.max_new_tokens))
     med_on, med_off = statistics.median(on), statistics.median(off)
     paired = statistics.median(a - b for a, b in zip(on, off))
     spread = statistics.pstdev(off) / med_off * 100 if len(off) > 1 else float("nan")
@@ -128,7 +131,7 @@ def main() -> None:
     print(f"  overhead  : {(med_on - med_off) / med_off * 100:+.3f}% from the medians, "
           f"{paired / med_off * 100:+.3f}% from the median paired difference ({paired * 1e3:+.3f} ms)")
 
-    count = ranges_per_run(session, mode, args.max_new_tokens)
+    count = ranges_per_run(session, prompt, args.max_new_tokens)
     us_on, us_off = empty_range_us(args.empty_ranges)
     per_range = max(us_on - us_off, 0.0)
     estimate_ms = per_range * count / 1e3

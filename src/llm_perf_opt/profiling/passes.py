@@ -128,7 +128,9 @@ def measure(
             bar.update()
         return request, result
 
-    with bar, listening(StepCounter(stages, bar.update)):
+    # On a GPU, everything that asks for "the current device" means the model's.
+    on_device = torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+    with bar, listening(StepCounter(stages, bar.update)), on_device:
         for i in range(warmup):
             bar.set_description(f"warm-up {i + 1}/{warmup}")
             if i == 0:
