@@ -136,6 +136,17 @@ class ModelSession(ABC):
     def module(self) -> nn.Module:
         """The model's root module, for hooks attached from outside."""
 
+    def meta_module(self) -> nn.Module:
+        """The model's root module built on the meta device: every shape, no storage, no `load`.
+        For inspecting the structure (module tree, parameter counts) of any size of model."""
+        raise NotImplementedError(f"{type(self).__name__} does not build its model on the meta device")
+
+    def module_stages(self) -> dict[str, str]:
+        """Qualified-name prefix -> stage tag of the modules and parameters that belong to one
+        stage (`model.vision_model` -> `clip`); the longest matching prefix wins. Names may be
+        parameters held directly by a module. None by default."""
+        return {}
+
     def module_families(self) -> dict[str, str]:
         """Qualified module name -> family, for nested `stage/family` ranges (none by default)."""
         return {}

@@ -73,10 +73,27 @@ class Request:
         )
 
 
+#: The parameter group of prefill and decode, which share every language-model weight.
+LANGUAGE_MODEL = "language_model"
+
+
 class DeepSeekOCRSession(ModelSession):
     stages = STAGES
     compute_groups = {"vision": (SAM, CLIP, PROJECTOR), "prefill": (PREFILL,)}
     bandwidth_groups = {"decode": (DECODE,)}
+    #: Checkpoint-name prefixes of each stage's weights. The newline and separator vectors
+    #: are laid out with the projector's output, so they count with the projector.
+    stage_prefixes = {
+        "model.sam_model": SAM,
+        "model.vision_model": CLIP,
+        "model.projector": PROJECTOR,
+        "model.image_newline": PROJECTOR,
+        "model.view_seperator": PROJECTOR,
+        "model.embed_tokens": LANGUAGE_MODEL,
+        "model.layers": LANGUAGE_MODEL,
+        "model.norm": LANGUAGE_MODEL,
+        "lm_head": LANGUAGE_MODEL,
+    }
 
     def __init__(self, cfg: DeepSeekOCRModelConfig, options: SessionOptions) -> None:
         super().__init__(cfg, options)
@@ -152,6 +169,13 @@ class DeepSeekOCRSession(ModelSession):
     @property
     def module(self) -> nn.Module:
         return self.model
+
+    def meta_module(self) -> nn.Module:
+        with torch.device("meta"):
+            return DeepSeekOCR(self.arch, self.backend)
+
+    def module_stages(self) -> dict[str, str]:
+        return dict(self.stage_prefixes)
 
     def module_families(self) -> dict[str, str]:
         return module_families(self.model)

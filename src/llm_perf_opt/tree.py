@@ -1,0 +1,139 @@
+"""python -m llm_perf_opt.tree [--depth N] [overrides]: the configured model's modules, stage-tagged.
+
+    python -m llm_perf_opt.tree                                   # the full-size model
+    python -m llm_perf_opt.tree --depth 3 model=deepseek_ocr_tiny  # the top three levels below the root
+
+Prints the module tree (name, class, stage, parameters) and the parameters of each stage, and
+writes every module to `module_tree.json` in the Hydra run dir (`outputs/trees/<time>_<model>`
+unless `hydra.run.dir=` says otherwise). `--depth` limits only the printout. The overrides are
+those of `llm_perf_opt.run`. The model is built on the meta device: any size costs no memory,
+and no weights are read (a checkpoint's config.json gives its architecture). Stage tags are
+the qualified-name prefixes that the model's session declares (`ModelSession.module_stages`).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra._internal.utils import get_args_parser  # the parser hydra.main itself uses
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class
+from omegaconf import DictConfig
+
+from llm_perf_opt.atomic import write_json
+from llm_perf_opt.config import CONFIG_NAME, RunConfig, register_configs, validate
+from llm_perf_opt.errors import UserError
+from llm_perf_opt.models.interface import ModelSession, SessionOptions
+from llm_perf_opt.models.module_tree import TreeNode, module_tree, render, stage_totals
+from llm_perf_opt.run import preflight, quote_paths
+
+register_configs()
+TREE_FILE = "module_tree.json"
+RUN_DIR = "outputs/trees/${now:%Y-%m-%d_%H-%M-%S}_${model.name}"
+UNTAGGED = "untagged"
+
+
+def build_tree(run: RunConfig) -> tuple[list[TreeNode], dict[str, str]]:
+    """The configured model's module tree and the stage prefixes it was tagged with."""
+    # Shapes only: the dtype changes no parameter count.
+    options = SessionOptions(torch.device("cpu"), torch.float32, run.seed)
+    session: ModelSession = get_class(type(run.model).session)(run.model, options)
+    prefixes = session.module_stages()
+    return module_tree(session.meta_module(), prefixes), prefixes
+
+
+def ordered_totals(nodes: list[TreeNode], prefixes: dict[str, str]) -> dict[str, int]:
+    """Parameters per stage in the order the model declares its stages, untagged ones last."""
+    totals = stage_totals(nodes)
+    order = [*dict.fromkeys(prefixes.values()), None]
+    return {UNTAGGED if stage is None else stage: totals[stage] for stage in order if stage in totals}
+
+
+def tree_record(model_name: str, nodes: list[TreeNode], prefixes: dict[str, str]) -> dict[str, Any]:
+    """The content of module_tree.json."""
+    return {
+        "model": model_name,
+        "stage_prefixes": prefixes,
+        "stage_params": ordered_totals(nodes, prefixes),
+        "params_total": nodes[0].params_total,
+        "modules": [
+            {"name": n.name, "class": n.cls, "stage": n.stage, "leaf": n.leaf,
+             "params": n.params, "params_total": n.params_total, "depth": n.depth}  # fmt: skip
+            for n in nodes
+        ],
+    }
+
+
+def totals_text(totals: dict[str, int]) -> str:
+    """Parameters per stage and their sum, aligned."""
+    rows = [*totals.items(), ("total", sum(totals.values()))]
+    name_width = max(len(name) for name, _ in rows)
+    count_width = max(len(f"{count:,}") for _, count in rows)
+    lines = ["parameters by stage:"] + [f"  {name:<{name_width}}  {count:>{count_width},}" for name, count in rows]
+    return "\n".join(lines)
+
+
+def tree_job(cfg: DictConfig, depth: int | None) -> None:
+    """One job: print the tree and the stage totals, write module_tree.json into the run dir."""
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        run = validate(cfg)
+        nodes, prefixes = build_tree(run)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    path = write_json(out_dir / TREE_FILE, tree_record(run.model.name, nodes, prefixes))
+    print(render(nodes, depth))
+    print()
+    print(totals_text(ordered_totals(nodes, prefixes)))
+    print(f"wrote {path}", file=sys.stderr)
+
+
+# -- before Hydra runs anything ---------------------------------------------------------------------
+def split_depth(argv: Sequence[str]) -> tuple[int | None, list[str]]:
+    """`--depth N` / `--depth=N` taken out of the command line; the rest is Hydra's."""
+    depth, rest, args = None, [], iter(argv)
+    for arg in args:
+        if arg == "--depth" or arg.startswith("--depth="):
+            value = arg.partition("=")[2] if "=" in arg else next(args, "")
+            if not value.isdigit():
+                raise UserError(f"--depth needs a whole number >= 0, got {value!r}")
+            depth = int(value)
+        else:
+            rest.append(arg)
+    return depth, rest
+
+
+def with_run_dir(overrides: list[str]) -> list[str]:
+    """Trees go to their own folder unless the command line names one."""
+    if any(o.lstrip("+~").startswith("hydra.run.dir=") for o in overrides):
+        return overrides
+    return [*overrides, f"hydra.run.dir={RUN_DIR}"]
+
+
+def main() -> None:
+    try:
+        depth, argv = split_depth(sys.argv[1:])
+        argv = with_run_dir(quote_paths(argv))
+        args = get_args_parser().parse_args(argv)  # Hydra's own command line
+        if not (args.help or args.hydra_help or args.info or args.shell_completion):
+            preflight(args.multirun, args.overrides)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    sys.argv[1:] = argv
+
+    @hydra.main(version_base="1.3", config_path="conf", config_name=CONFIG_NAME)
+    def _main(cfg: DictConfig) -> None:
+        tree_job(cfg, depth)
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()
