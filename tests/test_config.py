@@ -72,6 +72,8 @@ def test_quick_profiling_and_overrides():
         ("profiling.repeats=0", ["profiling.repeats must be >= 1"]),
         ("profiling.granularity=foo", ["profiling.granularity"]),
         ("model.arch.clip.width=512", ["SAM output channels", "CLIP width"]),
+        ("+model.arch.lm.no_such_field=1", ["unknown key", "model.arch.lm.no_such_field"]),
+        ("+profiling.typo=3", ["unknown key", "profiling.typo"]),
     ],
 )
 def test_mistakes_are_one_line_user_errors(override, fragments):

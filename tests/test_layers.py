@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("measurement", ("llm_perf_opt.profiling",)),
     ("analytic", ("llm_perf_opt.analytic",)),
     ("report", ("llm_perf_opt.report",)),
-    ("entry points", ("llm_perf_opt.run", "llm_perf_opt.calibrate", "llm_perf_opt.compare",
+    ("entry points", ("llm_perf_opt.cli", "llm_perf_opt.run", "llm_perf_opt.calibrate", "llm_perf_opt.compare",
                       "llm_perf_opt.summarize", "llm_perf_opt.tree", "llm_perf_opt")),
 ]
 

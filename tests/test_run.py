@@ -253,13 +253,6 @@ def test_image_paths_with_spaces_and_non_ascii_work_as_typed(monkeypatch, capsys
             assert json.loads((out / "run.json").read_text())["image"]["path"] == str(page)
 
 
-def test_quote_paths_leaves_sweeps_and_quoted_values_alone():
-    assert run_module.quote_paths(["image=a.png,b.png", "image='x y.png'", "mode=base"]) == [
-        "image=a.png,b.png", "image='x y.png'", "mode=base",
-    ]
-    assert run_module.quote_paths(["image=/d/página 1.png"]) == ["image='/d/página 1.png'"]
-
-
 def one_error(code: int, stderr: str) -> str:
     assert code != 0
     assert "Traceback" not in stderr, stderr

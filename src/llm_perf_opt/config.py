@@ -16,7 +16,7 @@ Every problem a user can fix (an unknown option, a wrong type, a bad value) surf
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from importlib.metadata import entry_points
 from typing import Any, ClassVar, Optional
 
@@ -109,10 +109,28 @@ def register_configs() -> None:
 
 def validate(cfg: DictConfig) -> RunConfig:
     """The composed config as a typed RunConfig (every __post_init__ check runs here)."""
+    unknown = _unknown_keys(cfg)
+    if unknown:
+        raise UserError(f"config: unknown key(s) {', '.join(unknown)}")
     try:
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
         raise UserError(f"config: {one_line(exc)}") from None
+
+
+def _unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """Keys that no schema declares. Hydra's `+key=value` appends keys even to typed nodes."""
+    schema = OmegaConf.get_type(node)
+    declared = {f.name for f in fields(schema)} if is_dataclass(schema) else None
+    unknown = []
+    for key in node.keys():
+        path = f"{prefix}{key}"
+        if declared is not None and key not in declared:
+            unknown.append(path)
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            unknown += _unknown_keys(child, path + ".")
+    return unknown
 
 
 def compose(overrides: Sequence[str] = (), *, return_hydra_config: bool = False) -> DictConfig:

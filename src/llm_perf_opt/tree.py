@@ -30,7 +30,7 @@ from llm_perf_opt.config import CONFIG_NAME, RunConfig, register_configs, valida
 from llm_perf_opt.errors import UserError
 from llm_perf_opt.models.interface import ModelSession, SessionOptions
 from llm_perf_opt.models.module_tree import TreeNode, module_tree, render, stage_totals
-from llm_perf_opt.run import preflight, quote_paths
+from llm_perf_opt.cli import preflight, quote_paths
 
 register_configs()
 TREE_FILE = "module_tree.json"

@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         print("Matmul GFLOPs per stage: analytic (executed) vs FlopCounterMode on the meta-device model")
         print(f"useful = causal lower triangle only; {ROOFLINE_NOTE}")
         print(stages.to_string(index=False))
-        print("\nFact-sheet reference figures (GFLOPs unless noted)")
+        print("\nReference figures (GFLOPs unless noted)")
         print(refs.to_string(index=False))
     bad = int((~stages["ok"]).sum() + (~refs["ok"]).sum())
     print(f"\nanalytic model: {len(cases())} cases in {seconds * 1e3:.1f} ms (target < 1 s); "

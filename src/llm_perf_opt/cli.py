@@ -1,0 +1,66 @@
+"""What the command-line tools do before Hydra runs anything: paths quoted for Hydra's
+grammar, and every job's config composed and validated, so a mistake is one line before any
+work (or output folder) is made."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+
+from llm_perf_opt.config import compose, validate
+from llm_perf_opt.errors import UserError
+
+
+def quote_paths(argv: Sequence[str]) -> list[str]:
+    """`image=` values Hydra's override grammar cannot read (spaces, non-ASCII: `image=/data/página
+    1.png`) are quoted for it, so paths work as typed; values it reads (quoted ones, sweeps) are kept."""
+    parser = OverridesParser.create()
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") == "image":
+            try:
+                parser.parse_override(arg)
+            except HydraException:
+                escaped = value.replace("\\", "\\\\").replace("'", "\\'")
+                arg = f"{key}='{escaped}'"
+        out.append(arg)
+    return out
+
+
+def job_overrides(multirun: bool, overrides: Sequence[str]) -> list[list[str]]:
+    """The overrides of every job: sweeps expanded by Hydra's own parser."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as exc:
+        raise UserError(f"cannot read the overrides: {' '.join(str(exc).split())}") from None
+    choices = []
+    for override, text in zip(parsed, overrides):
+        if multirun and override.is_sweep_override():
+            key = override.get_key_element()
+            choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+        else:
+            choices.append([text])
+    return [list(job) for job in itertools.product(*choices)]
+
+
+def preflight(multirun: bool, overrides: Sequence[str]) -> None:
+    """Compose and validate every job's config, and check the output folder can be made."""
+    jobs = job_overrides(multirun, overrides)
+    for overrides in jobs:
+        validate(compose([o for o in overrides if not o.startswith("hydra")]))
+    hydra_cfg = compose(jobs[0], return_hydra_config=True).hydra
+    check_creatable(Path(hydra_cfg.sweep.dir if multirun else hydra_cfg.run.dir))
+
+
+def check_creatable(folder: Path) -> None:
+    """The output folder exists as a folder or can be created (no file in the way)."""
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"output folder {folder} cannot be created: {parent} is a file")
+            return
