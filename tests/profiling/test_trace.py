@@ -11,7 +11,7 @@ from llm_perf_opt.profiling.trace import load_trace, record_trace, trace_events
 
 
 def test_record_trace_writes_a_loadable_trace(tmp_path):
-    path = record_trace(lambda: torch.ones(8).sum(), tmp_path / "out" / "trace.json", cuda=False)
+    path = record_trace(lambda: torch.ones(8).sum(), tmp_path / "out" / "trace.json", torch.device("cpu"))
     assert path == tmp_path / "out" / "trace.json"
     names = {e.get("name") for e in load_trace(path)}
     assert "aten::sum" in names
@@ -26,13 +26,13 @@ def test_record_trace_keeps_the_previous_trace_when_fn_fails(tmp_path):
         raise RuntimeError("model failed")
 
     with pytest.raises(RuntimeError):
-        record_trace(fail, path, cuda=False)
+        record_trace(fail, path, torch.device("cpu"))
     assert path.read_text() == '{"traceEvents": []}'
     assert [p.name for p in tmp_path.iterdir()] == ["trace.json"]
 
 
 def test_gzipped_trace(tmp_path):
-    path = record_trace(lambda: torch.ones(8).sum(), tmp_path / "trace.json.gz", cuda=False)
+    path = record_trace(lambda: torch.ones(8).sum(), tmp_path / "trace.json.gz", torch.device("cpu"))
     with gzip.open(path, "rt") as f:
         assert json.load(f)["traceEvents"]
     assert any(e.get("name") == "aten::sum" for e in load_trace(path))
