@@ -48,11 +48,18 @@ class JobIdentity:
 @dataclass(frozen=True)
 class Job:
     """One job: its run.json record and identity; ``path`` is the run.json, or the job dir
-    where there is none."""
+    where there is none. ``overrides`` are the ones it was launched with, in launch order,
+    without Hydra's own."""
 
     path: Path
     record: dict[str, Any]
     identity: JobIdentity
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def dir(self) -> Path:
+        """The job dir (the run dir of a single run)."""
+        return self.path if self.path.is_dir() else self.path.parent
 
     @property
     def status(self) -> str:
@@ -72,8 +79,12 @@ class RunSet:
     sweep: bool
 
 
-def load_run_set(path: str | Path) -> RunSet:
-    """Read a run.json file, a run dir (holding run.json) or a sweep dir (whose subdirs are jobs)."""
+def load_run_set(path: str | Path, *, distinct: bool = True) -> RunSet:
+    """Read a run.json file, a run dir (holding run.json) or a sweep dir (whose subdirs are jobs).
+
+    With ``distinct`` (what pairing jobs needs) two jobs of a sweep with the same identity are
+    refused; without it they are listed as they are.
+    """
     path = Path(path)
     if path.is_file():
         return RunSet(path, (_load_job(path.parent, path),), sweep=False)
@@ -89,7 +100,7 @@ def load_run_set(path: str | Path) -> RunSet:
         raise UserError(f"{path}: no {RUN_JSON} in it or in any of its subdirectories")
     jobs = tuple(_load_job(d, d / RUN_JSON) for d in job_dirs)
     seen: dict[JobIdentity, Path] = {}
-    for job in jobs:
+    for job in jobs if distinct else ():
         if job.identity in seen:
             raise UserError(
                 f"{path}: jobs {seen[job.identity].parent.name} and {job.path.parent.name} have the same identity "
@@ -110,13 +121,22 @@ def mode_name(record: dict[str, Any]) -> str | None:
 
 def job_identity(record: dict[str, Any], overrides: list[str]) -> JobIdentity:
     """Identity of a job from its record and its launch overrides (see the module docstring)."""
-    kept = sorted(o for o in overrides if not _is_ignored_override(o))
+    kept = sorted(o for o in overrides if not _is_ignored_override(o) and not _is_group_choice(o))
     return JobIdentity(model_name(record) or "?", mode_name(record) or "?", tuple(kept))
 
 
 def _is_ignored_override(override: str) -> bool:
-    key = override.lstrip("+~").partition("=")[0].strip()
-    return key == "hydra" or key.startswith(("hydra.", "hydra/")) or key in _NAMED_GROUPS
+    """Hydra's own settings: where outputs go, which launcher runs the jobs."""
+    key = _override_key(override)
+    return key == "hydra" or key.startswith(("hydra.", "hydra/"))
+
+
+def _is_group_choice(override: str) -> bool:
+    return _override_key(override) in _NAMED_GROUPS
+
+
+def _override_key(override: str) -> str:
+    return override.lstrip("+~").partition("=")[0].strip()
 
 
 def _load_job(job_dir: Path, run_json: Path) -> Job:
@@ -128,8 +148,10 @@ def _load_job(job_dir: Path, run_json: Path) -> Job:
         record = {"status": MISSING, "error": f"no {RUN_JSON} (killed before it finished?)", "config": config}
         path = job_dir
     overrides_file = hydra / "overrides.yaml"
-    overrides = OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
-    return Job(path, record, job_identity(record, [str(o) for o in overrides]))
+    loaded = OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
+    overrides = [str(o) for o in loaded]
+    launched = tuple(o for o in overrides if not _is_ignored_override(o))
+    return Job(path, record, job_identity(record, overrides), launched)
 
 
 def _read_record(path: Path) -> dict[str, Any]:
