@@ -5,7 +5,7 @@ Input: the files that ::
     nsys stats -f csv --force-export=true -o PREFIX \\
         -r nvtx_sum,cuda_gpu_kern_sum,nvtx_kern_sum[,nvtx_gpu_proj_sum] report.nsys-rep
 
-writes as ``PREFIX_<report>.csv`` (column layouts in ``profiling_notes.md``; ``nvtx_sum`` may
+writes as ``PREFIX_<report>.csv`` (column layouts as `nsys stats --help-reports` documents them; ``nvtx_sum`` may
 be the older ``nvtx_pushpop_sum``). Output: the :class:`~llm_perf_opt.profiling.attribution.Attribution`
 that the torch.profiler attribution produces, with basis ``"device"``, so an Nsight-measured
 run gets the same stage and kernel tables.
