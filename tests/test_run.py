@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import call_main
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
@@ -37,15 +38,7 @@ DOCUMENTED_KERNEL_COLUMNS = ["stage", "name", "calls", "total_ms"]
 
 
 def main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """The CLI in this process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["llm_perf_opt.run", *args])
-    try:
-        run_module.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return call_main(monkeypatch, capsys, run_module.main, "llm_perf_opt.run", *args)
 
 
 def error_lines(text: str) -> list[str]:

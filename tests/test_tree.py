@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
+from conftest import call_main
 
 from llm_perf_opt import tree
 from llm_perf_opt.config import load
@@ -53,15 +53,7 @@ def test_full_size_modules(full_tree):
 
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """The CLI in this process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["llm_perf_opt.tree", *args])
-    try:
-        tree.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return call_main(monkeypatch, capsys, tree.main, "llm_perf_opt.tree", *args)
 
 
 def test_cli_prints_the_tree_and_writes_module_tree_json(monkeypatch, capsys, tmp_path):

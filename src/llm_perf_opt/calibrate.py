@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from llm_perf_opt.errors import UserError
+from llm_perf_opt.hardware.device import resolve_device
 from llm_perf_opt.hardware.calibration import Calibration, cache_path, cached_calibration, calibrate
 from llm_perf_opt.hardware.ceilings import Roof, Selection, select
 
@@ -28,20 +29,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_device(name: str) -> torch.device:
     """The --device argument as a device this machine has; UserError otherwise."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device (use cpu, cuda or cuda:N)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name!r} is not supported (use cpu, cuda or cuda:N)")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: no CUDA GPU is available here")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
-    return device
+    return resolve_device(name)
 
 
 def comparison_table(calibration: Calibration, datasheet: Roof | None) -> pd.DataFrame:

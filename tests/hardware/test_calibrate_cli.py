@@ -24,7 +24,7 @@ def _exit_code_and_stderr(argv, capsys) -> tuple[int, str]:
 def test_cuda_without_a_gpu_is_one_error_line(capsys):
     code, err = _exit_code_and_stderr(["--device", "cuda"], capsys)
     assert code == 2
-    assert err == "error: --device cuda: no CUDA GPU is available here\n"
+    assert err == "error: device=cuda requested but no CUDA GPU is available here\n"
 
 
 @pytest.mark.parametrize("argv", [["--bogus"], ["--device", "tpu"], ["--device"]])

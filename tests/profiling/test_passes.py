@@ -82,8 +82,8 @@ class FakeSession(ModelSession):
 
 def test_each_pass_runs_with_only_what_it_needs(tmp_path):
     session = FakeSession()
-    m = measure(session, RunInputs(None, "p", 4), warmup=2, repeats=3, trace_path=tmp_path / "trace.json",
-                module_ranges=True)
+    measure(session, RunInputs(None, "p", 4), warmup=2, repeats=3, trace_path=tmp_path / "trace.json",
+            module_ranges=True)
     assert [r["routed"] for r in session.runs] == [True, False, False, False, False, False]
     # Module hooks only in the trace run (the last one): the timed runs carry stage ranges only.
     assert [r["hooks"] > 0 for r in session.runs] == [False] * 5 + [True]

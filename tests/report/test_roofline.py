@@ -3,31 +3,23 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from llm_perf_opt.hardware.ceilings import Roof
 from llm_perf_opt.report.roofline import headline, roof_prefix, roofline_table, time_split, verdict
 
 NAN = float("nan")
 
 
-@dataclass(frozen=True)
-class FakeRoof:
-    """Stands in for llm_perf_opt.hardware.ceilings.Roof."""
-
-    label: str
-    flop_s: dict
-    byte_s: float
-
-    def peak(self, dtype: str) -> float:
-        return self.flop_s[dtype]
+def make_roof(label: str, flop_s: dict, byte_s: float) -> Roof:
+    return Roof(label, flop_s, byte_s, source="test figures")
 
 
-DATASHEET = FakeRoof("datasheet", {"bf16": 1e15, "fp32": 5e13}, 2e12)
-CALIBRATED = FakeRoof("calibrated", {"bf16": 5e14, "fp32": 4e13}, 1e12)
+DATASHEET = make_roof("datasheet", {"bf16": 1e15, "fp32": 5e13}, 2e12)
+CALIBRATED = make_roof("calibrated", {"bf16": 5e14, "fp32": 4e13}, 1e12)
 
 
 def _work(*rows: dict) -> pd.DataFrame:
@@ -163,10 +155,10 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="negative"):
         roofline_table(_work(_row("x", -1.0, 1.0, 1.0, 1.0)), [DATASHEET], "bf16")
     with pytest.raises(ValueError, match="same column prefix"):
-        roofline_table(_work(_row("x", 1.0, 1.0, 1.0, 1.0)), [DATASHEET, FakeRoof("Datasheet!", {"bf16": 1.0}, 1.0)],
+        roofline_table(_work(_row("x", 1.0, 1.0, 1.0, 1.0)), [DATASHEET, make_roof("Datasheet!", {"bf16": 1.0}, 1.0)],
                        "bf16")
     with pytest.raises(ValueError, match="must be positive"):
-        roofline_table(_work(_row("x", 1.0, 1.0, 1.0, 1.0)), [FakeRoof("zero", {"bf16": 0.0}, 1.0)], "bf16")
+        roofline_table(_work(_row("x", 1.0, 1.0, 1.0, 1.0)), [make_roof("zero", {"bf16": 0.0}, 1.0)], "bf16")
 
 
 def test_roof_prefix():
@@ -232,12 +224,12 @@ def test_time_split_keeps_the_index_and_rejects_an_unknown_roof():
         time_split(table, "calibrated")
 
 
-def _one(row: dict, roof: FakeRoof, dtype: str = "bf16") -> tuple[pd.Series, pd.Series]:
+def _one(row: dict, roof: Roof, dtype: str = "bf16") -> tuple[pd.Series, pd.Series]:
     table = roofline_table(_work(row), [roof], dtype)
     return table.iloc[0], time_split(table, roof.label).iloc[0]
 
 
-H100_CALIBRATED = FakeRoof("calibrated", {"bf16": 8e14}, 3e12)
+H100_CALIBRATED = make_roof("calibrated", {"bf16": 8e14}, 3e12)
 
 
 def test_verdict_host_bound_decode():
@@ -261,7 +253,7 @@ def test_verdict_compute_bound_with_top_op():
 
 def test_verdict_memory_bound_on_cpu():
     # CPU roof 1e12 FLOP/s, 30 GB/s: 1e9 / 1e12 = 1 ms < 6e7 / 3e10 = 2 ms: memory; 2 / 4 = 50%.
-    cpu = FakeRoof("calibrated", {"fp32": 1e12}, 3e10)
+    cpu = make_roof("calibrated", {"fp32": 1e12}, 3e10)
     row, split = _one(_row("clip", 4.0, 3.5, 1e9, 6e7), cpu, "fp32")
     text = verdict(row, split, "calibrated", "fp32", launches=120, top_ops=[("aten::copy_", 1.4)], device_kind="cpu")
     assert text == ("clip: memory-bound, 50% of the calibrated bandwidth roof (2 ms at the roof); 120 op calls; "

@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
+from llm_perf_opt.hardware.ceilings import Roof
 from llm_perf_opt.report.roofline import roofline_table
 from llm_perf_opt.report.roofline_plot import roofline_plot
 
 
-@dataclass(frozen=True)
-class FakeRoof:
-    """Stands in for llm_perf_opt.hardware.ceilings.Roof."""
-
-    label: str
-    flop_s: dict
-    byte_s: float
-
-    def peak(self, dtype: str) -> float:
-        return self.flop_s[dtype]
+def make_roof(label: str, flop_s: dict, byte_s: float) -> Roof:
+    return Roof(label, flop_s, byte_s, source="test figures")
 
 
-ROOFS = [FakeRoof("datasheet", {"bf16": 989.4e12}, 3.35e12), FakeRoof("calibrated", {"bf16": 800e12}, 3.0e12)]
+ROOFS = [make_roof("datasheet", {"bf16": 989.4e12}, 3.35e12), make_roof("calibrated", {"bf16": 800e12}, 3.0e12)]
 # The figure is 10 × 6.2 inches at 110 dpi.
 WIDTH, HEIGHT = 1100, 682
 # tab10's first colour, the first stage's, as 8-bit RGB.

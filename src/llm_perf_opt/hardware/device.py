@@ -14,14 +14,14 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"config: device={name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+        raise UserError(f"device={name!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
     if device.type not in ("cpu", "cuda"):
-        raise UserError(f"config: device={name!r} is not supported (use cpu or cuda)")
+        raise UserError(f"device={name!r} is not supported (use cpu or cuda)")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"config: device={name} requested but no CUDA GPU is available here")
+            raise UserError(f"device={name} requested but no CUDA GPU is available here")
         index = torch.cuda.current_device() if device.index is None else device.index
         if index >= torch.cuda.device_count():
-            raise UserError(f"config: device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise UserError(f"device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         device = torch.device("cuda", index)
     return device

@@ -196,16 +196,22 @@ def _num(value: Any, digits: int = 2) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _time_and_work(table: pd.DataFrame) -> dict[str, pd.Series]:
+    """The columns every view of the stage table starts with, formatted."""
+    return {
+        "stage": table["stage"],
+        "time ms": table["time_ms"].map(_num),
+        "busy ms": table["busy_ms"].map(_num),
+        "GFLOP": (table["flops"] / 1e9).map(_num),
+        "GB": (table["bytes"] / 1e9).map(lambda v: _num(v, 3)),
+    }
+
+
 def compact_table(table: pd.DataFrame, m: Measurement, roof_label: str) -> str:
     """The table printed at the end of a run: time, busy time, work, rate and % of the first roof."""
     p = roof_prefix(roof_label)
     view = pd.DataFrame({
-        "stage": table["stage"],
-        "calls": table["calls"],
-        "time_ms": table["time_ms"].map(_num),
-        "busy_ms": table["busy_ms"].map(_num),
-        "GFLOP": (table["flops"] / 1e9).map(_num),
-        "GB": (table["bytes"] / 1e9).map(lambda v: _num(v, 3)),
+        **_time_and_work(table),
         "TFLOP/s": table["achieved_tflop_s_wall"].map(lambda v: _num(v, 3)),
         "GB/s": table["achieved_gbyte_s_wall"].map(_num),
         f"% {roof_label} roof": table[p + "pct_roof_wall"].map(lambda v: _num(v, 1)),
@@ -269,11 +275,7 @@ def report_markdown(job: Job, record: dict, table: pd.DataFrame) -> str:
     fp = job.footprint
     largest = fp.table.sort_values("transient_bytes").iloc[-1]
     roof_view = pd.DataFrame({
-        "stage": table["stage"],
-        "time ms": table["time_ms"].map(_num),
-        "busy ms": table["busy_ms"].map(_num),
-        "GFLOP": (table["flops"] / 1e9).map(_num),
-        "GB": (table["bytes"] / 1e9).map(lambda v: _num(v, 3)),
+        **_time_and_work(table),
         "FLOP/B": table["intensity"].map(lambda v: _num(v, 1)),
         "TFLOP/s (time / busy)": [f"{_num(a, 3)} / {_num(b, 3)}" for a, b in
                                   zip(table["achieved_tflop_s_wall"], table["achieved_tflop_s_busy"])],
