@@ -4,7 +4,6 @@ composed through Hydra like any run."""
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
@@ -43,14 +42,3 @@ def tiny_model(tiny_arch):
 
     return weights.dummy_model(tiny_arch, "cpu", torch.float32)
 
-
-def call_main(monkeypatch, capsys, main, prog: str, *args: str) -> tuple[int, str, str]:
-    """A command-line tool's main() in this process with this argv: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", [prog, *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import call_main
 import torch
+from cli_helpers import call_main
 from omegaconf import OmegaConf
 from PIL import Image
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import call_main
+from cli_helpers import call_main
 
 from llm_perf_opt import tree
 from llm_perf_opt.config import load
