@@ -205,7 +205,10 @@ def test_lm_head():
     cost = fam.lm_head(1, 64, 300, F32)
     assert cost.matmul_flops == counted(lambda: head(torch.randn(1, 64)).float())
     assert cost.weight_bytes == param_bytes(head)
-    assert cost.act_write_bytes == 300 * 4 + 300 * 4  # the output, then its fp32 copy
+    assert cost.act_write_bytes == 300 * 4  # .float() of fp32 logits returns them, no copy
+    bf16 = fam.lm_head(1, 64, 300, "bfloat16")
+    assert bf16.act_write_bytes == 300 * 2 + 300 * 4  # bf16 logits, then their fp32 copy
+    assert bf16.act_read_bytes == 64 * 2 + 300 * 2
 
 
 def test_cost_arithmetic():

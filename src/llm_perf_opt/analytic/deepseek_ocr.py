@@ -84,23 +84,34 @@ def _moe_layers(lm: LMConfig) -> list[int]:
 
 
 def sam_costs(sam: SamConfig, size: int, batch: int, dtype: object) -> Breakdown:
-    """SAM over `batch` views of size x size: patch conv, pos-embed add, 12 blocks, neck, net_2, net_3."""
+    """SAM over `batch` views of size x size: patch conv, pos-embed add, 12 blocks, neck, net_2, net_3.
+
+    The position table and the global blocks' rel-pos tables are built for img_size; other view
+    sizes resize them every forward.
+    """
     if size % sam.patch_size:
         raise UserError(f"sam: view size {size} is not a multiple of the patch size {sam.patch_size}")
     g = size // sam.patch_size
+    table_grid = sam.img_size // sam.patch_size
     d, n = sam.width, batch * g * g
     c2, c3 = sam.downsample_channels
     items = [
         ("conv2d", fam.conv2d(batch, 3, d, size, sam.patch_size, dtype, stride=sam.patch_size, bias=True)),
-        ("add", fam.add(n * d, dtype)),  # absolute position embedding (resized without matmuls)
+        ("pos_embed", fam.sam_pos_embed(batch, g, table_grid, d, dtype)),
     ]
     for i in range(sam.depth):
         is_global = i in sam.global_attn_indexes
-        window = 0 if is_global else sam.window_size
-        attention = fam.sam_attention(batch, g, d, sam.heads, dtype, window=window)
+        if is_global:
+            attention = fam.sam_attention(batch, g, d, sam.heads, dtype, table_side=table_grid)
+            items.append(("sam_attention_global", attention))
+        else:
+            window = sam.window_size
+            items += [
+                ("sam_attention_window", fam.sam_attention(batch, g, d, sam.heads, dtype, window=window)),
+                ("window_partition", fam.window_partition(batch, g, d, window, dtype)),
+            ]
         items += [
             ("layernorm", 2 * fam.layernorm(n, d, dtype)),
-            ("sam_attention_global" if is_global else "sam_attention_window", attention),
             ("add", 2 * fam.add(n * d, dtype)),
             ("linear", fam.linear(n, d, sam.mlp_ratio * d, dtype)),
             ("gelu", fam.gelu(n * sam.mlp_ratio * d, dtype)),
@@ -122,8 +133,10 @@ def clip_costs(clip: ClipConfig, side: int, batch: int, dtype: object) -> Breakd
     """CLIP over `batch` views whose SAM output is side x side: T = side^2 + 1 tokens (CLS first)."""
     t = side * side + 1
     rows, w = batch * t, clip.width
-    # position embeddings, then pre_layrnorm
-    items = [("add", fam.add(rows * w, dtype)), ("layernorm", fam.layernorm(rows, w, dtype))]
+    items = [
+        ("embeddings", fam.clip_embeddings(batch, side, clip.grid, w, dtype)),
+        ("layernorm", fam.layernorm(rows, w, dtype)),
+    ]
     items += [
         ("layernorm", 2 * fam.layernorm(rows, w, dtype)),
         ("clip_attention", fam.clip_attention(batch, t, w, clip.heads, dtype)),
@@ -136,8 +149,13 @@ def clip_costs(clip: ClipConfig, side: int, batch: int, dtype: object) -> Breakd
 
 
 def projector_costs(cfg: DeepSeekOCRConfig, side: int, batch: int, dtype: object) -> Breakdown:
-    """Linear(2048 -> 1280, bias) over the side^2 tokens of each view (CLIP's CLS dropped)."""
-    return {"linear": fam.linear(batch * side * side, cfg.projector_in, cfg.lm.hidden_size, dtype)}
+    """CLIP (CLS dropped) and SAM features concatenated per token, then Linear(2048 -> 1280, bias)
+    over the side^2 tokens of each view."""
+    tokens = batch * side * side
+    return {
+        "concat": fam.concat(tokens * cfg.projector_in, dtype),
+        "linear": fam.linear(tokens, cfg.projector_in, cfg.lm.hidden_size, dtype),
+    }
 
 
 # -- language model ----------------------------------------------------------------------------
@@ -152,8 +170,8 @@ def lm_costs(
 ) -> Breakdown:
     """One LM forward of `new_tokens` after `cached_tokens`: prefill is (S, 0), a decode step (1, L).
 
-    embedding -> per layer [RMSNorm, causal attention, add, RMSNorm, SwiGLU or MoE, add] ->
-    final RMSNorm and lm_head on the last position only. `experts_touched` gives the distinct
+    embedding, RoPE tables -> per layer [RMSNorm, causal attention, add, RMSNorm, SwiGLU or MoE,
+    add] -> final RMSNorm and lm_head on the last position only. `experts_touched` gives the distinct
     routed experts per MoE layer (default: the uniform-routing expectation).
     """
     moe_layers = _moe_layers(lm)
@@ -161,7 +179,10 @@ def lm_costs(
         raise UserError(f"routing: {len(experts_touched)} MoE layers given, the model has {len(moe_layers)}")
     touched = dict(zip(moe_layers, experts_touched)) if experts_touched is not None else {}
     h, t = lm.hidden_size, new_tokens
-    items = [("embedding", fam.embedding(t, h, dtype))]
+    items = [
+        ("embedding", fam.embedding(t, h, dtype)),
+        ("rope_tables", fam.rope_tables(t, lm.head_dim, dtype)),
+    ]
     for i in range(lm.num_hidden_layers):
         items += [
             ("rmsnorm", 2 * fam.rmsnorm(t, h, dtype)),
@@ -341,7 +362,8 @@ def stage_costs(
         step_touched = [
             sum(_distinct(step[layer]) for step in routing.decode) / decode_steps for layer in range(layers)
         ]
-    stages[PREFILL] = lm_costs(lm, s, 0, dtype, prefill_touched)
+    scatter = {"image_scatter": fam.image_scatter(s, image_tokens, lm.hidden_size, dtype)}
+    stages[PREFILL] = _merge(lm_costs(lm, s, 0, dtype, prefill_touched), scatter)
     first_step = lm_costs(lm, 1, s, dtype, step_touched)
     mean_step = lm_costs(lm, 1, s + (decode_steps - 1) / 2, dtype, step_touched)
     stages[DECODE] = {family: decode_steps * cost for family, cost in mean_step.items()}

@@ -7,10 +7,16 @@ Conventions shared by every function here:
   attention). `other_flops` is elementwise and reduction work, one FLOP per arithmetic
   operation or transcendental per element; the per-element constants are below. Bias adds
   are other FLOPs (FlopCounterMode counts addmm as its matmul only).
-* Bytes: the sum over the family's kernels of each operand read once and each result written
-  once, as eager PyTorch runs them (no reuse between kernels, no cache effects). Attention
-  is one fused kernel that never writes its score matrix; an additive mask it is given is
-  materialised and read. Weights are read once per call, in the call's dtype.
+* Bytes: the sum over the family's aten ops of each operand read once and each result written
+  once, as eager PyTorch runs this implementation (no reuse between kernels, no cache
+  effects), op for op: the fp32 internals of RMSNorm and the MoE router, the copies that
+  reshapes of non-contiguous tensors make, the small index tensors. Views are free. A
+  broadcast operand is read once. Attention is one fused kernel that never writes its score
+  matrix; an additive mask it is given is materialised and read. Weights are read once per
+  call, in the call's dtype. `analytic.validate --bytes` checks every stage against the bytes
+  a dispatch mode counts on the meta-device model (analytic/byte_count.py).
+* Casts: `x.float()` / `.to(dtype)` copy only when the dtype changes, so in a float32 model
+  the fp32 internals cost nothing extra. FP32 = 4 bytes; int64 indices INDEX_BYTES = 8.
 * `kv_write_bytes` are K/V rows appended to a cache; `kv_read_bytes` are K/V rows an
   attention kernel reads from it (the rows just appended included).
 * `masked_matmul_flops` is the part of `matmul_flops` that a causal mask discards: a dense
@@ -54,7 +60,9 @@ _DTYPE_BYTES = {
     "int8": 1,
     "uint8": 1,
 }
-INDEX_BYTES = 8  # token ids are int64
+INDEX_BYTES = 8  # token ids, expert ids, gather indices are int64
+FP32 = 4
+BOOL_BYTES = 1
 
 
 def dtype_bytes(dtype: object) -> int:
@@ -215,29 +223,60 @@ def _elementwise(elements: float, flops_per_element: int, inputs: int, dtype: ob
     )
 
 
-def layernorm(tokens: float, dim: int, dtype: object) -> Cost:
-    """LayerNorm over the last `dim` of `tokens` rows, with weight and bias.
+def _cast(elements: float, src: int, dst: int) -> Cost:
+    """x.to(dtype) between float dtypes of `src` and `dst` bytes: a copy, or nothing when the
+    dtype does not change (float types of equal size are taken as the same type)."""
+    if src == dst:
+        return Cost()
+    return Cost(act_read_bytes=elements * src, act_write_bytes=elements * dst)
 
-    other = 7*T*d; weights = 2*d*b; read T*d*b; write T*d*b.
+
+def layernorm(tokens: float, dim: int, dtype: object) -> Cost:
+    """LayerNorm over the last `dim` of `tokens` rows, with weight and bias (one native_layer_norm).
+
+    other = 7*T*d; weights = 2*d*b; read T*d*b; write T*d*b plus the per-row mean and rstd the
+    op also returns, in fp32 (2*T*4; fp64 for an fp64 input) as on CUDA and meta (the CPU
+    kernel returns them in a bf16 input's dtype, 2*T*2 bytes less per call).
     """
     _check(tokens=tokens, dim=dim)
+    b = dtype_bytes(dtype)
     cost = _elementwise(tokens * dim, LAYERNORM_FLOPS, 1, dtype)
-    return replace(cost, weight_bytes=2 * dim * dtype_bytes(dtype))
+    return cost + Cost(weight_bytes=2 * dim * b, act_write_bytes=2 * tokens * max(b, FP32))
 
 
 def layernorm2d(batch: int, channels: int, size: int, dtype: object) -> Cost:
-    """LayerNorm over the channels of a [B, C, size, size] map: layernorm(B*size^2, C)."""
-    _check(batch=batch, size=size)
-    return layernorm(batch * size * size, channels, dtype)
+    """LayerNorm over the channels of a [B, C, size, size] map, written out elementwise.
+
+    With E = B*C*size^2 elements and N = B*size^2 positions, the ops
+    mean(E->N), x-mean (E+N->E), pow (E->E), mean (E->N), +eps (N->N), sqrt (N->N),
+    x-mean again (E+N->E), divide (E+N->E), *weight (E->E), +bias (E->E)
+    read (8E + 5N)*b and write (6E + 4N)*b; weights 2*C*b; other = 7*E.
+    """
+    _check(batch=batch, channels=channels, size=size)
+    b = dtype_bytes(dtype)
+    positions = batch * size * size
+    elements = positions * channels
+    return Cost(
+        other_flops=LAYERNORM_FLOPS * elements,
+        weight_bytes=2 * channels * b,
+        act_read_bytes=(8 * elements + 5 * positions) * b,
+        act_write_bytes=(6 * elements + 4 * positions) * b,
+    )
 
 
 def rmsnorm(tokens: float, dim: int, dtype: object) -> Cost:
-    """RMSNorm (fp32 inside, weight only) over `tokens` rows.
+    """RMSNorm over `tokens` rows: variance and scaling in fp32, cast back, then the weight.
 
-    other = 4*T*d; weights = d*b; read T*d*b; write T*d*b.
+    With n = T*d: cast to fp32 (n*b -> 4n), pow (4n -> 4n), mean (4n -> 4T), +eps and rsqrt
+    (4T -> 4T each), x*rstd (4n + 4T -> 4n), cast back (4n -> n*b), weight * x (n*b + d*b -> n*b);
+    the casts vanish in fp32. other = 4n; weights = d*b.
     """
     _check(tokens=tokens, dim=dim)
-    return replace(_elementwise(tokens * dim, RMSNORM_FLOPS, 1, dtype), weight_bytes=dim * dtype_bytes(dtype))
+    b = dtype_bytes(dtype)
+    n = tokens * dim
+    fp32 = Cost(act_read_bytes=FP32 * (3 * n + 3 * tokens), act_write_bytes=FP32 * (2 * n + 3 * tokens))
+    scale = Cost(weight_bytes=dim * b, act_read_bytes=n * b, act_write_bytes=n * b)
+    return replace(_cast(n, b, FP32) + fp32 + _cast(n, FP32, b) + scale, other_flops=RMSNORM_FLOPS * n)
 
 
 def embedding(tokens: float, dim: int, dtype: object) -> Cost:
@@ -265,15 +304,103 @@ def gelu(elements: float, dtype: object) -> Cost:
 
 
 def quick_gelu(elements: float, dtype: object) -> Cost:
-    """x * sigmoid(1.702 x): other = 6n; read n*b; write n*b."""
+    """x * sigmoid(1.702 x) as three ops (scale, sigmoid, multiply): other = 6n; read 4n*b; write 3n*b."""
     _check(elements=elements)
-    return _elementwise(elements, QUICK_GELU_FLOPS, 1, dtype)
+    b = dtype_bytes(dtype)
+    n = elements
+    return Cost(other_flops=QUICK_GELU_FLOPS * n, act_read_bytes=4 * n * b, act_write_bytes=3 * n * b)
 
 
 def silu_gated(elements: float, dtype: object) -> Cost:
-    """silu(gate) * up, n output elements: other = 6n; read 2n*b; write n*b."""
+    """silu(gate) * up as two ops, n output elements: other = 6n; read 3n*b; write 2n*b."""
     _check(elements=elements)
-    return _elementwise(elements, SILU_GATED_FLOPS, 2, dtype)
+    b = dtype_bytes(dtype)
+    n = elements
+    return Cost(other_flops=SILU_GATED_FLOPS * n, act_read_bytes=3 * n * b, act_write_bytes=2 * n * b)
+
+
+def concat(elements: float, dtype: object) -> Cost:
+    """torch.cat of tensors holding n elements in all: read n*b, write n*b."""
+    _check(elements=elements)
+    b = dtype_bytes(dtype)
+    return Cost(act_read_bytes=elements * b, act_write_bytes=elements * b)
+
+
+def resized_table(src_elements: float, dst_elements: float, dtype: object) -> Cost:
+    """A parameter table interpolated to another size in fp32: cast to fp32, interpolate, cast back.
+
+    weights src*b (the table is read once); casts src*b -> src*4 and dst*4 -> dst*b (none in
+    fp32, where the interpolation reads the parameter itself); interpolation src*4 -> dst*4.
+    Interpolation FLOPs are not counted (a few per output element, negligible).
+    """
+    _check(src_elements=src_elements, dst_elements=dst_elements)
+    b = dtype_bytes(dtype)
+    if b == FP32:
+        return Cost(weight_bytes=src_elements * b, act_write_bytes=dst_elements * FP32)
+    return Cost(
+        weight_bytes=src_elements * b,
+        act_read_bytes=(src_elements + dst_elements) * FP32,
+        act_write_bytes=(src_elements + dst_elements) * FP32 + dst_elements * b,
+    )
+
+
+def sam_pos_embed(batch: int, grid: int, table_grid: int, width: int, dtype: object) -> Cost:
+    """x + pos over a [B, g, g, C] map, the table of table_grid^2 positions resized if g differs.
+
+    g == table_grid: read B*g^2*C*b and the table g^2*C*b (a weight), write B*g^2*C*b.
+    otherwise: resized_table(P^2*C -> g^2*C), then the add reads the resized g^2*C*b.
+    other = B*g^2*C.
+    """
+    _check(batch=batch, grid=grid, table_grid=table_grid, width=width)
+    b = dtype_bytes(dtype)
+    n = batch * grid * grid * width
+    table = grid * grid * width
+    out = Cost(other_flops=n, act_read_bytes=n * b, act_write_bytes=n * b)
+    if grid == table_grid:
+        return out + Cost(weight_bytes=table * b)
+    return out + resized_table(table_grid**2 * width, table, dtype) + Cost(act_read_bytes=table * b)
+
+
+def clip_embeddings(batch: int, side: int, table_grid: int, width: int, dtype: object) -> Cost:
+    """CLS token prepended to the side^2 patch features, then the position table added.
+
+    T = side^2 + 1. cat: the CLS vector (a weight, C*b, broadcast over the batch) and the
+    patches B*side^2*C*b -> B*T*C*b. Positions: side == table_grid adds the table itself
+    (a weight, T*C*b); otherwise the patch rows are resized (resized_table of
+    table_grid^2*C -> side^2*C) and cat'ed after the CLS row (weight C*b): read side^2*C*b,
+    write T*C*b. The add reads B*T*C*b and the table T*C*b, writes B*T*C*b. other = B*T*C.
+    """
+    _check(batch=batch, side=side, table_grid=table_grid, width=width)
+    b = dtype_bytes(dtype)
+    t = side * side + 1
+    elements = batch * t * width
+    patches = side * side * width
+    cls = Cost(weight_bytes=width * b, act_read_bytes=batch * patches * b, act_write_bytes=elements * b)
+    add_pos = Cost(other_flops=elements, act_read_bytes=elements * b, act_write_bytes=elements * b)
+    if side == table_grid:
+        return cls + add_pos + Cost(weight_bytes=t * width * b)
+    resized = resized_table(table_grid**2 * width, patches, dtype) + Cost(
+        weight_bytes=width * b, act_read_bytes=patches * b, act_write_bytes=t * width * b
+    )
+    return cls + resized + add_pos + Cost(act_read_bytes=t * width * b)
+
+
+def window_partition(batch: int, grid: int, width: int, window: int, dtype: object) -> Cost:
+    """SAM's window partition of a [B, g, g, C] map and its inverse around windowed attention.
+
+    gp = ceil(g/window)*window; n = B*g^2*C, np = B*gp^2*C. Zero-pad (n*b -> np*b, a copy even
+    without padding), permute into windows (copy np*b -> np*b), back (np*b -> np*b), and crop
+    the padding away (n*b -> n*b, only when gp > g).
+    """
+    _check(batch=batch, grid=grid, width=width, window=window)
+    if window < 1:
+        raise UserError(f"shape: window must be at least 1, got {window}")
+    b = dtype_bytes(dtype)
+    padded = math.ceil(grid / window) * window
+    n = batch * grid * grid * width
+    np_ = batch * padded * padded * width
+    crop = n if padded > grid else 0
+    return Cost(act_read_bytes=(n + 2 * np_ + crop) * b, act_write_bytes=(3 * np_ + crop) * b)
 
 
 def attention_core(
@@ -307,38 +434,77 @@ def attention_core(
     )
 
 
-def sam_attention(batch: int, grid: int, width: int, heads: int, dtype: object, *, window: int = 0) -> Cost:
+def rel_pos_offsets(side: int) -> Cost:
+    """The [side, side] index of query-key offsets SAM builds for one rel-pos table.
+
+    Two aranges (int64, 8k each), scaled to fp32 (8k -> 4k each), subtracted (8k -> 4k^2),
+    shifted (4k^2 -> 4k^2) and cast to int64 (4k^2 -> 8k^2): read 24k + 8k^2, write 24k + 16k^2.
+    """
+    _check(side=side)
+    k = side
+    return Cost(act_read_bytes=24 * k + 8 * k * k, act_write_bytes=24 * k + 16 * k * k)
+
+
+def sam_attention(
+    batch: int,
+    grid: int,
+    width: int,
+    heads: int,
+    dtype: object,
+    *,
+    window: int = 0,
+    table_side: int | None = None,
+) -> Cost:
     """SAM ViT attention with decomposed relative-position bias over a [B, grid, grid, width] map.
 
     Windowed (window > 0): the normed map is zero-padded to gp = ceil(grid/window)*window and
     cut into nw = (gp/window)^2 windows of L = window^2 tokens; padded tokens are keys too.
     Global (window = 0): gp = grid, nw = 1, L = grid^2. With G = B*nw, Np = B*gp^2, D = width/heads,
-    k = sqrt(L) (rows = cols of the attended grid):
+    k = sqrt(L) (rows = cols of the attended grid), and the rel-pos parameter tables built for
+    P = table_side (default k) with 2P-1 rows:
       qkv  = linear(Np, width, 3*width, bias);  proj = linear(Np, width, width, bias)
-      rel  : rel_h, rel_w = einsum(q, R): matmul 2 * 2*G*H*L*k*D; tables 2*(2k-1)*D*b;
-             read q twice, write 2*G*H*L*k*b
-      bias : rel_h[..., None] + rel_w[..., None, :] -> [G*H, L, L]: other G*H*L^2, write G*H*L^2*b
+      rel, per table (two: rows and columns):
+             table: the parameter ((2P-1)*D*b, a weight), or resized_table to 2k-1 rows if P != k
+             offsets: rel_pos_offsets(k); gather R [k, k, D]: read min(2k-1, k^2)*D*b and the
+             k^2 int64 index, write k^2*D*b
+             q copied into the layout the einsum's bmm needs: read and write Np*width*b (the
+             strided q's reshape and torch's einsum permutes make exactly two copies per block)
+             einsum bmm: matmul 2*G*H*L*k*D; read the copy Np*width*b and R, write G*H*L*k*b
+      bias : rel_h[..., None] + rel_w[..., None, :] -> G*H*L^2: other G*H*L^2, read 2*G*H*L*k*b,
+             write G*H*L^2*b; its layout follows the einsum outputs, so the reshape to
+             [G, H, L, L] copies it once more (read and write G*H*L^2*b)
       core : attention_core(G, H, L, L, D, mask=True)
     """
     _check(batch=batch, grid=grid, width=width, heads=heads, window=window)
     head_dim = _divides(width, heads, "sam width / heads")
     b = dtype_bytes(dtype)
     side = window if window else grid
+    table_side = side if table_side is None else table_side
+    _check(table_side=table_side)
     padded = math.ceil(grid / side) * side
     groups = batch * (padded // side) ** 2
     seq = side * side
     tokens = batch * padded * padded
     scores = groups * heads * seq * seq
-    rel = Cost(
-        matmul_flops=2 * 2 * groups * heads * seq * side * head_dim,
-        weight_bytes=2 * (2 * side - 1) * head_dim * b,
-        act_read_bytes=2 * tokens * width * b,
-        act_write_bytes=2 * groups * heads * seq * side * b,
+    rows = 2 * side - 1
+    gathered = min(rows, seq) * head_dim * b
+    if table_side == side:
+        table = Cost(weight_bytes=gathered)
+    else:
+        table = resized_table((2 * table_side - 1) * head_dim, rows * head_dim, dtype)
+        table += Cost(act_read_bytes=gathered)
+    gather = Cost(act_read_bytes=seq * INDEX_BYTES, act_write_bytes=seq * head_dim * b)
+    q_copy = Cost(act_read_bytes=tokens * width * b, act_write_bytes=tokens * width * b)
+    einsum = Cost(
+        matmul_flops=2 * groups * heads * seq * side * head_dim,
+        act_read_bytes=tokens * width * b + seq * head_dim * b,
+        act_write_bytes=groups * heads * seq * side * b,
     )
+    rel = 2 * (table + rel_pos_offsets(side) + gather + q_copy + einsum)
     bias = Cost(
         other_flops=scores,
-        act_read_bytes=2 * groups * heads * seq * side * b,
-        act_write_bytes=scores * b,
+        act_read_bytes=2 * groups * heads * seq * side * b + scores * b,
+        act_write_bytes=2 * scores * b,
     )
     return (
         linear(tokens, width, 3 * width, dtype)
@@ -365,14 +531,59 @@ def clip_attention(batch: int, tokens: int, width: int, heads: int, dtype: objec
     )
 
 
+def rope(tokens: float, hidden: int, head_dim: int, dtype: object) -> Cost:
+    """Rotary embedding of one [T, H, D] tensor (n = T*hidden elements) with [T, D] cos/sin tables.
+
+    x * cos + cat(-x2, x1) * sin as eager ops: neg (n/2 -> n/2), cat (n -> n), two multiplies
+    (n + T*D -> n each), add (2n -> n): read (5.5n + 2*T*D)*b, write 4.5n*b; other = 3n.
+    """
+    _check(tokens=tokens, hidden=hidden, head_dim=head_dim)
+    b = dtype_bytes(dtype)
+    n = tokens * hidden
+    table = tokens * head_dim
+    return Cost(
+        other_flops=ROPE_FLOPS * n, act_read_bytes=(5.5 * n + 2 * table) * b, act_write_bytes=4.5 * n * b
+    )
+
+
+def rope_tables(tokens: float, head_dim: int, dtype: object) -> Cost:
+    """cos and sin [T, D] of T positions, computed in fp32 once per forward, cast to the dtype.
+
+    Inverse frequencies over D/2 (arange, cast, divide, power, reciprocal, multiply: read 14D,
+    write 14D bytes with the int64 arange), positions (arange 8T, cast 8T -> 4T), their outer
+    product (4T + 2D -> 2TD), cat (4TD -> 4TD), cos and sin (4TD -> 4TD each) and the two casts
+    (4TD -> TD*b each, none in fp32): read 12T + 14D + 12TD (+ 8TD), write 12T + 14D + 14TD (+ 2TD*b).
+    FLOPs are not counted (per position and frequency, not per hidden element).
+    """
+    _check(tokens=tokens, head_dim=head_dim)
+    b = dtype_bytes(dtype)
+    t, d = tokens, head_dim
+    tables = Cost(act_read_bytes=12 * t + 14 * d + 12 * t * d, act_write_bytes=12 * t + 14 * d + 14 * t * d)
+    return tables + 2 * _cast(t * d, FP32, b)
+
+
+def image_scatter(tokens: float, image_tokens: float, hidden: int, dtype: object) -> Cost:
+    """Image features written over the `<image>` positions of the prompt's embeddings.
+
+    ids == image_id (read T*8, write T bools), then masked_scatter: read the embeddings T*h*b,
+    the mask T and the N image features N*h*b, write T*h*b.
+    """
+    _check(tokens=tokens, image_tokens=image_tokens, hidden=hidden)
+    b = dtype_bytes(dtype)
+    return Cost(
+        act_read_bytes=tokens * INDEX_BYTES + tokens * BOOL_BYTES + (tokens + image_tokens) * hidden * b,
+        act_write_bytes=tokens * BOOL_BYTES + tokens * hidden * b,
+    )
+
+
 def causal_attention(new_tokens: float, cached_tokens: float, hidden: int, heads: int, dtype: object) -> Cost:
     """Causal multi-head self-attention of `new_tokens` queries after `cached_tokens` cached ones.
 
     Prefill of S tokens: (S, 0). Decode of one token against a cache of length L: (1, L).
     With n = new, c = cached, K = c + n keys, h = hidden (= heads*D):
       q,k,v,o = 4 * linear(n, h, h, no bias)       -> 8*n*h^2
-      RoPE on q and k                               other 3*2*n*h
-      K/V appended to the cache                     kv_write 2*n*h*b
+      RoPE on q and k                               rope(n, h, D) each
+      K/V copied into the cache                     read 2*n*h*b, kv_write 2*n*h*b
       core: attention_core(1, H, n, K, D) reading K/V from the cache
             executed (dense)  4*n*K*h
             useful  (causal)  4*h*(n*c + n(n+1)/2)  -> masked = executed - useful
@@ -384,15 +595,11 @@ def causal_attention(new_tokens: float, cached_tokens: float, hidden: int, heads
     keys = cached_tokens + new_tokens
     core = attention_core(1, heads, new_tokens, keys, head_dim, dtype, kv_from_cache=True)
     useful = 4 * hidden * (new_tokens * cached_tokens + new_tokens * (new_tokens + 1) / 2)
-    rope = Cost(
-        other_flops=ROPE_FLOPS * 2 * new_tokens * hidden,
-        act_read_bytes=2 * new_tokens * hidden * b,
-        act_write_bytes=2 * new_tokens * hidden * b,
-    )
+    append = Cost(act_read_bytes=2 * new_tokens * hidden * b, kv_write_bytes=2 * new_tokens * hidden * b)
     return (
         4 * linear(new_tokens, hidden, hidden, dtype, bias=False)
-        + rope
-        + Cost(kv_write_bytes=2 * new_tokens * hidden * b)
+        + 2 * rope(new_tokens, hidden, head_dim, dtype)
+        + append
         + replace(core, masked_matmul_flops=core.matmul_flops - useful)
     )
 
@@ -433,10 +640,18 @@ def moe_parts(
     """DeepSeek-V2 MoE over T tokens, split into its "gate", "routed" and "shared" parts.
 
     gate:   fp32 F.linear(x.float(), W.float()) -> matmul 2*T*h*E; softmax other 5*T*E;
-            weights E*h*b; the fp32 copies of x and W are written, then read.
+            weights E*h*b; the fp32 copies of x and W are written, then read (none in fp32);
+            logits and probabilities (T*E*4) written and read; top-k reads the probabilities
+            and writes T*k fp32 weights and int64 ids.
     routed: T*k token-expert pairs through bias-free SwiGLU experts of width I:
             matmul 6*T*k*h*I; weights read only for the experts touched: X*3*h*I*b, X given
-            or expected_distinct_experts(T, E, k); weighting and summing the k outputs other 2*T*k*h.
+            or expected_distinct_experts(T, E, k). Around the experts, with P = T*k:
+            argsort of the ids (P*8 -> 2*P*8: sorted values and order), token of each pair
+            (P*8 -> P*8), gather of the tokens (T*h*b + P*8 -> P*h*b), cat of the expert
+            outputs (P*h*b -> P*h*b), cast to fp32 (P*h*b -> P*h*4), gather of the routing
+            weights (P*4 + P*8 -> P*4), weighting (P*h*4 + P*4 -> P*h*4), an fp32 zero
+            buffer (T*h*4), index_add_ into it (P*8 + P*h*4 + T*h*4 -> T*h*4) and the cast
+            back (T*h*4 -> T*h*b); weighting and summing other 2*P*h.
     shared: swiglu_mlp(T, h, I_shared) over all tokens, its output added to the routed sum.
     """
     _check(tokens=tokens, expert_intermediate=expert_intermediate, shared_intermediate=shared_intermediate)
@@ -448,23 +663,42 @@ def moe_parts(
         limit = min(n_experts, tokens * top_k)
         raise UserError(f"moe: {touched} experts touched, more than min(E, T*k) = {limit}")
     b = dtype_bytes(dtype)
-    fp32 = 4
     pairs = tokens * top_k
-    copies = (tokens + n_experts) * hidden * fp32
-    logits = tokens * n_experts * fp32
+    copies = (tokens + n_experts) * hidden * FP32 if b != FP32 else 0
+    logits = tokens * n_experts * FP32
     gate = Cost(
         matmul_flops=2 * tokens * hidden * n_experts,
         other_flops=SOFTMAX_FLOPS * tokens * n_experts,
         weight_bytes=n_experts * hidden * b,
-        # fp32 copies of x and W (written, then read by the matmul), logits and probabilities
         act_read_bytes=tokens * hidden * b + copies + 2 * logits,
-        act_write_bytes=copies + 2 * logits,
+        act_write_bytes=copies + 2 * logits + pairs * (FP32 + INDEX_BYTES),
+    )
+    ids = pairs * INDEX_BYTES
+    dispatch = (
+        Cost(act_read_bytes=ids, act_write_bytes=2 * ids)
+        + Cost(act_read_bytes=ids, act_write_bytes=ids)
+        + Cost(act_read_bytes=tokens * hidden * b + ids, act_write_bytes=pairs * hidden * b)
     )
     experts = swiglu_mlp(pairs, hidden, expert_intermediate, dtype)
-    combine = Cost(
-        other_flops=2 * pairs * hidden, act_read_bytes=pairs * hidden * b, act_write_bytes=tokens * hidden * b
+    weighted = Cost(
+        other_flops=pairs * hidden,
+        act_read_bytes=pairs * (FP32 + INDEX_BYTES) + pairs * (hidden + 1) * FP32,
+        act_write_bytes=pairs * FP32 + pairs * hidden * FP32,
     )
-    routed = replace(experts, weight_bytes=touched * 3 * hidden * expert_intermediate * b) + combine
+    summed = Cost(
+        other_flops=pairs * hidden,
+        act_read_bytes=ids + (pairs + tokens) * hidden * FP32,
+        act_write_bytes=2 * tokens * hidden * FP32,
+    )
+    combine = (
+        concat(pairs * hidden, dtype)
+        + _cast(pairs * hidden, b, FP32)
+        + weighted
+        + summed
+        + _cast(tokens * hidden, FP32, b)
+    )
+    experts = replace(experts, weight_bytes=touched * 3 * hidden * expert_intermediate * b)
+    routed = dispatch + experts + combine
     shared = swiglu_mlp(tokens, hidden, shared_intermediate, dtype) + add(tokens * hidden, dtype)
     return {"gate": gate, "routed": routed, "shared": shared}
 
@@ -499,9 +733,10 @@ def lm_head(
 ) -> Cost:
     """Output projection to the vocabulary, then the cast of the logits (fp32 by default).
 
-    matmul = 2*T*h*V; weights = V*h*b; plus the cast: read T*V*b, write T*V*b_logits.
+    matmul = 2*T*h*V; weights = V*h*b; plus the cast: read T*V*b, write T*V*b_logits (none
+    when the model already computes in the logits' dtype).
     """
     _check(tokens=tokens, hidden=hidden, vocab=vocab)
     b = dtype_bytes(dtype)
-    cast = Cost(act_read_bytes=tokens * vocab * b, act_write_bytes=tokens * vocab * dtype_bytes(logits_dtype))
+    cast = _cast(tokens * vocab, b, dtype_bytes(logits_dtype))
     return linear(tokens, hidden, vocab, dtype, bias=False) + cast

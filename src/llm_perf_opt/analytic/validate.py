@@ -7,6 +7,15 @@ prompt, and two decode steps. Each stage's analytic *executed* matmul FLOPs must
 the count within 1%; so must the published reference figures in `references()`. Prints both tables and
 the analytic model's evaluation time; exits 1 on any disagreement.
 
+With --bytes, the analytic bytes per stage (weights, activations read and written, KV reads
+and writes) are checked instead against `analytic.byte_count.ByteCounter`, a dispatch mode
+that counts the bytes of every aten op on the same meta model (rules in its docstring), for
+the same cases and stages. The analytic formulas follow eager execution op for op, so the two
+must be equal (BYTES_TOLERANCE absorbs float rounding only), weights and KV bytes exactly.
+The one convention the count adopts from the analytic model: scaled-dot-product attention is
+one fused kernel that never writes its score matrix (torch decomposes it on meta). The routed
+experts are those the meta run fed, given to the analytic model as observed routing.
+
 FLOP formulas: on meta tensors SDPA decomposes into aten.bmm, which FlopCounterMode counts, so
 no formula is missing there. On real CPU tensors SDPA runs
 aten._scaled_dot_product_flash_attention_for_cpu, which torch (2.13) has no formula for;
@@ -18,6 +27,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +36,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from llm_perf_opt.analytic import families as fam
+from llm_perf_opt.analytic.byte_count import ByteCount, ByteCounter
 from llm_perf_opt.analytic.deepseek_ocr import (
     DEFAULT_TEXT_TOKENS,
     ROOFLINE_NOTE,
@@ -38,12 +49,29 @@ from llm_perf_opt.errors import UserError
 from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRConfig
 from llm_perf_opt.models.deepseek_ocr.modes import ModeSpec
 from llm_perf_opt.config import group_options, load
+from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord
 from llm_perf_opt.models.deepseek_ocr.stages import CLIP, DECODE, PREFILL, PROJECTOR, SAM
 
 TOLERANCE = 0.01
 #: Decode steps run per case: the first is checked alone, both together as the run.
 DECODE_STEPS = 2
 GIGA = 1e9
+#: Total and activation bytes: the analytic formulas follow eager execution op for op, so they
+#: must equal the count; this only absorbs float rounding in the analytic sums (terms like 5.5*n,
+#: the mean decode context). Anything looser would hide a forgotten copy: one copy of one
+#: activation in one SAM block is ~0.1% of the stage. Weight and KV bytes are compared exactly.
+BYTES_TOLERANCE = 1e-9
+BYTES_NOTE = (
+    "counted: every aten op reads its tensor inputs and writes its outputs once; views, metadata ops and\n"
+    "uninitialised allocations are free; weights and KV-cache buffers are told apart by storage.\n"
+    "Both sides count SDPA as one fused kernel (q, k, v and mask read, output written, no score matrix):\n"
+    "on meta torch decomposes it into bmm + softmax + bmm writing the scores, so the counter takes the call\n"
+    "before the decomposition. Everything else is counted as it runs, and the analytic formulas follow it:\n"
+    "fp32 RMSNorm/router/combine internals and casts, SAM's rel-pos bias written twice (add, then the copy\n"
+    "its layout forces), the q copies for the rel-pos einsums, window padding and partition copies, the\n"
+    "resized position tables, RoPE ops and tables, the MoE dispatch and combine ops.\n"
+    "Routed experts: those the meta run fed (an even split), given to the analytic model as observed routing."
+)
 
 
 def builtin_modes() -> dict[str, ModeSpec]:
@@ -229,6 +257,171 @@ def analytic_speed(cfg: DeepSeekOCRConfig, text_tokens: int, decode_steps: int =
     return time.perf_counter() - start
 
 
+# -- bytes ------------------------------------------------------------------------------------
+
+
+class ExpertRows:
+    """Rows each routed expert receives, per MoE layer, observed with forward pre-hooks.
+
+    On meta tensors the router has no values and the model spreads the T*k assignments evenly;
+    recording what the experts actually receive gives the routing the analytic model must use
+    to read exactly the expert weights the run read.
+    """
+
+    def __init__(self, model) -> None:
+        self._rows = {layer: [0] * len(moe.experts) for layer, moe in model.moe_layers().items()}
+        self._handles = [
+            expert.register_forward_pre_hook(self._hook(layer, e))
+            for layer, moe in model.moe_layers().items()
+            for e, expert in enumerate(moe.experts)
+        ]
+
+    def _hook(self, layer: int, expert: int):
+        def record(module, args) -> None:
+            self._rows[layer][expert] += args[0].shape[0]
+
+        return record
+
+    def take(self) -> tuple[tuple[int, ...], ...]:
+        """Counts per MoE layer since the last take, layers in order."""
+        out = tuple(tuple(self._rows[layer]) for layer in sorted(self._rows))
+        for counts in self._rows.values():
+            counts[:] = [0] * len(counts)
+        return out
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+class ByteStages:
+    """ByteCounter counts of the meta model per stage (byte_count.py); vision counts are reused."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self._params = list(model.parameters())
+        self._vision: dict[tuple[int, int], tuple[dict[str, ByteCount], torch.Tensor]] = {}
+
+    def _count(self, fn, kv: Sequence[torch.Tensor] = ()) -> tuple[ByteCount, Any]:
+        with ByteCounter(weights=self._params, kv=kv) as counter:
+            out = fn()
+        return counter.total, out
+
+    def vision(self, size: int, batch: int) -> tuple[dict[str, ByteCount], torch.Tensor]:
+        """Bytes of SAM, CLIP and the projector on `batch` views of size x size, and the features."""
+        key = (size, batch)
+        if key not in self._vision:
+            m = self.model
+            pixels = torch.empty(batch, 3, size, size, device="meta", dtype=m.dtype)
+            sam, sam_out = self._count(lambda: m.sam(pixels))
+            clip, clip_out = self._count(lambda: m.clip(sam_out))
+            proj, feats = self._count(lambda: m.project(sam_out, clip_out))
+            self._vision[key] = ({SAM: sam, CLIP: clip, PROJECTOR: proj}, feats)
+        return self._vision[key]
+
+    def case(self, case: Case, text_tokens: int) -> tuple[dict[tuple[str, str], ByteCount], RoutingRecord]:
+        """(stage, scope) -> counted bytes for one run of `case` with DECODE_STEPS decode steps,
+        and the expert routing the run took."""
+        m, mode = self.model, case.mode
+        counts, global_feats = self.vision(mode.global_size, 1)
+        tile_feats = None
+        cols, rows = case.grid
+        if cols * rows > 1:
+            tile_counts, tile_feats = self.vision(mode.image_size, cols * rows)
+            counts = {stage: counts[stage] + tile_counts[stage] for stage in counts}
+        out = {(stage, RUN): count for stage, count in counts.items()}
+        embeds = m.layout(global_feats, tile_feats, case.grid)
+        s = embeds.shape[0] + text_tokens
+        cache = m.new_cache(s + DECODE_STEPS)
+        kv = cache.keys + cache.values
+        ids = torch.empty(1, s, dtype=torch.long, device="meta")
+        token = torch.empty(1, 1, dtype=torch.long, device="meta")
+        experts = ExpertRows(m)
+        try:
+            out[(PREFILL, RUN)], _ = self._count(lambda: m.prefill(ids, embeds, cache), kv)
+            prefill_rows = experts.take()
+            steps, decode_rows = [], []
+            for _ in range(DECODE_STEPS):
+                steps.append(self._count(lambda: m.decode_step(token, cache), kv)[0])
+                decode_rows.append(experts.take())
+        finally:
+            experts.close()
+        out[(DECODE, STEP)] = steps[0]
+        out[(DECODE, RUN)] = sum(steps, ByteCount())
+        return out, RoutingRecord(prefill=prefill_rows, decode=tuple(decode_rows))
+
+
+def _rel(analytic: float, counted: float) -> float:
+    return abs(analytic - counted) / counted if counted else abs(analytic)
+
+
+def compare_bytes(
+    cfg: DeepSeekOCRConfig, counter: ByteStages, text_tokens: int, dtype: str = "bfloat16"
+) -> pd.DataFrame:
+    """Analytic bytes vs ByteCounter bytes per case and stage (GB; weights in MB).
+
+    The analytic model gets the routing the meta run took, so both read the same experts.
+    `act_err` is the larger relative error of activation reads and writes; weight and KV bytes
+    must be equal, exactly (whole numbers of bytes on both sides).
+    """
+    rows = []
+    for case in cases():
+        counted, routing = counter.case(case, text_tokens)
+        model = stage_costs(
+            cfg, case.mode, grid=case.grid, text_tokens=text_tokens, decode_steps=DECODE_STEPS,
+            dtype=dtype, routing=routing,
+        )  # fmt: skip
+        totals = model.totals().set_index(["stage", "scope"])
+        for (stage, scope), count in counted.items():
+            analytic = totals.loc[(stage, scope)]
+            err = _rel(analytic["bytes"], count.bytes)
+            act_err = max(
+                _rel(analytic["act_read_bytes"], count.act_read_bytes),
+                _rel(analytic["act_write_bytes"], count.act_write_bytes),
+            )
+            weights = analytic["weight_bytes"] == count.weight_bytes
+            kv = (analytic["kv_read_bytes"], analytic["kv_write_bytes"]) == (
+                count.kv_read_bytes,
+                count.kv_write_bytes,
+            )
+            rows.append(
+                {
+                    "case": case.name,
+                    "S": model.workload.prompt_tokens,
+                    "stage": stage,
+                    "scope": scope,
+                    "analytic_GB": analytic["bytes"] / GIGA,
+                    "counted_GB": count.bytes / GIGA,
+                    "rel_err": err,
+                    "act_err": act_err,
+                    "weight_MB": count.weight_bytes / 1e6,
+                    "weights_equal": weights,
+                    "kv_equal": kv,
+                    "ok": err <= BYTES_TOLERANCE and act_err <= BYTES_TOLERANCE and weights and kv,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def validate_bytes(cfg: DeepSeekOCRConfig, text_tokens: int) -> int:
+    """Print the byte comparison for every case; 0 when every stage agrees, else 1."""
+    start = time.perf_counter()
+    table = compare_bytes(cfg, ByteStages(build_meta_model(cfg)), text_tokens)
+    seconds = time.perf_counter() - start
+    display = ("display.width", 200, "display.max_rows", None, "display.float_format", "{:.4g}".format)
+    with pd.option_context(*display):
+        print("Bytes per stage: analytic (families.py, eager op by op) vs ByteCounter on the meta model")
+        print(BYTES_NOTE)
+        print(table.to_string(index=False))
+    bad = int((~table["ok"]).sum())
+    print(f"\nByteCounter on meta: {seconds:.1f} s")
+    print(
+        f"{'FAIL' if bad else 'PASS'}: {bad} stage(s) differ (total or activation bytes beyond "
+        f"{BYTES_TOLERANCE:g} relative, or weight or KV bytes not equal)"
+    )
+    return 1 if bad else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m llm_perf_opt.analytic.validate", description=__doc__.splitlines()[0]
@@ -236,11 +429,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS, help="non-image prompt tokens (BOS included)"
     )
+    parser.add_argument(
+        "--bytes", action="store_true", help="check the analytic bytes (ByteCounter) instead of the FLOPs"
+    )
     args = parser.parse_args(argv)
     try:
         if args.text_tokens < 1:
             raise UserError("validate: --text-tokens must be at least 1")
         cfg = DeepSeekOCRConfig()
+        if args.bytes:
+            return validate_bytes(cfg, args.text_tokens)
         seconds = analytic_speed(cfg, args.text_tokens)
         start = time.perf_counter()
         stages = compare(cfg, Counter(build_meta_model(cfg)), args.text_tokens)

@@ -1,0 +1,237 @@
+"""Count the bytes eager PyTorch moves: every aten op reads its tensor inputs and writes its
+tensor outputs once. Works on the meta device (shapes only), like FlopCounterMode.
+
+    with ByteCounter(weights=model.parameters(), kv=cache.keys + cache.values) as counter:
+        model(x)
+    counter.total      ByteCount(weight_bytes, act_read_bytes, act_write_bytes, kv_read_bytes, kv_write_bytes)
+    counter.by_op      aten op name -> ByteCount
+
+A TorchDispatchMode sees every aten op below autograd, so composite ops arrive decomposed
+(`linear` as `t` + `addmm`, `reshape` as `view` or `clone` + `_unsafe_view`). Per op:
+
+* Views and pure metadata ops move nothing. The schema decides: `func.is_view` (the return
+  aliases an input and nothing is written: view, transpose, permute, expand, slice, select,
+  unsqueeze, squeeze, t, alias, detach, as_strided, unbind, split_with_sizes, ...). Ops whose
+  schema does not annotate the alias (`_unsafe_view`) are caught at run time: an op that
+  writes nothing and returns tensors that all share an input's storage is a view too. Storage
+  identity is the `untyped_storage()`, which meta tensors have as well. An op returning no
+  tensor (`.item()`) still reads its inputs.
+* Allocation without initialisation moves nothing: ops named `empty*` / `new_empty*`.
+  Other factories (`zeros`, `arange`, `ones`) write their output.
+* An input is read over its footprint: the distinct elements it addresses (the product of
+  the sizes of its dimensions with a non-zero stride) times the element size, so a broadcast
+  (expanded, stride-0) operand counts once, not once per use.
+* Gathers (`embedding`, `index.Tensor`, `index_select`, `gather`) read from their source at
+  most the bytes they output: min(source footprint, output bytes). An embedding lookup reads
+  the rows it gathers; a small table gathered many times is read once.
+* An argument the schema marks as written (`Tensor(a!)`) counts as written over its whole
+  footprint (exact for `copy_` into a slice view and for an `index_add_` that reaches every
+  row; a scatter into a few rows of a large tensor would be overcounted). The `self` of an
+  in-place op (`Tag.inplace`) is read too, unless the op only overwrites it (`copy_`,
+  `fill_`, `zero_`); `out=` tensors are only written. Returned aliases are not counted again.
+* Scaled-dot-product attention counts as the single fused kernel it is on CUDA and CPU: read
+  q, k, v and the mask once, write the output; the score matrix is never written. On the
+  meta device `F.scaled_dot_product_attention` decomposes (before any dispatch mode sees it)
+  into scale, bmm, softmax, bmm, which would write the scores; a TorchFunctionMode takes the
+  call at the Python level instead, counts the fused kernel, and on meta returns the output
+  in the fused kernels' layout (see `_fused_attention`). Other devices run the real kernel,
+  uncounted.
+
+Categories, by storage: an input whose storage is a parameter's is a weight read
+(parameters are never written in inference); an input or output whose storage is a KV-cache
+buffer's is a KV read or write; everything else is an activation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+_aten = torch.ops.aten
+_GATHERS = frozenset(
+    {_aten.embedding.default, _aten.index.Tensor, _aten.index_select.default, _aten.gather.default}
+)
+_OVERWRITES = frozenset({_aten.copy_.default, _aten.fill_.Scalar, _aten.fill_.Tensor, _aten.zero_.default})
+
+#: Name `by_op` gives the fused attention kernel.
+ATTENTION = "scaled_dot_product_attention"
+
+
+@dataclass(frozen=True)
+class ByteCount:
+    """Bytes by category, the byte fields of analytic.families.Cost; adds up."""
+
+    weight_bytes: int = 0
+    act_read_bytes: int = 0
+    act_write_bytes: int = 0
+    kv_read_bytes: int = 0
+    kv_write_bytes: int = 0
+
+    def __add__(self, other: ByteCount) -> ByteCount:
+        if not isinstance(other, ByteCount):
+            return NotImplemented
+        return ByteCount(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(ByteCount)))
+
+    @property
+    def bytes(self) -> int:
+        return sum(getattr(self, f.name) for f in fields(ByteCount))
+
+
+def footprint(t: torch.Tensor) -> int:
+    """Bytes of the distinct elements `t` addresses: sizes of its non-broadcast dims times itemsize."""
+    elements = 1
+    for size, stride in zip(t.shape, t.stride(), strict=True):
+        if stride != 0 or size == 0:
+            elements *= size
+    return elements * t.element_size()
+
+
+def _storage(t: torch.Tensor) -> int:
+    # The StorageImpl's address: shared by a tensor and all its views, on meta too.
+    return t.untyped_storage()._cdata
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    return [x for x in tree_leaves(tree) if isinstance(x, torch.Tensor)]
+
+
+def _written(
+    func: torch._ops.OpOverload, args: tuple, kwargs: dict
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Tensors the schema marks as mutated (`Tensor(a!)`): (in-place positional args, out= args)."""
+    in_place, out = [], []
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        if arg.kwarg_only:
+            out += _tensors(kwargs.get(arg.name))
+        else:
+            in_place += _tensors(args[i] if i < len(args) else kwargs.get(arg.name))
+    return in_place, out
+
+
+def _is_allocation(func: torch._ops.OpOverload) -> bool:
+    name = func._schema.name.removeprefix("aten::")
+    return name.startswith(("empty", "new_empty"))
+
+
+def _fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any):
+    """F.scaled_dot_product_attention, with the output layout of the fused kernels on meta.
+
+    The CPU flash kernel allocates its output like the query (`empty_like`); the CUDA flash and
+    memory-efficient kernels allocate [B, Sq, H, D] and return its transpose, the same layout
+    for the [B, S, H, D]-strided queries a projection followed by a transpose gives. Later
+    reshapes are views or copies depending on that layout, so it must be the real one.
+    """
+    if query.is_meta and value.shape[-1] == query.shape[-1]:
+        return torch.empty_like(query)
+    return F.scaled_dot_product_attention(query, key, value, *args, **kwargs)
+
+
+class _Dispatch(TorchDispatchMode):
+    def __init__(self, counter: ByteCounter) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not self.counter.suspended:
+            self.counter.record_op(func, args, kwargs, out)
+        return out
+
+
+class _FusedAttention(TorchFunctionMode):
+    def __init__(self, counter: ByteCounter) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention or self.counter.suspended:
+            return func(*args, **kwargs)
+        self.counter.suspended = True
+        try:
+            out = _fused_attention(*args, **kwargs)
+        finally:
+            self.counter.suspended = False
+        inputs = _tensors((args, kwargs))
+        self.counter.record(ATTENTION, [(t, footprint(t)) for t in inputs], [out])
+        return out
+
+
+class ByteCounter:
+    """Context manager counting the bytes of every aten op run inside it (see module docstring).
+
+    weights: the model's parameters; kv: the KV-cache buffers (their views count as the buffer).
+    Dense tensors only (a tensor without a storage cannot be classified).
+    """
+
+    def __init__(self, weights: Iterable[torch.Tensor] = (), kv: Iterable[torch.Tensor] = ()) -> None:
+        self._weights = {_storage(t) for t in weights}
+        self._kv = {_storage(t) for t in kv}
+        self.by_op: dict[str, ByteCount] = {}
+        self.suspended = False
+        self._modes: list[Any] = []
+
+    @property
+    def total(self) -> ByteCount:
+        return sum(self.by_op.values(), ByteCount())
+
+    def __enter__(self) -> ByteCounter:
+        self._modes = [_FusedAttention(self), _Dispatch(self)]
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
+        self._modes = []
+
+    def record_op(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any) -> None:
+        """Count one aten op by the rules of the module docstring."""
+        if func.is_view or _is_allocation(func):
+            return
+        inputs = _tensors((args, kwargs))
+        outputs = _tensors(out)
+        in_place, out_args = _written(func, args, kwargs)
+        in_storages = {_storage(t) for t in inputs}
+        if not in_place and not out_args and outputs and all(_storage(t) in in_storages for t in outputs):
+            return
+        written = {id(t) for t in in_place + out_args}
+        reads = [t for t in inputs if id(t) not in written]
+        if torch.Tag.inplace in func.tags and func not in _OVERWRITES:
+            reads += in_place
+        sizes = [footprint(t) for t in reads]
+        if func in _GATHERS:
+            sizes[0] = min(sizes[0], sum(t.numel() * t.element_size() for t in outputs))
+        writes = in_place + out_args + [t for t in outputs if _storage(t) not in in_storages]
+        self.record(func.overloadpacket.__name__, list(zip(reads, sizes, strict=True)), writes)
+
+    def record(self, name: str, reads: list[tuple[torch.Tensor, int]], writes: list[torch.Tensor]) -> None:
+        """Add one kernel under `name`: (tensor, bytes read from it) pairs and the tensors it
+        writes (over their footprint), each classified by its storage."""
+        weight = act_read = act_write = kv_read = kv_write = 0
+        for t, size in reads:
+            key = _storage(t)
+            if key in self._weights:
+                weight += size
+            elif key in self._kv:
+                kv_read += size
+            else:
+                act_read += size
+        for t in writes:
+            if _storage(t) in self._kv:
+                kv_write += footprint(t)
+            else:
+                act_write += footprint(t)
+        count = ByteCount(weight, act_read, act_write, kv_read, kv_write)
+        self.by_op[name] = self.by_op.get(name, ByteCount()) + count

@@ -1,0 +1,332 @@
+"""ByteCounter on hand-computed cases, family formulas against it, and `validate --bytes` on the
+tiny architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llm_perf_opt.analytic import families as fam
+from llm_perf_opt.analytic import validate
+from llm_perf_opt.analytic.byte_count import ATTENTION, ByteCount, ByteCounter, footprint
+from llm_perf_opt.analytic.deepseek_ocr import MODEL_STAGES, stage_costs
+from llm_perf_opt.models.deepseek_ocr.config import SamConfig
+from llm_perf_opt.models.deepseek_ocr.decoder import RMSNorm
+from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord
+from llm_perf_opt.models.deepseek_ocr.sam import LayerNorm2d, SamAttention, window_partition
+
+SAM, CLIP, PROJECTOR, PREFILL, DECODE = MODEL_STAGES
+BF16 = torch.bfloat16
+
+
+def meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.empty(*shape, device="meta", dtype=dtype)
+
+
+def count(fn, weights=(), kv=()) -> ByteCounter:
+    with ByteCounter(weights=weights, kv=kv) as counter:
+        fn()
+    return counter
+
+
+def as_bytes(cost: fam.Cost) -> ByteCount:
+    """The byte fields of an analytic cost, which must be whole numbers of bytes."""
+    values = [getattr(cost, name) for name in ByteCount.__dataclass_fields__]
+    assert all(v == int(v) for v in values), values
+    return ByteCount(*(int(v) for v in values))
+
+
+# -- the counter on hand-computed cases ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_linear_reads_input_weight_bias_and_writes_output(device):
+    with torch.device(device):
+        layer = nn.Linear(48, 80).to(BF16)
+        x = torch.zeros(2, 7, 48, dtype=BF16)
+    with torch.no_grad():
+        counter = count(lambda: layer(x), weights=layer.parameters())
+    # W 80*48*2 = 7680 and b 80*2 = 160 are weights; x 14*48*2 = 1344 read; y 14*80*2 = 2240 written.
+    assert counter.total == ByteCount(weight_bytes=7840, act_read_bytes=1344, act_write_bytes=2240)
+    assert set(counter.by_op) == {"addmm"}
+
+
+def test_the_same_tensor_is_not_a_weight_unless_it_is_a_parameter():
+    w = meta(80, 48)
+    counter = count(lambda: F.linear(meta(14, 48), w))
+    assert counter.total == ByteCount(act_read_bytes=14 * 48 * 4 + 80 * 48 * 4, act_write_bytes=14 * 80 * 4)
+
+
+def test_views_and_metadata_ops_are_free_copies_are_not():
+    x = meta(4, 6, 8)
+
+    def views():
+        y = x.view(24, 8).t().reshape(8, 4, 6).permute(2, 0, 1)
+        y.unsqueeze(0).squeeze(0).expand(2, 6, 8, 4).select(0, 1)
+        x[:, 1:3].unbind(1)
+        x.split(2, dim=1)
+        x.transpose(0, 1).detach()
+        torch.as_strided(x, (2, 2), (1, 1))
+        torch.empty(1000, device="meta")
+
+    assert count(views).total == ByteCount()
+    # A reshape that cannot be a view copies: read 4*6*8*4 = 768, write 768.
+    copy = ByteCount(act_read_bytes=768, act_write_bytes=768)
+    assert count(lambda: x.transpose(0, 1).reshape(48, 4)).total == copy
+    assert count(lambda: torch.zeros(10, device="meta")).total == ByteCount(act_write_bytes=40)
+
+
+def test_matmul_chain():
+    a, b, c = meta(4, 8), meta(8, 16), meta(16, 2)
+    counter = count(lambda: a @ b @ c)
+    # a@b: read 4*8*4 + 8*16*4 = 640, write 4*16*4 = 256; (ab)@c: read 256 + 16*2*4 = 384, write 4*2*4 = 32.
+    assert counter.total == ByteCount(act_read_bytes=640 + 384, act_write_bytes=256 + 32)
+    assert counter.by_op["mm"].bytes == 640 + 256 + 384 + 32
+
+
+def test_a_broadcast_operand_is_read_once():
+    x, row = meta(3, 5), meta(5)
+    expected = ByteCount(act_read_bytes=15 * 4 + 5 * 4, act_write_bytes=15 * 4)
+    assert count(lambda: x + row).total == expected
+    assert count(lambda: x + row.expand(3, 5)).total == expected
+    assert footprint(row.expand(3, 5)) == 20 and footprint(x.t()) == 60
+
+
+def test_a_gather_reads_only_what_it_can_output():
+    table = nn.Embedding(1000, 16, device="meta")
+    ids = meta(1, 9, dtype=torch.long)
+    counter = count(lambda: table(ids), weights=table.parameters())
+    # 9 rows of 16 fp32 = 576 bytes of the 64,000-byte table; ids 9*8 = 72.
+    assert counter.total == ByteCount(weight_bytes=576, act_read_bytes=72, act_write_bytes=576)
+    small = meta(3, 4)
+    many = meta(50, dtype=torch.long)
+    # 50 rows gathered from a 3-row table: the table (48 bytes) is read once, not 50 times.
+    assert count(lambda: small[many]).total == ByteCount(act_read_bytes=48 + 400, act_write_bytes=50 * 16)
+
+
+def test_in_place_out_and_overwrite():
+    x, y, out = meta(10), meta(10), meta(10)
+    assert count(lambda: x.add_(y)).total == ByteCount(act_read_bytes=80, act_write_bytes=40)
+    assert count(lambda: torch.add(x, y, out=out)).total == ByteCount(act_read_bytes=80, act_write_bytes=40)
+    assert count(lambda: x.copy_(y)).total == ByteCount(act_read_bytes=40, act_write_bytes=40)
+
+
+def test_kv_cache_writes_and_reads_are_told_apart():
+    keys, values = meta(1, 2, 10, 4, dtype=BF16), meta(1, 2, 10, 4, dtype=BF16)
+    k, q = meta(1, 2, 3, 4, dtype=BF16), meta(1, 2, 3, 4, dtype=BF16)
+
+    def step():
+        keys[:, :, 0:3] = k
+        values[:, :, 0:3] = k
+        F.scaled_dot_product_attention(q, keys[:, :, :3], values[:, :, :3], is_causal=True)
+
+    counter = count(step, kv=[keys, values])
+    rows = 1 * 2 * 3 * 4 * 2  # one [1, 2, 3, 4] bf16 block: 48 bytes
+    assert counter.total == ByteCount(
+        act_read_bytes=2 * rows + rows, act_write_bytes=rows, kv_read_bytes=2 * rows, kv_write_bytes=2 * rows
+    )
+
+
+def test_attention_is_one_fused_kernel():
+    # q from a projection then a transpose: [B, S, H, D] in memory.
+    q = meta(1, 5, 2, 8, dtype=BF16).transpose(1, 2)
+    mask = meta(1, 2, 5, 5, dtype=BF16)
+
+    def attend():
+        out = F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+        return out.transpose(1, 2).reshape(1, 5, 16)  # a view in the fused kernels' layout
+
+    counter = count(attend)
+    # q, k, v 3 * 80*2 = 480 and the mask 50*2 = 100 read; the output 80*2 = 160 written; no scores.
+    assert counter.by_op == {ATTENTION: ByteCount(act_read_bytes=580, act_write_bytes=160)}
+
+
+@torch.no_grad()
+def test_attention_on_cpu_runs_the_real_kernel():
+    q, k, v = torch.randn(3, 1, 2, 4, 8).unbind(0)
+    with ByteCounter() as counter:
+        out = F.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v))
+    assert counter.by_op == {ATTENTION: ByteCount(act_read_bytes=3 * 64 * 4, act_write_bytes=64 * 4)}
+
+
+def test_an_op_returning_no_tensor_still_reads():
+    x = torch.tensor([5, 6])
+    assert count(lambda: x[1].item()).total == ByteCount(act_read_bytes=8)
+
+
+# -- family formulas against the counter ----------------------------------------------------------
+
+
+def test_rmsnorm_by_hand():
+    norm = RMSNorm(4, 1e-6).to(device="meta", dtype=BF16)
+    counter = count(lambda: norm(meta(3, 4, dtype=BF16)), weights=norm.parameters())
+    # n = 12 elements, 3 rows: cast 24 -> 48, pow 48 -> 48, mean 48 -> 12, +eps 12 -> 12,
+    # rsqrt 12 -> 12, x*rstd 48+12 -> 48, cast 48 -> 24, weight (8 bytes) * x 24 -> 24.
+    by_hand = ByteCount(
+        weight_bytes=8,
+        act_read_bytes=24 + 48 + 48 + 12 + 12 + 60 + 48 + 24,
+        act_write_bytes=48 + 48 + 12 + 12 + 12 + 48 + 24 + 24,
+    )
+    assert counter.total == by_hand == as_bytes(fam.rmsnorm(3, 4, "bfloat16"))
+    # In fp32 the casts are no-ops: 276 - 24 - 48 read, 228 - 48 - 24 written, 16-byte weight.
+    norm32 = RMSNorm(4, 1e-6).to(device="meta")
+    fp32 = count(lambda: norm32(meta(3, 4)), weights=norm32.parameters()).total
+    assert fp32 == ByteCount(weight_bytes=16, act_read_bytes=204 + 24, act_write_bytes=156 + 24)
+    assert fp32 == as_bytes(fam.rmsnorm(3, 4, "float32"))
+
+
+@pytest.mark.parametrize("dtype, name", [(BF16, "bfloat16"), (torch.float32, "float32")])
+def test_norm_families_match_the_count(dtype, name):
+    ln2d = LayerNorm2d(8).to(device="meta", dtype=dtype)
+    counted = count(lambda: ln2d(meta(2, 8, 3, 3, dtype=dtype)), weights=ln2d.parameters()).total
+    assert counted == as_bytes(fam.layernorm2d(2, 8, 3, name))
+    ln = nn.LayerNorm(8, device="meta", dtype=dtype)
+    counted = count(lambda: ln(meta(5, 8, dtype=dtype)), weights=ln.parameters()).total
+    assert counted == as_bytes(fam.layernorm(5, 8, name))
+
+
+@pytest.mark.parametrize(
+    "grid, window, table_side", [(10, 4, 4), (6, 0, 6), (6, 0, 9), (5, 7, 7)]
+)  # windowed, global, global with a resized rel-pos table, one padded window
+@pytest.mark.parametrize("batch", [1, 2])
+def test_sam_attention_matches_the_count(grid, window, table_side, batch):
+    cfg = SamConfig(width=32, heads=4, window_size=window or 14)
+    attn = SamAttention(cfg, table_side).to(device="meta", dtype=BF16)
+    x = meta(batch, grid, grid, 32, dtype=BF16)
+    windows = window_partition(x, window)[0] if window else x
+    counted = count(lambda: attn(windows), weights=attn.parameters()).total
+    cost = fam.sam_attention(batch, grid, 32, 4, "bfloat16", window=window, table_side=table_side)
+    assert counted == as_bytes(cost)
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_moe_matches_the_count(tiny_arch, tokens):
+    lm = tiny_arch.lm
+    layer = validate.build_meta_model(tiny_arch).moe_layers()[1]
+    x = meta(1, tokens, lm.hidden_size, dtype=BF16)
+    counted = count(lambda: layer(x), weights=layer.parameters()).total
+    # On meta the T*k assignments are spread evenly: min(E, T*k) experts are fed.
+    touched = min(lm.n_routed_experts, tokens * lm.num_experts_per_tok)
+    cost = fam.moe(
+        tokens, lm.hidden_size, lm.moe_intermediate_size, lm.n_routed_experts, lm.num_experts_per_tok,
+        lm.shared_intermediate_size, "bfloat16", experts_touched=touched,
+    )  # fmt: skip
+    assert counted == as_bytes(cost)
+
+
+# -- the validator on the tiny architecture -------------------------------------------------------
+
+
+def _param_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def test_each_stage_reads_exactly_the_parameters_it_uses(tiny_arch):
+    model = validate.build_meta_model(tiny_arch)
+    stages = validate.ByteStages(model)
+    for size in (1024, 640):  # the tables' own size, and one that resizes them
+        counts, _ = stages.vision(size, 1)
+        inner = model.model
+        assert counts[SAM].weight_bytes == _param_bytes(inner.sam_model)
+        # CLIP's patch conv is in the checkpoint but never runs: SAM's features replace it.
+        unused = inner.vision_model.embeddings.patch_embedding
+        assert counts[CLIP].weight_bytes == _param_bytes(inner.vision_model) - _param_bytes(unused)
+        assert counts[PROJECTOR].weight_bytes == _param_bytes(inner.projector)
+
+
+def test_routing_is_what_the_experts_received(tiny_arch):
+    stages = validate.ByteStages(validate.build_meta_model(tiny_arch))
+    base = next(case for case in validate.cases() if case.name == "base")
+    counted, routing = stages.case(base, text_tokens=12)
+    lm = tiny_arch.lm
+    s = 273 + 12  # base: 16 rows of 16 features + a newline each, the separator, 12 text tokens
+    moe_layers = lm.num_hidden_layers - lm.first_k_dense_replace
+    assert len(routing.prefill) == moe_layers
+    assert all(sum(counts) == s * lm.num_experts_per_tok for counts in routing.prefill)
+    assert len(routing.decode) == validate.DECODE_STEPS
+    k = lm.num_experts_per_tok
+    for step in routing.decode:  # one token: k experts get one row each, the others none
+        assert all(sorted(counts) == [0] * (lm.n_routed_experts - k) + [1] * k for counts in step)
+    assert counted[(DECODE, "run")].bytes > counted[(DECODE, "step")].bytes > 0
+    assert counted[(PREFILL, "run")].kv_write_bytes == s * 2 * lm.num_hidden_layers * lm.hidden_size * 2
+
+
+@torch.no_grad()
+def test_a_real_cpu_run_moves_the_analytic_bytes(tiny_arch, tiny_model):
+    """Real kernels (CPU flash attention, real routing) lay tensors out as the meta run assumes.
+    The one addition: a real MoE sizes its expert batches with a bincount per layer (read the
+    T*k int64 ids, write E int64 counts), which meta runs skip."""
+    m, lm = tiny_model, tiny_arch.lm
+    tiny = next(case for case in validate.cases() if case.name == "tiny")
+    params = list(m.parameters())
+
+    def count_real(fn, kv=()):
+        with ByteCounter(weights=params, kv=kv) as counter:
+            out = fn()
+        return counter.total, out
+
+    pixels = torch.randn(1, 3, 512, 512, generator=torch.Generator().manual_seed(0))
+    sam, sam_out = count_real(lambda: m.sam(pixels))
+    clip, clip_out = count_real(lambda: m.clip(sam_out))
+    projector, feats = count_real(lambda: m.project(sam_out, clip_out))
+    embeds = m.layout(feats, None, (1, 1))
+    s = embeds.shape[0] + 12
+    ids = torch.full((1, s), 100)
+    ids[0, 1 : 1 + embeds.shape[0]] = tiny_arch.image_token_id
+    cache = m.new_cache(s + 1)
+    experts = validate.ExpertRows(m)
+    try:
+        m.prefill(ids, embeds, cache)
+        prefill_rows = experts.take()
+        token = torch.tensor([[100]])
+        step, _ = count_real(lambda: m.decode_step(token, cache), cache.keys + cache.values)
+        step_rows = experts.take()
+    finally:
+        experts.close()
+    routing = RoutingRecord(prefill=prefill_rows, decode=(step_rows,))
+    model = stage_costs(
+        tiny_arch, tiny.mode, text_tokens=12, decode_steps=1, dtype="float32", routing=routing
+    )
+    for stage, counted in ((SAM, sam), (CLIP, clip), (PROJECTOR, projector)):
+        assert counted == as_bytes(model.total(stage))
+    moe_layers = len(routing.prefill)
+    k, e = lm.num_experts_per_tok, lm.n_routed_experts
+    bincount = ByteCount(act_read_bytes=moe_layers * k * 8, act_write_bytes=moe_layers * e * 8)
+    assert step == as_bytes(sum(model.decode_step.values(), fam.Cost())) + bincount
+
+
+def test_validate_bytes_passes_on_the_tiny_architecture(tiny_arch, capsys):
+    assert validate.validate_bytes(tiny_arch, 12) == 0
+    out = capsys.readouterr().out
+    for case in validate.cases():
+        assert case.name in out
+    assert "PASS" in out and "fused kernel" in out and "False" not in out
+
+
+def test_the_bytes_flag_runs_the_byte_check(monkeypatch):
+    calls = []
+    monkeypatch.setattr(validate, "validate_bytes", lambda cfg, text_tokens: calls.append(text_tokens) or 1)
+    assert validate.main(["--bytes", "--text-tokens", "7"]) == 1
+    assert calls == [7]
+
+
+def test_float32_model_agrees_too(tiny_arch, monkeypatch):
+    # gundam 2x3: the global view at the tables' own size and six 640^2 tiles that resize them.
+    gundam = [case for case in validate.cases() if case.name == "gundam 2x3"]
+    monkeypatch.setattr(validate, "cases", lambda: gundam)
+    model = validate.build_meta_model(tiny_arch).to(torch.float32)
+    table = validate.compare_bytes(tiny_arch, validate.ByteStages(model), 12, "float32")
+    assert table["ok"].all() and len(table) == 6
+
+
+def test_a_wrong_formula_fails(tiny_arch, monkeypatch, capsys):
+    one = [case for case in validate.cases() if case.name == "tiny"]
+    monkeypatch.setattr(validate, "cases", lambda: one)
+    original = fam.rmsnorm
+    monkeypatch.setattr(fam, "rmsnorm", lambda *a: original(*a) + fam.Cost(act_write_bytes=1))
+    assert validate.validate_bytes(tiny_arch, 12) == 1
+    out = capsys.readouterr().out
+    assert "FAIL: 3 stage(s) differ" in out  # prefill, the decode step and the decode run
