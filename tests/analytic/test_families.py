@@ -11,7 +11,6 @@ from torch import nn
 from llm_perf_opt.analytic import families as fam
 from llm_perf_opt.analytic.families import Cost
 from llm_perf_opt.analytic.validate import flop_counter
-from llm_perf_opt.errors import UserError
 from llm_perf_opt.models.deepseek_ocr.clip import ClipAttention
 from llm_perf_opt.models.deepseek_ocr.config import ClipConfig, LMConfig, SamConfig
 from llm_perf_opt.models.deepseek_ocr.decoder import Attention, KVCache, MoE, RMSNorm, SwiGLU, rope_cos_sin
@@ -240,7 +239,19 @@ def test_dtype_bytes():
         lambda: fam.moe(1, 64, 24, 8, 3, 48, F32, experts_touched=4),
     ],
 )
-def test_bad_input_is_a_user_error(call):
-    with pytest.raises(UserError) as err:
+def test_bad_input_is_a_caller_bug(call):
+    with pytest.raises(ValueError) as err:
         call()
     assert "\n" not in str(err.value)
+
+
+def test_useful_flops_drop_the_masked_scores_softmax_included():
+    # Prefill of 4 tokens, 2 heads of width 4: each head scores 4x4 = 16 pairs, of which the causal
+    # mask keeps 1+2+3+4 = 10 and drops 6; 12 dropped over both heads.
+    cost = fam.causal_attention(4, 0, 8, 2, F32)
+    assert cost.masked_matmul_flops == 4 * 12 * 4  # QK^T and PV: 2 x 2 FLOPs per dropped pair per channel
+    assert cost.masked_other_flops == fam.SOFTMAX_FLOPS * 12
+    assert cost.useful_flops == cost.flops - 4 * 12 * 4 - fam.SOFTMAX_FLOPS * 12
+    # One decode token sees every cached key: nothing is masked.
+    step = fam.causal_attention(1, 9, 8, 2, F32)
+    assert step.masked_matmul_flops == 0 and step.masked_other_flops == 0

@@ -24,7 +24,6 @@ import pandas as pd
 
 from llm_perf_opt.analytic import families as fam
 from llm_perf_opt.analytic.families import Cost
-from llm_perf_opt.errors import UserError
 from llm_perf_opt.models.deepseek_ocr.config import ClipConfig, DeepSeekOCRConfig, LMConfig, SamConfig
 from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord
 from llm_perf_opt.models.deepseek_ocr.modes import ModeSpec, image_token_count, tokens_per_side
@@ -52,6 +51,7 @@ _METRICS = (
     "matmul_flops",
     "useful_matmul_flops",
     "other_flops",
+    "useful_other_flops",
     "flops",
     "useful_flops",
     "weight_bytes",
@@ -90,7 +90,7 @@ def sam_costs(sam: SamConfig, size: int, batch: int, dtype: object) -> Breakdown
     sizes resize them every forward.
     """
     if size % sam.patch_size:
-        raise UserError(f"sam: view size {size} is not a multiple of the patch size {sam.patch_size}")
+        raise ValueError(f"sam: view size {size} is not a multiple of the patch size {sam.patch_size}")
     g = size // sam.patch_size
     table_grid = sam.img_size // sam.patch_size
     d, n = sam.width, batch * g * g
@@ -176,7 +176,7 @@ def lm_costs(
     """
     moe_layers = _moe_layers(lm)
     if experts_touched is not None and len(experts_touched) != len(moe_layers):
-        raise UserError(f"routing: {len(experts_touched)} MoE layers given, the model has {len(moe_layers)}")
+        raise ValueError(f"routing: {len(experts_touched)} MoE layers given, the model has {len(moe_layers)}")
     touched = dict(zip(moe_layers, experts_touched)) if experts_touched is not None else {}
     h, t = lm.hidden_size, new_tokens
     items = [
@@ -247,7 +247,7 @@ class StageModel:
 
     def total(self, stage: str) -> Cost:
         if stage not in self.stages:
-            raise UserError(f"analytic: unknown stage {stage!r}; expected one of {', '.join(self.stages)}")
+            raise ValueError(f"analytic: unknown stage {stage!r}; expected one of {', '.join(self.stages)}")
         return _total(self.stages[stage])
 
     def breakdown(self) -> pd.DataFrame:
@@ -283,18 +283,18 @@ def resolve_grid(
     if grid is not None:
         cols, rows = grid
         if cols < 1 or rows < 1:
-            raise UserError(f"analytic: tile grid must be at least 1x1, got {cols}x{rows}")
+            raise ValueError(f"analytic: tile grid must be at least 1x1, got {cols}x{rows}")
         if not mode.crop_mode and cols * rows > 1:
-            raise UserError(f"analytic: mode {mode.name} does not tile; grid must be 1x1")
+            raise ValueError(f"analytic: mode {mode.name} does not tile; grid must be 1x1")
         if cols * rows > 1 and not mode.min_tiles <= cols * rows <= mode.max_tiles:
-            raise UserError(
+            raise ValueError(
                 f"analytic: mode {mode.name} uses {mode.min_tiles}-{mode.max_tiles} tiles, not {cols * rows}"
             )
         return (cols, rows)
     if not mode.crop_mode:
         return (1, 1)
     if image_size is None:
-        raise UserError(f"analytic: mode {mode.name} tiles the page; give the image size or the tile grid")
+        raise ValueError(f"analytic: mode {mode.name} tiles the page; give the image size or the tile grid")
     # Imported here: preprocessing pulls in PIL, which the stage model otherwise does not need.
     from llm_perf_opt.models.deepseek_ocr.preprocess import select_tile_grid
 
@@ -334,14 +334,14 @@ def stage_costs(
     otherwise the uniform expectation E * (1 - (1 - k/E)^T) (T = S in prefill, 1 per decode step).
     """
     if text_tokens < 1 or decode_steps < 0:
-        raise UserError("analytic: need text_tokens >= 1 (BOS at least) and decode_steps >= 0")
+        raise ValueError("analytic: need text_tokens >= 1 (BOS at least) and decode_steps >= 0")
     fam.dtype_bytes(dtype)  # fail early on an unknown dtype
     grid = resolve_grid(mode, grid, image_size)
     image_tokens = image_token_count(mode.global_size, mode.image_size, grid)
     s = image_tokens + text_tokens
     lm = cfg.lm
     if s + decode_steps > lm.max_position_embeddings:
-        raise UserError(
+        raise ValueError(
             f"analytic: {s} prompt + {decode_steps} decode positions exceed {lm.max_position_embeddings}"
         )
     workload = Workload(

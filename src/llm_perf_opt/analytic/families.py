@@ -19,8 +19,9 @@ Conventions shared by every function here:
   the fp32 internals cost nothing extra. FP32 = 4 bytes; int64 indices INDEX_BYTES = 8.
 * `kv_write_bytes` are K/V rows appended to a cache; `kv_read_bytes` are K/V rows an
   attention kernel reads from it (the rows just appended included).
-* `masked_matmul_flops` is the part of `matmul_flops` that a causal mask discards: a dense
-  kernel executes it, a causal kernel that skips masked tiles does not.
+* `masked_matmul_flops` and `masked_other_flops` are the parts of `matmul_flops` and
+  `other_flops` (the softmax) that a causal mask discards: a dense kernel executes them, a
+  causal kernel that skips masked tiles does not.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields, replace
 
-from llm_perf_opt.errors import UserError
 
 # Other-FLOPs per element (one per arithmetic op or transcendental).
 LAYERNORM_FLOPS = 7  # mean: sum; var: subtract, square, sum; scale by rstd; affine mul + add
@@ -73,7 +73,7 @@ def dtype_bytes(dtype: object) -> int:
             return itemsize
     name = str(dtype).removeprefix("torch.").lower()
     if name not in _DTYPE_BYTES:
-        raise UserError(f"dtype: unknown dtype {dtype!r}; use e.g. 'bfloat16', 'float16' or 'float32'")
+        raise ValueError(f"dtype: unknown dtype {dtype!r}; use e.g. 'bfloat16', 'float16' or 'float32'")
     return _DTYPE_BYTES[name]
 
 
@@ -89,6 +89,7 @@ class Cost:
     kv_read_bytes: float = 0
     kv_write_bytes: float = 0
     masked_matmul_flops: float = 0
+    masked_other_flops: float = 0
 
     def __add__(self, other: Cost) -> Cost:
         if not isinstance(other, Cost):
@@ -119,8 +120,13 @@ class Cost:
         return self.matmul_flops - self.masked_matmul_flops
 
     @property
+    def useful_other_flops(self) -> float:
+        """Other FLOPs on results a causal mask keeps (the softmax over the masked scores is not)."""
+        return self.other_flops - self.masked_other_flops
+
+    @property
     def useful_flops(self) -> float:
-        return self.useful_matmul_flops + self.other_flops
+        return self.useful_matmul_flops + self.useful_other_flops
 
     @property
     def bytes(self) -> float:
@@ -138,6 +144,7 @@ class Cost:
         out.update(
             flops=self.flops,
             useful_matmul_flops=self.useful_matmul_flops,
+            useful_other_flops=self.useful_other_flops,
             useful_flops=self.useful_flops,
             bytes=self.bytes,
         )
@@ -145,15 +152,15 @@ class Cost:
 
 
 def _check(**dims: float) -> None:
-    """Sizes must be non-negative numbers; a bad one is the caller's mistake."""
+    """Sizes must be non-negative numbers; a bad one is a bug in the caller."""
     for name, value in dims.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise UserError(f"shape: {name} must be a non-negative number, got {value!r}")
+            raise ValueError(f"shape: {name} must be a non-negative number, got {value!r}")
 
 
 def _divides(total: int, part: int, what: str) -> int:
     if part <= 0 or total % part:
-        raise UserError(f"shape: {what}: {total} is not a multiple of {part}")
+        raise ValueError(f"shape: {what}: {total} is not a multiple of {part}")
     return total // part
 
 
@@ -179,7 +186,7 @@ def conv2d_out(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int
     _check(size=size, kernel=kernel, stride=stride, padding=padding)
     out = (size + 2 * padding - kernel) // stride + 1
     if kernel < 1 or stride < 1 or out < 1:
-        raise UserError(f"shape: conv2d with kernel {kernel}, stride {stride} does not fit size {size}")
+        raise ValueError(f"shape: conv2d with kernel {kernel}, stride {stride} does not fit size {size}")
     return out
 
 
@@ -394,7 +401,7 @@ def window_partition(batch: int, grid: int, width: int, window: int, dtype: obje
     """
     _check(batch=batch, grid=grid, width=width, window=window)
     if window < 1:
-        raise UserError(f"shape: window must be at least 1, got {window}")
+        raise ValueError(f"shape: window must be at least 1, got {window}")
     b = dtype_bytes(dtype)
     padded = math.ceil(grid / window) * window
     n = batch * grid * grid * width
@@ -585,8 +592,9 @@ def causal_attention(new_tokens: float, cached_tokens: float, hidden: int, heads
       RoPE on q and k                               rope(n, h, D) each
       K/V copied into the cache                     read 2*n*h*b, kv_write 2*n*h*b
       core: attention_core(1, H, n, K, D) reading K/V from the cache
-            executed (dense)  4*n*K*h
-            useful  (causal)  4*h*(n*c + n(n+1)/2)  -> masked = executed - useful
+            executed (dense)  4*n*K*h matmul, 5*H*n*K softmax
+            useful  (causal)  4*h*u matmul, 5*H*u softmax, with u = n*c + n(n+1)/2 kept scores
+            per head -> masked = executed - useful, for both
     Decode (n = 1) has nothing masked: executed = useful = 4*h*(L+1).
     """
     _check(new_tokens=new_tokens, cached_tokens=cached_tokens, hidden=hidden, heads=heads)
@@ -594,13 +602,14 @@ def causal_attention(new_tokens: float, cached_tokens: float, hidden: int, heads
     b = dtype_bytes(dtype)
     keys = cached_tokens + new_tokens
     core = attention_core(1, heads, new_tokens, keys, head_dim, dtype, kv_from_cache=True)
-    useful = 4 * hidden * (new_tokens * cached_tokens + new_tokens * (new_tokens + 1) / 2)
+    kept = new_tokens * cached_tokens + new_tokens * (new_tokens + 1) / 2  # scores per head
+    masked = heads * (new_tokens * keys - kept)
     append = Cost(act_read_bytes=2 * new_tokens * hidden * b, kv_write_bytes=2 * new_tokens * hidden * b)
     return (
         4 * linear(new_tokens, hidden, hidden, dtype, bias=False)
         + 2 * rope(new_tokens, hidden, head_dim, dtype)
         + append
-        + replace(core, masked_matmul_flops=core.matmul_flops - useful)
+        + replace(core, masked_matmul_flops=4 * masked * head_dim, masked_other_flops=SOFTMAX_FLOPS * masked)
     )
 
 
@@ -622,7 +631,7 @@ def expected_distinct_experts(tokens: float, n_experts: int, top_k: int) -> floa
     experts of E uniformly at random: E * (1 - (1 - k/E)^T)."""
     _check(tokens=tokens, n_experts=n_experts, top_k=top_k)
     if not 0 < top_k <= n_experts:
-        raise UserError(f"moe: top_k must be in 1..{n_experts}, got {top_k}")
+        raise ValueError(f"moe: top_k must be in 1..{n_experts}, got {top_k}")
     return n_experts * (1 - (1 - top_k / n_experts) ** tokens)
 
 
@@ -661,7 +670,7 @@ def moe_parts(
     _check(experts_touched=touched)
     if touched > min(n_experts, tokens * top_k):
         limit = min(n_experts, tokens * top_k)
-        raise UserError(f"moe: {touched} experts touched, more than min(E, T*k) = {limit}")
+        raise ValueError(f"moe: {touched} experts touched, more than min(E, T*k) = {limit}")
     b = dtype_bytes(dtype)
     pairs = tokens * top_k
     copies = (tokens + n_experts) * hidden * FP32 if b != FP32 else 0
