@@ -1,6 +1,7 @@
 PYTHON ?= python3
+NIGHTLY ?= cpu
 
-.PHONY: setup test run run-tiny sweep validate bench
+.PHONY: setup test run run-tiny sweep validate bench nightly
 
 setup:  ## install the package with its test dependencies (CPU torch wheel pinned for CI)
 	$(PYTHON) -m pip install "torch==2.13.0" -e ".[dev]"
@@ -23,3 +24,6 @@ validate:  ## analytic FLOPs against FlopCounterMode in every mode
 bench:  ## benchmark scripts that print their figures
 	$(PYTHON) benchmarks/range_overhead.py
 	$(PYTHON) benchmarks/analytic_speed.py
+
+nightly:  ## the nightly sweep and its comparison with this machine's baseline (NIGHTLY=cpu|gpu)
+	PYTHON=$(PYTHON) runners/nightly.sh $(NIGHTLY)

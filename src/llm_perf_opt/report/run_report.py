@@ -20,7 +20,7 @@ from llm_perf_opt.config import RunConfig
 from llm_perf_opt.hardware.calibration import Calibration
 from llm_perf_opt.hardware.ceilings import Roof, Selection
 from llm_perf_opt.hardware.precision import DtypeChoice, header_text
-from llm_perf_opt.profiling.attribution import KERNEL_COLUMNS
+from llm_perf_opt.profiling.attribution import KERNEL_COLUMNS, Attribution
 from llm_perf_opt.profiling.passes import Measurement
 
 from .roofline import headline, roof_prefix
@@ -33,6 +33,14 @@ TIME_BASES = (
     "attributes to the stage. `achieved_*_busy` divide the analytic FLOPs and bytes by `busy_ms`, "
     "`achieved_*_wall` by `time_ms`: the gap between them is time the device sat idle inside the stage "
     "(Python, launches, synchronisation), large where a stage is host-bound."
+)
+#: ``trace.basis`` of a run whose busy times were imported from Nsight Systems.
+NSYS_BASIS = "device (nsys)"
+NSYS_NOTE = (
+    "Here `busy_ms` and the kernels come from Nsight Systems (`nsys stats` nvtx_kern_sum, each kernel "
+    "credited to its innermost stage range): the capture spans every run of the job (warm-up included), "
+    "so each stage's kernel time and calls are averaged per range instance and multiplied by the stage's "
+    "calls per run. `time_ms` is still the timed runs' median, measured under Nsight Systems."
 )
 SPLIT_NOTE = (
     "Each stage's time = the roofline minimum (its FLOPs and bytes at the {roof} ceilings) + op/kernel "
@@ -125,23 +133,52 @@ def footprint_record(footprint) -> dict:
     }
 
 
-def headline_figures(job: Job, table: pd.DataFrame) -> dict:
-    """TTFT, TPOT, decode tokens/s (medians), and the utilisation of the model's stage groups."""
-    summary = job.measurement.summary()
+def headline_figures(summary: dict, table: pd.DataFrame, record: dict) -> dict:
+    """TTFT, TPOT, decode tokens/s (medians of the timing ``summary``), and the utilisation of the
+    model's stage groups (``stage_layout`` of ``record``) against the record's roofs."""
     figures = {key: None if summary[key] is None else summary[key]["median"]
                for key in ("ttft_ms", "tpot_ms", "decode_tokens_per_s", "e2e_ms")}  # fmt: skip
+    layout = record["stage_layout"]
     utilisation = headline(
-        table.rename(columns={"time_ms": "wall_ms"}), job.hardware.roofs, job.dtype_name,
-        compute_stages=job.compute_groups, bandwidth_stages=job.bandwidth_groups,
+        table.rename(columns={"time_ms": "wall_ms"}), record_roofs(record), record["dtype"],
+        compute_stages=layout["compute_groups"], bandwidth_stages=layout["bandwidth_groups"],
     )  # fmt: skip
     return {**figures, **utilisation}
+
+
+def record_roofs(record: dict) -> list[Roof]:
+    """The roofs of a run record (``hardware.roofs``), the one used for verdicts first."""
+    return [Roof(**roof) for roof in record["hardware"]["roofs"]]
+
+
+def stage_layout(job: Job) -> dict:
+    """The model's stages as run.json keeps them: run order, the per-step ones, the headline groups."""
+    stages = job.measurement.stages
+    return {
+        "order": [s.name for s in stages],
+        "per_step": [s.name for s in stages if s.per_step],
+        "compute_groups": {group: list(names) for group, names in job.compute_groups.items()},
+        "bandwidth_groups": {group: list(names) for group, names in job.bandwidth_groups.items()},
+    }
+
+
+def trace_record(attribution: Attribution, path: str, basis: str | None = None) -> dict:
+    """The ``trace`` entry of run.json: where busy times come from and the per-range table."""
+    return {
+        "path": path,
+        "basis": basis or attribution.basis,
+        "coverage": attribution.coverage,
+        "total_busy_ms": attribution.total_busy_ms,
+        "unattributed_ms": attribution.unattributed_ms,
+        "ranges": attribution.stages.to_dict("records"),
+    }
 
 
 def run_record(job: Job, table: pd.DataFrame, status: str = "ok", error: str | None = None) -> dict:
     """Everything about the job in one JSON-able dict."""
     m = job.measurement
     analytic_totals = job.stage_model.totals()
-    return {
+    record = {
         "status": status,
         "error": error,
         "config": job.config,
@@ -152,8 +189,10 @@ def run_record(job: Job, table: pd.DataFrame, status: str = "ok", error: str | N
         "dtype_reason": job.dtype.reason,
         "weights": job.run.model.weights,
         **m.request.describe(),
+        "request": m.request.summary(),
         "generated_tokens": len(m.result.tokens) if m.result else None,
-        "headline": headline_figures(job, table),
+        "headline": None,  # below: it needs the roofs and stage layout of this record
+        "stage_layout": stage_layout(job),
         "timing": {
             "unit": "ms",
             "tpot": "(e2e - ttft) / decode steps; ttft = the once-per-request stages",
@@ -173,15 +212,10 @@ def run_record(job: Job, table: pd.DataFrame, status: str = "ok", error: str | N
             "families": job.stage_model.breakdown().to_dict("records"),
             "experts": job.stage_model.experts().to_dict("records"),
         },
-        "trace": None if m.attribution is None else {
-            "path": m.trace_path.name,
-            "basis": m.attribution.basis,
-            "coverage": m.attribution.coverage,
-            "total_busy_ms": m.attribution.total_busy_ms,
-            "unattributed_ms": m.attribution.unattributed_ms,
-            "ranges": m.attribution.stages.to_dict("records"),
-        },
+        "trace": None if m.attribution is None else trace_record(m.attribution, m.trace_path.name),
     }
+    record["headline"] = headline_figures(m.summary(), table, record)
+    return record
 
 
 def _sum_calls(calls: list[list[list[int]]]) -> list[list[int]]:
@@ -239,17 +273,17 @@ def _markdown_table(df: pd.DataFrame) -> str:
     return "\n".join([header, rule, *rows])
 
 
-def _roof_lines(job: Job) -> list[str]:
+def _roof_lines(record: dict) -> list[str]:
+    dtype, hardware = record["dtype"], record["hardware"]
     lines = []
-    for roof in job.hardware.roofs:
-        peak = roof.flop_s.get(job.dtype_name)
-        flops = "-" if peak is None else f"{peak / 1e12:,.3g} TFLOP/s {job.dtype_name}"
+    for roof in record_roofs(record):
+        peak = roof.flop_s.get(dtype)
+        flops = "-" if peak is None else f"{peak / 1e12:,.3g} TFLOP/s {dtype}"
         lines.append(f"- {roof.label} ceilings: {flops}, {roof.byte_s / 1e9:,.1f} GB/s ({roof.source})")
-    emulated = [d for d, slow in job.hardware.calibration.emulated.items() if slow]
+    emulated = [d for d, slow in hardware["calibration"]["emulated"].items() if slow]
     if emulated:
         lines.append(f"- emulated here (calibrated matmul rate under a quarter of float32's): {', '.join(emulated)}")
-    sel = job.hardware.selection
-    lines.append(f"- datasheet: {sel.key or 'none'} ({sel.how})")
+    lines.append(f"- datasheet: {hardware['datasheet'] or 'none'} ({hardware['matched']})")
     return lines
 
 
@@ -267,13 +301,27 @@ def _headline_lines(headline_: dict) -> list[str]:
     return lines
 
 
-def report_markdown(job: Job, record: dict, table: pd.DataFrame) -> str:
-    m, run = job.measurement, job.run
-    roof = job.hardware.roofs[0].label
+def _busy_source(record: dict) -> str:
+    """Where the run's busy times come from, for the run summary."""
+    trace = record["trace"]
+    if trace is None:
+        return "no trace run"
+    if trace["basis"] == NSYS_BASIS:
+        return f"busy times from Nsight Systems ({trace['path']})"
+    return "one trace run"
+
+
+def report_markdown(record: dict, table: pd.DataFrame, attribution: Attribution | None) -> str:
+    """report.md from the run record, its stage table and the attribution behind its busy times."""
+    config, trace = record["config"], record["trace"]
+    roofs = record_roofs(record)
+    roof = roofs[0].label
     p = roof_prefix(roof)
-    measured = m.memory.as_dict() if m.memory is not None else {}
-    fp = job.footprint
-    largest = fp.table.sort_values("transient_bytes").iloc[-1]
+    measured = record["memory"]["measured"] or {}
+    analytic_memory = record["memory"]["analytic"]
+    largest = max(analytic_memory["stages"], key=lambda row: row["transient_bytes"])
+    dtype = DtypeChoice(getattr(torch, record["dtype"]), record["dtype_reason"])
+    nsys = trace is not None and trace["basis"] == NSYS_BASIS
     roof_view = pd.DataFrame({
         **_time_and_work(table),
         "FLOP/B": table["intensity"].map(lambda v: _num(v, 1)),
@@ -282,7 +330,7 @@ def report_markdown(job: Job, record: dict, table: pd.DataFrame) -> str:
         "GB/s (time / busy)": [f"{_num(a, 1)} / {_num(b, 1)}" for a, b in
                                zip(table["achieved_gbyte_s_wall"], table["achieved_gbyte_s_busy"])],
         **{f"% {r.label} roof": table[roof_prefix(r.label) + "pct_roof_wall"].map(lambda v: _num(v, 1))
-           for r in job.hardware.roofs},
+           for r in roofs},
         "bound": table[p + "bound"].replace({"unknown": "-"}),
     })  # fmt: skip
     split_view = pd.DataFrame({
@@ -294,28 +342,29 @@ def report_markdown(job: Job, record: dict, table: pd.DataFrame) -> str:
         "launches": table["launches"].map(lambda v: "-" if pd.isna(v) else f"{int(v):,}"),
     })
     top_lines = []
-    work = "kernels" if job.device.type == "cuda" else "ops"
+    work = "kernels" if record["device"]["type"] == "cuda" or nsys else "ops"
     for stage in table["stage"]:
-        ops = top_ops(m.attribution, stage)
+        ops = top_ops(attribution, stage)
         if ops:
-            listed = "; ".join(f"`{name[:60]}` {ms:.2f} ms ×{calls}" for name, ms, calls in ops)
+            listed = "; ".join(f"`{name[:60]}` {ms:.2f} ms ×{_calls(calls)}" for name, ms, calls in ops)
             top_lines.append(f"- **{stage}**: {listed}")
     return "\n".join([
-        f"# {run.model.name} · {record['device']['name']}",
+        f"# {config['model']['name']} · {record['device']['name']}",
         "",
         "## Run",
         "",
-        f"- request: {m.request.summary()}; generated {record['generated_tokens']} tokens",
-        f"- weights: {run.model.weights}; {header_text(job.dtype)}; torch {record['versions']['torch']}, "
+        f"- request: {record['request']}; generated {record['generated_tokens']} tokens",
+        f"- weights: {record['weights']}; {header_text(dtype)}; torch {record['versions']['torch']}, "
         f"CUDA {record['versions']['cuda'] or 'none'}",
-        f"- {run.profiling.warmup} warm-up, {run.profiling.repeats} timed runs, "
-        f"{'one trace run' if m.attribution is not None else 'no trace run'}",
-        *_roof_lines(job),
+        f"- {config['profiling']['warmup']} warm-up, {config['profiling']['repeats']} timed runs, "
+        f"{_busy_source(record)}",
+        *_roof_lines(record),
         "- memory, measured: " + ", ".join(
             f"{key.removesuffix('_bytes').replace('_', ' ')} {_gb(value)}"
             for key, value in measured.items() if key.endswith("_bytes") and value is not None
         ),
-        f"- memory, analytic: weights {_gb(fp.total_weight_bytes)}, KV cache {_gb(fp.kv_cache_bytes)}, "
+        f"- memory, analytic: weights {_gb(analytic_memory['total_weight_bytes'])}, "
+        f"KV cache {_gb(analytic_memory['kv_cache_bytes'])}, "
         f"largest transient {_gb(largest['transient_bytes'])} ({largest['stage']}: {largest['transient']})",
         "",
         "## Headline",
@@ -327,6 +376,7 @@ def report_markdown(job: Job, record: dict, table: pd.DataFrame) -> str:
         _markdown_table(roof_view),
         "",
         TIME_BASES + " " + (record["analytic"]["note"] or ""),
+        *(["", NSYS_NOTE] if nsys else []),
         "",
         "![roofline](roofline.png)",
         "",
@@ -340,34 +390,47 @@ def report_markdown(job: Job, record: dict, table: pd.DataFrame) -> str:
         "",
         *[f"- {v}" for v in table["verdict"]],
         "",
-        f"## Top {work} per stage (trace pass)",
+        f"## Top {work} per stage ({'Nsight Systems' if nsys else 'trace pass'})",
         "",
         *(top_lines or ["- no trace"]),
         "",
     ])
 
 
+def _calls(calls: float) -> str:
+    """A call count; per-run averages of an Nsight capture (report.from_nsys) keep one decimal."""
+    return str(int(calls)) if float(calls).is_integer() else f"{calls:.1f}"
+
+
 def write_artifacts(out_dir: Path, job: Job) -> dict:
-    """Tables and pictures first, run.json last: a run.json with status ok means every artifact is there."""
+    """The artifacts of a finished job (see :func:`write_report_files`)."""
     m = job.measurement
     table = stage_table(m, job.stage_model, job.hardware.roofs, job.dtype_name, job.device.type)
-    kernels = m.attribution.kernels if m.attribution is not None else pd.DataFrame(columns=KERNEL_COLUMNS)
     record = run_record(job, table)
+    write_report_files(out_dir, record, table, m.attribution)
+    return {"stages": table, "record": record}
+
+
+def write_report_files(out_dir: Path, record: dict, table: pd.DataFrame, attribution: Attribution | None) -> None:
+    """stages.csv, stages.json, kernels.csv, roofline.png and report.md first, run.json last: a
+    run.json with status ok means every artifact is there."""
+    kernels = attribution.kernels if attribution is not None else pd.DataFrame(columns=KERNEL_COLUMNS)
+    roofs = record_roofs(record)
     write_csv(out_dir / "stages.csv", table)
     write_json(out_dir / "stages.json", {
-        "dtype": job.dtype_name,
+        "dtype": record["dtype"],
         "roofs": record["hardware"]["roofs"],
         "headline": record["headline"],
         "stages": table.to_dict("records"),
     })
     write_csv(out_dir / "kernels.csv", kernels[list(KERNEL_COLUMNS)])
+    request = record["request"].split(",")[0]
     roofline_plot(
-        table.rename(columns={"time_ms": "wall_ms"}), job.hardware.roofs, job.dtype_name, out_dir / "roofline.png",
-        title=f"{job.run.model.name} · {m.request.summary().split(',')[0]} · {record['device']['name']} · {job.dtype_name}",
+        table.rename(columns={"time_ms": "wall_ms"}), roofs, record["dtype"], out_dir / "roofline.png",
+        title=f"{record['config']['model']['name']} · {request} · {record['device']['name']} · {record['dtype']}",
     )  # fmt: skip
-    write_text(out_dir / "report.md", report_markdown(job, record, table))
+    write_text(out_dir / "report.md", report_markdown(record, table, attribution))
     write_json(out_dir / "run.json", record)
-    return {"stages": table, "record": record}
 
 
 def write_failure(out_dir: Path, config: dict, status: str, error: str) -> None:

@@ -1,7 +1,14 @@
 """The per-stage roofline table: measured time joined with the analytic work of each stage,
 against the hardware ceilings, with the split of each stage's time and a verdict in words.
 
-    table = stage_table(measurement, stage_model, roofs, dtype)
+    table = stage_table(measurement, stage_model, roofs, dtype, device_kind)
+
+or, from what run.json holds (the per-run samples, the analytic stage totals) and any
+:class:`~llm_perf_opt.profiling.attribution.Attribution` (the trace pass's, or one imported
+from Nsight Systems)::
+
+    table = stage_table_from(measured_table(stages, runs, attribution), work_table(totals),
+                             attribution, roofs, dtype, device_kind, steps)
 
 One row per stage (`Stage` order). Columns, in groups:
 
@@ -20,6 +27,9 @@ One row per stage (`Stage` order). Columns, in groups:
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+
 import pandas as pd
 
 from llm_perf_opt.profiling.attribution import Attribution
@@ -30,21 +40,27 @@ from .roofline import RoofLike, roofline_table, time_split, verdict
 
 #: Ops or kernels listed per stage in report.md.
 TOP_OPS = 5
+#: Columns of :func:`measured_table`.
+MEASURED_COLUMNS = ("stage", "calls", "time_ms", "time_ms_min", "time_ms_max", "busy_ms", "share", "launches")
 
 
-def measured_table(m: Measurement) -> pd.DataFrame:
-    """Per stage: calls per run, median/min/max of its total time per run, and the trace's busy time."""
+def measured_table(
+    stages: Sequence[str], runs: Sequence[Mapping[str, Sequence[float]]], attribution: Attribution | None
+) -> pd.DataFrame:
+    """Per stage: calls per run, median/min/max over the runs of its total time per run, and the
+    busy time, share and launches of ``attribution``. ``runs`` holds one ``{stage: [ms per call]}``
+    per timed run (``RunSample.stages``, ``timing.samples[i].stages`` of run.json)."""
     busy = {}
-    if m.attribution is not None:
-        busy = m.attribution.stages.set_index("stage")[["busy_ms", "share"]].to_dict("index")
-    launches = stage_launches(m.attribution)
+    if attribution is not None:
+        busy = attribution.stages.set_index("stage")[["busy_ms", "share"]].to_dict("index")
+    launches = stage_launches(attribution)
     rows = []
-    for stage in (s.name for s in m.stages):
-        totals = m.stage_totals(stage)
+    for stage in stages:
+        totals = [sum(run.get(stage, [])) for run in runs]
         rows.append({
             "stage": stage,
-            "calls": len(m.runs[0].stages.get(stage, [])) if m.runs else 0,
-            "time_ms": m.median_stage_ms(stage),
+            "calls": len(runs[0].get(stage, [])) if runs else 0,
+            "time_ms": statistics.median(totals) if totals else None,
             "time_ms_min": min(totals) if totals else None,
             "time_ms_max": max(totals) if totals else None,
             "busy_ms": busy.get(stage, {}).get("busy_ms"),
@@ -53,7 +69,12 @@ def measured_table(m: Measurement) -> pd.DataFrame:
         })
     # Missing figures (no trace, no runs) are NaN, so every column stays numeric.
     numeric = ["time_ms", "time_ms_min", "time_ms_max", "busy_ms", "share", "launches"]
-    return pd.DataFrame(rows).astype({c: "float64" for c in numeric})
+    return pd.DataFrame(rows, columns=list(MEASURED_COLUMNS)).astype({c: "float64" for c in numeric})
+
+
+def steps_per_stage(per_step: Iterable[str], runs: Sequence[Mapping[str, Sequence[float]]]) -> dict[str, int]:
+    """Calls in the first run of each per-step stage (the decode steps), for per-step verdicts."""
+    return {stage: len(runs[0].get(stage, [])) for stage in per_step} if runs else {}
 
 
 def stage_launches(attribution: Attribution | None) -> dict[str, int]:
@@ -61,12 +82,13 @@ def stage_launches(attribution: Attribution | None) -> dict[str, int]:
     if attribution is None:
         return {}
     kernels = attribution.kernels
-    return kernels.groupby(kernels["stage"].map(stage_of))["calls"].sum().astype(int).to_dict()
+    # Rounded, not truncated: imported calls can be per-run averages (see report.from_nsys).
+    return kernels.groupby(kernels["stage"].map(stage_of))["calls"].sum().round().astype(int).to_dict()
 
 
-def work_table(stage_model) -> pd.DataFrame:
-    """Per stage of the analytic model (whole run): useful FLOPs and bytes by category."""
-    totals = stage_model.totals()
+def work_table(totals: pd.DataFrame) -> pd.DataFrame:
+    """Per stage of the analytic stage totals (``StageModel.totals()``, ``analytic.stages`` of
+    run.json), whole run: useful FLOPs and bytes by category."""
     run = totals[totals["scope"] == "run"]
     return pd.DataFrame({
         "stage": run["stage"],
@@ -78,28 +100,48 @@ def work_table(stage_model) -> pd.DataFrame:
     })
 
 
-def top_ops(attribution: Attribution | None, stage: str, n: int = TOP_OPS) -> list[tuple[str, float, int]]:
-    """The stage's n longest ops or kernels (nested ranges included): (name, total ms, calls)."""
+def top_ops(attribution: Attribution | None, stage: str, n: int = TOP_OPS) -> list[tuple[str, float, float]]:
+    """The stage's n longest ops or kernels (nested ranges included): (name, total ms, calls).
+    Calls are whole numbers except for per-run averages (report.from_nsys)."""
     if attribution is None:
         return []
     k = attribution.kernels
     mine = k[k["stage"].map(stage_of) == stage].groupby("name")[["total_ms", "calls"]].sum()
     mine = mine.sort_values("total_ms", ascending=False).head(n)
-    return [(name, float(row.total_ms), int(row.calls)) for name, row in mine.iterrows()]
+    return [(name, float(row.total_ms), float(row.calls)) for name, row in mine.iterrows()]
 
 
-def stage_table(m: Measurement, stage_model, roofs: list[RoofLike], dtype: str, device_kind: str) -> pd.DataFrame:
-    """The joined table of the module docstring; the split and verdicts use ``roofs[0]``."""
-    joined = measured_table(m).merge(work_table(stage_model), on="stage", how="left")
+def stage_table(m: Measurement, stage_model, roofs: Sequence[RoofLike], dtype: str, device_kind: str) -> pd.DataFrame:
+    """The joined table of the module docstring for a live measurement."""
+    runs = [r.stages for r in m.runs]
+    return stage_table_from(
+        measured_table([s.name for s in m.stages], runs, m.attribution),
+        work_table(stage_model.totals()),
+        m.attribution, roofs, dtype, device_kind,
+        steps_per_stage([s.name for s in m.stages if s.per_step], runs),
+    )  # fmt: skip
+
+
+def stage_table_from(
+    measured: pd.DataFrame,
+    work: pd.DataFrame,
+    attribution: Attribution | None,
+    roofs: Sequence[RoofLike],
+    dtype: str,
+    device_kind: str,
+    steps: Mapping[str, int],
+) -> pd.DataFrame:
+    """The joined table of :func:`measured_table` and :func:`work_table`; the split and verdicts
+    use ``roofs[0]``, ``steps`` (:func:`steps_per_stage`) turns per-step stages' verdicts per step."""
+    joined = measured.merge(work, on="stage", how="left")
     table = roofline_table(joined.rename(columns={"time_ms": "wall_ms"}), roofs, dtype)
     split = time_split(table, roofs[0].label)
-    steps = {s.name: len(m.runs[0].stages.get(s.name, [])) for s in m.stages if s.per_step} if m.runs else {}
     table["verdict"] = [
         verdict(
             row, split.loc[i], roofs[0].label, dtype,
             launches=None if pd.isna(row["launches"]) else int(row["launches"]),
             steps=steps.get(row["stage"]) or None,
-            top_ops=[(name, ms) for name, ms, _ in top_ops(m.attribution, row["stage"], 1)],
+            top_ops=[(name, ms) for name, ms, _ in top_ops(attribution, row["stage"], 1)],
             device_kind=device_kind,
         )  # fmt: skip
         for i, row in table.iterrows()
