@@ -14,7 +14,6 @@ import json
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,18 +32,19 @@ def cpu_line() -> str:
 def main() -> None:
     overrides = sys.argv[1:]
     print(cpu_line())
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "llm_perf_opt.run", "mode=base", *overrides, f"hydra.run.dir={out}"]
-        print("$", " ".join(cmd[1:]))
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        header = [line for line in proc.stderr.splitlines() if "dtype" in line]
-        if proc.returncode != 0:
-            print(proc.stderr[-2000:])
-            sys.exit(proc.returncode)
-        record = json.loads((out / "run.json").read_text())
+    cmd = [sys.executable, "-m", "llm_perf_opt.run", "mode=base", *overrides]
+    print("$ python", " ".join(cmd[1:]))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        print(proc.stderr[-2000:])
+        sys.exit(proc.returncode)
+    # The job prints "[<model>] <run dir>" when it is done; its artifacts stay there.
+    out = Path(re.search(r"^\[\S+\] (\S.*)$", proc.stdout, re.M)[1])
+    record = json.loads((out / "run.json").read_text())
+    header = [line for line in proc.stderr.splitlines() if "dtype" in line]
+    print(f"run dir: {out}")
     print(header[0] if header else "(no dtype line)")
     print(f"wall {wall:.1f} s (target <= 180 s on a CPU without native bf16); "
           f"peak RSS {record['memory']['measured']['peak_rss_bytes'] / 1e9:.1f} GB")
