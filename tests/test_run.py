@@ -133,6 +133,22 @@ def test_roofline_png(gundam_run):
         assert len(png.convert("L").getcolors(maxcolors=1 << 16) or []) > 10  # not a blank picture
 
 
+def test_module_granularity_adds_a_row_per_module_range(tmp_path):
+    out = tmp_path / "run"
+    cfg = compose([*TINY, "mode=tiny", "max_new_tokens=2", "profiling.granularity=module"])
+    run_module.run_job(validate(cfg), OmegaConf.to_container(cfg, resolve=True), out)
+    stages = pd.read_csv(out / "stages.csv").set_index("stage")
+    families = [name for name in stages.index if "/" in name]
+    assert {"sam/attn", "sam/mlp", "clip/attn", "prefill/moe", "decode/lm_head"} <= set(families)
+    for name in families:  # measured by the trace only: busy time, analytic work, no stage time
+        row = stages.loc[name]
+        assert row["busy_ms"] > 0 and pd.isna(row["time_ms"]) and row["bytes"] > 0
+        assert row["busy_ms"] <= stages.loc[name.split("/")[0], "busy_ms"]
+    # Each family row follows its stage.
+    order = list(stages.index)
+    assert all(order.index(name) > order.index(name.split("/")[0]) for name in families)
+
+
 def test_kernels_csv(gundam_run):
     out, _ = gundam_run
     kernels = pd.read_csv(out / "kernels.csv")

@@ -103,7 +103,7 @@ def test_tables_add_up():
         assert sums.loc[key, "matmul_flops"] == pytest.approx(totals.loc[key, "matmul_flops"])
         assert sums.loc[key, "bytes"] == pytest.approx(totals.loc[key, "bytes"])
     families = set(parts[parts.stage == SAM].family)
-    assert {"conv2d", "sam_attention_global", "sam_attention_window", "linear", "layernorm2d"} <= families
+    assert {"patch_conv", "conv2d", "sam_attention_global", "sam_attention_window", "linear", "layernorm2d"} <= families
     assert {"causal_attention", "moe_routed", "moe_shared", "moe_gate", "swiglu_mlp", "lm_head"} <= set(
         parts[parts.stage == PREFILL].family
     )
@@ -256,3 +256,18 @@ def test_every_mode_evaluates_without_a_model():
         for grid in grids:
             model = stage_costs(CFG, mode, grid=grid, decode_steps=500, dtype=torch.bfloat16)
             assert all(model.total(stage).matmul_flops > 0 for stage in MODEL_STAGES)
+
+
+def test_range_totals_sum_the_families_each_module_range_runs():
+    model = run("base", decode_steps=2)
+    ranges = model.range_totals().set_index("stage")
+    parts = model.stages
+    sam_attn = parts["sam"]["sam_attention_global"] + parts["sam"]["sam_attention_window"]
+    assert ranges.loc["sam/attn", "flops"] == sam_attn.flops
+    assert ranges.loc["sam/mlp", "bytes"] == (parts["sam"]["linear"] + parts["sam"]["gelu"]).bytes
+    moe = parts["decode"]["moe_gate"] + parts["decode"]["moe_routed"] + parts["decode"]["moe_shared"]
+    assert ranges.loc["decode/moe", "useful_flops"] == moe.useful_flops
+    # Work outside every tagged module (residual adds, SAM's LayerNorms, ...) stays with the stage.
+    for stage in ("sam", "clip", "prefill", "decode"):
+        inside = ranges[ranges.index.str.startswith(stage + "/")]["flops"].sum()
+        assert 0 < inside < model.total(stage).flops

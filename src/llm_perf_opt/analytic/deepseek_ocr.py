@@ -64,6 +64,36 @@ _METRICS = (
 
 Breakdown = dict[str, Cost]  # family -> cost
 
+#: The nested `stage/family` range (models/deepseek_ocr/families.py) each analytic family runs in,
+#: per stage. Families not listed (residual adds, the LayerNorms SAM and CLIP run outside a
+#: tagged module, position tables, window partitioning, ...) run in the stage range itself.
+RANGE_FAMILIES: dict[str, dict[str, str]] = {
+    SAM: {
+        "patch_conv": "patch_embed",
+        "sam_attention_global": "attn",
+        "sam_attention_window": "attn",
+        "linear": "mlp",
+        "gelu": "mlp",
+        "conv2d": "neck",
+        "layernorm2d": "neck",
+    },
+    CLIP: {"clip_attention": "attn", "linear": "mlp", "quick_gelu": "mlp"},
+    PROJECTOR: {"concat": "linear", "linear": "linear"},
+    **dict.fromkeys(
+        (PREFILL, DECODE),
+        {
+            "embedding": "embed",
+            "rmsnorm": "norm",
+            "causal_attention": "attn",
+            "swiglu_mlp": "mlp",
+            "moe_gate": "moe",
+            "moe_routed": "moe",
+            "moe_shared": "moe",
+            "lm_head": "lm_head",
+        },
+    ),
+}
+
 
 def _accumulate(items: Sequence[tuple[str, Cost]]) -> Breakdown:
     out: Breakdown = {}
@@ -96,7 +126,7 @@ def sam_costs(sam: SamConfig, size: int, batch: int, dtype: object) -> Breakdown
     d, n = sam.width, batch * g * g
     c2, c3 = sam.downsample_channels
     items = [
-        ("conv2d", fam.conv2d(batch, 3, d, size, sam.patch_size, dtype, stride=sam.patch_size, bias=True)),
+        ("patch_conv", fam.conv2d(batch, 3, d, size, sam.patch_size, dtype, stride=sam.patch_size, bias=True)),
         ("pos_embed", fam.sam_pos_embed(batch, g, table_grid, d, dtype)),
     ]
     for i in range(sam.depth):
@@ -274,6 +304,19 @@ class StageModel:
     def experts(self) -> pd.DataFrame:
         """Distinct routed experts read per MoE layer: expected (uniform routing) and observed."""
         return pd.DataFrame(list(self.expert_usage))
+
+    def range_totals(self) -> pd.DataFrame:
+        """Rows ("stage/family", metrics) over the run for the nested module ranges: the analytic
+        families summed by the range they run in (RANGE_FAMILIES)."""
+        rows = []
+        for stage, parts in self.stages.items():
+            ranges: dict[str, Cost] = {}
+            for family, cost in parts.items():
+                target = RANGE_FAMILIES[stage].get(family)
+                if target is not None:
+                    ranges[target] = ranges.get(target, Cost()) + cost
+            rows += [{"stage": f"{stage}/{name}", **cost.as_dict()} for name, cost in ranges.items()]
+        return pd.DataFrame(rows, columns=["stage", *_METRICS])
 
 
 def resolve_grid(

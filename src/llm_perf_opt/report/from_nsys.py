@@ -117,7 +117,8 @@ def rebuild(run_dir: str | Path, reports: str | Path | None = None) -> pd.DataFr
     attribution = per_run(load_nsys_attribution(source, layout["order"]), calls_per_run(runs))
     table = stage_table_from(
         measured_table(layout["order"], runs, attribution),
-        work_table(pd.DataFrame.from_records(record["analytic"]["stages"])),
+        work_table(pd.DataFrame.from_records(record["analytic"]["stages"]),
+                   pd.DataFrame.from_records(record["analytic"].get("ranges", []))),
         attribution,
         record_roofs(record),
         record["dtype"],

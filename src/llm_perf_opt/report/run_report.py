@@ -210,6 +210,7 @@ def run_record(job: Job, table: pd.DataFrame, status: str = "ok", error: str | N
             "note": analytic_totals.attrs.get("note"),
             "stages": analytic_totals.to_dict("records"),
             "families": job.stage_model.breakdown().to_dict("records"),
+            "ranges": job.stage_model.range_totals().to_dict("records"),
             "experts": job.stage_model.experts().to_dict("records"),
         },
         "trace": None if m.attribution is None else trace_record(m.attribution, m.trace_path.name),

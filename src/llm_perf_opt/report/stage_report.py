@@ -54,9 +54,16 @@ def measured_table(
     if attribution is not None:
         busy = attribution.stages.set_index("stage")[["busy_ms", "share"]].to_dict("index")
     launches = stage_launches(attribution)
+    # Nested `stage/family` ranges (module granularity) follow their stage; the trace is their
+    # only measurement, so they have busy time but no measured time.
+    families = {}
+    if attribution is not None:
+        for name in attribution.stages["stage"]:
+            if name != stage_of(name):
+                families.setdefault(stage_of(name), []).append(name)
     rows = []
-    for stage in stages:
-        totals = [sum(run.get(stage, [])) for run in runs]
+    for stage in (row for stage in stages for row in (stage, *families.get(stage, []))):
+        totals = [sum(run.get(stage, [])) for run in runs] if stage in stages else []
         rows.append({
             "stage": stage,
             "calls": len(runs[0].get(stage, [])) if runs else 0,
@@ -78,18 +85,24 @@ def steps_per_stage(per_step: Iterable[str], runs: Sequence[Mapping[str, Sequenc
 
 
 def stage_launches(attribution: Attribution | None) -> dict[str, int]:
-    """Kernels (or CPU ops on a CPU trace) per stage, nested `stage/family` ranges included."""
+    """Kernels (or CPU ops on a CPU trace) per stage, nested `stage/family` ranges included, and
+    per `stage/family` range (its own)."""
     if attribution is None:
         return {}
     kernels = attribution.kernels
     # Rounded, not truncated: imported calls can be per-run averages (see report.from_nsys).
-    return kernels.groupby(kernels["stage"].map(stage_of))["calls"].sum().round().astype(int).to_dict()
+    per_stage = kernels.groupby(kernels["stage"].map(stage_of))["calls"].sum()
+    per_family = kernels[kernels["stage"] != kernels["stage"].map(stage_of)].groupby("stage")["calls"].sum()
+    return pd.concat([per_stage, per_family]).round().astype(int).to_dict()
 
 
-def work_table(totals: pd.DataFrame) -> pd.DataFrame:
+def work_table(totals: pd.DataFrame, ranges: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per stage of the analytic stage totals (``StageModel.totals()``, ``analytic.stages`` of
-    run.json), whole run: useful FLOPs and bytes by category."""
+    run.json), whole run: useful FLOPs and bytes by category; plus one row per nested
+    ``stage/family`` range from ``ranges`` (``StageModel.range_totals()``, ``analytic.ranges``)."""
     run = totals[totals["scope"] == "run"]
+    if ranges is not None and len(ranges):
+        run = pd.concat([run, ranges], ignore_index=True)
     return pd.DataFrame({
         "stage": run["stage"],
         "flops": run["useful_flops"],
@@ -116,7 +129,7 @@ def stage_table(m: Measurement, stage_model, roofs: Sequence[RoofLike], dtype: s
     runs = [r.stages for r in m.runs]
     return stage_table_from(
         measured_table([s.name for s in m.stages], runs, m.attribution),
-        work_table(stage_model.totals()),
+        work_table(stage_model.totals(), stage_model.range_totals()),
         m.attribution, roofs, dtype, device_kind,
         steps_per_stage([s.name for s in m.stages if s.per_step], runs),
     )  # fmt: skip
@@ -136,8 +149,9 @@ def stage_table_from(
     joined = measured.merge(work, on="stage", how="left")
     table = roofline_table(joined.rename(columns={"time_ms": "wall_ms"}), roofs, dtype)
     split = time_split(table, roofs[0].label)
+    # Nested family rows have busy time only: they get the roofline columns, no split or verdict.
     table["verdict"] = [
-        verdict(
+        "" if row["stage"] != stage_of(row["stage"]) else verdict(
             row, split.loc[i], roofs[0].label, dtype,
             launches=None if pd.isna(row["launches"]) else int(row["launches"]),
             steps=steps.get(row["stage"]) or None,
