@@ -1,7 +1,7 @@
 PYTHON ?= python3
 NIGHTLY ?= cpu
 
-.PHONY: setup test run run-tiny sweep validate bench nightly
+.PHONY: setup test run run-tiny sweep validate calibrate tree bench nightly
 
 setup:  ## install the package with its test dependencies (CPU torch wheel pinned for CI)
 	$(PYTHON) -m pip install "torch==2.13.0" -e ".[dev]"
@@ -18,12 +18,21 @@ run-tiny:  ## the same job on the reduced model (seconds on a CPU)
 sweep:  ## every resolution mode, one job directory each under outputs/multirun/
 	$(PYTHON) -m llm_perf_opt.run -m mode=tiny,small,base,large,gundam
 
-validate:  ## analytic FLOPs against FlopCounterMode in every mode
+validate:  ## analytic FLOPs and bytes against counts on the meta-device model, every mode
 	$(PYTHON) -m llm_perf_opt.analytic.validate
+	$(PYTHON) -m llm_perf_opt.analytic.validate --bytes
+
+calibrate:  ## measure this machine's ceilings again (matmul FLOP/s per dtype, copy GB/s)
+	$(PYTHON) -m llm_perf_opt.calibrate --refresh
+
+tree:  ## the stage-tagged module tree of the full model
+	$(PYTHON) -m llm_perf_opt.tree --depth 3
 
 bench:  ## benchmark scripts that print their figures
+	$(PYTHON) benchmarks/dtype_probe.py
 	$(PYTHON) benchmarks/range_overhead.py
 	$(PYTHON) benchmarks/analytic_speed.py
+	$(PYTHON) benchmarks/base_run.py
 
 nightly:  ## the nightly sweep and its comparison with this machine's baseline (NIGHTLY=cpu|gpu)
 	PYTHON=$(PYTHON) runners/nightly.sh $(NIGHTLY)
