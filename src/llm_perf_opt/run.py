@@ -30,7 +30,9 @@ from llm_perf_opt.hardware.memory_check import available_memory_bytes, check_fit
 from llm_perf_opt.hardware.precision import DtypeChoice, choose_dtype, header_text
 from llm_perf_opt.models.interface import ModelSession, SessionOptions
 from llm_perf_opt.profiling.passes import RunInputs, measure
-from llm_perf_opt.report.run_report import Hardware, Job, compact_table, write_artifacts, write_failure
+from llm_perf_opt.report.markdown import compact_table
+from llm_perf_opt.report.run_record import Hardware, Job
+from llm_perf_opt.report.run_report import write_artifacts, write_failure
 
 register_configs()
 _failed_jobs: list[str] = []

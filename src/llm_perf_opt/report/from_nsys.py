@@ -6,7 +6,7 @@ CSVs of that capture (:func:`~llm_perf_opt.profiling.nsys_import.find_reports`: 
 itself, or another prefix or folder). Output: stages.csv, stages.json, kernels.csv, roofline.png,
 report.md and run.json rewritten from run.json's timing samples and analytic totals joined with
 the imported :class:`~llm_perf_opt.profiling.attribution.Attribution`; run.json's ``trace.basis``
-becomes :data:`~llm_perf_opt.report.run_report.NSYS_BASIS`.
+becomes :data:`~llm_perf_opt.report.run_record.NSYS_BASIS`.
 
 Per run. The capture spans every run of the job (warm-up and timed runs, and the request
 preparations before them), while a trace pass covers exactly one. With ``c(s)`` the calls of
@@ -40,13 +40,8 @@ from llm_perf_opt.profiling.nsys_import import (
 )
 from llm_perf_opt.runners.ranges import stage_of
 
-from .run_report import (
-    NSYS_BASIS,
-    headline_figures,
-    record_roofs,
-    trace_record,
-    write_report_files,
-)
+from .run_record import NSYS_BASIS, headline_figures, record_roofs, trace_record
+from .run_report import write_report_files
 from .stage_report import measured_table, stage_table_from, steps_per_stage, work_table
 
 RUN_JSON = "run.json"

@@ -28,6 +28,7 @@ from matplotlib.lines import Line2D
 from matplotlib.transforms import Bbox
 
 from llm_perf_opt.atomic import atomic_path
+
 from .roofline import RoofLike
 
 _ROOF_STYLES = ("-", "--", ":", "-.")

@@ -1,0 +1,203 @@
+"""run.json: everything about one finished job in one JSON-able record, and the pieces of it
+other modules read back (its ceilings, its headline)."""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import transformers
+
+import llm_perf_opt
+from llm_perf_opt.config import RunConfig
+from llm_perf_opt.hardware.calibration import Calibration
+from llm_perf_opt.hardware.ceilings import Roof, Selection
+from llm_perf_opt.hardware.precision import DtypeChoice
+from llm_perf_opt.profiling.attribution import Attribution
+from llm_perf_opt.profiling.passes import Measurement
+
+from .roofline import headline
+
+#: ``trace.basis`` of a run whose busy times were imported from Nsight Systems.
+NSYS_BASIS = "device (nsys)"
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """The ceilings a run is judged against and where they come from."""
+
+    selection: Selection
+    calibration: Calibration
+
+    @property
+    def roofs(self) -> list[Roof]:
+        """The calibrated roof first (what verdicts use: reachable here), then the datasheet's."""
+        datasheet = [] if self.selection.roof is None else [self.selection.roof]
+        return [self.calibration.roof(), *datasheet]
+
+    def record(self) -> dict:
+        return {
+            "datasheet": self.selection.key,
+            "matched": self.selection.how,
+            "device_name": self.selection.device_name,
+            "calibration": dataclasses.asdict(self.calibration),
+            "roofs": [dataclasses.asdict(r) for r in self.roofs],
+        }
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything one finished job reports."""
+
+    run: RunConfig
+    config: dict
+    measurement: Measurement
+    stage_model: Any  # the model's analytic StageModel: totals(), breakdown(), experts()
+    footprint: Any  # the model's analytic memory Footprint
+    device: torch.device
+    dtype: DtypeChoice
+    hardware: Hardware
+    compute_groups: dict[str, tuple[str, ...]]
+    bandwidth_groups: dict[str, tuple[str, ...]]
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype.dtype).removeprefix("torch.")
+
+
+def versions() -> dict:
+    return {
+        "llm_perf_opt": llm_perf_opt.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+    }
+
+
+def describe_device(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {"type": "cpu", "name": _cpu_name(), "threads": torch.get_num_threads()}
+    props = torch.cuda.get_device_properties(device)
+    return {
+        "type": "cuda",
+        "index": device.index,
+        "name": props.name,
+        "capability": f"{props.major}.{props.minor}",
+        "sm_count": props.multi_processor_count,
+        "memory_bytes": props.total_memory,
+        "l2_bytes": getattr(props, "L2_cache_size", None),
+    }
+
+
+def _cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")  # Linux; elsewhere platform's answer is the best there is
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def footprint_record(footprint) -> dict:
+    return {
+        "total_weight_bytes": footprint.total_weight_bytes,
+        "kv_cache_bytes": footprint.kv_cache_bytes,
+        "kv_bytes_per_token": footprint.kv_bytes_per_token,
+        "logits_bytes": footprint.logits_bytes,
+        "stages": footprint.table.to_dict("records"),
+    }
+
+
+def headline_figures(summary: dict, table: pd.DataFrame, record: dict) -> dict:
+    """TTFT, TPOT, decode tokens/s (medians of the timing ``summary``), and the utilisation of the
+    model's stage groups (``stage_layout`` of ``record``) against the record's roofs."""
+    figures = {key: None if summary[key] is None else summary[key]["median"]
+               for key in ("ttft_ms", "tpot_ms", "decode_tokens_per_s", "e2e_ms")}  # fmt: skip
+    layout = record["stage_layout"]
+    utilisation = headline(
+        table.rename(columns={"time_ms": "wall_ms"}), record_roofs(record), record["dtype"],
+        compute_stages=layout["compute_groups"], bandwidth_stages=layout["bandwidth_groups"],
+    )  # fmt: skip
+    return {**figures, **utilisation}
+
+
+def record_roofs(record: dict) -> list[Roof]:
+    """The roofs of a run record (``hardware.roofs``), the one used for verdicts first."""
+    return [Roof(**roof) for roof in record["hardware"]["roofs"]]
+
+
+def stage_layout(job: Job) -> dict:
+    """The model's stages as run.json keeps them: run order, the per-step ones, the headline groups."""
+    stages = job.measurement.stages
+    return {
+        "order": [s.name for s in stages],
+        "per_step": [s.name for s in stages if s.per_step],
+        "compute_groups": {group: list(names) for group, names in job.compute_groups.items()},
+        "bandwidth_groups": {group: list(names) for group, names in job.bandwidth_groups.items()},
+    }
+
+
+def trace_record(attribution: Attribution, path: str, basis: str | None = None) -> dict:
+    """The ``trace`` entry of run.json: where busy times come from and the per-range table."""
+    return {
+        "path": path,
+        "basis": basis or attribution.basis,
+        "coverage": attribution.coverage,
+        "total_busy_ms": attribution.total_busy_ms,
+        "unattributed_ms": attribution.unattributed_ms,
+        "ranges": attribution.stages.to_dict("records"),
+    }
+
+
+def run_record(job: Job, table: pd.DataFrame, status: str = "ok", error: str | None = None) -> dict:
+    """Everything about the job in one JSON-able dict."""
+    m = job.measurement
+    analytic_totals = job.stage_model.totals()
+    record = {
+        "status": status,
+        "error": error,
+        "config": job.config,
+        "versions": versions(),
+        "device": describe_device(job.device),
+        "hardware": job.hardware.record(),
+        "dtype": job.dtype_name,
+        "dtype_reason": job.dtype.reason,
+        "weights": job.run.model.weights,
+        **m.request.describe(),
+        "request": m.request.summary(),
+        "generated_tokens": len(m.result.tokens) if m.result else None,
+        "headline": None,  # below: it needs the roofs and stage layout of this record
+        "stage_layout": stage_layout(job),
+        "timing": {
+            "unit": "ms",
+            "tpot": "(e2e - ttft) / decode steps; ttft = the once-per-request stages",
+            "summary": m.summary(),
+            "samples": [r.as_dict() for r in m.runs],
+        },
+        "memory": {
+            "measured": None if m.memory is None else m.memory.as_dict(),
+            "analytic": footprint_record(job.footprint),
+        },
+        "routing": None if m.routing is None else {
+            stage: {"calls": len(calls), "tokens_per_expert": _sum_calls(calls)} for stage, calls in m.routing.items()
+        },
+        "analytic": {
+            "note": analytic_totals.attrs.get("note"),
+            "stages": analytic_totals.to_dict("records"),
+            "families": job.stage_model.breakdown().to_dict("records"),
+            "ranges": job.stage_model.range_totals().to_dict("records"),
+            "experts": job.stage_model.experts().to_dict("records"),
+        },
+        "trace": None if m.attribution is None else trace_record(m.attribution, m.trace_path.name),
+    }
+    record["headline"] = headline_figures(m.summary(), table, record)
+    return record
+
+
+def _sum_calls(calls: list[list[list[int]]]) -> list[list[int]]:
+    """Tokens per expert of each routed layer, summed over the calls."""
+    return [[sum(counts) for counts in zip(*layer)] for layer in zip(*calls)]
