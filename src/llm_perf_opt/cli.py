@@ -8,6 +8,7 @@ import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
+from hydra._internal.utils import get_args_parser  # the parser hydra.main itself uses
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 
@@ -64,3 +65,14 @@ def check_creatable(folder: Path) -> None:
             if not parent.is_dir():
                 raise UserError(f"output folder {folder} cannot be created: {parent} is a file")
             return
+
+
+def checked_argv(argv: Sequence[str]) -> list[str]:
+    """The command line for Hydra: image paths quoted, and every job's config composed and
+    validated first (not for --help, --info and shell completion, which Hydra answers itself).
+    A mistake raises UserError before anything runs."""
+    argv = quote_paths(argv)
+    args = get_args_parser().parse_args(argv)
+    if not (args.help or args.hydra_help or args.info or args.shell_completion):
+        preflight(args.multirun, args.overrides)
+    return argv

@@ -15,12 +15,11 @@ import traceback
 from pathlib import Path
 
 import hydra
-from hydra._internal.utils import get_args_parser  # the parser hydra.main itself uses
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from llm_perf_opt.cli import preflight, quote_paths
+from llm_perf_opt.cli import checked_argv
 from llm_perf_opt.config import CONFIG_NAME, RunConfig, register_configs, validate
 from llm_perf_opt.errors import UserError
 from llm_perf_opt.hardware.calibration import cached_calibration
@@ -118,14 +117,11 @@ def _fail(out_dir: Path, config: dict, status: str, error: str) -> None:
 
 def main() -> None:
     _failed_jobs.clear()
-    sys.argv[1:] = quote_paths(sys.argv[1:])
-    args = get_args_parser().parse_args(sys.argv[1:])  # Hydra's own command line
-    if not (args.help or args.hydra_help or args.info or args.shell_completion):
-        try:
-            preflight(args.multirun, args.overrides)
-        except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
+    try:
+        sys.argv[1:] = checked_argv(sys.argv[1:])
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     _main()
     if _failed_jobs:
         sys.exit(1)

@@ -20,17 +20,16 @@ from typing import Any
 
 import hydra
 import torch
-from hydra._internal.utils import get_args_parser  # the parser hydra.main itself uses
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from llm_perf_opt.atomic import write_json
+from llm_perf_opt.cli import checked_argv
 from llm_perf_opt.config import CONFIG_NAME, RunConfig, register_configs, validate
 from llm_perf_opt.errors import UserError
 from llm_perf_opt.models.interface import ModelSession, SessionOptions
 from llm_perf_opt.models.module_tree import TreeNode, module_tree, render, stage_totals
-from llm_perf_opt.cli import preflight, quote_paths
 
 register_configs()
 TREE_FILE = "module_tree.json"
@@ -94,7 +93,6 @@ def tree_job(cfg: DictConfig, depth: int | None) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
-# -- before Hydra runs anything ---------------------------------------------------------------------
 def split_depth(argv: Sequence[str]) -> tuple[int | None, list[str]]:
     """`--depth N` / `--depth=N` taken out of the command line; the rest is Hydra's."""
     depth, rest, args = None, [], iter(argv)
@@ -119,10 +117,7 @@ def with_run_dir(overrides: list[str]) -> list[str]:
 def main() -> None:
     try:
         depth, argv = split_depth(sys.argv[1:])
-        argv = with_run_dir(quote_paths(argv))
-        args = get_args_parser().parse_args(argv)  # Hydra's own command line
-        if not (args.help or args.hydra_help or args.info or args.shell_completion):
-            preflight(args.multirun, args.overrides)
+        argv = checked_argv(with_run_dir(argv))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
