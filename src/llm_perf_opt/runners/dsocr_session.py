@@ -139,10 +139,11 @@ class DeepSeekOCRSession(ModelSession):
 
     def load(self) -> None:
         device, dtype = self.options.device, self.options.dtype
+        impl = self.cfg.impl
         if self.checkpoint is None:
-            self._model = dummy_model(self.arch, device, dtype, self.backend, seed=self.options.seed)
+            self._model = dummy_model(self.arch, device, dtype, self.backend, seed=self.options.seed, impl=impl)
         else:
-            self._model = load_checkpoint(self.checkpoint, device, dtype, self.backend)
+            self._model = load_checkpoint(self.checkpoint, device, dtype, self.backend, impl=impl)
 
     @torch.inference_mode()
     def generate(self, request: Request, max_new_tokens: int) -> Result:

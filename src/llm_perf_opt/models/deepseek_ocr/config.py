@@ -166,6 +166,9 @@ def _check_field_types(section: str, part) -> None:
 
 VISION_KEY = "llm_perf_opt_vision"
 
+#: Implementations of the same architecture and state dict: the faithful one and the fast one.
+IMPLS = ("reference", "fast")
+
 
 
 def _pick(cls, values: dict) -> dict:
@@ -221,9 +224,12 @@ class DeepSeekOCRModelConfig(ModelConfig):
     analytic: ClassVar[str] = "llm_perf_opt.analytic.dsocr_analytic.DeepSeekOCRAnalytic"
 
     attn_impl: str = "sdpa"  # sdpa | eager | flash_attn
+    impl: str = "reference"  # reference (faithful to the official code) | fast (models/deepseek_ocr/fast)
     arch: DeepSeekOCRConfig = field(default_factory=DeepSeekOCRConfig)
     mode: ModeSpec = MISSING
 
     def __post_init__(self) -> None:
         if self.attn_impl not in BACKENDS:
             raise UserError(f"config: model.attn_impl={self.attn_impl!r} is not one of {', '.join(BACKENDS)}")
+        if self.impl not in IMPLS:
+            raise UserError(f"config: model.impl={self.impl!r} is not one of {', '.join(IMPLS)}")

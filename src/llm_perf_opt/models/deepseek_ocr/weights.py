@@ -19,10 +19,12 @@ from llm_perf_opt.errors import UserError
 
 from .config import DeepSeekOCRConfig, from_official_json, to_official_json
 from .decoder import RMSNorm, Router
+from .fast import FastDeepSeekOCR
 from .model import DeepSeekOCR
 from .sam import LayerNorm2d
 
 NORMS = (nn.LayerNorm, RMSNorm, LayerNorm2d)
+MODEL_CLASSES = {"reference": DeepSeekOCR, "fast": FastDeepSeekOCR}
 
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -31,21 +33,31 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 POOL_SIZE = 1 << 25
 
 
-def build_model(cfg: DeepSeekOCRConfig, device: torch.device, dtype: torch.dtype, backend: str) -> DeepSeekOCR:
-    """The model with uninitialised storage on `device` (built on meta, so nothing is computed)."""
+def build_model(
+    cfg: DeepSeekOCRConfig, device: torch.device, dtype: torch.dtype, backend: str, impl: str = "reference"
+) -> DeepSeekOCR:
+    """The model with uninitialised storage on `device` (built on meta, so nothing is computed).
+
+    `impl` picks the faithful implementation or the fast one (`fast/`): same module names and
+    state dict, so every weight written afterwards fits both.
+    """
+    if impl not in MODEL_CLASSES:
+        raise ValueError(f"unknown implementation {impl!r}; choose one of {', '.join(MODEL_CLASSES)}")
     with torch.device("meta"):
-        model = DeepSeekOCR(cfg, backend)
+        model = MODEL_CLASSES[impl](cfg, backend)
     return model.to(dtype=dtype).to_empty(device=device).eval().requires_grad_(False)
 
 
-def dummy_model(cfg: DeepSeekOCRConfig, device, dtype, backend: str = "sdpa", seed: int = 0) -> DeepSeekOCR:
+def dummy_model(
+    cfg: DeepSeekOCRConfig, device, dtype, backend: str = "sdpa", seed: int = 0, impl: str = "reference"
+) -> DeepSeekOCR:
     """Seeded random weights with the scale of a trained network (finite, small, no denormals).
 
     Norms get weight 1 and bias 0, other biases 0, Linear/Conv weights N(0, 1/fan_in) so
     activations stay O(1), and embeddings / positional tables / special vectors N(0, 0.02²).
     Routing is balanced afterwards by `balance_router` on the input being profiled.
     """
-    model = build_model(cfg, torch.device(device), dtype, backend)
+    model = build_model(cfg, torch.device(device), dtype, backend, impl)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     pool = torch.randn(POOL_SIZE, generator=gen).clamp_(-4, 4).to(device=device, dtype=dtype)
     for module in model.modules():
@@ -83,7 +95,7 @@ def checkpoint_config(folder: Path) -> DeepSeekOCRConfig:
     return from_official_json(folder / "config.json")
 
 
-def load_checkpoint(path, device, dtype, backend: str = "sdpa") -> DeepSeekOCR:
+def load_checkpoint(path, device, dtype, backend: str = "sdpa", impl: str = "reference") -> DeepSeekOCR:
     """Build the model from `path/config.json` and fill it from safetensors by parameter name.
 
     Accepts a single `*.safetensors` file or a sharded set with `model.safetensors.index.json`.
@@ -92,7 +104,7 @@ def load_checkpoint(path, device, dtype, backend: str = "sdpa") -> DeepSeekOCR:
     folder = Path(path)
     cfg = checkpoint_config(folder)
     files = _weight_files(folder)
-    model = build_model(cfg, torch.device(device), dtype, backend)
+    model = build_model(cfg, torch.device(device), dtype, backend, impl)
     params = dict(model.named_parameters())
     seen, unexpected, wrong = set(), [], []
     for file in files:

@@ -1,0 +1,139 @@
+"""Fast SAM: attention without the whole decomposed relative-position bias, in-place GELU.
+
+The reference (`sam.SamAttention`) builds bias[B, heads, N, N] = rel_h[i, row_j] + rel_w[i, col_j]
+(N = H·W tokens) and hands it to SDPA as an additive mask. In base mode's global blocks
+(N = 4096, 12 heads) that is 805 MB in fp32 per block: written by a broadcast add into a
+freshly allocated (page-faulting) tensor, copied once more because the add leaves it in a
+permuted layout that the reshape to [B, heads, N, N] cannot view, then read by the kernel.
+
+Two formulations of the same attention, picked by device:
+
+* blocked (CPU): queries are processed in tiles of whole grid rows. Each tile's slice of the
+  bias, [B, heads, rows, N], is written into one reused buffer in SDPA's layout and passed
+  with that tile of queries: every query row gets the reference's bias values and kernel, and
+  what goes away is the copy of the permuted bias and all but one tile of it. A tile holds at
+  most BIAS_TILE_ELEMENTS, so a global block of base mode runs in 4 tiles of 16 grid rows,
+  while a windowed block's whole bias (25 windows x 12 heads x 196², 46 MB) fits one tile and
+  is written once. In fp32 the output matched the reference bit for bit in the cases
+  measured; SDPA's CPU kernel may block a shorter query tile differently, which can change
+  the last bits.
+* folded (CUDA): the bias becomes part of the dot product. With
+  q' = [q/√D, rel_h(q_i) (H values), rel_w(q_i) (W values)] and k' = [k, onehot(row_j), onehot(col_j)],
+  q'·k' = q·k/√D + rel_h[i, row_j] + rel_w[i, col_j], so one unmasked SDPA call with scale 1
+  is the biased attention and nothing N×N is ever written to memory. QK does (D+H+W)/D times
+  the multiply-adds of the reference (3x at D = H = W = 64), which tensor cores absorb; on this
+  2-core CPU it ran 1.6x (global) and 1.7x (windowed) slower than the reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..sam import SamAttention, SamMLP, resized_rel_pos
+
+#: Largest bias tile of the blocked form, in elements (256 MiB in fp32; a third of base mode's
+#: global bias). Measured on a 2-core Zen 4 in fp32: tiles of 2^23, 2^24, 2^25, 2^26 elements and
+#: the whole bias took 1.95, 1.45, 1.35, 1.17 and 1.48 s per global block (CPU SDPA gets slower
+#: with many short calls; the whole bias pays for fresh, page-faulting memory).
+BIAS_TILE_ELEMENTS = 1 << 26
+#: The folded head dimension is padded to a multiple of this (16-byte rows in bf16/fp16),
+#: the alignment CUDA's fused attention kernels ask for.
+FOLDED_ALIGN = 8
+
+
+def rel_pos_terms(
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, h: int, w: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """rel_h [B, heads, H, W, H] and rel_w [B, heads, H, W, W] of q [B, heads, N, D]:
+    rel_h[.., r, c, r'] = q_(r,c)·R_h[r, r'] and rel_w[.., r, c, c'] = q_(r,c)·R_w[c, c'], with
+    the unscaled q (the reference's two einsums, unchanged; split by grid row and column so
+    that no reshape has to copy them)."""
+    b, heads, n, d = q.shape
+    r_q = q.reshape(b * heads, h, w, d)
+    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, resized_rel_pos(rel_pos_h, h, h))
+    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, resized_rel_pos(rel_pos_w, w, w))
+    return rel_h.unflatten(0, (b, heads)), rel_w.unflatten(0, (b, heads))
+
+
+def blocked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_h: torch.Tensor,
+    rel_w: torch.Tensor,
+    tile_elements: int = BIAS_TILE_ELEMENTS,
+) -> torch.Tensor:
+    """softmax(q kᵀ/√D + rel_h[i, row_j] + rel_w[i, col_j]) v, a tile of whole grid rows of
+    queries at a time: the fewest tiles of at most `tile_elements` bias elements, of equal
+    height (but the last). q, k, v [B, heads, N, D]; rel_h, rel_w as `rel_pos_terms` gives
+    them; returns [B, heads, N, D]."""
+    b, heads, n, d = q.shape
+    h, w = rel_h.shape[2], rel_h.shape[3]
+    most_rows = max(1, min(h, tile_elements // (b * heads * w * n)))
+    grid_rows = math.ceil(h / math.ceil(h / most_rows))
+    if grid_rows == h:  # one tile: the bias fits, the output needs no reassembly
+        # Written into a contiguous tensor: a plain broadcast add would follow the einsums'
+        # permuted layout, which SDPA's [B, heads, N, N] view cannot take without a copy.
+        bias = torch.add(rel_h[..., :, None], rel_w[..., None, :], out=q.new_empty(b, heads, h, w, h, w))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.view(b, heads, n, n))
+    buffer = q.new_empty(b * heads * grid_rows * w * n)
+    # Tiles are written straight into the token-major layout the caller transposes back to.
+    out = q.new_empty(b, n, heads, d).transpose(1, 2)
+    for top in range(0, h, grid_rows):
+        bottom = min(h, top + grid_rows)
+        start, end = top * w, bottom * w
+        bias = buffer[: b * heads * (end - start) * n].view(b, heads, bottom - top, w, h, w)
+        torch.add(rel_h[:, :, top:bottom, :, :, None], rel_w[:, :, top:bottom, :, None, :], out=bias)
+        out[:, :, start:end] = F.scaled_dot_product_attention(
+            q[:, :, start:end], k, v, attn_mask=bias.view(b, heads, end - start, n)
+        )
+    return out
+
+
+def folded_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor
+) -> torch.Tensor:
+    """The same attention as one unmasked SDPA call over widened q' and k' (see the module
+    docstring); v keeps its head dimension D. Returns [B, heads, N, D]."""
+    b, heads, n, d = q.shape
+    h, w = rel_h.shape[2], rel_h.shape[3]
+    token = torch.arange(n, device=q.device)
+    # One-hot rows and columns by comparison: F.one_hot would check its input on the host.
+    onehot = torch.cat(
+        [
+            (token // w)[:, None] == torch.arange(h, device=q.device),
+            (token % w)[:, None] == torch.arange(w, device=q.device),
+        ],
+        dim=-1,
+    ).to(q.dtype)
+    pad = -(d + h + w) % FOLDED_ALIGN
+    q2 = F.pad(torch.cat([q * d**-0.5, rel_h.reshape(b, heads, n, h), rel_w.reshape(b, heads, n, w)], dim=-1), (0, pad))
+    k2 = F.pad(torch.cat([k, onehot.expand(b, heads, n, h + w)], dim=-1), (0, pad))
+    return F.scaled_dot_product_attention(q2, k2, v, scale=1.0)
+
+
+class FastSamAttention(SamAttention):
+    """SAM attention with the relative-position bias applied without the [B, heads, N, N] tensor:
+    blocked over query tiles on CPU (bit-identical to the reference there), folded into the dot
+    product on CUDA. Same parameters and names as the reference."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        qkv = self.qkv(x).reshape(b, h * w, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [B, heads, N, D]
+        rel_h, rel_w = rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, h, w)
+        attention = folded_attention if x.device.type == "cuda" else blocked_attention
+        out = attention(q, k, v, rel_h, rel_w)
+        return self.proj(out.transpose(1, 2).reshape(b, h, w, c))
+
+
+class FastSamMLP(SamMLP):
+    """The SAM MLP with GELU applied in place on lin1's output: the same values, one fresh
+    [tokens, 4·width] tensor fewer per block (50 MB at base mode's 4096 tokens in fp32)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.lin1(x)
+        return self.lin2(torch.ops.aten.gelu_(hidden))
