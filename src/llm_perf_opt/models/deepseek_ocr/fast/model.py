@@ -79,7 +79,7 @@ class FastDeepSeekOCR(DeepSeekOCR):
     def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
         """On CUDA, a static cache whose decode steps replay a CUDA graph: the same buffers and
         graph serve every request of the same size, and the graph is captured here, when the
-        cache is first made (in the first, untimed run of a harness job, not in a timed step).
+        cache is first made (in a harness job: during the warm-up run's prefill, not timed).
         Forward hooks on the decode modules (routing refits, module ranges) would not fire
         inside a replay, nor may they run during capture: with any set, the cache is the
         reference's and decoding is eager."""
