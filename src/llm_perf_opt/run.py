@@ -10,6 +10,7 @@ against the context window and the machine's memory before the weights are built
 
 from __future__ import annotations
 
+import gc
 import sys
 import traceback
 from pathlib import Path
@@ -108,6 +109,10 @@ def _main(cfg: DictConfig) -> None:
     except Exception as exc:  # a bug, not a user error: keep the traceback, let other jobs run
         traceback.print_exc()
         _fail(out_dir, config, "failed", f"{type(exc).__name__}: {exc}")
+    finally:
+        # The finished job's model sits in reference cycles (frames kept by the plotting code);
+        # free it now, or the next job of a sweep would see its memory as taken.
+        gc.collect()
 
 
 def _fail(out_dir: Path, config: dict, status: str, error: str) -> None:
