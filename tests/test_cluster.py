@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from llm_perf_opt import run as run_module
+from llm_perf_opt.cli import preflight
 from llm_perf_opt.config import compose
 from llm_perf_opt.report.run_dirs import job_identity
 
@@ -47,7 +47,7 @@ def test_without_the_option_jobs_run_one_after_another_in_this_process():
 
 
 def test_the_cli_accepts_the_launcher_and_pairs_jobs_across_launchers(tmp_path):
-    run_module.preflight(True, ["hydra/launcher=slurm", "model=deepseek_ocr_tiny", "mode=tiny,base",
+    preflight(True, ["hydra/launcher=slurm", "model=deepseek_ocr_tiny", "mode=tiny,base",
                                 f"hydra.sweep.dir={tmp_path / 'sweep'}"])  # fmt: skip
     record = {"config": {"model": {"name": "deepseek_ocr_tiny", "mode": {"name": "tiny"}}}}
     on_cluster = job_identity(record, ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "mode=tiny"])
