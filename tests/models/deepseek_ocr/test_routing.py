@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from llm_perf_opt.config import load
+from llm_perf_opt.hardware.precision import choose_dtype
 from llm_perf_opt.models.deepseek_ocr import preprocess, routing, weights
 from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRConfig
 from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord, balanced_gate_weight
@@ -116,7 +117,9 @@ def full_size_routing():
     """Per-expert token counts of every MoE layer of the full-size dummy model, prefilling
     the bundled sample page in base mode after balance_router."""
     cfg = DeepSeekOCRConfig()
-    model = weights.dummy_model(cfg, "cpu", torch.bfloat16)
+    # The dtype a run would pick here: bf16 where the CPU computes it natively, else fp32 (bf16
+    # emulated on such a CPU would make this prefill of the full model take many minutes).
+    model = weights.dummy_model(cfg, "cpu", choose_dtype("auto", torch.device("cpu")).dtype)
     base = load(["mode=base"]).model.mode
     views = preprocess.preprocess_image(preprocess.load_image(preprocess.SAMPLE_PAGE), base)
     assert views.tiles is None and views.image_tokens == 273
