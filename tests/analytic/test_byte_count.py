@@ -10,12 +10,16 @@ from torch import nn
 
 from llm_perf_opt.analytic import families as fam
 from llm_perf_opt.analytic import validate
-from llm_perf_opt.analytic.byte_count import ATTENTION, ByteCount, ByteCounter, footprint
+from llm_perf_opt.analytic.byte_count import ATTENTION, ByteCounter, footprint
 from llm_perf_opt.analytic.deepseek_ocr import MODEL_STAGES, stage_costs
 from llm_perf_opt.models.deepseek_ocr.config import SamConfig
 from llm_perf_opt.models.deepseek_ocr.decoder import RMSNorm
 from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord
-from llm_perf_opt.models.deepseek_ocr.sam import LayerNorm2d, SamAttention, window_partition
+from llm_perf_opt.models.deepseek_ocr.sam import (
+    LayerNorm2d,
+    SamAttention,
+    window_partition,
+)
 
 SAM, CLIP, PROJECTOR, PREFILL, DECODE = MODEL_STAGES
 BF16 = torch.bfloat16
@@ -31,11 +35,14 @@ def count(fn, weights=(), kv=()) -> ByteCounter:
     return counter
 
 
-def as_bytes(cost: fam.Cost) -> ByteCount:
-    """The byte fields of an analytic cost, which must be whole numbers of bytes."""
-    values = [getattr(cost, name) for name in ByteCount.__dataclass_fields__]
-    assert all(v == int(v) for v in values), values
-    return ByteCount(*(int(v) for v in values))
+BYTE_FIELDS = ("weight_bytes", "act_read_bytes", "act_write_bytes", "kv_read_bytes", "kv_write_bytes")
+
+
+def as_bytes(cost: fam.Cost) -> fam.Cost:
+    """The byte fields of an analytic cost (its FLOPs dropped), which must be whole numbers of bytes."""
+    values = {name: getattr(cost, name) for name in BYTE_FIELDS}
+    assert all(v == int(v) for v in values.values()), values
+    return fam.Cost(**{name: int(v) for name, v in values.items()})
 
 
 # -- the counter on hand-computed cases ----------------------------------------------------------
@@ -49,14 +56,14 @@ def test_linear_reads_input_weight_bias_and_writes_output(device):
     with torch.no_grad():
         counter = count(lambda: layer(x), weights=layer.parameters())
     # W 80*48*2 = 7680 and b 80*2 = 160 are weights; x 14*48*2 = 1344 read; y 14*80*2 = 2240 written.
-    assert counter.total == ByteCount(weight_bytes=7840, act_read_bytes=1344, act_write_bytes=2240)
+    assert counter.total == fam.Cost(weight_bytes=7840, act_read_bytes=1344, act_write_bytes=2240)
     assert set(counter.by_op) == {"addmm"}
 
 
 def test_the_same_tensor_is_not_a_weight_unless_it_is_a_parameter():
     w = meta(80, 48)
     counter = count(lambda: F.linear(meta(14, 48), w))
-    assert counter.total == ByteCount(act_read_bytes=14 * 48 * 4 + 80 * 48 * 4, act_write_bytes=14 * 80 * 4)
+    assert counter.total == fam.Cost(act_read_bytes=14 * 48 * 4 + 80 * 48 * 4, act_write_bytes=14 * 80 * 4)
 
 
 def test_views_and_metadata_ops_are_free_copies_are_not():
@@ -71,24 +78,24 @@ def test_views_and_metadata_ops_are_free_copies_are_not():
         torch.as_strided(x, (2, 2), (1, 1))
         torch.empty(1000, device="meta")
 
-    assert count(views).total == ByteCount()
+    assert count(views).total == fam.Cost()
     # A reshape that cannot be a view copies: read 4*6*8*4 = 768, write 768.
-    copy = ByteCount(act_read_bytes=768, act_write_bytes=768)
+    copy = fam.Cost(act_read_bytes=768, act_write_bytes=768)
     assert count(lambda: x.transpose(0, 1).reshape(48, 4)).total == copy
-    assert count(lambda: torch.zeros(10, device="meta")).total == ByteCount(act_write_bytes=40)
+    assert count(lambda: torch.zeros(10, device="meta")).total == fam.Cost(act_write_bytes=40)
 
 
 def test_matmul_chain():
     a, b, c = meta(4, 8), meta(8, 16), meta(16, 2)
     counter = count(lambda: a @ b @ c)
     # a@b: read 4*8*4 + 8*16*4 = 640, write 4*16*4 = 256; (ab)@c: read 256 + 16*2*4 = 384, write 4*2*4 = 32.
-    assert counter.total == ByteCount(act_read_bytes=640 + 384, act_write_bytes=256 + 32)
+    assert counter.total == fam.Cost(act_read_bytes=640 + 384, act_write_bytes=256 + 32)
     assert counter.by_op["mm"].bytes == 640 + 256 + 384 + 32
 
 
 def test_a_broadcast_operand_is_read_once():
     x, row = meta(3, 5), meta(5)
-    expected = ByteCount(act_read_bytes=15 * 4 + 5 * 4, act_write_bytes=15 * 4)
+    expected = fam.Cost(act_read_bytes=15 * 4 + 5 * 4, act_write_bytes=15 * 4)
     assert count(lambda: x + row).total == expected
     assert count(lambda: x + row.expand(3, 5)).total == expected
     assert footprint(row.expand(3, 5)) == 20 and footprint(x.t()) == 60
@@ -99,18 +106,18 @@ def test_a_gather_reads_only_what_it_can_output():
     ids = meta(1, 9, dtype=torch.long)
     counter = count(lambda: table(ids), weights=table.parameters())
     # 9 rows of 16 fp32 = 576 bytes of the 64,000-byte table; ids 9*8 = 72.
-    assert counter.total == ByteCount(weight_bytes=576, act_read_bytes=72, act_write_bytes=576)
+    assert counter.total == fam.Cost(weight_bytes=576, act_read_bytes=72, act_write_bytes=576)
     small = meta(3, 4)
     many = meta(50, dtype=torch.long)
     # 50 rows gathered from a 3-row table: the table (48 bytes) is read once, not 50 times.
-    assert count(lambda: small[many]).total == ByteCount(act_read_bytes=48 + 400, act_write_bytes=50 * 16)
+    assert count(lambda: small[many]).total == fam.Cost(act_read_bytes=48 + 400, act_write_bytes=50 * 16)
 
 
 def test_in_place_out_and_overwrite():
     x, y, out = meta(10), meta(10), meta(10)
-    assert count(lambda: x.add_(y)).total == ByteCount(act_read_bytes=80, act_write_bytes=40)
-    assert count(lambda: torch.add(x, y, out=out)).total == ByteCount(act_read_bytes=80, act_write_bytes=40)
-    assert count(lambda: x.copy_(y)).total == ByteCount(act_read_bytes=40, act_write_bytes=40)
+    assert count(lambda: x.add_(y)).total == fam.Cost(act_read_bytes=80, act_write_bytes=40)
+    assert count(lambda: torch.add(x, y, out=out)).total == fam.Cost(act_read_bytes=80, act_write_bytes=40)
+    assert count(lambda: x.copy_(y)).total == fam.Cost(act_read_bytes=40, act_write_bytes=40)
 
 
 def test_kv_cache_writes_and_reads_are_told_apart():
@@ -124,7 +131,7 @@ def test_kv_cache_writes_and_reads_are_told_apart():
 
     counter = count(step, kv=[keys, values])
     rows = 1 * 2 * 3 * 4 * 2  # one [1, 2, 3, 4] bf16 block: 48 bytes
-    assert counter.total == ByteCount(
+    assert counter.total == fam.Cost(
         act_read_bytes=2 * rows + rows, act_write_bytes=rows, kv_read_bytes=2 * rows, kv_write_bytes=2 * rows
     )
 
@@ -140,7 +147,7 @@ def test_attention_is_one_fused_kernel():
 
     counter = count(attend)
     # q, k, v 3 * 80*2 = 480 and the mask 50*2 = 100 read; the output 80*2 = 160 written; no scores.
-    assert counter.by_op == {ATTENTION: ByteCount(act_read_bytes=580, act_write_bytes=160)}
+    assert counter.by_op == {ATTENTION: fam.Cost(act_read_bytes=580, act_write_bytes=160)}
 
 
 @torch.no_grad()
@@ -149,12 +156,12 @@ def test_attention_on_cpu_runs_the_real_kernel():
     with ByteCounter() as counter:
         out = F.scaled_dot_product_attention(q, k, v)
     assert torch.equal(out, F.scaled_dot_product_attention(q, k, v))
-    assert counter.by_op == {ATTENTION: ByteCount(act_read_bytes=3 * 64 * 4, act_write_bytes=64 * 4)}
+    assert counter.by_op == {ATTENTION: fam.Cost(act_read_bytes=3 * 64 * 4, act_write_bytes=64 * 4)}
 
 
 def test_an_op_returning_no_tensor_still_reads():
     x = torch.tensor([5, 6])
-    assert count(lambda: x[1].item()).total == ByteCount(act_read_bytes=8)
+    assert count(lambda: x[1].item()).total == fam.Cost(act_read_bytes=8)
 
 
 # -- family formulas against the counter ----------------------------------------------------------
@@ -165,7 +172,7 @@ def test_rmsnorm_by_hand():
     counter = count(lambda: norm(meta(3, 4, dtype=BF16)), weights=norm.parameters())
     # n = 12 elements, 3 rows: cast 24 -> 48, pow 48 -> 48, mean 48 -> 12, +eps 12 -> 12,
     # rsqrt 12 -> 12, x*rstd 48+12 -> 48, cast 48 -> 24, weight (8 bytes) * x 24 -> 24.
-    by_hand = ByteCount(
+    by_hand = fam.Cost(
         weight_bytes=8,
         act_read_bytes=24 + 48 + 48 + 12 + 12 + 60 + 48 + 24,
         act_write_bytes=48 + 48 + 12 + 12 + 12 + 48 + 24 + 24,
@@ -174,7 +181,7 @@ def test_rmsnorm_by_hand():
     # In fp32 the casts are no-ops: 276 - 24 - 48 read, 228 - 48 - 24 written, 16-byte weight.
     norm32 = RMSNorm(4, 1e-6).to(device="meta")
     fp32 = count(lambda: norm32(meta(3, 4)), weights=norm32.parameters()).total
-    assert fp32 == ByteCount(weight_bytes=16, act_read_bytes=204 + 24, act_write_bytes=156 + 24)
+    assert fp32 == fam.Cost(weight_bytes=16, act_read_bytes=204 + 24, act_write_bytes=156 + 24)
     assert fp32 == as_bytes(fam.rmsnorm(3, 4, "float32"))
 
 
@@ -294,7 +301,7 @@ def test_a_real_cpu_run_moves_the_analytic_bytes(tiny_arch, tiny_model):
         assert counted == as_bytes(model.total(stage))
     moe_layers = len(routing.prefill)
     k, e = lm.num_experts_per_tok, lm.n_routed_experts
-    bincount = ByteCount(act_read_bytes=moe_layers * k * 8, act_write_bytes=moe_layers * e * 8)
+    bincount = fam.Cost(act_read_bytes=moe_layers * k * 8, act_write_bytes=moe_layers * e * 8)
     assert step == as_bytes(sum(model.decode_step.values(), fam.Cost())) + bincount
 
 

@@ -3,8 +3,8 @@ tensor outputs once. Works on the meta device (shapes only), like FlopCounterMod
 
     with ByteCounter(weights=model.parameters(), kv=cache.keys + cache.values) as counter:
         model(x)
-    counter.total      ByteCount(weight_bytes, act_read_bytes, act_write_bytes, kv_read_bytes, kv_write_bytes)
-    counter.by_op      aten op name -> ByteCount
+    counter.total      Cost(weight_bytes, act_read_bytes, act_write_bytes, kv_read_bytes, kv_write_bytes: bytes only)
+    counter.by_op      aten op name -> Cost (bytes only)
 
 A TorchDispatchMode sees every aten op below autograd, so composite ops arrive decomposed
 (`linear` as `t` + `addmm`, `reshape` as `view` or `clone` + `_unsafe_view`). Per op:
@@ -45,7 +45,6 @@ buffer's is a KV read or write; everything else is an activation.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -53,6 +52,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from llm_perf_opt.analytic.families import Cost
 
 _aten = torch.ops.aten
 _GATHERS = frozenset(
@@ -62,26 +63,6 @@ _OVERWRITES = frozenset({_aten.copy_.default, _aten.fill_.Scalar, _aten.fill_.Te
 
 #: Name `by_op` gives the fused attention kernel.
 ATTENTION = "scaled_dot_product_attention"
-
-
-@dataclass(frozen=True)
-class ByteCount:
-    """Bytes by category, the byte fields of analytic.families.Cost; adds up."""
-
-    weight_bytes: int = 0
-    act_read_bytes: int = 0
-    act_write_bytes: int = 0
-    kv_read_bytes: int = 0
-    kv_write_bytes: int = 0
-
-    def __add__(self, other: ByteCount) -> ByteCount:
-        if not isinstance(other, ByteCount):
-            return NotImplemented
-        return ByteCount(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(ByteCount)))
-
-    @property
-    def bytes(self) -> int:
-        return sum(getattr(self, f.name) for f in fields(ByteCount))
 
 
 def footprint(t: torch.Tensor) -> int:
@@ -177,13 +158,13 @@ class ByteCounter:
     def __init__(self, weights: Iterable[torch.Tensor] = (), kv: Iterable[torch.Tensor] = ()) -> None:
         self._weights = {_storage(t) for t in weights}
         self._kv = {_storage(t) for t in kv}
-        self.by_op: dict[str, ByteCount] = {}
+        self.by_op: dict[str, Cost] = {}
         self.suspended = False
         self._modes: list[Any] = []
 
     @property
-    def total(self) -> ByteCount:
-        return sum(self.by_op.values(), ByteCount())
+    def total(self) -> Cost:
+        return sum(self.by_op.values(), Cost())
 
     def __enter__(self) -> ByteCounter:
         self._modes = [_FusedAttention(self), _Dispatch(self)]
@@ -233,5 +214,6 @@ class ByteCounter:
                 kv_write += footprint(t)
             else:
                 act_write += footprint(t)
-        count = ByteCount(weight, act_read, act_write, kv_read, kv_write)
-        self.by_op[name] = self.by_op.get(name, ByteCount()) + count
+        count = Cost(weight_bytes=weight, act_read_bytes=act_read, act_write_bytes=act_write,
+                     kv_read_bytes=kv_read, kv_write_bytes=kv_write)
+        self.by_op[name] = self.by_op.get(name, Cost()) + count

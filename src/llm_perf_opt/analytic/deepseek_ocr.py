@@ -24,10 +24,25 @@ import pandas as pd
 
 from llm_perf_opt.analytic import families as fam
 from llm_perf_opt.analytic.families import Cost
-from llm_perf_opt.models.deepseek_ocr.config import ClipConfig, DeepSeekOCRConfig, LMConfig, SamConfig
+from llm_perf_opt.models.deepseek_ocr.config import (
+    ClipConfig,
+    DeepSeekOCRConfig,
+    LMConfig,
+    SamConfig,
+)
+from llm_perf_opt.models.deepseek_ocr.modes import (
+    ModeSpec,
+    image_token_count,
+    tokens_per_side,
+)
 from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord
-from llm_perf_opt.models.deepseek_ocr.modes import ModeSpec, image_token_count, tokens_per_side
-from llm_perf_opt.models.deepseek_ocr.stages import CLIP, DECODE, PREFILL, PROJECTOR, SAM
+from llm_perf_opt.models.deepseek_ocr.stages import (
+    CLIP,
+    DECODE,
+    PREFILL,
+    PROJECTOR,
+    SAM,
+)
 
 #: Stages the analytic model covers, in run order (preprocessing runs on the host, no FLOPs here).
 MODEL_STAGES: tuple[str, ...] = (SAM, CLIP, PROJECTOR, PREFILL, DECODE)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields, replace
 
-
 # Other-FLOPs per element (one per arithmetic op or transcendental).
 LAYERNORM_FLOPS = 7  # mean: sum; var: subtract, square, sum; scale by rstd; affine mul + add
 RMSNORM_FLOPS = 4  # square, sum, scale by rsqrt, multiply by the weight

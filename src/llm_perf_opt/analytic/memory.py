@@ -15,9 +15,20 @@ import pandas as pd
 
 from llm_perf_opt.analytic.deepseek_ocr import MODEL_STAGES, Workload
 from llm_perf_opt.analytic.families import dtype_bytes
-from llm_perf_opt.models.deepseek_ocr.config import ClipConfig, DeepSeekOCRConfig, LMConfig, SamConfig
+from llm_perf_opt.models.deepseek_ocr.config import (
+    ClipConfig,
+    DeepSeekOCRConfig,
+    LMConfig,
+    SamConfig,
+)
 from llm_perf_opt.models.deepseek_ocr.modes import tokens_per_side
-from llm_perf_opt.models.deepseek_ocr.stages import CLIP, DECODE, PREFILL, PROJECTOR, SAM
+from llm_perf_opt.models.deepseek_ocr.stages import (
+    CLIP,
+    DECODE,
+    PREFILL,
+    PROJECTOR,
+    SAM,
+)
 
 FP32 = 4
 

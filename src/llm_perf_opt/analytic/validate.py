@@ -36,7 +36,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from llm_perf_opt.analytic import families as fam
-from llm_perf_opt.analytic.byte_count import ByteCount, ByteCounter
+from llm_perf_opt.analytic.byte_count import ByteCounter
 from llm_perf_opt.analytic.deepseek_ocr import (
     DEFAULT_TEXT_TOKENS,
     ROOFLINE_NOTE,
@@ -45,12 +45,19 @@ from llm_perf_opt.analytic.deepseek_ocr import (
     StageModel,
     stage_costs,
 )
+from llm_perf_opt.analytic.families import Cost
+from llm_perf_opt.config import group_options, load
 from llm_perf_opt.errors import UserError
 from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRConfig
 from llm_perf_opt.models.deepseek_ocr.modes import ModeSpec
-from llm_perf_opt.config import group_options, load
 from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord
-from llm_perf_opt.models.deepseek_ocr.stages import CLIP, DECODE, PREFILL, PROJECTOR, SAM
+from llm_perf_opt.models.deepseek_ocr.stages import (
+    CLIP,
+    DECODE,
+    PREFILL,
+    PROJECTOR,
+    SAM,
+)
 
 TOLERANCE = 0.01
 #: Decode steps run per case: the first is checked alone, both together as the run.
@@ -300,14 +307,14 @@ class ByteStages:
     def __init__(self, model) -> None:
         self.model = model
         self._params = list(model.parameters())
-        self._vision: dict[tuple[int, int], tuple[dict[str, ByteCount], torch.Tensor]] = {}
+        self._vision: dict[tuple[int, int], tuple[dict[str, Cost], torch.Tensor]] = {}
 
-    def _count(self, fn, kv: Sequence[torch.Tensor] = ()) -> tuple[ByteCount, Any]:
+    def _count(self, fn, kv: Sequence[torch.Tensor] = ()) -> tuple[Cost, Any]:
         with ByteCounter(weights=self._params, kv=kv) as counter:
             out = fn()
         return counter.total, out
 
-    def vision(self, size: int, batch: int) -> tuple[dict[str, ByteCount], torch.Tensor]:
+    def vision(self, size: int, batch: int) -> tuple[dict[str, Cost], torch.Tensor]:
         """Bytes of SAM, CLIP and the projector on `batch` views of size x size, and the features."""
         key = (size, batch)
         if key not in self._vision:
@@ -319,7 +326,7 @@ class ByteStages:
             self._vision[key] = ({SAM: sam, CLIP: clip, PROJECTOR: proj}, feats)
         return self._vision[key]
 
-    def case(self, case: Case, text_tokens: int) -> tuple[dict[tuple[str, str], ByteCount], RoutingRecord]:
+    def case(self, case: Case, text_tokens: int) -> tuple[dict[tuple[str, str], Cost], RoutingRecord]:
         """(stage, scope) -> counted bytes for one run of `case` with DECODE_STEPS decode steps,
         and the expert routing the run took."""
         m, mode = self.model, case.mode
@@ -347,7 +354,7 @@ class ByteStages:
         finally:
             experts.close()
         out[(DECODE, STEP)] = steps[0]
-        out[(DECODE, RUN)] = sum(steps, ByteCount())
+        out[(DECODE, RUN)] = sum(steps, Cost())
         return out, RoutingRecord(prefill=prefill_rows, decode=tuple(decode_rows))
 
 
