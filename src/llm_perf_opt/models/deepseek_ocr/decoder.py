@@ -146,9 +146,18 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, d]
-        weights, experts = self.gate(x).softmax(-1).topk(self.top_k, dim=-1, sorted=False)  # [T, k]
+        weights, experts = self.route(x)  # [T, k]
+        return (self.routed(x, weights, experts).to(x.dtype) + self.shared_experts(x)).view(shape)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k softmax weights and expert ids [T, k] of the tokens x [T, d]; tells `on_route`."""
+        weights, experts = self.gate(x).softmax(-1).topk(self.top_k, dim=-1, sorted=False)
         if self.on_route is not None:
             self.on_route(experts)
+        return weights, experts
+
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Σ_k w_k · expert_k(x) in fp32 [T, d]: tokens grouped by expert, one expert at a time."""
         flat = experts.flatten()
         order = flat.argsort()
         token_of = order // self.top_k  # token of each (token, slot) pair, grouped by expert
@@ -158,8 +167,7 @@ class MoE(nn.Module):
             self.experts[e](chunk) for e, chunk in enumerate(grouped.split(counts)) if chunk.shape[0]
         ]
         routed = torch.cat(outs).float() * weights.flatten()[order, None]
-        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token_of, routed)
-        return (y.to(x.dtype) + self.shared_experts(x)).view(shape)
+        return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token_of, routed)
 
 
 class DecoderLayer(nn.Module):

@@ -85,22 +85,16 @@ class FastMoE(MoE):
             expert.up_proj.weight = nn.Parameter(self.gate_up_weight[e, i:], requires_grad=False)
             expert.down_proj.weight = nn.Parameter(self.down_weight[e], requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])  # [T, d]
-        weights, experts = self.gate(x).softmax(-1).topk(self.top_k, dim=-1, sorted=False)  # [T, k]
-        if self.on_route is not None:
-            self.on_route(experts)
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Σ_k w_k · expert_k(x) in fp32 [T, d], by the fastest path for this device and dtype."""
         one_token = x.shape[0] == 1
         if one_token and x.device.type == "cpu":
-            routed = self.one_by_one(x, weights, experts)
-        elif grouped_mm_without_sync(x.device, x.dtype):
-            routed = self.grouped(x, weights, experts)
-        elif one_token:
-            routed = self.gathered(x, weights, experts)
-        else:
-            routed = self.looped(x, weights, experts)
-        return (routed.to(x.dtype) + self.shared_experts(x)).view(shape)
+            return self.one_by_one(x, weights, experts)
+        if grouped_mm_without_sync(x.device, x.dtype):
+            return self.grouped(x, weights, experts)
+        if one_token:
+            return self.gathered(x, weights, experts)
+        return self.looped(x, weights, experts)
 
     def grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Σ_k w_k · expert_k(x) in fp32 [T, d], with two grouped GEMMs over the expert-sorted rows."""
@@ -139,14 +133,7 @@ class FastMoE(MoE):
     def looped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """The reference's per-expert loop (counts read on the host), for prefill where no grouped
         GEMM runs without a sync."""
-        flat = experts.flatten()
-        order = flat.argsort()
-        token_of = order // self.top_k
-        counts = self.count_tokens(flat, self.n_experts)
-        grouped = x[token_of]
-        outs = [self.experts[e](chunk) for e, chunk in enumerate(grouped.split(counts)) if chunk.shape[0]]
-        routed = torch.cat(outs).float() * weights.flatten()[order, None]
-        return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token_of, routed)
+        return super().routed(x, weights, experts)
 
 
 def _swiglu(hidden: torch.Tensor) -> torch.Tensor:
