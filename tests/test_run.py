@@ -239,6 +239,31 @@ def test_report_md(gundam_run):
     assert [line.split(":")[0] for line in verdicts.split("\n") if line.startswith("- ")] == [f"- {s}" for s in STAGES]
 
 
+def test_a_fast_job_records_its_paths_and_reports_their_bytes(tmp_path, gundam_run):
+    """model.impl=fast: run.json and report.md say which paths ran, and the analytic SAM bytes
+    are those of the blocked attention (no copy of the bias), not the reference's."""
+    _, reference = gundam_run
+    out = tmp_path / "fast"
+    cfg = compose([*TINY, "mode=gundam", "max_new_tokens=4", "model.impl=fast", "profiling.trace=false"])
+    run_module.run_job(validate(cfg), OmegaConf.to_container(cfg, resolve=True), out)
+    record = json.loads((out / "run.json").read_text())
+    assert reference["execution"]["impl"] == "reference" and reference["execution"]["paths"] is None
+    execution = record["execution"]
+    assert execution["impl"] == "fast" and execution["paths"]["sam_attention"] == "blocked"
+    assert execution["kv_cache_positions"] == record["tokens"]["prompt"] + 4
+    assert "implementation: model.impl=fast: SAM attention blocked" in (out / "report.md").read_text()
+
+    def analytic(rec: dict, stage: str) -> dict:
+        return next(row for row in rec["analytic"]["stages"] if row["stage"] == stage and row["scope"] == "run")
+
+    # Same page, same work: the FLOPs agree and the bias copy is gone from SAM's bytes.
+    fast_sam, ref_sam = analytic(record, "sam"), analytic(reference, "sam")
+    assert fast_sam["matmul_flops"] == ref_sam["matmul_flops"]
+    assert fast_sam["act_write_bytes"] < ref_sam["act_write_bytes"]
+    memory = record["memory"]["analytic"]["stages"]
+    assert "tile" in next(row["transient"] for row in memory if row["stage"] == "sam")
+
+
 # -- the CLI, in-process -------------------------------------------------------------------------
 def test_cli_runs_a_job_and_prints_where(monkeypatch, capsys, tmp_path, small_page):
     out = tmp_path / "run"

@@ -66,9 +66,11 @@ def run_job(run: RunConfig, config: dict, out_dir: Path) -> None:
         trace_path=out_dir / "trace.json" if run.profiling.trace else None,
         module_ranges=run.profiling.granularity == "module",
     )
-    stage_model = analytic.stage_model(m.request, m.decode_steps, _dtype_name(dtype), m.routing)
+    execution = session.execution()
+    stage_model = analytic.stage_model(m.request, m.decode_steps, _dtype_name(dtype), m.routing, execution)
+    footprint = analytic.footprint(m.request, inputs.max_new_tokens, _dtype_name(dtype), execution)
     job = Job(run, config, m, stage_model, footprint, device, dtype, hardware,
-              type(session).compute_groups, type(session).bandwidth_groups)  # fmt: skip
+              type(session).compute_groups, type(session).bandwidth_groups, execution)  # fmt: skip
     written = write_artifacts(out_dir, job)
     print(f"[{run.model.name}] {out_dir}")
     print(compact_table(written["stages"], m, hardware.roofs[0].label))

@@ -159,6 +159,47 @@ def test_attention_on_cpu_runs_the_real_kernel():
     assert counter.by_op == {ATTENTION: fam.Cost(act_read_bytes=3 * 64 * 4, act_write_bytes=64 * 4)}
 
 
+def test_a_value_head_dim_of_its_own_gets_the_memory_efficient_layout_on_meta():
+    q, k, v = meta(1, 2, 5, 16, dtype=BF16), meta(1, 2, 5, 16, dtype=BF16), meta(1, 2, 5, 8, dtype=BF16)
+
+    def attend():
+        out = F.scaled_dot_product_attention(q, k, v)
+        assert out.shape == (1, 2, 5, 8)
+        return out.transpose(1, 2).reshape(1, 5, 16)  # [B, S, H, Dv] in memory: a view
+
+    counter = count(attend)
+    # q, k 2 * 160*2 = 640 and v 80*2 = 160 read; the output 80*2 = 160 written; no copy after it.
+    assert counter.by_op == {ATTENTION: fam.Cost(act_read_bytes=800, act_write_bytes=160)}
+
+
+@torch.no_grad()
+def test_a_grouped_gemm_reads_the_weights_of_groups_with_rows():
+    rows, weights = torch.randn(6, 8), torch.randn(4, 8, 4)  # 4 groups of 8*4*4 = 128 bytes
+    ends = torch.tensor([2, 2, 6, 6], dtype=torch.int32)  # groups 0 and 2 get rows, 1 and 3 none
+    counter = count(lambda: F.grouped_mm(rows, weights, offs=ends), weights=[weights])
+    # rows 6*8*4 = 192 and the int32 ends 16 read, two groups' weights (256), output 6*4*4 = 96 written.
+    assert counter.total == fam.Cost(weight_bytes=256, act_read_bytes=208, act_write_bytes=96)
+    # On meta the ends have no values: every group counts as read (bf16 [4, 8, 8]: 512 bytes).
+    on_meta = meta(4, 8, 8, dtype=BF16)
+    counter = count(lambda: F.grouped_mm(meta(6, 8, dtype=BF16), on_meta, offs=ends.to("meta")), weights=[on_meta])
+    assert counter.total.weight_bytes == 512
+
+
+def test_index_copy_writes_only_where_the_source_goes():
+    cache, k = meta(1, 2, 10, 4, dtype=BF16), meta(1, 2, 1, 4, dtype=BF16)
+    position = meta(1, dtype=torch.long)
+    counter = count(lambda: cache.index_copy_(2, position, k), kv=[cache])
+    # k 16 bytes and the int64 index 8 read; 16 bytes written into the cache, none of it read.
+    assert counter.total == fam.Cost(act_read_bytes=24, kv_write_bytes=16)
+
+
+def test_inference_mode_is_refused():
+    # There composite ops (reshape, einsum) reach the counter whole and their copies go unseen.
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="no_grad"):
+        with ByteCounter():
+            pass
+
+
 def test_an_op_returning_no_tensor_still_reads():
     x = torch.tensor([5, 6])
     assert count(lambda: x[1].item()).total == fam.Cost(act_read_bytes=8)

@@ -16,6 +16,7 @@ from llm_perf_opt.analytic.deepseek_ocr import (
 from llm_perf_opt.analytic.families import Cost
 from llm_perf_opt.analytic.validate import build_meta_model, builtin_modes
 from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRConfig
+from llm_perf_opt.models.deepseek_ocr.fast.paths import FastPaths
 from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord
 from llm_perf_opt.models.deepseek_ocr.stages import CLIP, DECODE, PREFILL, PROJECTOR, SAM
 
@@ -175,6 +176,33 @@ def test_footprint():
     assert base.loc[SAM, "transient_bytes"] == 12 * 4096 * 4096 * 2
     assert "rel-pos bias" in base.loc[SAM, "transient"]
     assert table.loc[SAM, "weight_bytes"] == 95_569_152 * 2
+
+
+def test_footprint_of_the_fast_paths():
+    """Base mode, fp32. Blocked: a global block's bias in 4 tiles of 16 grid rows, 12 heads x
+    (16 x 64) x 4096 x 4 B. Folded: no bias at all, so the largest SAM transient is the MLP's
+    hidden [4096, 3072] fp32 (50.3 MB; a global block's q' is 12 x 4096 x 192 x 4 = 37.7 MB)."""
+    workload = run("base", dtype="float32").workload
+    blocked = memory.footprint(CFG, workload, FastPaths("blocked", "grouped", "one_by_one", "eager"))
+    sam = blocked.table.set_index("stage").loc[SAM]
+    assert sam["transient_bytes"] == 12 * 16 * 64 * 4096 * 4 and "tile" in sam["transient"]
+    folded = memory.footprint(CFG, workload, FastPaths("folded", "grouped", "grouped", "graph"))
+    sam = folded.table.set_index("stage").loc[SAM]
+    assert sam["transient_bytes"] == 4096 * 3072 * 4 and "MLP" in sam["transient"]
+
+
+def test_fast_decode_over_a_static_cache_reads_all_of_it():
+    """A positioned step reads K and V of every position of the static cache, visible or not:
+    12 layers x 2 x 1280 x 2 B = 61,440 B per position, so 61,440 x (285 + 100) per step
+    where the reference reads 61,440 x (285 + 1) in the first and more in later ones."""
+    static = FastPaths("folded", "grouped", "grouped", "graph")
+    fast = run("base", decode_steps=99, paths=static, cache_len=285 + 100)
+    reference = run("base", decode_steps=99)
+    assert sum(c.kv_read_bytes for c in fast.decode_step.values()) == 61_440 * 385
+    assert sum(c.kv_read_bytes for c in reference.decode_step.values()) == 61_440 * 286
+    assert fast.total(DECODE).kv_read_bytes == 99 * 61_440 * 385
+    # The default static cache is the one a run of decode_steps + 1 new tokens allocates.
+    assert run("base", decode_steps=99, paths=static).total(DECODE) == fast.total(DECODE)
 
 
 def test_experts_expected_and_observed():

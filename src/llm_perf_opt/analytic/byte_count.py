@@ -24,11 +24,15 @@ A TorchDispatchMode sees every aten op below autograd, so composite ops arrive d
 * Gathers (`embedding`, `index.Tensor`, `index_select`, `gather`) read from their source at
   most the bytes they output: min(source footprint, output bytes). An embedding lookup reads
   the rows it gathers; a small table gathered many times is read once.
+* A grouped GEMM (`_grouped_mm`, 3-d weights and group end offsets) reads the weights of the
+  groups that get rows only: the weight footprint x non-empty groups / groups, the offsets
+  read on the host. Meta tensors carry no offsets, so there every group counts as read.
 * An argument the schema marks as written (`Tensor(a!)`) counts as written over its whole
   footprint (exact for `copy_` into a slice view and for an `index_add_` that reaches every
-  row; a scatter into a few rows of a large tensor would be overcounted). The `self` of an
+  row), except `index_copy_`, which writes (and reads nothing of) its target only where the
+  source goes: the source's bytes, as a KV-cache write at one position is. The `self` of an
   in-place op (`Tag.inplace`) is read too, unless the op only overwrites it (`copy_`,
-  `fill_`, `zero_`); `out=` tensors are only written. Returned aliases are not counted again.
+  `fill_`, `zero_`, `index_copy_`); `out=` tensors are only written. Returned aliases are not counted again.
 * Scaled-dot-product attention counts as the single fused kernel it is on CUDA and CPU: read
   q, k, v and the mask once, write the output; the score matrix is never written. On the
   meta device `F.scaled_dot_product_attention` decomposes (before any dispatch mode sees it)
@@ -59,7 +63,11 @@ _aten = torch.ops.aten
 _GATHERS = frozenset(
     {_aten.embedding.default, _aten.index.Tensor, _aten.index_select.default, _aten.gather.default}
 )
-_OVERWRITES = frozenset({_aten.copy_.default, _aten.fill_.Scalar, _aten.fill_.Tensor, _aten.zero_.default})
+_INDEX_COPY = _aten.index_copy_.default
+_OVERWRITES = frozenset(
+    {_aten.copy_.default, _aten.fill_.Scalar, _aten.fill_.Tensor, _aten.zero_.default, _INDEX_COPY}
+)
+_GROUPED_MM = _aten._grouped_mm.default
 
 #: Name `by_op` gives the fused attention kernel.
 ATTENTION = "scaled_dot_product_attention"
@@ -72,6 +80,15 @@ def footprint(t: torch.Tensor) -> int:
         if stride != 0 or size == 0:
             elements *= size
     return elements * t.element_size()
+
+
+def _grouped_weight_bytes(weights: torch.Tensor, offs: torch.Tensor | None) -> int:
+    """Bytes a grouped GEMM reads of its [groups, K, N] weights: the groups that get rows."""
+    if weights.dim() != 3 or offs is None or offs.is_meta:
+        return footprint(weights)
+    ends = offs.tolist()
+    used = sum(1 for start, end in zip([0, *ends], ends) if end > start)
+    return footprint(weights) * used // weights.shape[0]
 
 
 def _storage(t: torch.Tensor) -> int:
@@ -109,10 +126,16 @@ def _fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     The CPU flash kernel allocates its output like the query (`empty_like`); the CUDA flash and
     memory-efficient kernels allocate [B, Sq, H, D] and return its transpose, the same layout
     for the [B, S, H, D]-strided queries a projection followed by a transpose gives. Later
-    reshapes are views or copies depending on that layout, so it must be the real one.
+    reshapes are views or copies depending on that layout, so it must be the real one. A value
+    head dim other than the query's runs only in CUDA's memory-efficient kernel (flash needs
+    them equal; CPU falls back to the unfused math path), so on meta such a call gets its
+    [B, Sq, H, Dv]-transposed output.
     """
     if query.is_meta and value.shape[-1] == query.shape[-1]:
         return torch.empty_like(query)
+    if query.is_meta:
+        b, heads, sq, _ = query.shape
+        return query.new_empty(b, sq, heads, value.shape[-1]).transpose(1, 2)
     return F.scaled_dot_product_attention(query, key, value, *args, **kwargs)
 
 
@@ -144,7 +167,7 @@ class _FusedAttention(TorchFunctionMode):
         finally:
             self.counter.suspended = False
         inputs = _tensors((args, kwargs))
-        self.counter.record(ATTENTION, [(t, footprint(t)) for t in inputs], [out])
+        self.counter.record(ATTENTION, [(t, footprint(t)) for t in inputs], [(out, footprint(out))])
         return out
 
 
@@ -167,6 +190,10 @@ class ByteCounter:
         return sum(self.by_op.values(), Cost())
 
     def __enter__(self) -> ByteCounter:
+        if torch.is_inference_mode_enabled():
+            # There the dispatch mode sees composite ops whole (`linear`, `einsum`, `reshape`),
+            # and the copies inside them go uncounted.
+            raise RuntimeError("ByteCounter counts under torch.no_grad(), not under torch.inference_mode()")
         self._modes = [_FusedAttention(self), _Dispatch(self)]
         for mode in self._modes:
             mode.__enter__()
@@ -194,12 +221,23 @@ class ByteCounter:
         sizes = [footprint(t) for t in reads]
         if func in _GATHERS:
             sizes[0] = min(sizes[0], sum(t.numel() * t.element_size() for t in outputs))
+        if func is _GROUPED_MM:
+            sizes[1] = _grouped_weight_bytes(args[1], args[2] if len(args) > 2 else kwargs.get("offs"))
         writes = in_place + out_args + [t for t in outputs if _storage(t) not in in_storages]
-        self.record(func.overloadpacket.__name__, list(zip(reads, sizes, strict=True)), writes)
+        written_sizes = [footprint(t) for t in writes]
+        if func is _INDEX_COPY:  # (target, dim, index, source): written where the source goes
+            written_sizes = [footprint(args[3])]
+        self.record(
+            func.overloadpacket.__name__,
+            list(zip(reads, sizes, strict=True)),
+            list(zip(writes, written_sizes, strict=True)),
+        )
 
-    def record(self, name: str, reads: list[tuple[torch.Tensor, int]], writes: list[torch.Tensor]) -> None:
-        """Add one kernel under `name`: (tensor, bytes read from it) pairs and the tensors it
-        writes (over their footprint), each classified by its storage."""
+    def record(
+        self, name: str, reads: list[tuple[torch.Tensor, int]], writes: list[tuple[torch.Tensor, int]]
+    ) -> None:
+        """Add one kernel under `name`: (tensor, bytes read from it) and (tensor, bytes written
+        into it) pairs, each classified by its storage."""
         weight = act_read = act_write = kv_read = kv_write = 0
         for t, size in reads:
             key = _storage(t)
@@ -209,11 +247,11 @@ class ByteCounter:
                 kv_read += size
             else:
                 act_read += size
-        for t in writes:
+        for t, size in writes:
             if _storage(t) in self._kv:
-                kv_write += footprint(t)
+                kv_write += size
             else:
-                act_write += footprint(t)
+                act_write += size
         count = Cost(weight_bytes=weight, act_read_bytes=act_read, act_write_bytes=act_write,
                      kv_read_bytes=kv_read, kv_write_bytes=kv_write)
         self.by_op[name] = self.by_op.get(name, Cost()) + count

@@ -17,6 +17,7 @@ only the causal lower triangle. See ROOFLINE_FLOPS for the one the roofline uses
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ from llm_perf_opt.models.deepseek_ocr.config import (
     LMConfig,
     SamConfig,
 )
+from llm_perf_opt.models.deepseek_ocr.fast.paths import FOLDED_ALIGN, FastPaths, tile_rows
 from llm_perf_opt.models.deepseek_ocr.modes import (
     ModeSpec,
     image_token_count,
@@ -128,11 +130,12 @@ def _moe_layers(lm: LMConfig) -> list[int]:
 # -- vision ------------------------------------------------------------------------------------
 
 
-def sam_costs(sam: SamConfig, size: int, batch: int, dtype: object) -> Breakdown:
+def sam_costs(sam: SamConfig, size: int, batch: int, dtype: object, paths: FastPaths | None = None) -> Breakdown:
     """SAM over `batch` views of size x size: patch conv, pos-embed add, 12 blocks, neck, net_2, net_3.
 
     The position table and the global blocks' rel-pos tables are built for img_size; other view
-    sizes resize them every forward.
+    sizes resize them every forward. The attention applies its rel-pos bias as the fast `paths`
+    do (blocked or folded), or materialised as the reference does (None).
     """
     if size % sam.patch_size:
         raise ValueError(f"sam: view size {size} is not a multiple of the patch size {sam.patch_size}")
@@ -145,16 +148,21 @@ def sam_costs(sam: SamConfig, size: int, batch: int, dtype: object) -> Breakdown
         ("pos_embed", fam.sam_pos_embed(batch, g, table_grid, d, dtype)),
     ]
     for i in range(sam.depth):
-        is_global = i in sam.global_attn_indexes
-        if is_global:
-            attention = fam.sam_attention(batch, g, d, sam.heads, dtype, table_side=table_grid)
-            items.append(("sam_attention_global", attention))
-        else:
-            window = sam.window_size
+        window = 0 if i in sam.global_attn_indexes else sam.window_size
+        side = window or g
+        bias = {"bias": "materialised"}
+        if paths is not None:
+            groups = batch * math.ceil(g / side) ** 2
+            rows = tile_rows(groups, sam.heads, side, side, paths.bias_tile_elements)
+            bias = {"bias": paths.sam_attention, "tile_rows": rows, "align": FOLDED_ALIGN}
+        if window:
             items += [
-                ("sam_attention_window", fam.sam_attention(batch, g, d, sam.heads, dtype, window=window)),
+                ("sam_attention_window", fam.sam_attention(batch, g, d, sam.heads, dtype, window=window, **bias)),
                 ("window_partition", fam.window_partition(batch, g, d, window, dtype)),
             ]
+        else:
+            attention = fam.sam_attention(batch, g, d, sam.heads, dtype, table_side=table_grid, **bias)
+            items.append(("sam_attention_global", attention))
         items += [
             ("layernorm", 2 * fam.layernorm(n, d, dtype)),
             ("add", 2 * fam.add(n * d, dtype)),
@@ -212,26 +220,37 @@ def lm_costs(
     cached_tokens: float,
     dtype: object,
     experts_touched: Sequence[float] | None = None,
+    *,
+    routed: str = "looped",
+    static_len: int | None = None,
+    graph: bool = False,
 ) -> Breakdown:
     """One LM forward of `new_tokens` after `cached_tokens`: prefill is (S, 0), a decode step (1, L).
 
     embedding, RoPE tables -> per layer [RMSNorm, causal attention, add, RMSNorm, SwiGLU or MoE,
     add] -> final RMSNorm and lm_head on the last position only. `experts_touched` gives the distinct
-    routed experts per MoE layer (default: the uniform-routing expectation).
+    routed experts per MoE layer (default: the uniform-routing expectation); `routed` is how the
+    routed experts run (families.MOE_ROUTED). A decode step with `static_len` is a positioned step
+    over a static cache of that many positions (the fast decode), replayed from a CUDA graph
+    with `graph`.
     """
     moe_layers = _moe_layers(lm)
     if experts_touched is not None and len(experts_touched) != len(moe_layers):
         raise ValueError(f"routing: {len(experts_touched)} MoE layers given, the model has {len(moe_layers)}")
     touched = dict(zip(moe_layers, experts_touched)) if experts_touched is not None else {}
     h, t = lm.hidden_size, new_tokens
+    static = static_len is not None
     items = [
         ("embedding", fam.embedding(t, h, dtype)),
-        ("rope_tables", fam.rope_tables(t, lm.head_dim, dtype)),
+        ("rope_tables", fam.rope_tables(t, lm.head_dim, dtype, positions_given=static)),
     ]
+    if static:
+        items.append(("static_step", fam.static_step_inputs(static_len, lm.vocab_size, graph=graph)))
+    heads = lm.num_attention_heads
     for i in range(lm.num_hidden_layers):
         items += [
             ("rmsnorm", 2 * fam.rmsnorm(t, h, dtype)),
-            ("causal_attention", fam.causal_attention(t, cached_tokens, h, lm.num_attention_heads, dtype)),
+            ("causal_attention", fam.causal_attention(t, cached_tokens, h, heads, dtype, static_len=static_len)),
             ("add", 2 * fam.add(t * h, dtype)),
         ]
         if lm.is_moe_layer(i):
@@ -244,6 +263,7 @@ def lm_costs(
                 lm.shared_intermediate_size,
                 dtype,
                 experts_touched=touched.get(i),
+                routed=routed,
             )
             items += [(f"moe_{name}", cost) for name, cost in parts.items()]
         else:
@@ -359,10 +379,12 @@ def resolve_grid(
     return select_tile_grid(image_size[0], image_size[1], mode)
 
 
-def _vision(cfg: DeepSeekOCRConfig, size: int, batch: int, dtype: object) -> dict[str, Breakdown]:
+def _vision(
+    cfg: DeepSeekOCRConfig, size: int, batch: int, dtype: object, paths: FastPaths | None
+) -> dict[str, Breakdown]:
     side = tokens_per_side(size)
     return {
-        SAM: sam_costs(cfg.sam, size, batch, dtype),
+        SAM: sam_costs(cfg.sam, size, batch, dtype, paths),
         CLIP: clip_costs(cfg.clip, side, batch, dtype),
         PROJECTOR: projector_costs(cfg, side, batch, dtype),
     }
@@ -382,6 +404,8 @@ def stage_costs(
     decode_steps: int = 0,
     dtype: object = "bfloat16",
     routing: RoutingRecord | None = None,
+    paths: FastPaths | None = None,
+    cache_len: int | None = None,
 ) -> StageModel:
     """Costs of every stage of one run of `mode` on one image.
 
@@ -390,6 +414,11 @@ def stage_costs(
     decode_steps x (one step at the mean context S + (n - 1)/2). Routed-expert weights are
     read for the distinct experts each forward touches: observed from `routing` when given,
     otherwise the uniform expectation E * (1 - (1 - k/E)^T) (T = S in prefill, 1 per decode step).
+
+    `paths` (None: the reference) are the formulations the fast implementation ran: its bytes
+    differ where it moves less or more (SAM's bias, the MoE's dispatch, positioned decode
+    steps over a static cache of `cache_len` positions, default S + decode_steps + 1), its FLOPs
+    are the reference's.
     """
     if text_tokens < 1 or decode_steps < 0:
         raise ValueError("analytic: need text_tokens >= 1 (BOS at least) and decode_steps >= 0")
@@ -406,9 +435,9 @@ def stage_costs(
         mode.name, mode.global_size, mode.image_size, grid, image_tokens, s, decode_steps, str(dtype)
     )
 
-    stages = _vision(cfg, mode.global_size, 1, dtype)
+    stages = _vision(cfg, mode.global_size, 1, dtype, paths)
     if workload.tiles:
-        tiles = _vision(cfg, mode.image_size, workload.tiles, dtype)
+        tiles = _vision(cfg, mode.image_size, workload.tiles, dtype, paths)
         stages = {name: _merge(parts, tiles[name]) for name, parts in stages.items()}
 
     if routing is not None:
@@ -421,9 +450,16 @@ def stage_costs(
             sum(_distinct(step[layer]) for step in routing.decode) / decode_steps for layer in range(layers)
         ]
     scatter = {"image_scatter": fam.image_scatter(s, image_tokens, lm.hidden_size, dtype)}
-    stages[PREFILL] = _merge(lm_costs(lm, s, 0, dtype, prefill_touched), scatter)
-    first_step = lm_costs(lm, 1, s, dtype, step_touched)
-    mean_step = lm_costs(lm, 1, s + (decode_steps - 1) / 2, dtype, step_touched)
+    prefill_routed, step = "looped", {}
+    if paths is not None:
+        prefill_routed = paths.moe_prefill
+        step = {"routed": paths.moe_decode}
+        if paths.decode != "eager":
+            cache_len = s + decode_steps + 1 if cache_len is None else cache_len
+            step.update(static_len=cache_len, graph=paths.decode == "graph")
+    stages[PREFILL] = _merge(lm_costs(lm, s, 0, dtype, prefill_touched, routed=prefill_routed), scatter)
+    first_step = lm_costs(lm, 1, s, dtype, step_touched, **step)
+    mean_step = lm_costs(lm, 1, s + (decode_steps - 1) / 2, dtype, step_touched, **step)
     stages[DECODE] = {family: decode_steps * cost for family, cost in mean_step.items()}
 
     return StageModel(

@@ -9,7 +9,7 @@ from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRModelConfig
 from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord
 from llm_perf_opt.models.deepseek_ocr.stages import DECODE, PREFILL
 from llm_perf_opt.models.interface import RoutingCounts
-from llm_perf_opt.runners.dsocr_session import Request
+from llm_perf_opt.runners.dsocr_session import Execution, Request
 
 
 class DeepSeekOCRAnalytic:
@@ -19,9 +19,15 @@ class DeepSeekOCRAnalytic:
         self.cfg = cfg
 
     def stage_model(
-        self, request: Request, decode_steps: int, dtype: str, routing: RoutingCounts | None
+        self,
+        request: Request,
+        decode_steps: int,
+        dtype: str,
+        routing: RoutingCounts | None,
+        execution: Execution | None = None,
     ) -> StageModel:
-        """The FLOPs and bytes of exactly this run: its tiles, prompt, decode steps and observed routing."""
+        """The FLOPs and bytes of exactly this run: its tiles, prompt, decode steps, observed
+        routing, and the paths the implementation took (`execution`; None: the reference's)."""
         return stage_costs(
             self.cfg.arch,
             self.cfg.mode,
@@ -30,15 +36,20 @@ class DeepSeekOCRAnalytic:
             decode_steps=decode_steps,
             dtype=dtype,
             routing=None if routing is None else routing_record(routing),
+            paths=None if execution is None else execution.paths,
+            cache_len=None if execution is None else execution.cache_len,
         )
 
-    def footprint(self, request: Request, max_new_tokens: int, dtype: str) -> Footprint:
-        """Weights, KV cache and largest transients of the run, to check memory before building."""
+    def footprint(
+        self, request: Request, max_new_tokens: int, dtype: str, execution: Execution | None = None
+    ) -> Footprint:
+        """Weights, KV cache and largest transients of the run: of the reference before the model
+        is built (the memory check; the fast paths need no more), of the paths that ran after."""
         model = stage_costs(
             self.cfg.arch, self.cfg.mode, grid=request.views.grid, text_tokens=request.text_tokens,
             decode_steps=max_new_tokens - 1, dtype=dtype,
         )  # fmt: skip
-        return footprint(self.cfg.arch, model.workload)
+        return footprint(self.cfg.arch, model.workload, None if execution is None else execution.paths)
 
 
 def routing_record(counts: RoutingCounts) -> RoutingRecord:

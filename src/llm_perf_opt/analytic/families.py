@@ -229,6 +229,21 @@ def _elementwise(elements: float, flops_per_element: int, inputs: int, dtype: ob
     )
 
 
+def _flops(cost: Cost) -> Cost:
+    """The FLOP fields of `cost` alone."""
+    return Cost(
+        matmul_flops=cost.matmul_flops,
+        other_flops=cost.other_flops,
+        masked_matmul_flops=cost.masked_matmul_flops,
+        masked_other_flops=cost.masked_other_flops,
+    )
+
+
+def _bytes(cost: Cost) -> Cost:
+    """The byte fields of `cost` alone."""
+    return cost + -1 * _flops(cost)
+
+
 def _cast(elements: float, src: int, dst: int) -> Cost:
     """x.to(dtype) between float dtypes of `src` and `dst` bytes: a copy, or nothing when the
     dtype does not change (float types of equal size are taken as the same type)."""
@@ -451,6 +466,10 @@ def rel_pos_offsets(side: int) -> Cost:
     return Cost(act_read_bytes=24 * k + 8 * k * k, act_write_bytes=24 * k + 16 * k * k)
 
 
+#: How SAM's attention applies its relative-position bias (`sam_attention(bias=...)`).
+SAM_BIAS = ("materialised", "blocked", "folded")
+
+
 def sam_attention(
     batch: int,
     grid: int,
@@ -460,6 +479,9 @@ def sam_attention(
     *,
     window: int = 0,
     table_side: int | None = None,
+    bias: str = "materialised",
+    tile_rows: int | None = None,
+    align: int = 8,
 ) -> Cost:
     """SAM ViT attention with decomposed relative-position bias over a [B, grid, grid, width] map.
 
@@ -476,12 +498,35 @@ def sam_attention(
              q copied into the layout the einsum's bmm needs: read and write Np*width*b (the
              strided q's reshape and torch's einsum permutes make exactly two copies per block)
              einsum bmm: matmul 2*G*H*L*k*D; read the copy Np*width*b and R, write G*H*L*k*b
-      bias : rel_h[..., None] + rel_w[..., None, :] -> G*H*L^2: other G*H*L^2, read 2*G*H*L*k*b,
-             write G*H*L^2*b; its layout follows the einsum outputs, so the reshape to
-             [G, H, L, L] copies it once more (read and write G*H*L^2*b)
-      core : attention_core(G, H, L, L, D, mask=True)
+      then, by how the bias is applied (`bias`):
+      materialised (the reference): rel_h[..., None] + rel_w[..., None, :] -> G*H*L^2: other
+             G*H*L^2, read 2*G*H*L*k*b, write G*H*L^2*b; its layout follows the einsum outputs,
+             so the reshape to [G, H, L, L] copies it once more (read and write G*H*L^2*b);
+             core: attention_core(G, H, L, L, D, mask=True)
+      blocked (fast, CPU): the same add, written once into SDPA's layout, a tile of `tile_rows`
+             grid rows of queries at a time (n_t = ceil(k / tile_rows) tiles), each tile one
+             SDPA call with its slice of the bias: attention_core(mask=True), plus K and V read
+             again by every tile after the first ((n_t - 1) * 2*G*H*L*D*b) and, with several
+             tiles, each tile's output copied into its rows of the result (read and write
+             G*H*L*D*b)
+      folded (fast, CUDA): the bias joins the dot product, E = D + 2k rounded up to `align`:
+             one-hot rows and columns of the keys (int64 token index and its row and column,
+             compared with two aranges into bools, concatenated, cast: read 8*L*4 + 8*2k +
+             L*2k*(1 + 1), write 8*L*3 + 8*2k + L*2k*(1 + 1 + b)); q/sqrt(D) (read and write
+             G*H*L*D*b); rel_h and rel_w reshaped to [G, H, L, k], which copies them (read and
+             write 2*G*H*L*k*b); q' = cat(q/sqrt(D), rel_h, rel_w) and k' = cat(k, one-hot)
+             (read G*H*L*(D + 2k)*b less the one-hot's G*H*L*2k*b - L*2k*b, as it is broadcast,
+             write G*H*L*(D + 2k)*b each); each padded to E, a copy even when E = D + 2k (read
+             G*H*L*(D + 2k)*b, write G*H*L*E*b); core: read q', k' (G*H*L*E*b each) and v,
+             write G*H*L*D*b in the [G, L, H, D] layout of CUDA's memory-efficient kernel (the
+             one that takes a value head dim other than the query's), which the reshape after
+             it views without a copy.
+    FLOPs are the materialised form's whichever `bias`: the same useful work (folding does the
+    bias adds as (E - D)/D more QK multiply-adds, which are not counted).
     """
-    _check(batch=batch, grid=grid, width=width, heads=heads, window=window)
+    _check(batch=batch, grid=grid, width=width, heads=heads, window=window, align=align)
+    if bias not in SAM_BIAS:
+        raise ValueError(f"sam attention: bias must be one of {', '.join(SAM_BIAS)}, not {bias!r}")
     head_dim = _divides(width, heads, "sam width / heads")
     b = dtype_bytes(dtype)
     side = window if window else grid
@@ -501,24 +546,50 @@ def sam_attention(
         table += Cost(act_read_bytes=gathered)
     gather = Cost(act_read_bytes=seq * INDEX_BYTES, act_write_bytes=seq * head_dim * b)
     q_copy = Cost(act_read_bytes=tokens * width * b, act_write_bytes=tokens * width * b)
+    terms = groups * heads * seq * side * b  # one of rel_h, rel_w
     einsum = Cost(
         matmul_flops=2 * groups * heads * seq * side * head_dim,
         act_read_bytes=tokens * width * b + seq * head_dim * b,
-        act_write_bytes=groups * heads * seq * side * b,
+        act_write_bytes=terms,
     )
     rel = 2 * (table + rel_pos_offsets(side) + gather + q_copy + einsum)
-    bias = Cost(
-        other_flops=scores,
-        act_read_bytes=2 * groups * heads * seq * side * b + scores * b,
-        act_write_bytes=2 * scores * b,
+    add = Cost(other_flops=scores, act_read_bytes=2 * terms, act_write_bytes=scores * b)
+    core = attention_core(groups, heads, seq, seq, head_dim, dtype, mask=True)
+    copy = Cost(act_read_bytes=scores * b, act_write_bytes=scores * b)
+    applied = add + copy + core
+    if bias == "blocked":
+        if tile_rows is None or not 1 <= tile_rows <= side:
+            raise ValueError(f"sam attention: blocked needs tile_rows in 1..{side}, got {tile_rows}")
+        tiles = math.ceil(side / tile_rows)
+        q_bytes = groups * heads * seq * head_dim * b
+        extra = Cost(act_read_bytes=(tiles - 1) * 2 * q_bytes)
+        if tiles > 1:
+            extra += Cost(act_read_bytes=q_bytes, act_write_bytes=q_bytes)
+        applied = add + core + extra
+    elif bias == "folded":
+        applied = _flops(applied) + _bytes(_folded_bias(groups, heads, side, head_dim, b, align))
+    return linear(tokens, width, 3 * width, dtype) + rel + applied + linear(tokens, width, width, dtype)
+
+
+def _folded_bias(groups: int, heads: int, side: int, head_dim: int, b: int, align: int) -> Cost:
+    """Bytes of the folded form of SAM's biased attention, after rel_h and rel_w (sam_attention)."""
+    seq, extra = side * side, 2 * side
+    widened = head_dim + extra
+    folded = math.ceil(widened / align) * align
+    per_head = groups * heads * seq
+    onehot = Cost(
+        act_read_bytes=INDEX_BYTES * seq * 4 + INDEX_BYTES * extra + seq * extra * 2 * BOOL_BYTES,
+        act_write_bytes=INDEX_BYTES * seq * 3 + INDEX_BYTES * extra + seq * extra * (2 * BOOL_BYTES + b),
     )
-    return (
-        linear(tokens, width, 3 * width, dtype)
-        + rel
-        + bias
-        + attention_core(groups, heads, seq, seq, head_dim, dtype, mask=True)
-        + linear(tokens, width, width, dtype)
+    scale = Cost(act_read_bytes=per_head * head_dim * b, act_write_bytes=per_head * head_dim * b)
+    terms = Cost(act_read_bytes=per_head * extra * b, act_write_bytes=per_head * extra * b)
+    q_cat = Cost(act_read_bytes=per_head * widened * b, act_write_bytes=per_head * widened * b)
+    k_cat = q_cat + Cost(act_read_bytes=seq * extra * b - per_head * extra * b)
+    pad = Cost(act_read_bytes=per_head * widened * b, act_write_bytes=per_head * folded * b)
+    core = Cost(
+        act_read_bytes=per_head * (2 * folded + head_dim) * b, act_write_bytes=per_head * head_dim * b
     )
+    return onehot + scale + terms + q_cat + k_cat + 2 * pad + core
 
 
 def clip_attention(batch: int, tokens: int, width: int, heads: int, dtype: object) -> Cost:
@@ -552,19 +623,22 @@ def rope(tokens: float, hidden: int, head_dim: int, dtype: object) -> Cost:
     )
 
 
-def rope_tables(tokens: float, head_dim: int, dtype: object) -> Cost:
+def rope_tables(tokens: float, head_dim: int, dtype: object, *, positions_given: bool = False) -> Cost:
     """cos and sin [T, D] of T positions, computed in fp32 once per forward, cast to the dtype.
 
     Inverse frequencies over D/2 (arange, cast, divide, power, reciprocal, multiply: read 14D,
     write 14D bytes with the int64 arange), positions (arange 8T, cast 8T -> 4T), their outer
     product (4T + 2D -> 2TD), cat (4TD -> 4TD), cos and sin (4TD -> 4TD each) and the two casts
     (4TD -> TD*b each, none in fp32): read 12T + 14D + 12TD (+ 8TD), write 12T + 14D + 14TD (+ 2TD*b).
+    With `positions_given` (a positioned decode step reads them from a buffer) the positions'
+    arange is not written: 8T fewer bytes written.
     FLOPs are not counted (per position and frequency, not per hidden element).
     """
     _check(tokens=tokens, head_dim=head_dim)
     b = dtype_bytes(dtype)
     t, d = tokens, head_dim
-    tables = Cost(act_read_bytes=12 * t + 14 * d + 12 * t * d, act_write_bytes=12 * t + 14 * d + 14 * t * d)
+    arange = 0 if positions_given else 8 * t
+    tables = Cost(act_read_bytes=12 * t + 14 * d + 12 * t * d, act_write_bytes=arange + 4 * t + 14 * d + 14 * t * d)
     return tables + 2 * _cast(t * d, FP32, b)
 
 
@@ -582,7 +656,15 @@ def image_scatter(tokens: float, image_tokens: float, hidden: int, dtype: object
     )
 
 
-def causal_attention(new_tokens: float, cached_tokens: float, hidden: int, heads: int, dtype: object) -> Cost:
+def causal_attention(
+    new_tokens: float,
+    cached_tokens: float,
+    hidden: int,
+    heads: int,
+    dtype: object,
+    *,
+    static_len: int | None = None,
+) -> Cost:
     """Causal multi-head self-attention of `new_tokens` queries after `cached_tokens` cached ones.
 
     Prefill of S tokens: (S, 0). Decode of one token against a cache of length L: (1, L).
@@ -595,6 +677,10 @@ def causal_attention(new_tokens: float, cached_tokens: float, hidden: int, heads
             useful  (causal)  4*h*u matmul, 5*H*u softmax, with u = n*c + n(n+1)/2 kept scores
             per head -> masked = executed - useful, for both
     Decode (n = 1) has nothing masked: executed = useful = 4*h*(L+1).
+    A positioned decode step over a static cache of `static_len` = M positions (the fast
+    decode) writes K and V with index_copy_ (also reading its int64 index, 8 bytes each) and
+    attends over all M positions through a [1, M] bool mask: K/V read 2*M*h*b, mask read M.
+    FLOPs stay those of the L+1 visible keys (the useful work).
     """
     _check(new_tokens=new_tokens, cached_tokens=cached_tokens, hidden=hidden, heads=heads)
     head_dim = _divides(hidden, heads, "lm hidden / heads")
@@ -604,12 +690,29 @@ def causal_attention(new_tokens: float, cached_tokens: float, hidden: int, heads
     kept = new_tokens * cached_tokens + new_tokens * (new_tokens + 1) / 2  # scores per head
     masked = heads * (new_tokens * keys - kept)
     append = Cost(act_read_bytes=2 * new_tokens * hidden * b, kv_write_bytes=2 * new_tokens * hidden * b)
+    if static_len is not None:
+        if new_tokens != 1 or static_len < keys:
+            raise ValueError(f"attention: a static step feeds 1 token into {keys} <= static_len, not {static_len}")
+        core = replace(core, kv_read_bytes=2 * static_len * hidden * b)
+        core += Cost(act_read_bytes=static_len * BOOL_BYTES + 2 * INDEX_BYTES)
     return (
         4 * linear(new_tokens, hidden, hidden, dtype, bias=False)
         + 2 * rope(new_tokens, hidden, head_dim, dtype)
         + append
         + replace(core, masked_matmul_flops=4 * masked * head_dim, masked_other_flops=SOFTMAX_FLOPS * masked)
     )
+
+
+def static_step_inputs(static_len: int, vocab: int, *, graph: bool) -> Cost:
+    """What a positioned decode step over a static cache of M positions moves besides its layers
+    (the fast decode): the token copied into its buffer (read and write 8 bytes) and the position
+    filled (write 8); the visibility mask, arange(M) <= position (write 8M; read 8M + 8, write M
+    bools); replayed from a CUDA graph (`graph`), a copy of the graph's fp32 logits (read and
+    write 4V)."""
+    _check(static_len=static_len, vocab=vocab)
+    m = static_len
+    logits = 4 * vocab if graph else 0
+    return Cost(act_read_bytes=8 + 8 * m + 8 + logits, act_write_bytes=8 + 8 + 8 * m + m * BOOL_BYTES + logits)
 
 
 def swiglu_mlp(tokens: float, hidden: int, intermediate: int, dtype: object) -> Cost:
@@ -634,6 +737,10 @@ def expected_distinct_experts(tokens: float, n_experts: int, top_k: int) -> floa
     return n_experts * (1 - (1 - top_k / n_experts) ** tokens)
 
 
+#: How the routed experts of a MoE layer run (`moe_parts(routed=...)`).
+MOE_ROUTED = ("looped", "grouped", "gathered", "one_by_one")
+
+
 def moe_parts(
     tokens: float,
     hidden: int,
@@ -644,6 +751,7 @@ def moe_parts(
     dtype: object,
     *,
     experts_touched: float | None = None,
+    routed: str = "looped",
 ) -> dict[str, Cost]:
     """DeepSeek-V2 MoE over T tokens, split into its "gate", "routed" and "shared" parts.
 
@@ -653,16 +761,37 @@ def moe_parts(
             and writes T*k fp32 weights and int64 ids.
     routed: T*k token-expert pairs through bias-free SwiGLU experts of width I:
             matmul 6*T*k*h*I; weights read only for the experts touched: X*3*h*I*b, X given
-            or expected_distinct_experts(T, E, k). Around the experts, with P = T*k:
-            argsort of the ids (P*8 -> 2*P*8: sorted values and order), token of each pair
-            (P*8 -> P*8), gather of the tokens (T*h*b + P*8 -> P*h*b), cat of the expert
-            outputs (P*h*b -> P*h*b), cast to fp32 (P*h*b -> P*h*4), gather of the routing
-            weights (P*4 + P*8 -> P*4), weighting (P*h*4 + P*4 -> P*h*4), an fp32 zero
-            buffer (T*h*4), index_add_ into it (P*8 + P*h*4 + T*h*4 -> T*h*4) and the cast
-            back (T*h*4 -> T*h*b); weighting and summing other 2*P*h.
+            or expected_distinct_experts(T, E, k); weighting and summing other 2*P*h; the fp32
+            sum cast back (T*h*4 -> T*h*b). With P = T*k, by `routed`:
+      looped (the reference): swiglu_mlp(P, h, I) bytes for the expert SwiGLUs; argsort
+            of the ids (P*8 -> 2*P*8: sorted values and order), token of each pair (P*8 ->
+            P*8), gather of the tokens (T*h*b + P*8 -> P*h*b), one SwiGLU per expert, cat of
+            the expert outputs (P*h*b -> P*h*b), cast to fp32 (P*h*b -> P*h*4), gather of the
+            routing weights (P*4 + P*8 -> P*4), weighting (P*h*4 + P*4 -> P*h*4), an fp32 zero
+            buffer (T*h*4), index_add_ into it (P*8 + P*h*4 + T*h*4 -> T*h*4).
+      grouped, gathered, one_by_one: gate and up as one product per expert, so the rows are
+            read once (_fused_experts: P*h*b; h*b in the gathered form's batched matmul);
+      grouped: stable sort of the ids (P*8 -> 2*P*8), group ends by searchsorted over
+            arange(E) (E*8 written; P*8 + E*8 -> E*8; cast to int32 E*8 -> E*4), the rows:
+            for one token x repeated k times (h*b -> P*h*b), else the token of each pair
+            (P*8 -> P*8) and its gather (min(T, P)*h*b + P*8 -> P*h*b); two grouped GEMMs
+            (each reading the E*4 ends too) with SwiGLU between; the routing weights gathered
+            into pair order (P*4 + P*8 -> P*4); the outputs cast to fp32 (P*h*b -> P*h*4);
+            then for one token the [1, P] x [P, h] product (P*4 + P*h*4 -> h*4), else the
+            looped form's weighting, zero buffer and index_add_ (the token of each pair again).
+      gathered (one token): the k experts' weights gathered into [k, ...] copies (the weights
+            read, k*8 ids read twice, k*3*h*I*b written) and read again by two batched
+            matmuls (x read once, h*b); outputs cast to fp32 and summed by [1, k] x [k, h].
+      one_by_one (one token, ids read on the host): per expert two matrix-vector products
+            and SwiGLU; cat of the k outputs (k*h*b -> k*h*b), cast to fp32, [1, k] x [k, h].
     shared: swiglu_mlp(T, h, I_shared) over all tokens, its output added to the routed sum.
+    FLOPs are the looped form's whichever `routed`.
     """
     _check(tokens=tokens, expert_intermediate=expert_intermediate, shared_intermediate=shared_intermediate)
+    if routed not in MOE_ROUTED:
+        raise ValueError(f"moe: routed must be one of {', '.join(MOE_ROUTED)}, not {routed!r}")
+    if routed in ("gathered", "one_by_one") and tokens != 1:
+        raise ValueError(f"moe: the {routed} experts run one token at a time, not {tokens}")
     touched = experts_touched
     if touched is None:
         touched = expected_distinct_experts(tokens, n_experts, top_k)
@@ -681,34 +810,96 @@ def moe_parts(
         act_read_bytes=tokens * hidden * b + copies + 2 * logits,
         act_write_bytes=copies + 2 * logits + pairs * (FP32 + INDEX_BYTES),
     )
+    experts = replace(swiglu_mlp(pairs, hidden, expert_intermediate, dtype), weight_bytes=0)
+    weights = Cost(weight_bytes=touched * 3 * hidden * expert_intermediate * b)
+    looped = _looped_around_experts(tokens, pairs, hidden, b)
+    if routed == "looped":
+        moved = _bytes(experts) + looped
+    elif routed == "grouped":
+        moved = _fused_experts(pairs, hidden, expert_intermediate, b, pairs * hidden * b)
+        moved += _grouped_around_experts(tokens, pairs, hidden, n_experts, b)
+    else:
+        x_read = (1 if routed == "gathered" else top_k) * hidden * b  # a batched matmul reads x once
+        moved = _fused_experts(pairs, hidden, expert_intermediate, b, x_read)
+        moved += _one_token_around_experts(top_k, hidden, expert_intermediate, b, gathered=routed == "gathered")
+    cast_back = _cast(tokens * hidden, FP32, b)
+    routed_cost = _flops(experts + looped) + weights + _bytes(moved) + cast_back
+    shared = swiglu_mlp(tokens, hidden, shared_intermediate, dtype) + add(tokens * hidden, dtype)
+    return {"gate": gate, "routed": routed_cost, "shared": shared}
+
+
+def _index_add_sum(tokens: float, pairs: float, hidden: int) -> Cost:
+    """Weight the P fp32 expert outputs and index_add_ them into an fp32 zero buffer [T, h]."""
+    weighted = Cost(
+        other_flops=pairs * hidden,
+        act_read_bytes=pairs * (hidden + 1) * FP32,
+        act_write_bytes=pairs * hidden * FP32,
+    )
+    summed = Cost(
+        other_flops=pairs * hidden,
+        act_read_bytes=pairs * INDEX_BYTES + (pairs + tokens) * hidden * FP32,
+        act_write_bytes=2 * tokens * hidden * FP32,
+    )
+    return weighted + summed
+
+
+def _fused_experts(pairs: float, hidden: int, intermediate: int, b: int, x_read: float) -> Cost:
+    """Activation bytes of P rows through SwiGLU experts whose gate and up products are one
+    product ([P, h] -> [P, 2I]; it reads the rows `x_read` bytes), then silu(gate) * up (read
+    3*P*I*b, write 2*P*I*b) and down ([P, I] -> [P, h])."""
+    p, i = pairs, intermediate
+    return Cost(act_read_bytes=x_read + 4 * p * i * b, act_write_bytes=4 * p * i * b + p * hidden * b)
+
+
+def _looped_around_experts(tokens: float, pairs: float, hidden: int, b: int) -> Cost:
+    """The reference's dispatch and combine around its per-expert loop (moe_parts, looped)."""
     ids = pairs * INDEX_BYTES
     dispatch = (
         Cost(act_read_bytes=ids, act_write_bytes=2 * ids)
         + Cost(act_read_bytes=ids, act_write_bytes=ids)
         + Cost(act_read_bytes=tokens * hidden * b + ids, act_write_bytes=pairs * hidden * b)
     )
-    experts = swiglu_mlp(pairs, hidden, expert_intermediate, dtype)
-    weighted = Cost(
-        other_flops=pairs * hidden,
-        act_read_bytes=pairs * (FP32 + INDEX_BYTES) + pairs * (hidden + 1) * FP32,
-        act_write_bytes=pairs * FP32 + pairs * hidden * FP32,
+    weights = Cost(act_read_bytes=pairs * (FP32 + INDEX_BYTES), act_write_bytes=pairs * FP32)
+    cat = Cost(act_read_bytes=pairs * hidden * b, act_write_bytes=pairs * hidden * b)
+    combine = cat + _cast(pairs * hidden, b, FP32) + weights
+    return dispatch + combine + _index_add_sum(tokens, pairs, hidden)
+
+
+def _grouped_around_experts(tokens: float, pairs: float, hidden: int, n_experts: int, b: int) -> Cost:
+    """Sort, group ends, rows and combine of the grouped-GEMM experts (moe_parts, grouped)."""
+    ids, ends = pairs * INDEX_BYTES, n_experts * INDEX_BYTES
+    groups = (
+        Cost(act_read_bytes=ids, act_write_bytes=2 * ids)
+        + Cost(act_write_bytes=ends)
+        + Cost(act_read_bytes=ids + ends, act_write_bytes=ends)
+        + Cost(act_read_bytes=ends, act_write_bytes=n_experts * 4)
+        + Cost(act_read_bytes=2 * n_experts * 4)  # each grouped GEMM reads the int32 ends
     )
-    summed = Cost(
-        other_flops=pairs * hidden,
-        act_read_bytes=ids + (pairs + tokens) * hidden * FP32,
-        act_write_bytes=2 * tokens * hidden * FP32,
+    token_of = Cost(act_read_bytes=ids, act_write_bytes=ids)
+    if tokens == 1:
+        rows = Cost(act_read_bytes=hidden * b, act_write_bytes=pairs * hidden * b)
+    else:
+        gather = min(tokens, pairs) * hidden * b
+        rows = token_of + Cost(act_read_bytes=gather + ids, act_write_bytes=pairs * hidden * b)
+    weights = Cost(act_read_bytes=pairs * (FP32 + INDEX_BYTES), act_write_bytes=pairs * FP32)
+    cast = _cast(pairs * hidden, b, FP32)
+    if tokens == 1:
+        combine = Cost(act_read_bytes=pairs * (hidden + 1) * FP32, act_write_bytes=hidden * FP32)
+    else:
+        combine = token_of + _index_add_sum(tokens, pairs, hidden)
+    return groups + rows + weights + cast + combine
+
+
+def _one_token_around_experts(top_k: int, hidden: int, intermediate: int, b: int, *, gathered: bool) -> Cost:
+    """What one token's k experts move besides their SwiGLUs (moe_parts, gathered / one_by_one)."""
+    outputs = top_k * hidden
+    combine = _cast(outputs, b, FP32) + Cost(
+        act_read_bytes=top_k * FP32 + outputs * FP32, act_write_bytes=hidden * FP32
     )
-    combine = (
-        concat(pairs * hidden, dtype)
-        + _cast(pairs * hidden, b, FP32)
-        + weighted
-        + summed
-        + _cast(tokens * hidden, FP32, b)
-    )
-    experts = replace(experts, weight_bytes=touched * 3 * hidden * expert_intermediate * b)
-    routed = dispatch + experts + combine
-    shared = swiglu_mlp(tokens, hidden, shared_intermediate, dtype) + add(tokens * hidden, dtype)
-    return {"gate": gate, "routed": routed, "shared": shared}
+    if not gathered:
+        return Cost(act_read_bytes=outputs * b, act_write_bytes=outputs * b) + combine
+    copy = 3 * top_k * hidden * intermediate * b  # written by the gathers, read by the matmuls
+    return Cost(act_read_bytes=2 * top_k * INDEX_BYTES + copy, act_write_bytes=copy) + combine
 
 
 def moe(
@@ -721,6 +912,7 @@ def moe(
     dtype: object,
     *,
     experts_touched: float | None = None,
+    routed: str = "looped",
 ) -> Cost:
     """The whole MoE block: sum of moe_parts (gate + routed experts + shared experts)."""
     parts = moe_parts(
@@ -732,6 +924,7 @@ def moe(
         shared_intermediate,
         dtype,
         experts_touched=experts_touched,
+        routed=routed,
     )
     return sum(parts.values(), Cost())
 

@@ -21,6 +21,7 @@ from llm_perf_opt.models.deepseek_ocr.config import (
     LMConfig,
     SamConfig,
 )
+from llm_perf_opt.models.deepseek_ocr.fast.paths import FOLDED_ALIGN, FastPaths, tile_rows
 from llm_perf_opt.models.deepseek_ocr.modes import tokens_per_side
 from llm_perf_opt.models.deepseek_ocr.stages import (
     CLIP,
@@ -104,17 +105,36 @@ def kv_bytes_per_token(lm: LMConfig, dtype: object) -> int:
     return lm.num_hidden_layers * 2 * lm.num_key_value_heads * lm.head_dim * dtype_bytes(dtype)
 
 
-def _sam_transients(sam: SamConfig, size: int, batch: int, b: int) -> list[tuple[str, float]]:
+def _sam_transients(
+    sam: SamConfig, size: int, batch: int, b: int, paths: FastPaths | None
+) -> list[tuple[str, float]]:
     g = size // sam.patch_size
     d = sam.width
-    padded = math.ceil(g / sam.window_size) * sam.window_size
-    windows = (padded // sam.window_size) ** 2
-    return [
-        ("global rel-pos bias [B*heads, N, N]", batch * sam.heads * g**4 * b),
-        ("window rel-pos bias [B*nW*heads, 196, 196]", batch * windows * sam.heads * sam.window_size**4 * b),
+    w = sam.window_size
+    padded = math.ceil(g / w) * w
+    windows = (padded // w) ** 2
+    common = [
         ("qkv [B, Np, 3d]", batch * padded * padded * 3 * d * b),
         ("MLP hidden [B, N, 4d]", batch * g * g * sam.mlp_ratio * d * b),
     ]
+    attention = [("global", batch, g), (f"window {w}x{w}", batch * windows, w)]
+    if paths is None:
+        return common + [
+            (f"{kind} rel-pos bias [G*heads, k^2, k^2]", n * sam.heads * k**4 * b) for kind, n, k in attention
+        ]
+    if paths.sam_attention == "folded":
+        def widened(k: int) -> int:
+            return math.ceil((sam.head_dim + 2 * k) / FOLDED_ALIGN) * FOLDED_ALIGN
+
+        return common + [
+            (f"{kind} folded q' [G*heads, k^2, E={widened(k)}]", n * sam.heads * k * k * widened(k) * b)
+            for kind, n, k in attention
+        ]
+    tiles = []
+    for kind, n, k in attention:
+        rows = tile_rows(n, sam.heads, k, k, paths.bias_tile_elements)
+        tiles.append((f"{kind} rel-pos bias tile [G*heads, {rows}*k, k^2]", n * sam.heads * rows * k * k * k * b))
+    return common + tiles
 
 
 def _clip_transients(clip: ClipConfig, side: int, batch: int, b: int) -> list[tuple[str, float]]:
@@ -151,13 +171,14 @@ class Footprint:
     total_weight_bytes: int  # the whole model resident
 
 
-def footprint(cfg: DeepSeekOCRConfig, workload: Workload) -> Footprint:
-    """Footprint of the run a StageModel describes (its `workload`)."""
+def footprint(cfg: DeepSeekOCRConfig, workload: Workload, paths: FastPaths | None = None) -> Footprint:
+    """Footprint of the run a StageModel describes (its `workload`), for the reference or the
+    fast `paths` (SAM's bias in tiles, or folded into widened queries and keys)."""
     b = dtype_bytes(workload.dtype)
     params = stage_parameters(cfg)
     views = [(workload.global_size, 1)] + ([(workload.tile_size, workload.tiles)] if workload.tiles else [])
     transients = {
-        SAM: [c for size, n in views for c in _sam_transients(cfg.sam, size, n, b)],
+        SAM: [c for size, n in views for c in _sam_transients(cfg.sam, size, n, b, paths)],
         CLIP: [c for size, n in views for c in _clip_transients(cfg.clip, tokens_per_side(size), n, b)],
         PROJECTOR: [
             ("fused input [B, q^2, 2048]", n * tokens_per_side(size) ** 2 * cfg.projector_in * b)

@@ -9,8 +9,8 @@ A model plugs in with three things:
   each stage inside `stage_range(name)` (the session owns the ranges; the model knows nothing
   of profiling). A model whose stages can only be reached from outside (a transformers
   model) opens the ranges from forward hooks on the modules that make up each stage;
-* an analytic model (`llm_perf_opt.analytic.stage_model.AnalyticModel`) that gives the
-  FLOPs and bytes of a request from its shapes.
+* an analytic model (:class:`AnalyticModel`) that gives the FLOPs and bytes of a request from
+  its shapes, following how the session ran it (:meth:`ModelSession.execution`).
 
 The harness (measurement passes, attribution, report) uses only what this module declares.
 """
@@ -49,6 +49,35 @@ class Request(Protocol):
 
     def summary(self) -> str:
         """The same facts in one line for people (report.md)."""
+        ...
+
+
+class Execution(Protocol):
+    """How a model ran where it has more than one way to run (which formulation each part took
+    on this device): recorded in run.json and report.md, read by the model's analytic model."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values for run.json."""
+        ...
+
+    def summary(self) -> str:
+        """One line for people (report.md)."""
+        ...
+
+
+class AnalyticModel(Protocol):
+    """The analytic side of a model, built from its config (named by the config's `analytic`)."""
+
+    def stage_model(
+        self, request: Any, decode_steps: int, dtype: str, routing: Any, execution: Execution | None
+    ) -> Any:
+        """FLOPs and bytes of exactly this run: an object with `totals()`, `breakdown()`,
+        `experts()` and `range_totals()` tables (see analytic/deepseek_ocr.StageModel)."""
+        ...
+
+    def footprint(self, request: Any, max_new_tokens: int, dtype: str, execution: Execution | None = None) -> Any:
+        """Weights, KV cache and largest transients of the run: before anything is built (the
+        memory check, execution None), and of the way it ran (execution given) for the report."""
         ...
 
 
@@ -154,3 +183,8 @@ class ModelSession(ABC):
     def routed_layers(self) -> list[RoutedLayer]:
         """The MoE layers whose routing the harness records, in execution order (none by default)."""
         return []
+
+    def execution(self) -> Execution | None:
+        """How the last `generate` ran where the model has more than one way (None: the one
+        way). The harness records it and hands it to the analytic model."""
+        return None

@@ -165,6 +165,7 @@ def report_markdown(record: dict, table: pd.DataFrame, attribution: Attribution 
         "## Run",
         "",
         f"- request: {record['request']}; generated {record['generated_tokens']} tokens",
+        *_execution_lines(record),
         f"- weights: {record['weights']}; {header_text(dtype)}; torch {record['versions']['torch']}, "
         f"CUDA {record['versions']['cuda'] or 'none'}",
         f"- {config['profiling']['warmup']} warm-up, {config['profiling']['repeats']} timed runs, "
@@ -206,6 +207,15 @@ def report_markdown(record: dict, table: pd.DataFrame, attribution: Attribution 
         *(top_lines or ["- no trace"]),
         "",
     ])
+
+
+def _execution_lines(record: dict) -> list[str]:
+    """How the model ran (a model with one way to run records none), and that the analytic
+    bytes follow it."""
+    execution = record.get("execution")
+    if not execution:
+        return []
+    return [f"- implementation: {execution['summary']} (the analytic bytes are those of these paths)"]
 
 
 def _calls(calls: float) -> str:

@@ -64,6 +64,7 @@ class Job:
     hardware: Hardware
     compute_groups: dict[str, tuple[str, ...]]
     bandwidth_groups: dict[str, tuple[str, ...]]
+    execution: Any = None  # the session's Execution (as_dict(), summary()), or None
 
     @property
     def dtype_name(self) -> str:
@@ -169,6 +170,9 @@ def run_record(job: Job, table: pd.DataFrame, status: str = "ok", error: str | N
         "weights": job.run.model.weights,
         **m.request.describe(),
         "request": m.request.summary(),
+        "execution": None if job.execution is None else {
+            **job.execution.as_dict(), "summary": job.execution.summary()
+        },
         "generated_tokens": len(m.result.tokens) if m.result else None,
         "headline": None,  # below: it needs the roofs and stage layout of this record
         "stage_layout": stage_layout(job),

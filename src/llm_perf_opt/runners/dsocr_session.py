@@ -26,6 +26,8 @@ from llm_perf_opt.errors import UserError
 from llm_perf_opt.models.deepseek_ocr.attention import resolve_backend
 from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRConfig, DeepSeekOCRModelConfig
 from llm_perf_opt.models.deepseek_ocr.families import module_families
+from llm_perf_opt.models.deepseek_ocr.fast import FastDeepSeekOCR
+from llm_perf_opt.models.deepseek_ocr.fast.paths import FastPaths
 from llm_perf_opt.models.deepseek_ocr.model import DeepSeekOCR
 from llm_perf_opt.models.deepseek_ocr.modes import ModeSpec
 from llm_perf_opt.models.deepseek_ocr.preprocess import SAMPLE_PAGE, ImageViews, load_image, preprocess_image
@@ -73,6 +75,38 @@ class Request:
         )
 
 
+@dataclass(frozen=True)
+class Execution:
+    """How DeepSeek-OCR ran: the implementation, the fast paths it took on this device and
+    dtype (None for the reference), and the positions of the KV cache it allocated."""
+
+    impl: str
+    paths: FastPaths | None
+    cache_len: int
+
+    def as_dict(self) -> dict[str, Any]:
+        paths = None if self.paths is None else self.paths.as_dict()
+        return {"impl": self.impl, "paths": paths, "kv_cache_positions": self.cache_len}
+
+    def summary(self) -> str:
+        if self.paths is None:
+            return "model.impl=reference: the faithful implementation, op for op as released"
+        p = self.paths
+        sam = {
+            "blocked": f"blocked over query tiles (bias tiles of at most {p.bias_tile_elements:,} elements)",
+            "folded": "folded into the dot product (no N×N bias)",
+        }[p.sam_attention]
+        decode = {
+            "eager": "eager steps",
+            "static": f"positioned steps over a static {self.cache_len}-position cache",
+            "graph": f"CUDA-graph replays over a static {self.cache_len}-position cache",
+        }[p.decode]
+        return (
+            f"model.impl=fast: SAM attention {sam}; routed experts {p.moe_prefill} in prefill, "
+            f"{p.moe_decode.replace('_', ' ')} in decode; decode as {decode}"
+        )
+
+
 #: The parameter group of prefill and decode, which share every language-model weight.
 LANGUAGE_MODEL = "language_model"
 
@@ -104,6 +138,7 @@ class DeepSeekOCRSession(ModelSession):
         self.tokenizer = load_tokenizer(self.checkpoint)
         self._model: DeepSeekOCR | None = None
         self._fitted_to: tuple | None = None
+        self._cache_len = 0
 
     # -- the interface -----------------------------------------------------------------------
     def prepare(self, image: str | Path | None, prompt: str) -> Request:
@@ -184,6 +219,11 @@ class DeepSeekOCRSession(ModelSession):
     def routed_layers(self) -> list[RoutedLayer]:
         return list(self.model.moe_layers().values())
 
+    def execution(self) -> Execution:
+        model = self.model
+        paths = model.paths if isinstance(model, FastDeepSeekOCR) else None
+        return Execution(self.cfg.impl, paths, self._cache_len)
+
     # -- the stages, usable one by one ------------------------------------------------------------
     @property
     def model(self) -> DeepSeekOCR:
@@ -207,7 +247,8 @@ class DeepSeekOCRSession(ModelSession):
     def prefill(self, request: Request, image_embeds: torch.Tensor, max_new_tokens: int):
         """Stage `prefill`: the LM over the whole prompt → (first generated token [1,1], cache)."""
         with stage_range(PREFILL):
-            cache = self.model.new_cache(request.prompt_tokens + max_new_tokens)
+            self._cache_len = request.prompt_tokens + max_new_tokens
+            cache = self.model.new_cache(self._cache_len)
             logits = self.model.prefill(request.input_ids, image_embeds, cache)
             return logits.argmax(-1, keepdim=True), cache
 

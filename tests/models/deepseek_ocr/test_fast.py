@@ -16,7 +16,8 @@ from llm_perf_opt.models.deepseek_ocr.decoder import MoE
 from llm_perf_opt.models.deepseek_ocr.fast import FastDeepSeekOCR
 from llm_perf_opt.models.deepseek_ocr.fast.decoder import StaticKVCache
 from llm_perf_opt.models.deepseek_ocr.fast.linear import FastLinear, matvec
-from llm_perf_opt.models.deepseek_ocr.fast.moe import FastMoE, grouped_mm_without_sync
+from llm_perf_opt.models.deepseek_ocr.fast.moe import FastMoE
+from llm_perf_opt.models.deepseek_ocr.fast.paths import grouped_mm_without_sync
 from llm_perf_opt.models.deepseek_ocr.fast.sam import (
     FastSamAttention,
     blocked_attention,

@@ -27,6 +27,7 @@ from .decoder import FastAttention, PositionedStep, StaticKVCache
 from .graphs import DecodeGraph
 from .linear import FastLinear, use_fast_linears
 from .moe import FastMoE
+from .paths import FastPaths, choose_paths
 from .sam import FastSamAttention, FastSamMLP
 
 
@@ -59,6 +60,22 @@ class FastDeepSeekOCR(DeepSeekOCR):
         super().__init__(cfg, backend)
         install_fast_modules(self)
         self._static_cache: StaticKVCache | None = None
+        self._fixed_paths: FastPaths | None = None
+
+    @property
+    def paths(self) -> FastPaths:
+        """The paths the fast modules take on this model's device and dtype (or the fixed ones)."""
+        return self._fixed_paths or choose_paths(self.device, self.dtype)
+
+    def use_paths(self, paths: FastPaths | None) -> None:
+        """Run these paths whatever the device (None: choose by device again). For checks that
+        exercise one device's paths on another, e.g. the analytic bytes of CUDA's on CPU; a
+        "graph" decode still captures only on CUDA."""
+        self._fixed_paths = paths
+        self._static_cache = None
+        for module in self.modules():
+            if isinstance(module, (FastSamAttention, FastMoE)):
+                module.paths = paths
 
     def to_empty(self, *, device, recurse: bool = True) -> FastDeepSeekOCR:
         """Uninitialised storage on `device`, allocated once: each MoE layer's stacked expert
@@ -77,21 +94,22 @@ class FastDeepSeekOCR(DeepSeekOCR):
 
     # -- decode ------------------------------------------------------------------------------
     def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
-        """On CUDA, a static cache whose decode steps replay a CUDA graph: the same buffers and
-        graph serve every request of the same size, and the graph is captured here, when the
-        cache is first made (in a harness job: during the warm-up run's prefill, not timed).
-        Forward hooks on the decode modules (routing refits, module ranges) would not fire
-        inside a replay, nor may they run during capture: with any set, the cache is the
-        reference's and decoding is eager."""
-        if self.device.type != "cuda" or self._decode_hooks():
+        """With "static" or "graph" decode paths, a static cache; on CUDA with "graph", its decode
+        steps replay a CUDA graph: the same buffers and graph serve every request of the same
+        size, and the graph is captured here, when the cache is first made (in a harness job:
+        during the warm-up run's prefill, not timed). Forward hooks on the decode modules
+        (routing refits, module ranges) would not fire inside a replay, nor may they run during
+        capture: with any set, the cache is the reference's and decoding is eager."""
+        if self.paths.decode == "eager" or self._decode_hooks():
             return super().new_cache(max_len, batch)
         cache = self._static_cache
         if cache is None or (cache.max_len, cache.keys[0].shape[0]) != (max_len, batch):
             self._static_cache = None  # release the old buffers and graph before allocating
             cache = StaticKVCache(self.cfg.lm, max_len, batch, self.dtype, self.device)
-            # Captured at position 0; its warm-up steps write there, and prefill overwrites it.
-            with self._routing_hooks_suspended():
-                cache.graph = DecodeGraph(lambda: self.positioned_step(cache))
+            if self.paths.decode == "graph" and self.device.type == "cuda":
+                # Captured at position 0; its warm-up steps write there, and prefill overwrites it.
+                with self._routing_hooks_suspended():
+                    cache.graph = DecodeGraph(lambda: self.positioned_step(cache))
             self._static_cache = cache
         cache.length = 0
         return cache

@@ -8,7 +8,7 @@ views into them, so state-dict keys, checkpoint loading and dummy initialisation
 the reference and no expert parameter exists twice. Routing (fp32 gate, softmax, top-k without
 renormalisation) is the reference's, so the same experts are chosen.
 
-Four ways to run the experts, picked per call:
+Four ways to run the experts (`paths.FastPaths`), picked per call by `paths.choose_paths`:
 
 * grouped: the T·k (token, expert) pairs are sorted by expert, the group ends come from a
   `searchsorted` on the device, and two `F.grouped_mm` calls (gate+up, then down) run every
@@ -30,8 +30,6 @@ The weighted sum over the k experts stays in fp32 as in the reference; for one t
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,25 +37,7 @@ from torch import nn
 from ..config import LMConfig
 from ..decoder import MoE
 from .linear import matvec
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_major(device: torch.device) -> int:
-    return torch.cuda.get_device_capability(device)[0]
-
-
-def grouped_mm_without_sync(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `F.grouped_mm` runs here without a device sync: on CPU (its loop over the groups
-    reads the offsets in C++) and in the CUDA kernel for bf16 on SM 9.x/10.x; elsewhere on
-    CUDA it copies the offsets to the host."""
-    if not hasattr(F, "grouped_mm"):
-        return False
-    if device.type == "cpu":
-        return dtype in (torch.float32, torch.bfloat16, torch.float16)
-    if device.type == "cuda":
-        return dtype == torch.bfloat16 and _cuda_major(device) in (9, 10)
-    # Meta tensors follow the CUDA kernel's checks (bf16 only); they stand in for it in tests.
-    return device.type == "meta" and dtype == torch.bfloat16
+from .paths import FastPaths, choose_paths
 
 
 class FastMoE(MoE):
@@ -68,6 +48,8 @@ class FastMoE(MoE):
     The views survive `FastDeepSeekOCR.to_empty` and loading; anything that replaces the
     parameters' storage afterwards (`.to(dtype)`, `copy.deepcopy`) must call `tie_experts()`.
     """
+
+    paths: FastPaths | None = None  # None: chosen by the input's device and dtype
 
     def __init__(self, cfg: LMConfig):
         super().__init__(cfg)
@@ -87,14 +69,9 @@ class FastMoE(MoE):
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Σ_k w_k · expert_k(x) in fp32 [T, d], by the fastest path for this device and dtype."""
-        one_token = x.shape[0] == 1
-        if one_token and x.device.type == "cpu":
-            return self.one_by_one(x, weights, experts)
-        if grouped_mm_without_sync(x.device, x.dtype):
-            return self.grouped(x, weights, experts)
-        if one_token:
-            return self.gathered(x, weights, experts)
-        return self.looped(x, weights, experts)
+        paths = self.paths or choose_paths(x.device, x.dtype)
+        path = paths.moe_decode if x.shape[0] == 1 else paths.moe_prefill
+        return getattr(self, path)(x, weights, experts)
 
     def grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Σ_k w_k · expert_k(x) in fp32 [T, d], with two grouped GEMMs over the expert-sorted rows."""

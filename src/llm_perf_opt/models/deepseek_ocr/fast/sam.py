@@ -27,21 +27,11 @@ Two formulations of the same attention, picked by device:
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from ..sam import SamAttention, SamMLP, resized_rel_pos
-
-#: Largest bias tile of the blocked form, in elements (256 MiB in fp32; a third of base mode's
-#: global bias). Measured on a 2-core Zen 4 in fp32: tiles of 2^23, 2^24, 2^25, 2^26 elements and
-#: the whole bias took 1.95, 1.45, 1.35, 1.17 and 1.48 s per global block (CPU SDPA gets slower
-#: with many short calls; the whole bias pays for fresh, page-faulting memory).
-BIAS_TILE_ELEMENTS = 1 << 26
-#: The folded head dimension is padded to a multiple of this (16-byte rows in bf16/fp16),
-#: the alignment CUDA's fused attention kernels ask for.
-FOLDED_ALIGN = 8
+from .paths import BIAS_TILE_ELEMENTS, FOLDED_ALIGN, FastPaths, choose_paths, tile_rows
 
 
 def rel_pos_terms(
@@ -50,7 +40,8 @@ def rel_pos_terms(
     """rel_h [B, heads, H, W, H] and rel_w [B, heads, H, W, W] of q [B, heads, N, D]:
     rel_h[.., r, c, r'] = q_(r,c)·R_h[r, r'] and rel_w[.., r, c, c'] = q_(r,c)·R_w[c, c'], with
     the unscaled q (the reference's two einsums, unchanged; split by grid row and column so
-    that no reshape has to copy them)."""
+    that the blocked form slices them without a copy, where the folded form's reshape to
+    [B, heads, N, H] copies each once)."""
     b, heads, n, d = q.shape
     r_q = q.reshape(b * heads, h, w, d)
     rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, resized_rel_pos(rel_pos_h, h, h))
@@ -72,8 +63,7 @@ def blocked_attention(
     them; returns [B, heads, N, D]."""
     b, heads, n, d = q.shape
     h, w = rel_h.shape[2], rel_h.shape[3]
-    most_rows = max(1, min(h, tile_elements // (b * heads * w * n)))
-    grid_rows = math.ceil(h / math.ceil(h / most_rows))
+    grid_rows = tile_rows(b, heads, h, w, tile_elements)
     if grid_rows == h:  # one tile: the bias fits, the output needs no reassembly
         # Written into a contiguous tensor: a plain broadcast add would follow the einsums'
         # permuted layout, which SDPA's [B, heads, N, N] view cannot take without a copy.
@@ -118,15 +108,21 @@ def folded_attention(
 class FastSamAttention(SamAttention):
     """SAM attention with the relative-position bias applied without the [B, heads, N, N] tensor:
     blocked over query tiles on CPU (bit-identical to the reference there), folded into the dot
-    product on CUDA. Same parameters and names as the reference."""
+    product on CUDA (`paths.choose_paths`, or the fixed `paths`). Same parameters and names as
+    the reference."""
+
+    paths: FastPaths | None = None  # None: chosen by the input's device and dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
         qkv = self.qkv(x).reshape(b, h * w, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, heads, N, D]
         rel_h, rel_w = rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, h, w)
-        attention = folded_attention if x.device.type == "cuda" else blocked_attention
-        out = attention(q, k, v, rel_h, rel_w)
+        paths = self.paths or choose_paths(x.device, x.dtype)
+        if paths.sam_attention == "folded":
+            out = folded_attention(q, k, v, rel_h, rel_w)
+        else:
+            out = blocked_attention(q, k, v, rel_h, rel_w, paths.bias_tile_elements)
         return self.proj(out.transpose(1, 2).reshape(b, h, w, c))
 
 

@@ -1,0 +1,114 @@
+"""Which formulation each fast module runs: decided here, by device and dtype, in one place.
+
+The fast modules ask `choose_paths` on every call (or follow the paths a caller fixed with
+`FastDeepSeekOCR.use_paths`), the session records the choice in run.json, and the analytic
+model costs the bytes of exactly these paths (`analytic.deepseek_ocr.stage_costs(paths=...)`).
+The paths differ in what they move, not in what they compute: the analytic FLOPs are the
+reference's whichever path runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+SAM_ATTENTION = ("blocked", "folded")
+MOE_PREFILL = ("grouped", "looped")
+MOE_DECODE = ("grouped", "gathered", "one_by_one")
+DECODE = ("eager", "static", "graph")
+
+#: Largest bias tile of the blocked SAM attention, in elements (256 MiB in fp32; a third of base
+#: mode's global bias). Measured on a 2-core Zen 4 in fp32: tiles of 2^23, 2^24, 2^25, 2^26
+#: elements and the whole bias took 1.95, 1.45, 1.35, 1.17 and 1.48 s per global block (CPU
+#: SDPA gets slower with many short calls; the whole bias pays for fresh, page-faulting memory).
+BIAS_TILE_ELEMENTS = 1 << 26
+#: The folded head dimension is padded to a multiple of this (16-byte rows in bf16/fp16),
+#: the alignment CUDA's fused attention kernels ask for.
+FOLDED_ALIGN = 8
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    """How the fast implementation runs its three parts that have more than one formulation.
+
+    sam_attention: "blocked" (query tiles of at most `bias_tile_elements` bias elements) or
+        "folded" (the bias folded into a widened dot product; nothing N x N is written);
+    moe_prefill, moe_decode: how the routed experts run for many tokens and for one:
+        "grouped" (two grouped GEMMs over expert-sorted rows), "gathered" (the chosen experts'
+        weights copied, then batched matmuls), "one_by_one" (ids read on the host, one
+        matrix-vector product per expert) or "looped" (the reference's loop);
+    decode: "eager" (the reference's decode step), "static" (positioned steps over a static
+        cache, attending over all of it through a mask) or "graph" (those steps replayed from
+        a CUDA graph, each returning a copy of the graph's logits).
+    """
+
+    sam_attention: str
+    moe_prefill: str
+    moe_decode: str
+    decode: str
+    bias_tile_elements: int = BIAS_TILE_ELEMENTS
+
+    def __post_init__(self) -> None:
+        for name, options in (
+            ("sam_attention", SAM_ATTENTION),
+            ("moe_prefill", MOE_PREFILL),
+            ("moe_decode", MOE_DECODE),
+            ("decode", DECODE),
+        ):
+            if getattr(self, name) not in options:
+                raise ValueError(f"fast paths: {name} must be one of {', '.join(options)}, not {getattr(self, name)!r}")
+        if self.bias_tile_elements < 1:
+            raise ValueError(f"fast paths: bias_tile_elements must be positive, not {self.bias_tile_elements}")
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_major(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
+
+
+def grouped_mm_without_sync(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `F.grouped_mm` runs here without a device sync: on CPU (its loop over the groups
+    reads the offsets in C++) and in the CUDA kernel for bf16 on SM 9.x/10.x; elsewhere on
+    CUDA it copies the offsets to the host. Meta tensors follow the CUDA kernel's checks."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if device.type == "cpu":
+        return dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and _cuda_major(device) in (9, 10)
+    return device.type == "meta" and dtype == torch.bfloat16
+
+
+@functools.lru_cache(maxsize=None)
+def choose_paths(device: torch.device, dtype: torch.dtype) -> FastPaths:
+    """The fastest paths here. CPU: blocked SAM attention (folding triples QK's multiply-adds,
+    1.6x slower on a 2-core CPU), grouped prefill experts, one-by-one decode experts (host reads
+    cost no sync; CPU's grouped GEMM runs each group single-threaded), eager decode. CUDA (and
+    meta, which stands in for it in tests): folded SAM attention, grouped experts where
+    `grouped_mm_without_sync`, otherwise gathered in decode and looped in prefill, and decode
+    replayed from a CUDA graph (static steps on meta, which has no graphs)."""
+    if device.type == "cpu":
+        return FastPaths("blocked", "grouped", "one_by_one", "eager")
+    grouped = grouped_mm_without_sync(device, dtype)
+    return FastPaths(
+        "folded",
+        "grouped" if grouped else "looped",
+        "grouped" if grouped else "gathered",
+        "graph" if device.type == "cuda" else "static",
+    )
+
+
+def tile_rows(batch: int, heads: int, h: int, w: int, tile_elements: int) -> int:
+    """Grid rows of queries per tile of the blocked SAM attention over [batch, heads, h*w, h*w]
+    bias elements: the fewest tiles of at most `tile_elements` (at least one grid row each),
+    of equal height but the last."""
+    n = h * w
+    most_rows = max(1, min(h, tile_elements // (batch * heads * w * n)))
+    return math.ceil(h / math.ceil(h / most_rows))

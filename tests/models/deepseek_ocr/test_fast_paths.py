@@ -1,0 +1,111 @@
+"""Which formulation each fast module runs: chosen by device and dtype in one place, fixable for
+checks, and followed by the modules and the session's record of the run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_perf_opt.config import load
+from llm_perf_opt.models.deepseek_ocr import weights
+from llm_perf_opt.models.deepseek_ocr.fast import FastDeepSeekOCR
+from llm_perf_opt.models.deepseek_ocr.fast.decoder import StaticKVCache
+from llm_perf_opt.models.deepseek_ocr.fast.moe import FastMoE
+from llm_perf_opt.models.deepseek_ocr.fast.paths import BIAS_TILE_ELEMENTS, FastPaths, choose_paths, tile_rows
+from llm_perf_opt.models.deepseek_ocr.fast.sam import FastSamAttention
+from llm_perf_opt.models.deepseek_ocr.tokenizer import DEFAULT_PROMPT
+from llm_perf_opt.models.interface import SessionOptions
+from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession
+
+
+def test_cpu_takes_the_paths_measured_fastest_there():
+    for dtype in (torch.float32, torch.bfloat16):
+        paths = choose_paths(torch.device("cpu"), dtype)
+        assert (paths.sam_attention, paths.moe_prefill, paths.moe_decode, paths.decode) == (
+            "blocked", "grouped", "one_by_one", "eager",
+        )  # fmt: skip
+
+
+def test_meta_stands_in_for_a_gpu_with_the_grouped_kernel_in_bf16_only():
+    bf16 = choose_paths(torch.device("meta"), torch.bfloat16)
+    fp32 = choose_paths(torch.device("meta"), torch.float32)
+    assert (bf16.sam_attention, bf16.moe_prefill, bf16.moe_decode, bf16.decode) == (
+        "folded", "grouped", "grouped", "static",
+    )  # fmt: skip
+    # Without a sync-free grouped GEMM: gathered weights in decode, the reference loop in prefill.
+    assert (fp32.moe_prefill, fp32.moe_decode) == ("looped", "gathered")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("sam_attention", "dense"), ("moe_prefill", "one_by_one"), ("moe_decode", "looped"), ("decode", "lazy")],
+)
+def test_an_unknown_path_is_refused(field, value):
+    paths = {"sam_attention": "blocked", "moe_prefill": "grouped", "moe_decode": "grouped", "decode": "eager"}
+    with pytest.raises(ValueError, match=field):
+        FastPaths(**{**paths, field: value})
+
+
+@pytest.mark.parametrize(
+    ("groups", "heads", "side", "tile", "rows"),
+    [
+        # base, global block: 2^26 // (12 heads * 64 * 4096) = 21 rows at most -> 4 tiles of 16
+        (1, 12, 64, BIAS_TILE_ELEMENTS, 16),
+        # base, windowed: 25 windows * 12 heads * 14 * 196 = 823,200 elements per row: all 14 fit
+        (25, 12, 14, BIAS_TILE_ELEMENTS, 14),
+        # a bound below one grid row still makes progress, one row at a time
+        (1, 12, 64, 1000, 1),
+        # 10 rows of a 64-row grid at most -> 7 tiles; equal heights of ceil(64 / 7) = 10
+        (1, 1, 64, 10 * 64 * 4096, 10),
+    ],
+)
+def test_tile_rows(groups, heads, side, tile, rows):
+    assert tile_rows(groups, heads, side, side, tile) == rows
+
+
+def test_fixed_paths_reach_every_fast_module_and_the_cache(tiny_arch):
+    model = weights.dummy_model(tiny_arch, "cpu", torch.float32, impl="fast")
+    assert model.paths == choose_paths(torch.device("cpu"), torch.float32)
+    assert not isinstance(model.new_cache(8), StaticKVCache)
+    fixed = FastPaths("folded", "looped", "gathered", "static", bias_tile_elements=123)
+    model.use_paths(fixed)
+    assert model.paths == fixed
+    modules = [m for m in model.modules() if isinstance(m, (FastSamAttention, FastMoE))]
+    assert modules and all(m.paths == fixed for m in modules)
+    cache = model.new_cache(8)
+    assert isinstance(cache, StaticKVCache) and cache.graph is None  # no CUDA graphs off CUDA
+    model.use_paths(None)
+    assert model.paths == choose_paths(torch.device("cpu"), torch.float32)
+
+
+def test_fixed_cpu_paths_give_the_same_tokens_as_the_chosen_ones(tiny_arch):
+    """The GPU's formulations (folded attention, gathered experts, static positioned decode) run
+    on CPU too, and decode the same greedy tokens."""
+    cfg = load(["model=deepseek_ocr_tiny", "mode=tiny", "model.impl=fast"]).model
+    session = DeepSeekOCRSession(cfg, SessionOptions(torch.device("cpu"), torch.float32))
+    session.load()
+    request = session.prepare(None, DEFAULT_PROMPT)
+    session.fit_dummy_weights(request)
+    chosen = session.generate(request, 6).tokens
+    assert isinstance(session.model, FastDeepSeekOCR)
+    session.model.use_paths(FastPaths("folded", "looped", "gathered", "static"))
+    assert session.generate(request, 6).tokens == chosen
+
+
+def test_the_session_records_how_it_ran(tiny_arch):
+    for impl in ("reference", "fast"):
+        cfg = load(["model=deepseek_ocr_tiny", "mode=tiny", f"model.impl={impl}"]).model
+        session = DeepSeekOCRSession(cfg, SessionOptions(torch.device("cpu"), torch.float32))
+        session.load()
+        request = session.prepare(None, DEFAULT_PROMPT)
+        session.generate(request, 3)
+        execution = session.execution()
+        assert execution.impl == impl and execution.cache_len == request.prompt_tokens + 3
+        record = execution.as_dict()
+        if impl == "reference":
+            assert execution.paths is None and record["paths"] is None
+            assert "faithful" in execution.summary()
+        else:
+            assert execution.paths == choose_paths(torch.device("cpu"), torch.float32)
+            assert record["paths"]["sam_attention"] == "blocked" and record["kv_cache_positions"] == execution.cache_len
+            assert "blocked" in execution.summary() and "one by one" in execution.summary()
