@@ -18,9 +18,10 @@ run-tiny:  ## the same job on the reduced model (seconds on a CPU)
 sweep:  ## every resolution mode, one job directory each under outputs/multirun/
 	$(PYTHON) -m llm_perf_opt.run -m mode=tiny,small,base,large,gundam
 
-validate:  ## analytic FLOPs and bytes against counts on the meta-device model, every mode
+validate:  ## analytic FLOPs and bytes (reference and fast) against counts on the meta-device model, every mode
 	$(PYTHON) -m llm_perf_opt.analytic.validate
 	$(PYTHON) -m llm_perf_opt.analytic.validate --bytes
+	$(PYTHON) -m llm_perf_opt.analytic.validate --bytes --impl fast
 
 calibrate:  ## measure this machine's ceilings again (matmul FLOP/s per dtype, copy GB/s)
 	$(PYTHON) -m llm_perf_opt.calibrate --refresh

@@ -302,6 +302,36 @@ def test_routing_is_what_the_experts_received(tiny_arch):
     assert counted[(PREFILL, "run")].kv_write_bytes == s * 2 * lm.num_hidden_layers * lm.hidden_size * 2
 
 
+class ExpertRows:
+    """Rows each routed expert of the reference model receives, per MoE layer, observed with
+    forward pre-hooks (its loop calls every fed expert as a module): a real run's routing."""
+
+    def __init__(self, model) -> None:
+        self._rows = {layer: [0] * len(moe.experts) for layer, moe in model.moe_layers().items()}
+        self._handles = [
+            expert.register_forward_pre_hook(self._hook(layer, e))
+            for layer, moe in model.moe_layers().items()
+            for e, expert in enumerate(moe.experts)
+        ]
+
+    def _hook(self, layer: int, expert: int):
+        def record(module, args) -> None:
+            self._rows[layer][expert] += args[0].shape[0]
+
+        return record
+
+    def take(self) -> tuple[tuple[int, ...], ...]:
+        """Counts per MoE layer since the last take, layers in order."""
+        out = tuple(tuple(self._rows[layer]) for layer in sorted(self._rows))
+        for counts in self._rows.values():
+            counts[:] = [0] * len(counts)
+        return out
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def test_a_real_cpu_run_moves_the_analytic_bytes(tiny_arch, tiny_model):
     """Real kernels (CPU flash attention, real routing) lay tensors out as the meta run assumes.
@@ -325,7 +355,7 @@ def test_a_real_cpu_run_moves_the_analytic_bytes(tiny_arch, tiny_model):
     ids = torch.full((1, s), 100)
     ids[0, 1 : 1 + embeds.shape[0]] = tiny_arch.image_token_id
     cache = m.new_cache(s + 1)
-    experts = validate.ExpertRows(m)
+    experts = ExpertRows(m)
     try:
         m.prefill(ids, embeds, cache)
         prefill_rows = experts.take()
@@ -356,9 +386,26 @@ def test_validate_bytes_passes_on_the_tiny_architecture(tiny_arch, capsys):
 
 def test_the_bytes_flag_runs_the_byte_check(monkeypatch):
     calls = []
-    monkeypatch.setattr(validate, "validate_bytes", lambda cfg, text_tokens: calls.append(text_tokens) or 1)
+    monkeypatch.setattr(validate, "validate_bytes", lambda cfg, text_tokens, impl: calls.append((text_tokens, impl)) or 1)
     assert validate.main(["--bytes", "--text-tokens", "7"]) == 1
-    assert calls == [7]
+    assert validate.main(["--bytes", "--impl", "fast"]) == 1
+    assert calls == [(7, "reference"), (12, "fast")]
+
+
+def test_impl_fast_without_bytes_is_one_line(capsys):
+    assert validate.main(["--impl", "fast"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "--bytes" in err
+
+
+def test_validate_bytes_of_the_fast_paths_passes_on_the_tiny_architecture(tiny_arch, monkeypatch, capsys):
+    two = [case for case in validate.cases() if case.name in ("tiny", "gundam 2x3")]
+    monkeypatch.setattr(validate, "cases", lambda: two)
+    assert validate.validate_bytes(tiny_arch, 12, "fast") == 0
+    out = capsys.readouterr().out
+    for name in validate.META_FAST_PATHS:
+        assert f"paths: {name}" in out
+    assert "PASS" in out and "False" not in out
 
 
 def test_float32_model_agrees_too(tiny_arch, monkeypatch):

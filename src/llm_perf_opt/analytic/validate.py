@@ -16,6 +16,13 @@ The one convention the count adopts from the analytic model: scaled-dot-product 
 one fused kernel that never writes its score matrix (torch decomposes it on meta). The routed
 experts are those the meta run fed, given to the analytic model as observed routing.
 
+With --bytes --impl fast, the same for the fast implementation under each path set of
+META_FAST_PATHS (both SAM attentions, grouped and looped prefill experts, gathered decode
+experts, eager and static decode), the analytic model given the same paths. Two paths read
+values a meta tensor does not have and are checked on real CPU tensors by the tests instead:
+one-by-one decode experts (ids read on the host) and a one-token grouped GEMM (which of its
+groups get rows); so is the CUDA-graph replay, which only exists on CUDA.
+
 FLOP formulas: on meta tensors SDPA decomposes into aten.bmm, which FlopCounterMode counts, so
 no formula is missing there. On real CPU tensors SDPA runs
 aten._scaled_dot_product_flash_attention_for_cpu, which torch (2.13) has no formula for;
@@ -49,6 +56,7 @@ from llm_perf_opt.analytic.families import Cost
 from llm_perf_opt.config import group_options, load
 from llm_perf_opt.errors import UserError
 from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRConfig
+from llm_perf_opt.models.deepseek_ocr.fast.paths import FastPaths
 from llm_perf_opt.models.deepseek_ocr.modes import ModeSpec
 from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord
 from llm_perf_opt.models.deepseek_ocr.stages import (
@@ -131,12 +139,23 @@ def even_split(flat: torch.Tensor, n_experts: int) -> list[int]:
     return [total // n_experts + (e < total % n_experts) for e in range(n_experts)]
 
 
-def build_meta_model(cfg: DeepSeekOCRConfig):
-    """The full-size model on the meta device, in bf16: shapes only."""
-    from llm_perf_opt.models.deepseek_ocr.model import DeepSeekOCR
+#: Path sets of the fast implementation that run on meta tensors, together covering every path
+#: but the value-reading ones (module docstring).
+META_FAST_PATHS = {
+    "blocked SAM, grouped prefill, gathered decode": FastPaths("blocked", "grouped", "gathered", "eager"),
+    "folded SAM, looped prefill, static decode": FastPaths("folded", "looped", "gathered", "static"),
+}
 
-    with torch.device("meta"):
-        model = DeepSeekOCR(cfg).to(torch.bfloat16)
+
+def build_meta_model(cfg: DeepSeekOCRConfig, paths: FastPaths | None = None):
+    """The full-size model on the meta device, in bf16: shapes only. With `paths`, the fast
+    implementation running them."""
+    from llm_perf_opt.models.deepseek_ocr.weights import build_model
+
+    impl = "reference" if paths is None else "fast"
+    model = build_model(cfg, torch.device("meta"), torch.bfloat16, "sdpa", impl=impl)
+    if paths is not None:
+        model.use_paths(paths)
     for moe in model.moe_layers().values():
         moe.count_tokens = even_split
     return model
@@ -267,38 +286,34 @@ def analytic_speed(cfg: DeepSeekOCRConfig, text_tokens: int, decode_steps: int =
 # -- bytes ------------------------------------------------------------------------------------
 
 
-class ExpertRows:
-    """Rows each routed expert receives, per MoE layer, observed with forward pre-hooks.
-
-    On meta tensors the router has no values and the model spreads the T*k assignments evenly;
-    recording what the experts actually receive gives the routing the analytic model must use
-    to read exactly the expert weights the run read.
-    """
+class EvenRouting:
+    """Tokens per routed expert of every MoE forward on meta, where the router has no values:
+    the T*k assignments spread evenly (`even_split`, what the reference's loop feeds its
+    experts there), recorded from each layer's `on_route` so that every implementation's
+    routing is seen, whichever way its experts run. The analytic model gets it as observed
+    routing, so both sides read the same experts."""
 
     def __init__(self, model) -> None:
-        self._rows = {layer: [0] * len(moe.experts) for layer, moe in model.moe_layers().items()}
-        self._handles = [
-            expert.register_forward_pre_hook(self._hook(layer, e))
-            for layer, moe in model.moe_layers().items()
-            for e, expert in enumerate(moe.experts)
-        ]
+        self._layers = model.moe_layers()
+        self._rows: dict[int, list[int]] = {}
+        for layer, moe in self._layers.items():
+            moe.on_route = self._hook(layer, moe.n_experts)
 
-    def _hook(self, layer: int, expert: int):
-        def record(module, args) -> None:
-            self._rows[layer][expert] += args[0].shape[0]
+    def _hook(self, layer: int, n_experts: int):
+        def record(experts: torch.Tensor) -> None:
+            self._rows[layer] = even_split(experts.flatten(), n_experts)
 
         return record
 
     def take(self) -> tuple[tuple[int, ...], ...]:
-        """Counts per MoE layer since the last take, layers in order."""
-        out = tuple(tuple(self._rows[layer]) for layer in sorted(self._rows))
-        for counts in self._rows.values():
-            counts[:] = [0] * len(counts)
+        """Counts per MoE layer of the last forward, layers in order."""
+        out = tuple(tuple(self._rows[layer]) for layer in sorted(self._layers))
+        self._rows = {}
         return out
 
     def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
+        for moe in self._layers.values():
+            moe.on_route = None
 
 
 class ByteStages:
@@ -339,11 +354,11 @@ class ByteStages:
         out = {(stage, RUN): count for stage, count in counts.items()}
         embeds = m.layout(global_feats, tile_feats, case.grid)
         s = embeds.shape[0] + text_tokens
-        cache = m.new_cache(s + DECODE_STEPS)
+        cache = m.new_cache(s + DECODE_STEPS + 1)  # as a run of DECODE_STEPS + 1 new tokens allocates
         kv = cache.keys + cache.values
         ids = torch.empty(1, s, dtype=torch.long, device="meta")
         token = torch.empty(1, 1, dtype=torch.long, device="meta")
-        experts = ExpertRows(m)
+        experts = EvenRouting(m)
         try:
             out[(PREFILL, RUN)], _ = self._count(lambda: m.prefill(ids, embeds, cache), kv)
             prefill_rows = experts.take()
@@ -363,11 +378,16 @@ def _rel(analytic: float, counted: float) -> float:
 
 
 def compare_bytes(
-    cfg: DeepSeekOCRConfig, counter: ByteStages, text_tokens: int, dtype: str = "bfloat16"
+    cfg: DeepSeekOCRConfig,
+    counter: ByteStages,
+    text_tokens: int,
+    dtype: str = "bfloat16",
+    paths: FastPaths | None = None,
 ) -> pd.DataFrame:
     """Analytic bytes vs ByteCounter bytes per case and stage (GB; weights in MB).
 
-    The analytic model gets the routing the meta run took, so both read the same experts.
+    The analytic model gets the routing the meta run took, so both read the same experts, and
+    the fast `paths` the counted model ran (None: the reference).
     `act_err` is the larger relative error of activation reads and writes; weight and KV bytes
     must be equal, exactly (whole numbers of bytes on both sides).
     """
@@ -376,7 +396,7 @@ def compare_bytes(
         counted, routing = counter.case(case, text_tokens)
         model = stage_costs(
             cfg, case.mode, grid=case.grid, text_tokens=text_tokens, decode_steps=DECODE_STEPS,
-            dtype=dtype, routing=routing,
+            dtype=dtype, routing=routing, paths=paths,
         )  # fmt: skip
         totals = model.totals().set_index(["stage", "scope"])
         for (stage, scope), count in counted.items():
@@ -410,17 +430,24 @@ def compare_bytes(
     return pd.DataFrame(rows)
 
 
-def validate_bytes(cfg: DeepSeekOCRConfig, text_tokens: int) -> int:
-    """Print the byte comparison for every case; 0 when every stage agrees, else 1."""
+def validate_bytes(cfg: DeepSeekOCRConfig, text_tokens: int, impl: str = "reference") -> int:
+    """Print the byte comparison for every case (and, for the fast implementation, every path set
+    of META_FAST_PATHS); 0 when every stage agrees, else 1."""
     start = time.perf_counter()
-    table = compare_bytes(cfg, ByteStages(build_meta_model(cfg)), text_tokens)
+    runs = {"reference": None} if impl == "reference" else META_FAST_PATHS
+    tables = {
+        name: compare_bytes(cfg, ByteStages(build_meta_model(cfg, paths)), text_tokens, paths=paths)
+        for name, paths in runs.items()
+    }
     seconds = time.perf_counter() - start
     display = ("display.width", 200, "display.max_rows", None, "display.float_format", "{:.4g}".format)
     with pd.option_context(*display):
         print("Bytes per stage: analytic (families.py, eager op by op) vs ByteCounter on the meta model")
         print(BYTES_NOTE)
-        print(table.to_string(index=False))
-    bad = int((~table["ok"]).sum())
+        for name, table in tables.items():
+            print(f"\nmodel.impl={impl}" + ("" if name == "reference" else f", paths: {name}"))
+            print(table.to_string(index=False))
+    bad = int(sum((~table["ok"]).sum() for table in tables.values()))
     print(f"\nByteCounter on meta: {seconds:.1f} s")
     print(
         f"{'FAIL' if bad else 'PASS'}: {bad} stage(s) differ (total or activation bytes beyond "
@@ -439,13 +466,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--bytes", action="store_true", help="check the analytic bytes (ByteCounter) instead of the FLOPs"
     )
+    parser.add_argument(
+        "--impl", choices=("reference", "fast"), default="reference",
+        help="with --bytes: the implementation whose bytes to check (fast: every path set that runs on meta)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     try:
         if args.text_tokens < 1:
             raise UserError("validate: --text-tokens must be at least 1")
+        if args.impl != "reference" and not args.bytes:
+            raise UserError("validate: --impl fast checks bytes only (add --bytes); the FLOPs are the reference's")
         cfg = DeepSeekOCRConfig()
         if args.bytes:
-            return validate_bytes(cfg, args.text_tokens)
+            return validate_bytes(cfg, args.text_tokens, args.impl)
         seconds = analytic_speed(cfg, args.text_tokens)
         start = time.perf_counter()
         stages = compare(cfg, Counter(build_meta_model(cfg)), args.text_tokens)
