@@ -386,7 +386,9 @@ def test_validate_bytes_passes_on_the_tiny_architecture(tiny_arch, capsys):
 
 def test_the_bytes_flag_runs_the_byte_check(monkeypatch):
     calls = []
-    monkeypatch.setattr(validate, "validate_bytes", lambda cfg, text_tokens, impl: calls.append((text_tokens, impl)) or 1)
+    monkeypatch.setattr(
+        validate, "validate_bytes", lambda cfg, text_tokens, impl: calls.append((text_tokens, impl)) or 1
+    )
     assert validate.main(["--bytes", "--text-tokens", "7"]) == 1
     assert validate.main(["--bytes", "--impl", "fast"]) == 1
     assert calls == [(7, "reference"), (12, "fast")]

@@ -99,7 +99,9 @@ class Execution:
         decode = {
             "eager": "eager steps",
             "static": f"positioned steps over a static {self.cache_len}-position cache",
-            "graph": f"CUDA-graph replays over a static {self.cache_len}-position cache",
+            "graph": f"CUDA-graph replays over a static {self.cache_len}-position cache (with "
+            "profiling.granularity=module the trace pass decodes with the reference's eager steps, "
+            "as forward hooks do not fire in a replay: its decode busy times are of those steps)",
         }[p.decode]
         return (
             f"model.impl=fast: SAM attention {sam}; routed experts {p.moe_prefill} in prefill, "

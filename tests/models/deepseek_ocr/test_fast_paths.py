@@ -15,7 +15,7 @@ from llm_perf_opt.models.deepseek_ocr.fast.paths import BIAS_TILE_ELEMENTS, Fast
 from llm_perf_opt.models.deepseek_ocr.fast.sam import FastSamAttention
 from llm_perf_opt.models.deepseek_ocr.tokenizer import DEFAULT_PROMPT
 from llm_perf_opt.models.interface import SessionOptions
-from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession
+from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession, Execution
 
 
 def test_cpu_takes_the_paths_measured_fastest_there():
@@ -109,3 +109,11 @@ def test_the_session_records_how_it_ran(tiny_arch):
             assert execution.paths == choose_paths(torch.device("cpu"), torch.float32)
             assert record["paths"]["sam_attention"] == "blocked" and record["kv_cache_positions"] == execution.cache_len
             assert "blocked" in execution.summary() and "one by one" in execution.summary()
+
+
+def test_the_record_of_a_gpu_run_says_what_its_trace_shows():
+    execution = Execution("fast", FastPaths("folded", "grouped", "grouped", "graph"), 300)
+    summary = execution.summary()
+    assert "folded" in summary and "CUDA-graph replays over a static 300-position cache" in summary
+    # Module ranges need forward hooks, which a replay does not fire: that trace decodes eagerly.
+    assert "profiling.granularity=module" in summary and "reference's eager steps" in summary
