@@ -260,6 +260,18 @@ def test_verdict_memory_bound_on_cpu():
                     "1.4 of 3.5 ms op time in aten::copy_ (40%)")
 
 
+def test_verdict_above_the_roof_says_the_roof_is_too_low():
+    # CPU roof 30 GB/s: 6e7 B / 3e10 = 2 ms at the roof, measured in 1.6 ms: 125% of the roof,
+    # which no timing noise explains. At 2.05 ms (98%) nothing is added.
+    cpu = make_roof("calibrated", {"fp32": 1e12}, 3e10)
+    row, split = _one(_row("decode", 1.6, 1.5, 1e6, 6e7), cpu, "fp32")
+    text = verdict(row, split, "calibrated", "fp32", device_kind="cpu")
+    assert text.startswith("decode: memory-bound, 125% of the calibrated bandwidth roof (2 ms at the roof); ")
+    assert "above the roof: the ceiling is too low" in text and "calibrate --refresh" in text
+    row, split = _one(_row("decode", 2.05, 2.0, 1e6, 6e7), cpu, "fp32")
+    assert "above the roof" not in verdict(row, split, "calibrated", "fp32", device_kind="cpu")
+
+
 def test_verdict_other_cases():
     row, split = _one(_row("prefill", 10.0, 2.0, 1e9, 6e7), H100_CALIBRATED, "bf16")
     assert verdict(row, split, "calibrated", "bf16", device_kind="cpu").startswith(

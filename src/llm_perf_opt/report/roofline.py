@@ -37,6 +37,8 @@ REQUIRED_COLUMNS = ("stage", "wall_ms", "busy_ms", "flops", "bytes")
 PER_ROOF_COLUMNS = ("ridge", "attainable_tflop_s", "roofline_ms", "pct_roof_wall", "pct_roof_busy", "bound")
 SPLIT_COLUMNS = ("stage", "wall_ms", "busy_ms", "roofline_ms", "above_roof_ms", "host_ms", "unsplit_ms", "overlap_ms")
 
+# Above this % of a roof over wall time, timing noise cannot explain it: the roof is too low.
+ABOVE_ROOF_PCT = 105.0
 # A stage is host-bound when the device is idle for more than this share of its wall time.
 HOST_BOUND_SHARE = 0.5
 # Longer kernel names (templated CUDA kernels run to hundreds of characters) are cut in verdicts.
@@ -201,7 +203,8 @@ def verdict(
        roofline time;
     4. otherwise compute- or memory-bound, by the roof's ``bound``, with the % of that roof over
        the wall time (the dtype is named for the compute roof only; bandwidth does not depend
-       on it) and, without a trace, a note that host time is unknown.
+       on it), what it means when that is above :data:`ABOVE_ROOF_PCT`, and, without a trace,
+       a note that host time is unknown.
 
     Then, when given: ``launches`` kernel launches (op calls on a CPU) and ``top_ops``, pairs of
     (name, ms) of which the longest is named with its share of the busy time. With ``steps``
@@ -241,6 +244,12 @@ def verdict(
         roof_name = f"{roof_label} {dtype} compute" if bound == "compute" else f"{roof_label} bandwidth"
         each = " a step" if per_step else ""
         parts.append(f"{bound}-bound, {_pct(pct)} of the {roof_name} roof ({_ms(roof_ms)} ms{each} at the roof)")
+        if pct > ABOVE_ROOF_PCT:
+            parts.append(
+                "above the roof: the ceiling is too low for this stage (a calibration on a busy machine: "
+                "`python -m llm_perf_opt.calibrate --refresh` when idle) or it moves less than the "
+                "analytic count (cache reuse)"
+            )
         if math.isnan(busy):
             parts.append(f"no trace, so {'GPU' if device_kind == 'cuda' else 'host'} idle time unknown")
 
