@@ -843,6 +843,16 @@ def _index_add_sum(tokens: float, pairs: float, hidden: int) -> Cost:
     return weighted + summed
 
 
+def _pair_weights(pairs: float) -> Cost:
+    """The P fp32 routing weights gathered into expert order by their int64 order."""
+    return Cost(act_read_bytes=pairs * (FP32 + INDEX_BYTES), act_write_bytes=pairs * FP32)
+
+
+def _one_token_sum(pairs: float, hidden: int) -> Cost:
+    """One token's weighted sum of its P fp32 expert outputs as a [1, P] x [P, h] product."""
+    return Cost(act_read_bytes=pairs * (hidden + 1) * FP32, act_write_bytes=hidden * FP32)
+
+
 def _fused_experts(pairs: float, hidden: int, intermediate: int, b: int, x_read: float) -> Cost:
     """Activation bytes of P rows through SwiGLU experts whose gate and up products are one
     product ([P, h] -> [P, 2I]; it reads the rows `x_read` bytes), then silu(gate) * up (read
@@ -859,9 +869,8 @@ def _looped_around_experts(tokens: float, pairs: float, hidden: int, b: int) -> 
         + Cost(act_read_bytes=ids, act_write_bytes=ids)
         + Cost(act_read_bytes=tokens * hidden * b + ids, act_write_bytes=pairs * hidden * b)
     )
-    weights = Cost(act_read_bytes=pairs * (FP32 + INDEX_BYTES), act_write_bytes=pairs * FP32)
     cat = Cost(act_read_bytes=pairs * hidden * b, act_write_bytes=pairs * hidden * b)
-    combine = cat + _cast(pairs * hidden, b, FP32) + weights
+    combine = cat + _cast(pairs * hidden, b, FP32) + _pair_weights(pairs)
     return dispatch + combine + _index_add_sum(tokens, pairs, hidden)
 
 
@@ -881,21 +890,15 @@ def _grouped_around_experts(tokens: float, pairs: float, hidden: int, n_experts:
     else:
         gather = min(tokens, pairs) * hidden * b
         rows = token_of + Cost(act_read_bytes=gather + ids, act_write_bytes=pairs * hidden * b)
-    weights = Cost(act_read_bytes=pairs * (FP32 + INDEX_BYTES), act_write_bytes=pairs * FP32)
     cast = _cast(pairs * hidden, b, FP32)
-    if tokens == 1:
-        combine = Cost(act_read_bytes=pairs * (hidden + 1) * FP32, act_write_bytes=hidden * FP32)
-    else:
-        combine = token_of + _index_add_sum(tokens, pairs, hidden)
-    return groups + rows + weights + cast + combine
+    combine = _one_token_sum(pairs, hidden) if tokens == 1 else token_of + _index_add_sum(tokens, pairs, hidden)
+    return groups + rows + _pair_weights(pairs) + cast + combine
 
 
 def _one_token_around_experts(top_k: int, hidden: int, intermediate: int, b: int, *, gathered: bool) -> Cost:
     """What one token's k experts move besides their SwiGLUs (moe_parts, gathered / one_by_one)."""
     outputs = top_k * hidden
-    combine = _cast(outputs, b, FP32) + Cost(
-        act_read_bytes=top_k * FP32 + outputs * FP32, act_write_bytes=hidden * FP32
-    )
+    combine = _cast(outputs, b, FP32) + _one_token_sum(top_k, hidden)
     if not gathered:
         return Cost(act_read_bytes=outputs * b, act_write_bytes=outputs * b) + combine
     copy = 3 * top_k * hidden * intermediate * b  # written by the gathers, read by the matmuls
