@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-import pytest
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
-from llm_perf_opt.config import RunConfig, compose, group_options, load, one_line, validate
+import pytest
+from hydra.core.config_store import ConfigStore
+from hydra_plugins.llm_perf_opt_presets.presets import PACKAGED_DIR, is_packaged_conf
+
+from llm_perf_opt.config import ModelConfig, RunConfig, compose, group_options, load, one_line, validate
 from llm_perf_opt.errors import UserError
 from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRConfig, DeepSeekOCRModelConfig
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_are_typed():
@@ -100,3 +108,57 @@ def test_validate_is_where_post_init_checks_run():
     cfg = compose(["profiling.repeats=0"])  # composing accepts it: the type is right
     with pytest.raises(UserError, match="profiling.repeats"):
         validate(cfg)
+
+
+def test_the_default_mode_is_the_base_option():
+    """Without `mode=...` a DeepSeek-OCR run gets conf/mode/base.yaml, the same values as asking for it."""
+    assert load().model.mode == load(["mode=base"]).model.mode
+
+
+@dataclass
+class _ModelWithoutModes(ModelConfig):
+    session: ClassVar[str] = "unused.Session"
+    analytic: ClassVar[str] = "unused.Analytic"
+
+
+@pytest.fixture
+def model_without_modes():
+    store = ConfigStore.instance()
+    store.store(group="model", name="without_modes", node=_ModelWithoutModes(name="without_modes"))
+    yield
+    del store.repo["model"]["without_modes.yaml"]
+
+
+def test_a_model_without_resolution_modes_composes(model_without_modes):
+    """The root config names no mode: a model that has none composes with no `~mode`."""
+    run = load(["model=without_modes"])
+    assert isinstance(run.model, _ModelWithoutModes) and not hasattr(run.model, "mode")
+    with pytest.raises(UserError, match="mode"):  # its config has no place for one
+        load(["model=without_modes", "mode=gundam"])
+
+
+PRESETS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+
+
+def test_the_checkout_presets_are_on_the_search_path(monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert PRESETS == ["gpu", "nightly_cpu", "nightly_gpu"]
+    assert group_options("experiment") == PRESETS
+    cfg = compose(["+experiment=nightly_cpu"], return_hydra_config=True)
+    assert (cfg.model.name, cfg.device, cfg.profiling.repeats) == ("deepseek_ocr_tiny", "cpu", 5)
+    assert cfg.hydra.sweeper.params == {"mode": "tiny,small,base,large,gundam"}
+    gpu = load(["+experiment=gpu", "mode=gundam"])
+    assert (gpu.model.name, gpu.device, gpu.dtype, gpu.model.mode.name) == ("deepseek_ocr", "cuda", "bfloat16", "gundam")
+
+
+def test_without_a_conf_dir_there_are_no_presets_and_no_warning(monkeypatch, tmp_path, recwarn):
+    monkeypatch.chdir(tmp_path)
+    assert group_options("experiment") == []
+    assert load().model.name == "deepseek_ocr"
+    assert not [w for w in recwarn if "search" in str(w.message).lower()]
+
+
+def test_the_presets_plugin_recognises_only_the_packaged_config():
+    assert is_packaged_conf("pkg://llm_perf_opt.conf")
+    assert is_packaged_conf(str(PACKAGED_DIR)) and is_packaged_conf(f"file://{PACKAGED_DIR}")
+    assert not is_packaged_conf("pkg://some_other_app.conf") and not is_packaged_conf("/some/other/app/conf")

@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
-from omegaconf import MISSING
 
 from llm_perf_opt.config import ModelConfig
 from llm_perf_opt.errors import UserError
@@ -226,7 +225,9 @@ class DeepSeekOCRModelConfig(ModelConfig):
     attn_impl: str = "sdpa"  # sdpa | eager | flash_attn
     impl: str = "reference"  # reference (faithful to the official code) | fast (models/deepseek_ocr/fast)
     arch: DeepSeekOCRConfig = field(default_factory=DeepSeekOCRConfig)
-    mode: ModeSpec = MISSING
+    # The mode a run gets without `mode=...`: conf/mode/base.yaml's values (a test keeps them equal).
+    # The root config names no mode, so a model without resolution modes composes as it is.
+    mode: ModeSpec = field(default_factory=lambda: ModeSpec(name="base", base_size=1024, image_size=1024, crop_mode=False))
 
     def __post_init__(self) -> None:
         if self.attn_impl not in BACKENDS:
