@@ -191,6 +191,17 @@ def test_footprint_of_the_fast_paths():
     assert sam["transient_bytes"] == 4096 * 3072 * 4 and "MLP" in sam["transient"]
 
 
+def test_the_fast_paths_reference_formulations_cost_what_the_reference_does():
+    """SAM attention "reference" and "looped" decode experts are the released code's ways: the
+    fast model taking them moves the reference's bytes in SAM and decode."""
+    workload = run("base", dtype="float32").workload
+    faithful = FastPaths("reference", "looped", "looped", "eager", "plain")
+    assert memory.footprint(CFG, workload, faithful).table.equals(memory.footprint(CFG, workload).table)
+    fast, reference = run("base", paths=faithful), run("base")
+    for stage in (SAM, DECODE):
+        assert fast.total(stage) == reference.total(stage)
+
+
 def test_fast_decode_over_a_static_cache_reads_all_of_it():
     """A positioned step reads K and V of every position of the static cache, visible or not:
     12 layers x 2 x 1280 x 2 B = 61,440 B per position, so 61,440 x (285 + 100) per step

@@ -135,7 +135,7 @@ def sam_costs(sam: SamConfig, size: int, batch: int, dtype: object, paths: FastP
 
     The position table and the global blocks' rel-pos tables are built for img_size; other view
     sizes resize them every forward. The attention applies its rel-pos bias as the fast `paths`
-    do (blocked or folded), or materialised as the reference does (None).
+    do (blocked or folded), or materialised as the reference does (None, or "reference").
     """
     if size % sam.patch_size:
         raise ValueError(f"sam: view size {size} is not a multiple of the patch size {sam.patch_size}")
@@ -151,7 +151,7 @@ def sam_costs(sam: SamConfig, size: int, batch: int, dtype: object, paths: FastP
         window = 0 if i in sam.global_attn_indexes else sam.window_size
         side = window or g
         bias = {"bias": "materialised"}
-        if paths is not None:
+        if paths is not None and paths.sam_attention != "reference":
             groups = batch * math.ceil(g / side) ** 2
             rows = tile_rows(groups, sam.heads, side, side, paths.bias_tile_elements)
             bias = {"bias": paths.sam_attention, "tile_rows": rows, "align": FOLDED_ALIGN}

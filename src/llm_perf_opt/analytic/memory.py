@@ -118,7 +118,7 @@ def _sam_transients(
         ("MLP hidden [B, N, 4d]", batch * g * g * sam.mlp_ratio * d * b),
     ]
     attention = [("global", batch, g), (f"window {w}x{w}", batch * windows, w)]
-    if paths is None:
+    if paths is None or paths.sam_attention == "reference":
         return common + [
             (f"{kind} rel-pos bias [G*heads, k^2, k^2]", n * sam.heads * k**4 * b) for kind, n, k in attention
         ]

@@ -17,8 +17,8 @@ one fused kernel that never writes its score matrix (torch decomposes it on meta
 experts are those the meta run fed, given to the analytic model as observed routing.
 
 With --bytes --impl fast, the same for the fast implementation under each path set of
-META_FAST_PATHS (both SAM attentions, grouped and looped prefill experts, gathered decode
-experts, eager and static decode), the analytic model given the same paths. Two paths read
+META_FAST_PATHS (every SAM attention, grouped and looped prefill experts, gathered and looped
+decode experts, eager and static decode), the analytic model given the same paths. Two paths read
 values a meta tensor does not have and are checked on real CPU tensors by the tests instead:
 one-by-one decode experts (ids read on the host) and a one-token grouped GEMM (which of its
 groups get rows); so is the CUDA-graph replay, which only exists on CUDA.
@@ -144,6 +144,7 @@ def even_split(flat: torch.Tensor, n_experts: int) -> list[int]:
 META_FAST_PATHS = {
     "blocked SAM, grouped prefill, gathered decode": FastPaths("blocked", "grouped", "gathered", "eager"),
     "folded SAM, looped prefill, static decode": FastPaths("folded", "looped", "gathered", "static"),
+    "the reference's formulations": FastPaths("reference", "looped", "looped", "eager", "plain"),
 }
 
 

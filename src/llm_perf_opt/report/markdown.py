@@ -215,7 +215,9 @@ def _execution_lines(record: dict) -> list[str]:
     execution = record.get("execution")
     if not execution:
         return []
-    return [f"- implementation: {execution['summary']} (the analytic bytes are those of these paths)"]
+    lines = [f"- implementation: {execution['summary']} (the analytic bytes are those of these paths)"]
+    notes = execution.get("notes") or []
+    return lines + ([f"- {notes[0]}:"] + [f"  - {note}" for note in notes[1:]] if notes else [])
 
 
 def _calls(calls: float) -> str:

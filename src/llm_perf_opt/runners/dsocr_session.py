@@ -28,6 +28,7 @@ from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRConfig, DeepSeekO
 from llm_perf_opt.models.deepseek_ocr.families import module_families
 from llm_perf_opt.models.deepseek_ocr.fast import FastDeepSeekOCR
 from llm_perf_opt.models.deepseek_ocr.fast.paths import FastPaths
+from llm_perf_opt.models.deepseek_ocr.fast.tuning import TunedPaths, tune_paths
 from llm_perf_opt.models.deepseek_ocr.model import DeepSeekOCR
 from llm_perf_opt.models.deepseek_ocr.modes import ModeSpec
 from llm_perf_opt.models.deepseek_ocr.preprocess import SAMPLE_PAGE, ImageViews, load_image, preprocess_image
@@ -78,21 +79,26 @@ class Request:
 @dataclass(frozen=True)
 class Execution:
     """How DeepSeek-OCR ran: the implementation, the fast paths it took on this device and
-    dtype (None for the reference), and the positions of the KV cache it allocated."""
+    dtype (None for the reference) and how they were chosen, and the positions of the KV cache
+    it allocated."""
 
     impl: str
     paths: FastPaths | None
     cache_len: int
+    tuned: TunedPaths | None = None
 
     def as_dict(self) -> dict[str, Any]:
         paths = None if self.paths is None else self.paths.as_dict()
-        return {"impl": self.impl, "paths": paths, "kv_cache_positions": self.cache_len}
+        choice = None if self.tuned is None else {k: v for k, v in self.tuned.as_dict().items() if k != "paths"}
+        return {"impl": self.impl, "paths": paths, "path_choice": choice, "kv_cache_positions": self.cache_len,
+                "notes": [] if self.tuned is None else self.tuned.notes()}  # fmt: skip
 
     def summary(self) -> str:
         if self.paths is None:
             return "model.impl=reference: the faithful implementation, op for op as released"
         p = self.paths
         sam = {
+            "reference": "with the reference's materialised bias",
             "blocked": f"blocked over query tiles (bias tiles of at most {p.bias_tile_elements:,} elements)",
             "folded": "folded into the dot product (no N×N bias)",
         }[p.sam_attention]
@@ -103,9 +109,10 @@ class Execution:
             "profiling.granularity=module the trace pass decodes with the reference's eager steps, "
             "as forward hooks do not fire in a replay: its decode busy times are of those steps)",
         }[p.decode]
+        linear = {"split": "split into row blocks", "plain": "as F.linear"}[p.linear]
         return (
             f"model.impl=fast: SAM attention {sam}; routed experts {p.moe_prefill} in prefill, "
-            f"{p.moe_decode.replace('_', ' ')} in decode; decode as {decode}"
+            f"{p.moe_decode.replace('_', ' ')} in decode; decode as {decode}; one-token products {linear}"
         )
 
 
@@ -141,6 +148,7 @@ class DeepSeekOCRSession(ModelSession):
         self._model: DeepSeekOCR | None = None
         self._fitted_to: tuple | None = None
         self._cache_len = 0
+        self._tuned: TunedPaths | None = None
 
     # -- the interface -----------------------------------------------------------------------
     def prepare(self, image: str | Path | None, prompt: str) -> Request:
@@ -181,6 +189,10 @@ class DeepSeekOCRSession(ModelSession):
             self._model = dummy_model(self.arch, device, dtype, self.backend, seed=self.options.seed, impl=impl)
         else:
             self._model = load_checkpoint(self.checkpoint, device, dtype, self.backend, impl=impl)
+        if isinstance(self._model, FastDeepSeekOCR):
+            paths = self.cfg.paths
+            self._tuned = tune_paths(self._model, self.cfg.mode, paths.forced(), refresh=paths.refresh)
+            self._model.use_paths(self._tuned.paths)
 
     @torch.inference_mode()
     def generate(self, request: Request, max_new_tokens: int) -> Result:
@@ -224,7 +236,7 @@ class DeepSeekOCRSession(ModelSession):
     def execution(self) -> Execution:
         model = self.model
         paths = model.paths if isinstance(model, FastDeepSeekOCR) else None
-        return Execution(self.cfg.impl, paths, self._cache_len)
+        return Execution(self.cfg.impl, paths, self._cache_len, self._tuned)
 
     # -- the stages, usable one by one ------------------------------------------------------------
     @property

@@ -18,11 +18,11 @@ from llm_perf_opt.models.interface import SessionOptions
 from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession, Execution
 
 
-def test_cpu_takes_the_paths_measured_fastest_there():
+def test_cpu_guesses_the_paths_measured_fastest_on_one_zen_4():
     for dtype in (torch.float32, torch.bfloat16):
         paths = choose_paths(torch.device("cpu"), dtype)
-        assert (paths.sam_attention, paths.moe_prefill, paths.moe_decode, paths.decode) == (
-            "blocked", "grouped", "one_by_one", "eager",
+        assert (paths.sam_attention, paths.moe_prefill, paths.moe_decode, paths.decode, paths.linear) == (
+            "blocked", "grouped", "one_by_one", "eager", "split",
         )  # fmt: skip
 
 
@@ -38,7 +38,8 @@ def test_meta_stands_in_for_a_gpu_with_the_grouped_kernel_in_bf16_only():
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("sam_attention", "dense"), ("moe_prefill", "one_by_one"), ("moe_decode", "looped"), ("decode", "lazy")],
+    [("sam_attention", "dense"), ("moe_prefill", "one_by_one"), ("moe_decode", "loopy"), ("decode", "lazy"),
+     ("linear", "fused")],
 )
 def test_an_unknown_path_is_refused(field, value):
     paths = {"sam_attention": "blocked", "moe_prefill": "grouped", "moe_decode": "grouped", "decode": "eager"}
@@ -106,9 +107,15 @@ def test_the_session_records_how_it_ran(tiny_arch):
             assert execution.paths is None and record["paths"] is None
             assert "faithful" in execution.summary()
         else:
-            assert execution.paths == choose_paths(torch.device("cpu"), torch.float32)
-            assert record["paths"]["sam_attention"] == "blocked" and record["kv_cache_positions"] == execution.cache_len
-            assert "blocked" in execution.summary() and "one by one" in execution.summary()
+            # The paths measured fastest here at load, each choice with its candidates' times.
+            assert execution.tuned is not None and execution.paths == execution.tuned.paths
+            assert record["paths"] == execution.paths.as_dict() and record["kv_cache_positions"] == execution.cache_len
+            fields = [c["field"] for c in record["path_choice"]["choices"]]
+            assert sorted(fields) == ["decode", "linear", "moe_decode", "moe_prefill", "sam_attention"]
+            assert len(record["notes"]) == 1 + len(fields)
+            sam_words = {"reference": "with the reference's materialised bias", "blocked": "blocked over query tiles", "folded": "folded"}
+            assert f"SAM attention {sam_words[execution.paths.sam_attention]}" in execution.summary()
+            assert "one-token products" in execution.summary()
 
 
 def test_the_record_of_a_gpu_run_says_what_its_trace_shows():
@@ -117,3 +124,27 @@ def test_the_record_of_a_gpu_run_says_what_its_trace_shows():
     assert "folded" in summary and "CUDA-graph replays over a static 300-position cache" in summary
     # Module ranges need forward hooks, which a replay does not fire: that trace decodes eagerly.
     assert "profiling.granularity=module" in summary and "reference's eager steps" in summary
+
+
+def test_the_reference_formulations_of_each_choice_are_the_reference(tiny_arch):
+    """Each choice's "reference" option runs the released code's way: SAM's materialised bias
+    and the experts' loop give the reference model's values exactly; plain one-token products
+    are F.linear itself."""
+    cfg = load(["model=deepseek_ocr_tiny", "mode=tiny"]).model
+    reference = weights.dummy_model(tiny_arch, "cpu", torch.float32, seed=3)
+    fast = weights.dummy_model(tiny_arch, "cpu", torch.float32, seed=3, impl="fast")
+    fast.use_paths(FastPaths("reference", "looped", "looped", "eager", "plain"))
+    session = DeepSeekOCRSession(cfg, SessionOptions(torch.device("cpu"), torch.float32))
+    pixels = session.prepare(None, DEFAULT_PROMPT).views.global_view
+    with torch.inference_mode():
+        assert torch.equal(fast.sam(pixels), reference.sam(pixels))
+        ids = torch.randint(0, tiny_arch.lm.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
+        ids[ids == tiny_arch.image_token_id] = 0
+        no_image = torch.zeros(0, tiny_arch.lm.hidden_size)
+        expected = reference.prefill(ids, no_image, reference.new_cache(12))
+        fast_cache = fast.new_cache(12)
+        assert torch.equal(fast.prefill(ids, no_image, fast_cache), expected)
+        step = fast.decode_step(ids[:, :1], fast_cache)
+        reference_cache = reference.new_cache(12)
+        reference.prefill(ids, no_image, reference_cache)
+        assert torch.equal(step, reference.decode_step(ids[:, :1], reference_cache))

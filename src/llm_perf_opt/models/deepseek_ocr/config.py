@@ -216,6 +216,33 @@ def to_official_json(cfg: DeepSeekOCRConfig) -> dict:
 
 
 @dataclass
+class PathsConfig:
+    """`model.paths`: how model.impl=fast picks each formulation (fast/paths.py). "auto" times
+    the candidates on this device at load and takes the fastest (fast/tuning.py, cached beside
+    the calibration); an option name forces it, e.g. `model.paths.linear=plain`."""
+
+    sam_attention: str = "auto"  # auto | reference | blocked | folded
+    moe_prefill: str = "auto"  # auto | grouped | looped
+    moe_decode: str = "auto"  # auto | one_by_one | grouped | gathered | looped
+    decode: str = "auto"  # auto | eager | static | graph (CUDA)
+    linear: str = "auto"  # auto | split | plain
+    refresh: bool = False  # measure again instead of reading the cache
+
+    def __post_init__(self) -> None:
+        from .fast.paths import OPTIONS  # here, not at the top: fast/ imports this module
+
+        for name, options in OPTIONS.items():
+            if getattr(self, name) not in ("auto", *options):
+                raise UserError(
+                    f"config: model.paths.{name}={getattr(self, name)!r} is not one of auto, {', '.join(options)}"
+                )
+
+    def forced(self) -> dict[str, str]:
+        """The choices fixed by the user (FastPaths field → option)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "refresh" and getattr(self, f.name) != "auto"}
+
+
+@dataclass
 class DeepSeekOCRModelConfig(ModelConfig):
     """The `model` node of a DeepSeek-OCR run (conf/model/deepseek_ocr*.yaml, conf/mode/*.yaml)."""
 
@@ -224,6 +251,7 @@ class DeepSeekOCRModelConfig(ModelConfig):
 
     attn_impl: str = "sdpa"  # sdpa | eager | flash_attn
     impl: str = "reference"  # reference (faithful to the official code) | fast (models/deepseek_ocr/fast)
+    paths: PathsConfig = field(default_factory=PathsConfig)  # model.impl=fast only
     arch: DeepSeekOCRConfig = field(default_factory=DeepSeekOCRConfig)
     # The mode a run gets without `mode=...`: conf/mode/base.yaml's values (a test keeps them equal).
     # The root config names no mode, so a model without resolution modes composes as it is.

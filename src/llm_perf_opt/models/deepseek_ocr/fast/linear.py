@@ -7,7 +7,9 @@ thread as with two. The same product as W·x, split into SPLIT blocks of rows an
 bmm ([SPLIT, N/SPLIT, K] x [SPLIT, K, 1]: SPLIT matrix-vector products that PyTorch spreads
 over its threads) streamed 20-28 GB/s, where the machine reads about 29 GB/s. The sums run in
 another order than F.linear's (differences in the last bits). In bf16 the split was no faster
-than F.linear (which uses oneDNN there), so only fp32 takes it.
+than F.linear (which uses oneDNN there), so only fp32 takes it. On an Intel Xeon with AMX
+the split was 1.8x slower than F.linear in fp32: `paths.FastPaths.linear` picks one, measured
+on the machine at hand (`tuning`).
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from torch import nn
 SPLIT = 2
 
 
-def matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x [..., K] · weightᵀ → [..., N] for weight [N, K]; the split product where x holds a
-    single row on CPU in fp32 (see the module docstring), F.linear otherwise."""
+def matvec(weight: torch.Tensor, x: torch.Tensor, split: bool = True) -> torch.Tensor:
+    """x [..., K] · weightᵀ → [..., N] for weight [N, K]; with `split`, the split product where
+    x holds a single row on CPU in fp32 (see the module docstring), F.linear otherwise."""
     n, k = weight.shape
     if (
-        x.device.type != "cpu"
+        not split
+        or x.device.type != "cpu"
         or weight.dtype != torch.float32
         or x.numel() != k
         or n % SPLIT
@@ -37,12 +40,15 @@ def matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class FastLinear(nn.Linear):
-    """A bias-free nn.Linear whose one-token forward is `matvec` (CPU, fp32); otherwise F.linear."""
+    """A bias-free nn.Linear whose one-token forward is `matvec` (CPU, fp32, while `split`);
+    otherwise F.linear."""
+
+    split = True  # FastPaths.linear == "split"; set by FastDeepSeekOCR.use_paths
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bias is not None:
             return super().forward(x)
-        return matvec(self.weight, x)
+        return matvec(self.weight, x, self.split)
 
 
 def use_fast_linears(root: nn.Module) -> None:

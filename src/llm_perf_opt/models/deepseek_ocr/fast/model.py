@@ -76,6 +76,8 @@ class FastDeepSeekOCR(DeepSeekOCR):
         for module in self.modules():
             if isinstance(module, (FastSamAttention, FastMoE)):
                 module.paths = paths
+            elif isinstance(module, FastLinear):
+                module.split = paths is None or paths.linear == "split"
 
     def to_empty(self, *, device, recurse: bool = True) -> FastDeepSeekOCR:
         """Uninitialised storage on `device`, allocated once: each MoE layer's stacked expert

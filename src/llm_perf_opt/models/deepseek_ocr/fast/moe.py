@@ -21,8 +21,8 @@ Four ways to run the experts (`paths.FastPaths`), picked per call by `paths.choo
 * one by one (one token on CPU): the k expert ids are read on the host, which on a CPU costs
   no device sync, and each expert runs as two `linear.matvec` products on its slices of the
   stacks (CPU's grouped GEMM runs each group as a single-threaded GEMM, half the bandwidth).
-* looped (prefill on CUDA without the grouped kernel): the reference's per-expert loop, which
-  reads the counts on the host once per layer.
+* looped: the reference's per-expert loop, which reads the counts on the host once per layer
+  (prefill on CUDA without the grouped kernel, or wherever it measures fastest).
 
 The weighted sum over the k experts stays in fp32 as in the reference; for one token it is a
 [1, k] x [k, d] product instead of an `index_add_` into a zeroed buffer.
@@ -101,15 +101,15 @@ class FastMoE(MoE):
 
     def one_by_one(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """One token [1, d] on CPU: the k chosen experts in turn, ids read on the host."""
+        split = (self.paths or choose_paths(x.device, x.dtype)).linear == "split"
         outs = [
-            matvec(self.down_weight[e], _swiglu(matvec(self.gate_up_weight[e], x)))
+            matvec(self.down_weight[e], _swiglu(matvec(self.gate_up_weight[e], x, split)), split)
             for e in experts[0].tolist()
         ]  # k x [1, d]
         return weights.float() @ torch.cat(outs).float()
 
     def looped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """The reference's per-expert loop (counts read on the host), for prefill where no grouped
-        GEMM runs without a sync."""
+        """The reference's per-expert loop (counts read on the host)."""
         return super().routed(x, weights, experts)
 
 

@@ -1,10 +1,14 @@
-"""Which formulation each fast module runs: decided here, by device and dtype, in one place.
+"""Which formulation each fast module runs, in one place.
 
-The fast modules ask `choose_paths` on every call (or follow the paths a caller fixed with
-`FastDeepSeekOCR.use_paths`), the session records the choice in run.json, and the analytic
-model costs the bytes of exactly these paths (`analytic.deepseek_ocr.stage_costs(paths=...)`).
-The paths differ in what they move, not in what they compute: the analytic FLOPs are the
-reference's whichever path runs.
+`choose_paths` is the guess by device type and dtype, used where nothing was measured (the
+meta device of the analytic checks, a module run on its own). A session measures the
+candidates on its device instead (`tuning.tune_paths`) and fixes the winners with
+`FastDeepSeekOCR.use_paths`; it records them in run.json, and the analytic model costs the
+bytes of exactly these paths (`analytic.deepseek_ocr.stage_costs(paths=...)`). The paths differ
+in what they move, not in what they compute: the analytic FLOPs are the reference's whichever
+path runs. Every choice includes the reference's own formulation ("reference" SAM attention,
+"looped" experts, "eager" decode, "plain" linears), so a machine where no fast formulation
+wins runs the reference's way.
 """
 
 from __future__ import annotations
@@ -16,10 +20,19 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-SAM_ATTENTION = ("blocked", "folded")
+SAM_ATTENTION = ("reference", "blocked", "folded")
 MOE_PREFILL = ("grouped", "looped")
-MOE_DECODE = ("grouped", "gathered", "one_by_one")
+MOE_DECODE = ("grouped", "gathered", "one_by_one", "looped")
 DECODE = ("eager", "static", "graph")
+LINEAR = ("split", "plain")
+#: Each choice's options, by FastPaths field.
+OPTIONS = {
+    "sam_attention": SAM_ATTENTION,
+    "moe_prefill": MOE_PREFILL,
+    "moe_decode": MOE_DECODE,
+    "decode": DECODE,
+    "linear": LINEAR,
+}
 
 #: Largest bias tile of the blocked SAM attention, in elements (256 MiB in fp32; a third of base
 #: mode's global bias). Measured on a 2-core Zen 4 in fp32: tiles of 2^23, 2^24, 2^25, 2^26
@@ -33,32 +46,31 @@ FOLDED_ALIGN = 8
 
 @dataclass(frozen=True)
 class FastPaths:
-    """How the fast implementation runs its three parts that have more than one formulation.
+    """How the fast implementation runs its parts that have more than one formulation.
 
-    sam_attention: "blocked" (query tiles of at most `bias_tile_elements` bias elements) or
-        "folded" (the bias folded into a widened dot product; nothing N x N is written);
+    sam_attention: "reference" (the bias materialised, as released), "blocked" (query tiles of
+        at most `bias_tile_elements` bias elements) or "folded" (the bias folded into a widened
+        dot product; nothing N x N is written);
     moe_prefill, moe_decode: how the routed experts run for many tokens and for one:
         "grouped" (two grouped GEMMs over expert-sorted rows), "gathered" (the chosen experts'
         weights copied, then batched matmuls), "one_by_one" (ids read on the host, one
         matrix-vector product per expert) or "looped" (the reference's loop);
     decode: "eager" (the reference's decode step), "static" (positioned steps over a static
         cache, attending over all of it through a mask) or "graph" (those steps replayed from
-        a CUDA graph, each returning a copy of the graph's logits).
+        a CUDA graph, each returning a copy of the graph's logits);
+    linear: the language model's one-token products on CPU in fp32: "split" (row blocks as one
+        bmm, `linear.matvec`) or "plain" (F.linear, as the reference).
     """
 
     sam_attention: str
     moe_prefill: str
     moe_decode: str
     decode: str
+    linear: str = "split"
     bias_tile_elements: int = BIAS_TILE_ELEMENTS
 
     def __post_init__(self) -> None:
-        for name, options in (
-            ("sam_attention", SAM_ATTENTION),
-            ("moe_prefill", MOE_PREFILL),
-            ("moe_decode", MOE_DECODE),
-            ("decode", DECODE),
-        ):
+        for name, options in OPTIONS.items():
             if getattr(self, name) not in options:
                 raise ValueError(f"fast paths: {name} must be one of {', '.join(options)}, not {getattr(self, name)!r}")
         if self.bias_tile_elements < 1:
@@ -88,14 +100,17 @@ def grouped_mm_without_sync(device: torch.device, dtype: torch.dtype) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def choose_paths(device: torch.device, dtype: torch.dtype) -> FastPaths:
-    """The fastest paths here. CPU: blocked SAM attention (folding triples QK's multiply-adds,
-    1.6x slower on a 2-core CPU), grouped prefill experts, one-by-one decode experts (host reads
-    cost no sync; CPU's grouped GEMM runs each group single-threaded), eager decode. CUDA (and
-    meta, which stands in for it in tests): folded SAM attention, grouped experts where
-    `grouped_mm_without_sync`, otherwise gathered in decode and looped in prefill, and decode
-    replayed from a CUDA graph (static steps on meta, which has no graphs)."""
+    """The guess where nothing was measured, from one 2-core Zen 4 CPU and the CUDA kernels'
+    constraints. CPU: blocked SAM attention (folding triples QK's multiply-adds, 1.6x slower
+    there), grouped prefill experts, one-by-one decode experts (host reads cost no sync; CPU's
+    grouped GEMM runs each group single-threaded), eager decode, split one-token products.
+    Other CPUs differ (on an Intel Xeon with AMX the split products are 1.8x slower than
+    F.linear), which is why sessions measure (`tuning.tune_paths`). CUDA (and meta, which stands
+    in for it in tests): folded SAM attention, grouped experts where `grouped_mm_without_sync`,
+    otherwise gathered in decode and looped in prefill, and decode replayed from a CUDA graph
+    (static steps on meta, which has no graphs)."""
     if device.type == "cpu":
-        return FastPaths("blocked", "grouped", "one_by_one", "eager")
+        return FastPaths("blocked", "grouped", "one_by_one", "eager", "split")
     grouped = grouped_mm_without_sync(device, dtype)
     return FastPaths(
         "folded",

@@ -107,18 +107,20 @@ def folded_attention(
 
 class FastSamAttention(SamAttention):
     """SAM attention with the relative-position bias applied without the [B, heads, N, N] tensor:
-    blocked over query tiles on CPU (bit-identical to the reference there), folded into the dot
-    product on CUDA (`paths.choose_paths`, or the fixed `paths`). Same parameters and names as
-    the reference."""
+    blocked over query tiles (bit-identical to the reference on CPU) or folded into the dot
+    product, or the reference's materialised bias where that measures fastest (the fixed
+    `paths`, else `paths.choose_paths`). Same parameters and names as the reference."""
 
     paths: FastPaths | None = None  # None: chosen by the input's device and dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        paths = self.paths or choose_paths(x.device, x.dtype)
+        if paths.sam_attention == "reference":
+            return super().forward(x)
         b, h, w, c = x.shape
         qkv = self.qkv(x).reshape(b, h * w, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, heads, N, D]
         rel_h, rel_w = rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, h, w)
-        paths = self.paths or choose_paths(x.device, x.dtype)
         if paths.sam_attention == "folded":
             out = folded_attention(q, k, v, rel_h, rel_w)
         else:
