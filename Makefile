@@ -1,7 +1,7 @@
 PYTHON ?= python3
 NIGHTLY ?= cpu
 
-.PHONY: setup test run run-tiny sweep validate calibrate tree bench nightly
+.PHONY: setup test run run-tiny sweep validate calibrate tree bench nightly gpu-check
 
 setup:  ## install the package with its test dependencies (CPU torch wheel pinned for CI)
 	$(PYTHON) -m pip install "torch==2.13.0" -e ".[dev]"
@@ -37,3 +37,6 @@ bench:  ## benchmark scripts that print their figures
 
 nightly:  ## the nightly sweep and its comparison with this machine's baseline (NIGHTLY=cpu|gpu)
 	PYTHON=$(PYTHON) runners/nightly.sh $(NIGHTLY)
+
+gpu-check:  ## the GPU half in one command: one markdown file under outputs/gpu-check/ (no GPU: says so, exits 0)
+	$(PYTHON) runners/gpu_check.py
