@@ -1,4 +1,5 @@
-"""python -m llm_perf_opt.compare BASELINE CURRENT [--warn 5] [--fail 10] [--force] [--markdown-out FILE]
+"""python -m llm_perf_opt.compare BASELINE CURRENT [--warn 5] [--fail 10] [--force] [--shared-only]
+[--markdown-out FILE] [--json-out FILE]
 
 Compares a run (run dir or its run.json) or a sweep (dir of job dirs) against a baseline and
 prints the comparison as Markdown (see :mod:`llm_perf_opt.report.compare` for the rules).
@@ -15,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from llm_perf_opt.errors import UserError
-from llm_perf_opt.atomic import write_text
-from llm_perf_opt.report.compare import Thresholds, compare, to_markdown
+from llm_perf_opt.atomic import write_json, write_text
+from llm_perf_opt.report.compare import Thresholds, compare, to_dict, to_markdown
 from llm_perf_opt.report.run_dirs import load_run_set
 
 
@@ -33,7 +34,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="fail when a figure is worse by more than PCT %% (default 10)")
     parser.add_argument("--force", action="store_true",
                         help="compare even if device, model, mode, dtype or weights differ")
+    parser.add_argument("--shared-only", action="store_true",
+                        help="compare only the jobs both sides have (a job missing from CURRENT does not fail)")
     parser.add_argument("--markdown-out", type=Path, metavar="FILE", help="also write the Markdown to FILE")
+    parser.add_argument("--json-out", type=Path, metavar="FILE", help="also write the comparison as JSON to FILE")
     return parser.parse_args(argv)
 
 
@@ -45,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             load_run_set(args.current),
             Thresholds(args.warn, args.fail),
             force=args.force,
+            shared_only=args.shared_only,
         )
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -53,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(markdown, end="")
     if args.markdown_out is not None:
         write_text(args.markdown_out, markdown)
+    if args.json_out is not None:
+        write_json(args.json_out, to_dict(comparison))
     return 1 if comparison.failed else 0
 
 

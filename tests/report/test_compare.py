@@ -12,6 +12,7 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from llm_perf_opt.compare import main
@@ -108,8 +109,8 @@ def test_a_stage_slowed_by_20_percent_fails_and_is_named(tmp_path, capsys):
     # sam: baseline [99, 100, 101], current [118.8, 120, 121.2]: median +20%, ranges apart.
     headline = out.splitlines()[0]
     assert headline.startswith("**FAIL**") and "sam (ms) +20.0%" in headline
-    assert "| sam (ms) | 100.0 [99.0, 101.0] | 120.0 [118.8, 121.2] | +20.0% | **fail** |" in out
-    assert "| projector (ms) | 1.00 [0.99, 1.01] | 1.00 [0.99, 1.01] | +0.0% | ok |" in out
+    assert "| sam (ms) | 100.0 [99.0, 101.0] | 120.0 [118.8, 121.2] | +20.0% | - | **fail** |" in out
+    assert "| projector (ms) | 1.00 [0.99, 1.01] | 1.00 [0.99, 1.01] | +0.0% | - | ok |" in out
     assert out_file.read_text() == out
     comparison = compare(load_run_set(baseline), load_run_set(current), DEFAULT)
     verdicts = {figure: row.verdict for figure, row in rows(comparison).items()}
@@ -132,9 +133,9 @@ def test_plus_7_percent_is_a_warning(tmp_path):
 
 
 def test_overlapping_ranges_are_noise_even_beyond_the_fail_threshold():
-    # Baseline 90..110 (median 100), current 105..118 (median 112): +12% > 10%, but 105..110
+    # 3 against 3 repeats: the rank test cannot reach p <= 0.05, so the ranges decide. Baseline 90..110 (median 100), current 105..118 (median 112): +12% > 10%, but 105..110
     # lies inside both spreads.
-    assert judge([90, 100, 110], [105, 112, 118], higher_is_better=False, thresholds=DEFAULT) == (
+    assert judge([90, 100, 110], [105, 112, 118], higher_is_better=False, thresholds=DEFAULT)[:2] == (
         pytest.approx(12.0), NOISE
     )
     # Same medians with tight spreads (99..101 vs 111..113): no overlap, a failure.
@@ -180,7 +181,7 @@ def test_decode_tokens_per_s_dropping_is_a_regression(tmp_path):
     assert row.delta_pct == pytest.approx(-20.0)
     assert row.verdict == FAIL
     # The other direction is an improvement, not a regression.
-    assert judge([99, 100, 101], [119, 120, 121], higher_is_better=True, thresholds=DEFAULT) == (
+    assert judge([99, 100, 101], [119, 120, 121], higher_is_better=True, thresholds=DEFAULT)[:2] == (
         pytest.approx(20.0), IMPROVED
     )
 
@@ -327,3 +328,76 @@ def test_nothing_to_compare_and_bad_thresholds_are_user_errors(tmp_path, capsys)
     assert "no run.json" in capsys.readouterr().err
     assert main([str(good), str(good), "--warn", "12", "--fail", "10"]) == 2
     assert "warn <= fail" in capsys.readouterr().err
+
+
+def lognormal_samples(rng, n: int, median: float, sigma: float = 0.05) -> list[float]:
+    return list(median * np.exp(rng.normal(0.0, sigma, n)))
+
+
+def test_identical_distributions_give_no_warning_in_95_percent_of_seeds():
+    """Two sides drawn from one distribution (median 100, 5 % log-normal noise, n = 5): a warning
+    needs a median change above 5 % and a rank test at p <= 0.05, which chance gives rarely."""
+    warned = 0
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        verdict = judge(lognormal_samples(rng, 5, 100), lognormal_samples(rng, 5, 100),
+                        higher_is_better=False, thresholds=DEFAULT)[1]  # fmt: skip
+        warned += verdict in (WARN, FAIL)
+    assert warned <= 10  # <= 5 % of 200
+
+
+def test_a_20_percent_slowdown_with_5_repeats_is_detected():
+    detected = 0
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        verdict = judge(lognormal_samples(rng, 5, 100), lognormal_samples(rng, 5, 120),
+                        higher_is_better=False, thresholds=DEFAULT)[1]  # fmt: skip
+        detected += verdict in (WARN, FAIL)
+    assert detected >= 190
+
+
+def test_the_rank_test_decides_with_enough_repeats():
+    # 5 against 5, fully apart: U = 0, exact two-sided p = 2 / C(10, 5) = 2 / 252.
+    delta, verdict, p = judge([99, 100, 100.5, 101, 102], [111, 112, 113, 114, 115],
+                              higher_is_better=False, thresholds=DEFAULT)  # fmt: skip
+    assert (verdict, p) == (FAIL, pytest.approx(2 / 252))
+    # Interleaved repeats: a large median change, but not a significant one.
+    assert judge([90, 120, 95, 125, 100], [105, 130, 110, 135, 112], higher_is_better=False,
+                 thresholds=DEFAULT)[1] == NOISE  # fmt: skip
+
+
+def test_too_few_repeats_for_the_test_are_said(tmp_path):
+    base = make_record()  # 3 repeats
+    comparison = compare(
+        load_run_set(write_run(tmp_path / "base", base)),
+        load_run_set(write_run(tmp_path / "cur", scale_stage(base, "sam", 1.3))),
+        DEFAULT,
+    )
+    assert any("cannot reach p <= 0.05" in note for note in comparison.jobs[0].notes)
+
+
+def test_json_out_holds_every_row(tmp_path):
+    base = make_record()
+    out = tmp_path / "cmp.json"
+    status = main([str(write_run(tmp_path / "base", base)),
+                       str(write_run(tmp_path / "cur", scale_stage(base, "sam", 1.3))), "--json-out", str(out)])  # fmt: skip
+    data = json.loads(out.read_text())
+    assert status == 1 and data["verdict"] == "FAIL"
+    sam = next(r for r in data["jobs"][0]["rows"] if r["figure"] == stage_figure("sam"))
+    assert sam["verdict"] == FAIL and sam["delta_pct"] == pytest.approx(30.0)
+    assert len(sam["baseline"]) == len(sam["current"]) == 3
+
+
+def test_shared_only_compares_the_jobs_both_sides_have(tmp_path, capsys):
+    tiny, small = make_record(mode="tiny"), make_record(mode="small")
+    baseline = _sweep(tmp_path / "base", [("0_m_tiny", tiny, ("mode=tiny",)), ("1_m_small", small, ("mode=small",))])
+    current = _sweep(tmp_path / "cur", [("0_m_tiny", tiny, ("mode=tiny",))])
+    assert main([str(baseline), str(current)]) == 1  # small is missing: a failure by default
+    capsys.readouterr()
+    assert main([str(baseline), str(current), "--shared-only"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("**PASS**: no regression in 1 job(s)")
+    assert "--shared-only left out 1 job(s)" in out and "small" in out
+    lonely = _sweep(tmp_path / "other", [("0_m_base", make_record(mode="base"), ("mode=base",))])
+    with pytest.raises(UserError, match="no job in common"):
+        compare(load_run_set(baseline), load_run_set(lonely), DEFAULT, shared_only=True)

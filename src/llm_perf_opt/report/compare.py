@@ -12,9 +12,13 @@ A row compares the medians of the two sides::
 Verdict of a row (``warn`` and ``fail`` are the thresholds, in %):
 
 * ``ok`` when |worse %| ≤ warn;
-* otherwise ``noise`` when the sample ranges [min, max] of the two sides overlap: the change
-  lies inside the spread of the repeats. A side with a single repeat has no spread, so then
-  the thresholds alone decide (and the job's notes say so);
+* otherwise the change must also be significant: a two-sided Mann-Whitney U test of the two
+  sides' repeats (``scipy.stats.mannwhitneyu``, exact for these sizes) with p ≤ ``ALPHA``
+  (0.05); ``noise`` when p > ALPHA. Too few repeats can never reach that p (3 against 3: the
+  smallest two-sided p is 0.1); then the sample ranges decide, as a cruder test: ``noise`` when
+  [min, max] of the two sides overlap, and the job's notes say so (``profiling.repeats=5`` or
+  more gives the test its power: 4 against 4 can reach p = 0.029). A side with a single repeat
+  has no spread, so then the thresholds alone decide (and the notes say so);
 * otherwise ``fail`` when worse % > fail, ``warn`` when worse % > warn, ``improved`` when
   worse % < −warn;
 * ``n/a`` when the baseline median is not positive (no relative change exists).
@@ -27,10 +31,13 @@ device, model, mode, dtype or weights are refused unless forced.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from scipy.stats import mannwhitneyu
 
 from llm_perf_opt.errors import UserError
 
@@ -47,6 +54,8 @@ HIGHER_IS_BETTER = frozenset({DECODE_TPS})
 MATCHED_FIELDS = ("device", "model", "mode", "dtype", "weights")
 
 _OK_STATUS = "ok"
+#: Largest p-value of the rank test at which a change counts as significant.
+ALPHA = 0.05
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,7 @@ class Row:
     current: tuple[float, ...]
     delta_pct: float | None
     verdict: str
+    p_value: float | None = None  # the rank test's, where it could decide (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,8 @@ class Comparison:
     current: RunSet
     thresholds: Thresholds
     jobs: tuple[JobResult, ...]
+    #: Jobs left out by ``shared_only`` (only one side has them).
+    left_out: tuple[str, ...] = ()
 
     @property
     def verdict(self) -> str:
@@ -114,20 +126,33 @@ class Comparison:
 
 def judge(
     baseline: Sequence[float], current: Sequence[float], *, higher_is_better: bool, thresholds: Thresholds
-) -> tuple[float | None, str]:
-    """Delta % of the medians and the verdict of one row (rules in the module docstring)."""
+) -> tuple[float | None, str, float | None]:
+    """Delta % of the medians, the verdict of one row and the rank test's p-value (None where
+    it was not run or cannot decide; rules in the module docstring)."""
     base, cur = statistics.median(baseline), statistics.median(current)
     if base <= 0:
-        return None, NOT_COMPARABLE
+        return None, NOT_COMPARABLE, None
     delta = 100 * (cur - base) / base
     worse = -delta if higher_is_better else delta
     if abs(worse) <= thresholds.warn_pct:
-        return delta, OK
-    if min(len(baseline), len(current)) >= 2 and max(min(baseline), min(current)) <= min(max(baseline), max(current)):
-        return delta, NOISE
+        return delta, OK, None
+    p = None
+    if min(len(baseline), len(current)) >= 2:
+        if test_can_decide(len(baseline), len(current)):
+            p = float(mannwhitneyu(baseline, current, alternative="two-sided").pvalue)
+            if p > ALPHA:
+                return delta, NOISE, p
+        elif max(min(baseline), min(current)) <= min(max(baseline), max(current)):
+            return delta, NOISE, None
     if worse > thresholds.fail_pct:
-        return delta, FAIL
-    return delta, WARN if worse > 0 else IMPROVED
+        return delta, FAIL, p
+    return delta, WARN if worse > 0 else IMPROVED, p
+
+
+def test_can_decide(n_baseline: int, n_current: int) -> bool:
+    """Whether the two-sided rank test can reach ALPHA at these sizes: its smallest p-value
+    (the two samples fully apart) is 2 / C(n1 + n2, n1)."""
+    return 2 / math.comb(n_baseline + n_current, n_baseline) <= ALPHA
 
 
 def sample_figures(record: dict[str, Any]) -> dict[str, list[float]]:
@@ -182,10 +207,19 @@ def pair_jobs(baseline: RunSet, current: RunSet) -> list[tuple[Job | None, Job |
     return pairs + [(None, job) for job in unpaired.values()]
 
 
-def compare(baseline: RunSet, current: RunSet, thresholds: Thresholds, *, force: bool = False) -> Comparison:
-    """Compare every pair of jobs. Raises :class:`UserError` for runs that are not comparable
-    (see :data:`MATCHED_FIELDS`) unless ``force``."""
+def compare(
+    baseline: RunSet, current: RunSet, thresholds: Thresholds, *, force: bool = False, shared_only: bool = False
+) -> Comparison:
+    """Compare every pair of jobs (with ``shared_only``, only the jobs both sides have). Raises
+    :class:`UserError` for runs that are not comparable (see :data:`MATCHED_FIELDS`) unless
+    ``force``."""
     pairs = pair_jobs(baseline, current)
+    left_out: tuple[str, ...] = ()
+    if shared_only:
+        left_out = tuple(str((b or c).identity) for b, c in pairs if b is None or c is None)
+        pairs = [(b, c) for b, c in pairs if b is not None and c is not None]
+        if not pairs:
+            raise UserError("--shared-only: the two sides have no job in common")
     differences = [mismatches(b.record, c.record) if b and c else [] for b, c in pairs]
     if not force:
         for (base, _), diffs in zip(pairs, differences):
@@ -193,7 +227,7 @@ def compare(baseline: RunSet, current: RunSet, thresholds: Thresholds, *, force:
                 where = f" {base.identity}" if baseline.sweep else ""
                 raise UserError(f"refusing to compare{where}: {_describe(diffs)}; --force compares anyway")
     jobs = tuple(compare_jobs(b, c, thresholds, forced=diffs) for (b, c), diffs in zip(pairs, differences))
-    return Comparison(baseline, current, thresholds, jobs)
+    return Comparison(baseline, current, thresholds, jobs, left_out)
 
 
 def compare_jobs(
@@ -223,11 +257,11 @@ def compare_jobs(
         if figure not in cur_figures or figure not in base_figures:
             notes.append(f"{figure}: only in {'baseline' if figure in base_figures else 'current'}")
             continue
-        delta, verdict = judge(
+        delta, verdict, p = judge(
             base_figures[figure], cur_figures[figure],
             higher_is_better=figure in HIGHER_IS_BETTER, thresholds=thresholds,
         )
-        rows.append(Row(figure, tuple(base_figures[figure]), tuple(cur_figures[figure]), delta, verdict))
+        rows.append(Row(figure, tuple(base_figures[figure]), tuple(cur_figures[figure]), delta, verdict, p))
     notes += _sample_notes(baseline.record, current.record)
     if baseline.identity.overrides != current.identity.overrides:
         notes.append(
@@ -240,9 +274,14 @@ def compare_jobs(
 
 def _sample_notes(baseline: dict[str, Any], current: dict[str, Any]) -> list[str]:
     single = [side for side, r in (("baseline", baseline), ("current", current)) if _repeats(r) == 1]
-    if not single:
-        return []
-    return [f"{' and '.join(single)}: a single repeat has no spread, so the thresholds alone decide (no noise)"]
+    if single:
+        return [f"{' and '.join(single)}: a single repeat has no spread, so the thresholds alone decide (no noise)"]
+    n_base, n_cur = _repeats(baseline), _repeats(current)
+    if n_base and n_cur and not test_can_decide(n_base, n_cur):
+        smallest = 2 / math.comb(n_base + n_cur, n_base)
+        return [f"{n_base} against {n_cur} repeats: the rank test cannot reach p <= {ALPHA} (smallest p "
+                f"{smallest:.2g}), so overlapping [min, max] ranges decide; profiling.repeats=5 gives it power"]
+    return []
 
 
 def _version_notes(baseline: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -271,8 +310,13 @@ def to_markdown(comparison: Comparison) -> str:
         "",
         f"Baseline `{comparison.baseline.path}`, current `{comparison.current.path}`. Medians of the repeats; "
         f"warn above +{t.warn_pct:g}%, fail above +{t.fail_pct:g}% (decode tokens/s: below −{t.warn_pct:g}% / "
-        f"−{t.fail_pct:g}%); a change inside the [min, max] spread of the repeats of both sides is noise.",
+        f"−{t.fail_pct:g}%); a change beyond a threshold counts only if significant (two-sided Mann-Whitney U "
+        f"on the repeats, p ≤ {ALPHA:g}; too few repeats for the test: the [min, max] ranges must not overlap), "
+        "else it is noise.",
     ]
+    if comparison.left_out:
+        lines += ["", f"--shared-only left out {len(comparison.left_out)} job(s) only one side has: "
+                  + ", ".join(f"`{_cell(label)}`" for label in comparison.left_out)]
     for job in comparison.jobs:
         lines += ["", f"### {_cell(job.label)}: {job.verdict}", ""]
         run = (job.current or job.baseline).record
@@ -284,18 +328,54 @@ def to_markdown(comparison: Comparison) -> str:
             f"{fields['device']} · {fields['dtype']} · weights {fields['weights']} · "
             f"repeats {_repeats(job.baseline.record)} baseline, {_repeats(job.current.record)} current",
             "",
-            "| figure | baseline median [min, max] | current median [min, max] | delta | verdict |",
-            "|---|---:|---:|---:|---|",
+            "| figure | baseline median [min, max] | current median [min, max] | delta | p | verdict |",
+            "|---|---:|---:|---:|---:|---|",
         ]
         lines += [
             f"| {_cell(row.figure)} | {_spread(row.baseline)} | {_spread(row.current)} | "
             f"{'-' if row.delta_pct is None else f'{row.delta_pct:+.1f}%'} | "
+            f"{'-' if row.p_value is None else f'{row.p_value:.2g}'} | "
             f"{f'**{row.verdict}**' if row.verdict in (FAIL, WARN) else row.verdict} |"
             for row in job.rows
         ]
         if job.notes:
             lines += ["", *(f"- {_cell(note)}" for note in job.notes)]
     return "\n".join(lines) + "\n"
+
+
+def to_dict(comparison: Comparison) -> dict[str, Any]:
+    """The comparison as data (``--json-out``): the verdict, the rules and every row."""
+    t = comparison.thresholds
+    return {
+        "verdict": comparison.verdict,
+        "baseline": str(comparison.baseline.path),
+        "current": str(comparison.current.path),
+        "thresholds": {"warn_pct": t.warn_pct, "fail_pct": t.fail_pct, "alpha": ALPHA,
+                       "test": "two-sided Mann-Whitney U on the repeats"},  # fmt: skip
+        "left_out": list(comparison.left_out),
+        "jobs": [
+            {
+                "label": job.label,
+                "verdict": job.verdict,
+                "problem": job.problem,
+                "notes": list(job.notes),
+                "rows": [
+                    {
+                        "figure": row.figure,
+                        "baseline_median": statistics.median(row.baseline),
+                        "current_median": statistics.median(row.current),
+                        "baseline": list(row.baseline),
+                        "current": list(row.current),
+                        "delta_pct": row.delta_pct,
+                        "p_value": row.p_value,
+                        "verdict": row.verdict,
+                    }
+                    for row in job.rows
+                ],
+            }
+            for job in comparison.jobs
+        ],
+    }
 
 
 def _headline(comparison: Comparison) -> str:
