@@ -1,5 +1,7 @@
 """What the CLI does before Hydra: quoting paths, expanding sweeps, checking the output folder."""
 
+from pathlib import Path
+
 import pytest
 
 from llm_perf_opt.cli import check_creatable, job_overrides, quote_paths
@@ -31,3 +33,16 @@ def test_check_creatable(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="is a file"):
         check_creatable(tmp_path / "file" / "run")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_check_creatable_tries_the_nearest_existing_folder():
+    # /proc exists and passes os.access even for root, but takes no new folder.
+    with pytest.raises(UserError, match="cannot be created in /proc"):
+        check_creatable(Path("/proc/nope/run"))
+
+
+def test_the_probe_leaves_nothing_behind(tmp_path):
+    check_creatable(tmp_path / "run")
+    check_creatable(tmp_path)
+    assert list(tmp_path.iterdir()) == []

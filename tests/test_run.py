@@ -68,7 +68,8 @@ def gundam_run(tmp_path_factory):
 
 def test_job_writes_every_artifact(gundam_run):
     out, _ = gundam_run
-    for name in ("run.json", "stages.csv", "stages.json", "kernels.csv", "trace.json", "report.md", "roofline.png"):
+    for name in ("run.json", "stages.csv", "stages.json", "kernels.csv", "trace.pt.trace.json", "report.md",
+                 "roofline.png"):
         assert (out / name).is_file(), name
     assert temp_files(out) == []
 
@@ -173,6 +174,17 @@ def test_run_json(gundam_run):
     assert tokens["image"] == 903
     assert tokens["prompt"] == tokens["image"] + tokens["text"] and tokens["text"] > 0
     assert record["generated_tokens"] == 4
+    assert record["schema_version"] == 1
+
+
+def test_run_json_names_the_commit_of_the_code_that_ran(gundam_run):
+    _, record = gundam_run
+    repo = Path(run_module.__file__).parent
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+    if head.returncode != 0:
+        pytest.skip("the package is not in a git checkout here")
+    assert record["versions"]["git_commit"] == head.stdout.strip()
+    assert isinstance(record["versions"]["git_dirty"], bool)
 
 
 def test_run_json_keeps_raw_samples_memory_routing_and_trace(gundam_run):
@@ -202,9 +214,9 @@ def test_run_json_keeps_raw_samples_memory_routing_and_trace(gundam_run):
     assert all(sum(layer) == 3 * k for layer in routing["decode"]["tokens_per_expert"])
 
     trace = record["trace"]
-    assert trace["path"] == "trace.json" and trace["basis"] == "cpu"
+    assert trace["path"] == "trace.pt.trace.json" and trace["basis"] == "cpu"
     assert trace["coverage"] >= 0.99
-    events = json.loads((out / "trace.json").read_text())["traceEvents"]
+    events = json.loads((out / "trace.pt.trace.json").read_text())["traceEvents"]
     ranges = [e["name"] for e in events if e.get("cat") == "user_annotation"]
     assert ranges.count("decode") == 3 and ranges.count("prefill") == 1
 
@@ -273,6 +285,24 @@ def test_cli_runs_a_job_and_prints_where(monkeypatch, capsys, tmp_path, small_pa
     assert str(out) in stdout and "TPOT ms" in stdout
     assert "dtype float32 (requested)" in stderr
     assert json.loads((out / "run.json").read_text())["status"] == "ok"
+    # run.log keeps what the console showed, stdout's and stderr's lines alike, each with its level.
+    log = (out / "run.log").read_text()
+    assert "][INFO] [deepseek_ocr_tiny] cpu · dtype float32 (requested)" in log
+    assert f"][INFO] [deepseek_ocr_tiny] {out}\n" in log and "TPOT ms" in log
+
+
+def test_profiler_options_reach_the_trace(monkeypatch, capsys, tmp_path, small_page):
+    out = tmp_path / "run"
+    code, _, stderr = main(monkeypatch, capsys, *TINY, "mode=tiny", "max_new_tokens=2", f"image={small_page}",
+                           "profiling.record_shapes=true", "profiling.with_stack=true", f"hydra.run.dir={out}")
+    assert code == 0, stderr
+    events = json.loads((out / "trace.pt.trace.json").read_text())["traceEvents"]
+    assert any("Input Dims" in e.get("args", {}) for e in events if e.get("cat") == "cpu_op")
+    assert any(e.get("cat") == "python_function" for e in events)
+    assert not any(e.get("name") == "[memory]" for e in events)  # profile_memory stayed off
+    # The stack events are no ops: every stage still gets its op time.
+    stages = pd.read_csv(out / "stages.csv").set_index("stage")
+    assert (stages["busy_ms"] > 0).all()
 
 
 def test_image_paths_with_spaces_and_non_ascii_work_as_typed(monkeypatch, capsys, tmp_path, small_page):
@@ -327,6 +357,12 @@ def test_an_output_folder_under_a_file_is_one_line(monkeypatch, capsys, tmp_path
     blocker.write_text("not a folder")
     code, _, stderr = main(monkeypatch, capsys, *TINY, f"hydra.run.dir={blocker / 'run'}")
     assert "is a file" in one_error(code, stderr)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_output_folder_that_cannot_be_made_is_one_line(monkeypatch, capsys):
+    code, _, stderr = main(monkeypatch, capsys, *TINY, "hydra.run.dir=/proc/nope")
+    assert "output folder /proc/nope cannot be created in /proc" in one_error(code, stderr)
 
 
 def test_too_many_new_tokens_is_one_line_before_the_model_is_built(monkeypatch, capsys, tmp_path):
@@ -435,6 +471,6 @@ def test_interrupt_records_the_job_and_leaves_no_partial_artifacts(tmp_path, sma
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "interrupted"
     assert "\n" not in record["error"]
-    for name in ("stages.csv", "stages.json", "kernels.csv", "trace.json", "report.md", "roofline.png"):
+    for name in ("stages.csv", "stages.json", "kernels.csv", "trace.pt.trace.json", "report.md", "roofline.png"):
         assert not (out / name).exists(), name
     assert temp_files(tmp_path) == []

@@ -43,6 +43,11 @@ def test_the_wheel_is_what_runs(venv_python, tmp_path):
     assert (location.parent / "conf" / "mode" / "gundam.yaml").is_file()
 
 
+def test_the_console_command_is_installed(venv_python, tmp_path):
+    proc = _run(str(venv_python.parent / "llm-perf-opt"), "run", "--help", cwd=tmp_path)
+    assert "profiling.repeats=3" in proc.stdout and "mode: base, gundam, large, small, tiny" in proc.stdout
+
+
 def test_cfg_job_composes_from_the_installed_package(venv_python, tmp_path):
     proc = _run(str(venv_python), "-m", "llm_perf_opt.run", "--cfg", "job", "mode=gundam", cwd=tmp_path)
     assert "name: gundam" in proc.stdout and "name: deepseek_ocr" in proc.stdout
@@ -55,3 +60,5 @@ def test_a_tiny_run_from_the_installed_package(venv_python, tmp_path):
          f"hydra.run.dir={out}", cwd=tmp_path)
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "ok" and record["generated_tokens"] == 2
+    assert record["schema_version"] == 1
+    assert record["versions"]["git_commit"] == "unknown"  # an installed wheel is no checkout

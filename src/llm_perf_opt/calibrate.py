@@ -9,22 +9,15 @@ figures, a second or so) and neither reads nor writes the cache.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import pandas as pd
 import torch
 
-from llm_perf_opt.errors import UserError
+from llm_perf_opt.errors import OneLineParser, UserError
 from llm_perf_opt.hardware.device import resolve_device
 from llm_perf_opt.hardware.calibration import Calibration, cache_path, cached_calibration, calibrate
 from llm_perf_opt.hardware.ceilings import Roof, Selection, select
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        # One line instead of argparse's usage block, like every other user error here.
-        self.exit(2, f"error: {message}\n")
 
 
 def parse_device(name: str) -> torch.device:
@@ -78,14 +71,18 @@ def render(calibration: Calibration, selection: Selection, cache: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = _Parser(prog="python -m llm_perf_opt.calibrate", description=__doc__.splitlines()[0])
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog="python -m llm_perf_opt.calibrate", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda if available)")
     parser.add_argument("--refresh", action="store_true", help="measure again even if cached")
     parser.add_argument("--cache-dir", default=None, help="cache folder (default: $LLM_PERF_OPT_CACHE, "
                         "else $XDG_CACHE_HOME/llm_perf_opt, else ~/.cache/llm_perf_opt)")
     parser.add_argument("--quick", action="store_true", help="small sizes, rough figures, no cache")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     try:
         device = parse_device(args.device)
         selection = select("auto", device)

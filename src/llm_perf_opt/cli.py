@@ -4,9 +4,14 @@ work (or output folder) is made."""
 
 from __future__ import annotations
 
+import importlib
 import itertools
-from collections.abc import Sequence
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from importlib.metadata import metadata
 from pathlib import Path
+from typing import Any
 
 from hydra._internal.utils import get_args_parser  # the parser hydra.main itself uses
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -55,16 +60,45 @@ def preflight(multirun: bool, overrides: Sequence[str]) -> None:
     for overrides in jobs:
         validate(compose([o for o in overrides if not o.startswith("hydra")]))
     hydra_cfg = compose(jobs[0], return_hydra_config=True).hydra
+    check_callbacks(hydra_cfg.callbacks or {})
     check_creatable(Path(hydra_cfg.sweep.dir if multirun else hydra_cfg.run.dir))
 
 
+def check_callbacks(callbacks: Mapping[str, Any]) -> None:
+    """Every Hydra callback's module imports; one whose package is missing (an extra not
+    installed: hydra/callbacks=mlflow without mlflow) is one line, not Hydra's traceback."""
+    for name, callback in callbacks.items():
+        module = str(callback["_target_"]).rpartition(".")[0]
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            extras = metadata("llm-perf-opt").get_all("Provides-Extra") or []
+            hint = f': pip install "llm-perf-opt[{name}]"' if name in extras else ""
+            package = (exc.name or module).partition(".")[0]
+            raise UserError(f"hydra.callbacks.{name} needs the package {package}, which is not installed{hint}") from None
+
+
 def check_creatable(folder: Path) -> None:
-    """The output folder exists as a folder or can be created (no file in the way)."""
+    """The output folder exists as a folder or can be created: no file in the way, and its
+    nearest existing folder takes a new entry."""
     for parent in (folder, *folder.parents):
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"output folder {folder} cannot be created: {parent} is a file")
+            _probe(folder, parent)
             return
+
+
+def _probe(folder: Path, parent: Path) -> None:
+    # Permission bits do not tell (root passes os.access on /proc, a read-only mount looks
+    # writable): making a folder of a unique name there, and removing it, does. Nothing else
+    # uses that name, so a concurrent run making the same output folder is not disturbed.
+    probe = parent / f".llm-perf-opt-probe-{uuid.uuid4().hex}"
+    try:
+        probe.mkdir()
+    except OSError as exc:
+        raise UserError(f"output folder {folder} cannot be created in {parent}: {exc.strerror or exc}") from None
+    os.rmdir(probe)
 
 
 def checked_argv(argv: Sequence[str]) -> list[str]:

@@ -10,19 +10,18 @@ that failed or is missing in CURRENT, 2 the runs cannot be compared (printed as 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from llm_perf_opt.errors import UserError
+from llm_perf_opt.errors import OneLineParser, UserError
 from llm_perf_opt.atomic import write_json, write_text
 from llm_perf_opt.report.compare import Thresholds, compare, to_dict, to_markdown
 from llm_perf_opt.report.run_dirs import load_run_set
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(
         prog="python -m llm_perf_opt.compare",
         description="Compare runs or sweeps against a baseline; exit 1 on a regression.",
     )
@@ -38,11 +37,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="compare only the jobs both sides have (a job missing from CURRENT does not fail)")
     parser.add_argument("--markdown-out", type=Path, metavar="FILE", help="also write the Markdown to FILE")
     parser.add_argument("--json-out", type=Path, metavar="FILE", help="also write the comparison as JSON to FILE")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         comparison = compare(
             load_run_set(args.baseline),

@@ -60,11 +60,20 @@ class ProfilingConfig:
     repeats: int = 3  # timed runs; every raw sample is kept in run.json
     trace: bool = True  # one extra run under torch.profiler, attributed to stages
     granularity: str = "stage"  # stage | module (nested ranges per module family, trace pass only)
+    # torch.profiler's own options for the trace pass: more detail in the trace, more overhead in that pass only.
+    record_shapes: bool = False  # each op's input shapes
+    profile_memory: bool = False  # tensor allocations and frees
+    with_stack: bool = False  # the Python source line of each op
 
     def __post_init__(self) -> None:
         _check_choice("profiling.granularity", self.granularity, GRANULARITIES)
         _check_at_least("profiling.repeats", self.repeats, 1)
         _check_at_least("profiling.warmup", self.warmup, 0)
+
+    def profiler_options(self) -> dict[str, bool]:
+        """The keyword arguments of torch.profiler.profile that these options set."""
+        return {"record_shapes": self.record_shapes, "profile_memory": self.profile_memory,
+                "with_stack": self.with_stack}  # fmt: skip
 
 
 @dataclass

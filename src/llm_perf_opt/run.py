@@ -11,8 +11,8 @@ against the context window and the machine's memory before the weights are built
 from __future__ import annotations
 
 import gc
+import logging
 import sys
-import traceback
 from pathlib import Path
 
 import hydra
@@ -36,6 +36,11 @@ from llm_perf_opt.report.run_report import write_artifacts, write_failure
 
 register_configs()
 _failed_jobs: list[str] = []
+#: The suffix is what TensorBoard's profiler plugin looks for; Perfetto and chrome://tracing open it too.
+TRACE_FILE = "trace.pt.trace.json"
+log = logging.getLogger(__name__)
+# What a job found, on stdout (the status lines go to stderr); both in run.log (conf/hydra/job_logging/).
+results = logging.getLogger("llm_perf_opt.results")
 
 
 def run_job(run: RunConfig, config: dict, out_dir: Path) -> None:
@@ -43,7 +48,7 @@ def run_job(run: RunConfig, config: dict, out_dir: Path) -> None:
     device = resolve_device(run.device)
     dtype = choose_dtype(run.dtype, device)
     if dtype.warning:
-        print(f"warning: {dtype.warning}", file=sys.stderr)
+        log.warning(f"warning: {dtype.warning}")
     session: ModelSession = get_class(type(run.model).session)(
         run.model, SessionOptions(device, dtype.dtype, run.seed, run.stops_at_eos)
     )
@@ -53,18 +58,19 @@ def run_job(run: RunConfig, config: dict, out_dir: Path) -> None:
     session.check(request, inputs.max_new_tokens)
     footprint = analytic.footprint(request, inputs.max_new_tokens, _dtype_name(dtype))
     check_memory(run, footprint, dtype, device)
-    print(f"[{run.model.name}] {device} · {header_text(dtype)}", file=sys.stderr)
+    log.info(f"[{run.model.name}] {device} · {header_text(dtype)}")
     hardware = Hardware(select(run.hardware.name, device), cached_calibration(device))
     if hardware.selection.warning:
-        print(f"warning: {hardware.selection.warning}", file=sys.stderr)
+        log.warning(f"warning: {hardware.selection.warning}")
     session.load()
     m = measure(
         session,
         inputs,
         warmup=run.profiling.warmup,
         repeats=run.profiling.repeats,
-        trace_path=out_dir / "trace.json" if run.profiling.trace else None,
+        trace_path=out_dir / TRACE_FILE if run.profiling.trace else None,
         module_ranges=run.profiling.granularity == "module",
+        profiler_options=run.profiling.profiler_options(),
     )
     execution = session.execution()
     stage_model = analytic.stage_model(m.request, m.decode_steps, _dtype_name(dtype), m.routing, execution)
@@ -72,8 +78,8 @@ def run_job(run: RunConfig, config: dict, out_dir: Path) -> None:
     job = Job(run, config, m, stage_model, footprint, device, dtype, hardware,
               type(session).compute_groups, type(session).bandwidth_groups, execution)  # fmt: skip
     written = write_artifacts(out_dir, job)
-    print(f"[{run.model.name}] {out_dir}")
-    print(compact_table(written["stages"], m, hardware.roofs[0].label))
+    results.info(f"[{run.model.name}] {out_dir}")
+    results.info(compact_table(written["stages"], m, hardware.roofs[0].label))
 
 
 def check_memory(run: RunConfig, footprint, dtype: DtypeChoice, device) -> None:
@@ -103,13 +109,13 @@ def _main(cfg: DictConfig) -> None:
         run_job(validate(cfg), config, out_dir)
     except UserError as exc:
         _fail(out_dir, config, "failed", str(exc))
-        print(f"error: {exc}", file=sys.stderr)
+        log.error(f"error: {exc}")
     except KeyboardInterrupt:
         _fail(out_dir, config, "interrupted", "interrupted by the user")
-        print(f"interrupted: {out_dir / 'run.json'} records it", file=sys.stderr)
+        log.error(f"interrupted: {out_dir / 'run.json'} records it")
         raise SystemExit(130) from None
     except Exception as exc:  # a bug, not a user error: keep the traceback, let other jobs run
-        traceback.print_exc()
+        log.exception(f"the job failed: {type(exc).__name__}: {exc}")
         _fail(out_dir, config, "failed", f"{type(exc).__name__}: {exc}")
     finally:
         # The finished job's model sits in reference cycles (frames kept by the plotting code);

@@ -7,26 +7,25 @@ killed, and prints the Markdown. Exit status: 0 written, 2 the dir is no sweep d
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from llm_perf_opt.errors import UserError
+from llm_perf_opt.errors import OneLineParser, UserError
 from llm_perf_opt.report.sweep_summary import write_summary
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(
         prog="python -m llm_perf_opt.summarize",
         description="Write the summary of a sweep (one row per job) into its sweep dir.",
     )
     parser.add_argument("sweep_dir", type=Path, help="a multirun dir whose subdirs are job dirs")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         written = write_summary(args.sweep_dir)
     except UserError as exc:

@@ -13,6 +13,7 @@ the qualified-name prefixes that the model's session declares (`ModelSession.mod
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +28,7 @@ from omegaconf import DictConfig
 from llm_perf_opt.atomic import write_json
 from llm_perf_opt.cli import checked_argv
 from llm_perf_opt.config import CONFIG_NAME, RunConfig, register_configs, validate
-from llm_perf_opt.errors import UserError
+from llm_perf_opt.errors import OneLineParser, UserError
 from llm_perf_opt.models.interface import ModelSession, SessionOptions
 from llm_perf_opt.models.module_tree import TreeNode, module_tree, render, stage_totals
 
@@ -35,6 +36,7 @@ register_configs()
 TREE_FILE = "module_tree.json"
 RUN_DIR = "outputs/trees/${now:%Y-%m-%d_%H-%M-%S}_${model.name}"
 UNTAGGED = "untagged"
+log = logging.getLogger(__name__)
 
 
 def build_tree(run: RunConfig) -> tuple[list[TreeNode], dict[str, str]]:
@@ -84,27 +86,35 @@ def tree_job(cfg: DictConfig, depth: int | None) -> None:
         run = validate(cfg)
         nodes, prefixes = build_tree(run)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        log.error(f"error: {exc}")
         raise SystemExit(2) from None
     path = write_json(out_dir / TREE_FILE, tree_record(run.model.name, nodes, prefixes))
     print(render(nodes, depth))
     print()
     print(totals_text(ordered_totals(nodes, prefixes)))
-    print(f"wrote {path}", file=sys.stderr)
+    log.info(f"wrote {path}")
+
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(
+        prog="python -m llm_perf_opt.tree",
+        usage="%(prog)s [-h] [--depth N] [OVERRIDE ...]",
+        description="Print the configured model's module tree, stage-tagged, and write module_tree.json.",
+        epilog="OVERRIDE: those of llm_perf_opt.run (model=deepseek_ocr_tiny, mode=gundam, model.weights=DIR, ...; "
+        "see its --help); hydra.run.dir=DIR names the output folder (default outputs/trees/<time>_<model>).",
+        allow_abbrev=False,  # a prefix must not swallow one of Hydra's flags
+    )
+    parser.add_argument("--depth", type=int, metavar="N",
+                        help="print modules down to depth N below the root (default: all); module_tree.json has all")
+    return parser
 
 
 def split_depth(argv: Sequence[str]) -> tuple[int | None, list[str]]:
-    """`--depth N` / `--depth=N` taken out of the command line; the rest is Hydra's."""
-    depth, rest, args = None, [], iter(argv)
-    for arg in args:
-        if arg == "--depth" or arg.startswith("--depth="):
-            value = arg.partition("=")[2] if "=" in arg else next(args, "")
-            if not value.isdigit():
-                raise UserError(f"--depth needs a whole number >= 0, got {value!r}")
-            depth = int(value)
-        else:
-            rest.append(arg)
-    return depth, rest
+    """`--depth N` taken out of the command line (and -h answered); the rest is Hydra's."""
+    args, rest = build_parser().parse_known_args(argv)
+    if args.depth is not None and args.depth < 0:
+        raise UserError(f"--depth needs a whole number >= 0, got {args.depth}")
+    return args.depth, rest
 
 
 def with_run_dir(overrides: list[str]) -> list[str]:

@@ -2,12 +2,49 @@
 
 import gzip
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from llm_perf_opt.errors import UserError
 from llm_perf_opt.profiling.trace import load_trace, record_trace, trace_events
+
+
+# Kineto prints from C++ straight to file descriptor 2 and reads its level once per process: a fresh one.
+TRACE_ONCE = (
+    "import sys, torch; from llm_perf_opt.profiling.trace import record_trace; "
+    "record_trace(lambda: torch.ones(8).sum(), sys.argv[1], torch.device('cpu'))"
+)
+
+
+def _trace_stderr(tmp_path, **env: str) -> str:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("KINETO_")}
+    proc = subprocess.run([sys.executable, "-c", TRACE_ONCE, str(tmp_path / "t.json")], env={**clean, **env},
+                          capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+    return proc.stderr
+
+
+def test_the_profiler_prints_nothing_unless_the_user_asks(tmp_path):
+    assert _trace_stderr(tmp_path) == ""
+    # The lines the default hides, shown at the level a user chose: the variable is what silences them.
+    assert "profiler_start" in _trace_stderr(tmp_path, KINETO_LOG_LEVEL="0")
+
+
+def test_profiler_options_add_shapes_memory_and_stacks(tmp_path):
+    def events(name: str, **options: bool) -> list[dict]:
+        return load_trace(record_trace(lambda: torch.ones(8).sum(), tmp_path / name, torch.device("cpu"), **options))
+
+    plain = events("plain.json")
+    full = events("full.json", record_shapes=True, profile_memory=True, with_stack=True)
+    ones = [e for e in full if e.get("name") == "aten::ones"]
+    assert ones and ones[0]["args"]["Input Dims"] == [[], [], [], [], []]  # size list and four optional args
+    assert any(e.get("name") == "[memory]" for e in full)
+    assert any(e.get("cat") == "python_function" for e in full)
+    assert not any("Input Dims" in e.get("args", {}) or e.get("name") == "[memory]" for e in plain)
+    assert not any(e.get("cat") == "python_function" for e in plain)
 
 
 def test_record_trace_writes_a_loadable_trace(tmp_path):

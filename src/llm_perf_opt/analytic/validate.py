@@ -31,7 +31,6 @@ aten._scaled_dot_product_flash_attention_for_cpu, which torch (2.13) has no form
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Sequence
@@ -54,7 +53,7 @@ from llm_perf_opt.analytic.deepseek_ocr import (
 )
 from llm_perf_opt.analytic.families import Cost
 from llm_perf_opt.config import group_options, load
-from llm_perf_opt.errors import UserError
+from llm_perf_opt.errors import OneLineParser, UserError
 from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRConfig
 from llm_perf_opt.models.deepseek_ocr.fast.paths import FastPaths
 from llm_perf_opt.models.deepseek_ocr.modes import ModeSpec
@@ -457,10 +456,8 @@ def validate_bytes(cfg: DeepSeekOCRConfig, text_tokens: int, impl: str = "refere
     return 1 if bad else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m llm_perf_opt.analytic.validate", description=__doc__.splitlines()[0]
-    )
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog="python -m llm_perf_opt.analytic.validate", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS, help="non-image prompt tokens (BOS included)"
     )
@@ -471,7 +468,11 @@ def main(argv: list[str] | None = None) -> int:
         "--impl", choices=("reference", "fast"), default="reference",
         help="with --bytes: the implementation whose bytes to check (fast: every path set that runs on meta)",
     )  # fmt: skip
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if args.text_tokens < 1:
             raise UserError("validate: --text-tokens must be at least 1")

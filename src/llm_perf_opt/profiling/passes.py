@@ -102,10 +102,12 @@ def measure(
     repeats: int,
     trace_path: Path | None,
     module_ranges: bool = False,
+    profiler_options: dict[str, bool] | None = None,
 ) -> Measurement:
     """Run the passes on these inputs and return every raw figure.
 
-    `module_ranges` adds nested `stage/family` ranges to the trace pass only.
+    `module_ranges` adds nested `stage/family` ranges to the trace pass only; `profiler_options`
+    go to torch.profiler in that pass (see :func:`record_trace`).
     """
     device = session.options.device
     stages = session.stages
@@ -156,6 +158,6 @@ def measure(
             bar.set_description("trace")
             ranges = ModuleRanges(session.module, session.module_families()) if module_ranges else nullcontext()
             with ranges:
-                m.trace_path = record_trace(one_run, trace_path, device)
+                m.trace_path = record_trace(one_run, trace_path, device, **(profiler_options or {}))
             m.attribution = attribute_trace(load_trace(m.trace_path), session.stage_names())
     return m

@@ -19,17 +19,24 @@ from torch.profiler import ProfilerActivity, profile
 from llm_perf_opt.errors import UserError
 from llm_perf_opt.atomic import atomic_path
 
+#: One past Kineto's highest level (VERBOSE 0, INFO 1, WARNING 2, STAGE 3, ERROR 4, USDT 5).
+KINETO_SILENT = "6"
 
-def record_trace(fn: Callable[[], Any], path: str | os.PathLike[str], device: torch.device) -> Path:
+
+def record_trace(
+    fn: Callable[[], Any], path: str | os.PathLike[str], device: torch.device, **options: bool
+) -> Path:
     """Run ``fn()`` once under torch.profiler and write its Chrome trace to ``path`` atomically.
 
     CPU activity is always recorded (it holds the stage ranges and the kernel launches); CUDA
     activity is added on a CUDA device, whose work is waited for before the profiler stops.
+    ``options`` go to torch.profiler.profile (record_shapes, profile_memory, with_stack).
     Returns ``path``; read it with :func:`load_trace`.
     """
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    quiet_kineto()
+    with profile(activities=activities, **options) as prof:
         fn()
         if cuda:
             # Kernels still running when the profiler stops would be missing from the trace.
@@ -37,6 +44,14 @@ def record_trace(fn: Callable[[], Any], path: str | os.PathLike[str], device: to
     with atomic_path(path) as tmp:
         prof.export_chrome_trace(str(tmp))
     return Path(path)
+
+
+def quiet_kineto() -> None:
+    """Keep Kineto (torch.profiler's backend) from printing `USDT: ... profiler_start/stop` on
+    every trace. Those lines have Kineto's highest log level (USDT, above ERROR), so only a
+    level past all of them silences them; Kineto reads it once, when it first starts in a
+    process. A KINETO_LOG_LEVEL the user set is kept (KINETO_LOG_LEVEL=0 shows everything)."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", KINETO_SILENT)
 
 
 def load_trace(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -10,18 +10,17 @@ Exit status: 0 rebuilt, 2 a problem the user can fix (printed as one line).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from llm_perf_opt.errors import UserError
+from llm_perf_opt.errors import OneLineParser, UserError
 
 from .from_nsys import rebuild
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(
         prog="python -m llm_perf_opt.report",
         description="Rebuild a run's report with busy times and kernels from Nsight Systems.",
     )
@@ -29,11 +28,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="run dir of a finished job (its run.json has status ok)")
     parser.add_argument("--reports", type=Path, metavar="PATH",
                         help="nsys stats CSVs: a folder holding one set or a prefix (default: RUN_DIR)")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         table = rebuild(args.from_nsys, args.reports)
     except UserError as exc:

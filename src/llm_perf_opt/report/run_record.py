@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import platform
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from llm_perf_opt.profiling.passes import Measurement
 
 from .roofline import headline
 
+#: Version of run.json's layout, raised when a field changes meaning or goes away (new fields keep it).
+SCHEMA_VERSION = 1
 #: ``trace.basis`` of a run whose busy times were imported from Nsight Systems.
 NSYS_BASIS = "device (nsys)"
 
@@ -74,11 +77,36 @@ class Job:
 def versions() -> dict:
     return {
         "llm_perf_opt": llm_perf_opt.__version__,
+        **code_commit(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "transformers": transformers.__version__,
     }
+
+
+def code_commit() -> dict:
+    """The git commit of the llm_perf_opt source that ran, and whether the checkout had changes
+    to tracked files; "unknown" (and None) where it is no git checkout (an installed wheel).
+    The package's own files must be tracked: a virtual environment inside some other
+    repository would otherwise report that repository's commit."""
+    package = Path(llm_perf_opt.__file__).parent
+    unknown = {"git_commit": "unknown", "git_dirty": None}
+    try:
+        tracked = _git(package, "ls-files", "--error-unmatch", "--", Path(llm_perf_opt.__file__).name)
+        commit = _git(package, "rev-parse", "HEAD")
+        changes = _git(package, "status", "--porcelain", "--untracked-files=no")
+    except FileNotFoundError:  # no git on this machine
+        return unknown
+    if tracked is None or commit is None or changes is None:
+        return unknown
+    return {"git_commit": commit.strip(), "git_dirty": bool(changes.strip())}
+
+
+def _git(folder: Path, *args: str) -> str | None:
+    """git's output in folder, or None when git refuses (not a checkout, an untracked file)."""
+    proc = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, check=False)
+    return proc.stdout if proc.returncode == 0 else None
 
 
 def describe_device(device: torch.device) -> dict:
@@ -159,6 +187,7 @@ def run_record(job: Job, table: pd.DataFrame, status: str = "ok", error: str | N
     m = job.measurement
     analytic_totals = job.stage_model.totals()
     record = {
+        "schema_version": SCHEMA_VERSION,
         "status": status,
         "error": error,
         "config": job.config,

@@ -1,5 +1,5 @@
 """What one job writes: run.json, stages.csv, stages.json, kernels.csv, report.md, roofline.png
-(trace.json comes from the trace pass). Every file is written atomically, run.json last."""
+(trace.pt.trace.json comes from the trace pass). Every file is written atomically, run.json last."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from llm_perf_opt.profiling.attribution import KERNEL_COLUMNS, Attribution
 
 from .markdown import report_markdown
 from .roofline_plot import roofline_plot
-from .run_record import Job, record_roofs, run_record, versions
+from .run_record import SCHEMA_VERSION, Job, record_roofs, run_record, versions
 from .stage_report import stage_table
 
 
@@ -48,4 +48,5 @@ def write_report_files(out_dir: Path, record: dict, table: pd.DataFrame, attribu
 
 
 def write_failure(out_dir: Path, config: dict, status: str, error: str) -> None:
-    write_json(out_dir / "run.json", {"status": status, "error": error, "config": config, "versions": versions()})
+    write_json(out_dir / "run.json", {"schema_version": SCHEMA_VERSION, "status": status, "error": error,
+                                      "config": config, "versions": versions()})  # fmt: skip
