@@ -29,7 +29,8 @@ from llm_perf_opt.profiling.attribution import KERNEL_COLUMNS
 
 TINY = ("model=deepseek_ocr_tiny", "device=cpu", "profiling=quick", "dtype=float32")
 STAGES = ["preprocess", "sam", "clip", "projector", "prefill", "decode"]
-MEASURED = ["stage", "calls", "time_ms", "time_ms_min", "time_ms_max", "busy_ms", "share", "launches"]
+MEASURED = ["stage", "calls", "repeats", "time_ms", "time_ms_min", "time_ms_max", "time_ms_stdev", "time_ms_cv_pct",
+            "time_ms_p90", "outlier_runs", "busy_ms", "busy_share_pct", "launches"]
 ANALYTIC = ["flops", "bytes", "weight_bytes", "act_bytes", "kv_bytes"]
 RATES = ["intensity", "achieved_tflop_s_wall", "achieved_gbyte_s_wall", "achieved_tflop_s_busy", "achieved_gbyte_s_busy"]
 ROOF = ["ridge", "attainable_tflop_s", "roofline_ms", "pct_roof_wall", "pct_roof_busy", "bound"]
@@ -84,8 +85,10 @@ def test_stages_csv_joins_measured_time_with_the_analytic_work(gundam_run):
     assert calls == {"preprocess": 1, "sam": 1, "clip": 1, "projector": 1, "prefill": 1, "decode": 3}
     assert (stages["time_ms"] > 0).all() and (stages["busy_ms"] > 0).all() and (stages["launches"] > 0).all()
     assert (stages["time_ms_min"] <= stages["time_ms"]).all() and (stages["time_ms"] <= stages["time_ms_max"]).all()
-    assert stages["share"].between(0, 1).all()
-    assert stages["share"].sum() == pytest.approx(record["trace"]["coverage"], abs=1e-6)
+    assert stages["busy_share_pct"].between(0, 100).all()
+    assert stages["busy_share_pct"].sum() == pytest.approx(100 * record["trace"]["coverage"], abs=1e-4)
+    assert (stages["repeats"] == 1).all() and (stages["outlier_runs"] == 0).all()  # profiling=quick: one run
+    assert str(stages["launches"].dtype) == "int64"  # counts written as whole numbers
     rows = stages.set_index("stage")
     assert rows.loc["preprocess", ANALYTIC + RATES].isna().all()  # host work: no model FLOPs
     assert rows.loc["preprocess", "calibrated_bound"] == "unknown"
@@ -98,7 +101,7 @@ def test_stages_csv_joins_measured_time_with_the_analytic_work(gundam_run):
         assert row["bytes"] == pytest.approx(analytic[stage]["bytes"])
         for column in RATES + ["calibrated_pct_roof_wall", "calibrated_roofline_ms"]:
             assert math.isfinite(row[column]) and row[column] > 0, (stage, column)
-        assert row["calibrated_bound"] in ("compute", "memory")
+        assert row["calibrated_bound"] in ("compute", "memory", "balanced")
         # Same work over a shorter time is a higher rate.
         assert (row["achieved_tflop_s_busy"] > row["achieved_tflop_s_wall"]) == (row["busy_ms"] < row["time_ms"])
         # The split adds up to the stage's time.
@@ -120,6 +123,14 @@ def test_stages_json_and_the_headline(gundam_run):
     assert set(headline["bandwidth_utilisation_pct"]) == {"decode"}
     for group in headline["flop_utilisation_pct"].values():
         assert 0 < group["calibrated"]["wall"] < 100
+    # Every group is judged against the roof that binds it, named, as in report.md.
+    assert set(headline["roof_utilisation_pct"]) == {"vision", "prefill", "decode"}
+    report = (out / "report.md").read_text()
+    for group, roofs in headline["roof_utilisation_pct"].items():
+        binding = roofs["calibrated"]
+        assert binding["bound"] in ("compute", "memory", "balanced")
+        roof = {"compute": "FLOP/s roof", "memory": "bandwidth roof", "balanced": "roofline"}[binding["bound"]]
+        assert f"{binding['bound']}" in report and f"{binding['wall']:.1f}%" in report and roof in report
     hardware = record["hardware"]
     assert hardware["datasheet"] is None and hardware["matched"] == "cpu"
     assert hardware["calibration"]["flop_s"]["float32"] > 0

@@ -64,11 +64,19 @@ class ProfilingConfig:
     record_shapes: bool = False  # each op's input shapes
     profile_memory: bool = False  # tensor allocations and frees
     with_stack: bool = False  # the Python source line of each op
+    # Timed runs beyond `repeats`, one at a time, until the spread (stdev / mean) of the end-to-end
+    # time and of every stage over 5 % of it is at most until_cv; at most max_repeats runs in all.
+    until_cv: Optional[float] = None  # e.g. 0.05; null = exactly `repeats` runs
+    max_repeats: int = 20
 
     def __post_init__(self) -> None:
         _check_choice("profiling.granularity", self.granularity, GRANULARITIES)
         _check_at_least("profiling.repeats", self.repeats, 1)
         _check_at_least("profiling.warmup", self.warmup, 0)
+        if self.until_cv is not None:
+            if not 0 < self.until_cv < 1:
+                raise UserError(f"config: profiling.until_cv must be between 0 and 1 (0.05 = 5 %), got {self.until_cv}")
+            _check_at_least("profiling.max_repeats", self.max_repeats, self.repeats)
 
     def profiler_options(self) -> dict[str, bool]:
         """The keyword arguments of torch.profiler.profile that these options set."""

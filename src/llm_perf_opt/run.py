@@ -71,12 +71,14 @@ def run_job(run: RunConfig, config: dict, out_dir: Path) -> None:
         trace_path=out_dir / TRACE_FILE if run.profiling.trace else None,
         module_ranges=run.profiling.granularity == "module",
         profiler_options=run.profiling.profiler_options(),
+        until_cv=run.profiling.until_cv,
+        max_repeats=run.profiling.max_repeats,
     )
     execution = session.execution()
     stage_model = analytic.stage_model(m.request, m.decode_steps, _dtype_name(dtype), m.routing, execution)
     footprint = analytic.footprint(m.request, inputs.max_new_tokens, _dtype_name(dtype), execution)
     job = Job(run, config, m, stage_model, footprint, device, dtype, hardware,
-              type(session).compute_groups, type(session).bandwidth_groups, execution)  # fmt: skip
+              type(session).compute_groups, type(session).bandwidth_groups, execution, session.op_notes())  # fmt: skip
     written = write_artifacts(out_dir, job)
     results.info(f"[{run.model.name}] {out_dir}")
     results.info(compact_table(written["stages"], m, hardware.roofs[0].label))

@@ -78,7 +78,7 @@ def test_stage_table_counts_nested_kernels_once(attribution):
         "preprocess", "sam", "clip", "projector", "prefill", "prefill/attn", "prefill/moe", "decode",
     ]
     expected = {
-        # stage: (range_calls, host_ms from nvtx_sum, busy_ms inclusive, self_busy_ms)
+        # stage: (range_calls, range_ms from nvtx_sum, busy_ms inclusive, self_busy_ms)
         "preprocess": (1, 30.0, 0.0, 0.0),
         "sam": (1, 2.0, 5.0, 5.0),
         "clip": (1, 0.8, 2.0, 2.0),
@@ -93,7 +93,7 @@ def test_stage_table_counts_nested_kernels_once(attribution):
     for stage, (calls, host, busy, own) in expected.items():
         row = rows[stage]
         assert row["range_calls"] == calls, stage
-        assert row["host_ms"] == pytest.approx(host), stage
+        assert row["range_ms"] == pytest.approx(host), stage
         assert row["device_ms"] == pytest.approx(busy), stage
         assert row["busy_ms"] == pytest.approx(busy), stage
         assert row["self_busy_ms"] == pytest.approx(own), stage

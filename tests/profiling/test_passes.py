@@ -3,6 +3,7 @@ each pass yields, and the device every CUDA call names."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -169,3 +170,66 @@ def test_a_cuda_session_on_the_second_gpu_is_measured_there(monkeypatch):
     assert m.memory.peak_allocated_bytes == 1 and m.memory.peak_reserved_bytes == 2
     assert m.runs[0].stages == {"prep": [1.0], "step": [1.0, 1.0]}
     assert passes.E2E not in m.runs[0].stages
+
+
+
+#: The real timer, before a test replaces it with one on a scripted clock.
+RealStageTimer = passes.StageTimer
+
+
+class ScriptedClock:
+    """A host clock that moves only when the scripted session says a step took so long."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class ScriptedSession(FakeSession):
+    """Each run's steps take together the next of `run_seconds` on the scripted clock (warm-up included)."""
+
+    def __init__(self, clock, run_seconds):
+        super().__init__()
+        self.clock, self.run_seconds = clock, iter(run_seconds)
+
+    def generate(self, request, max_new_tokens):
+        seconds = next(self.run_seconds)
+        for _ in range(max_new_tokens - 1):
+            with stage_range("step"):
+                self.clock.now += seconds / (max_new_tokens - 1)
+        return Result(torch.zeros(max_new_tokens, dtype=torch.long))
+
+
+def _scripted(monkeypatch, run_seconds):
+    clock = ScriptedClock()
+    monkeypatch.setattr(passes, "StageTimer", lambda device: RealStageTimer(device, clock=clock))
+    return ScriptedSession(clock, run_seconds)
+
+
+def test_until_cv_times_more_runs_until_the_spread_is_small(monkeypatch):
+    # Warm-up 1 s, then runs of 1.0, 1.4, 1.0 s (sample stdev 0.231 of mean 1.133: 20.4 %), then
+    # 1.0 s each. Each added run narrows the spread: 15 runs 10.06 %, 16 runs 9.76 % <= 10 %.
+    session = _scripted(monkeypatch, [1.0, 1.0, 1.4] + [1.0] * 30)
+    m = measure(session, RunInputs(None, "p", 3), warmup=1, repeats=3, trace_path=None, until_cv=0.1,
+                max_repeats=20)
+    assert len(m.runs) == 16
+    assert m.until_cv["reached"] is True and m.until_cv["runs"] == 16
+    assert m.until_cv["cv"] == pytest.approx(0.0975610, abs=1e-6)
+
+
+def test_until_cv_stops_at_max_repeats(monkeypatch):
+    # 1, 2, 1, 2, 1, 2 s: stdev 0.548 of mean 1.5 (36.5 %), far from 5 %, so it stops at 6 runs.
+    session = _scripted(monkeypatch, [1.0] + [1.0, 2.0] * 20)
+    m = measure(session, RunInputs(None, "p", 3), warmup=1, repeats=3, trace_path=None, until_cv=0.05,
+                max_repeats=6)
+    assert len(m.runs) == 6
+    assert m.until_cv["reached"] is False and m.until_cv["max_repeats"] == 6
+    assert m.until_cv["cv"] == pytest.approx(0.365148, abs=1e-6)
+
+
+def test_without_until_cv_exactly_the_repeats_run(monkeypatch):
+    session = _scripted(monkeypatch, [1.0] + [1.0, 2.0] * 20)
+    m = measure(session, RunInputs(None, "p", 3), warmup=1, repeats=3, trace_path=None)
+    assert len(m.runs) == 3 and m.until_cv is None

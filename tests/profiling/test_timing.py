@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from llm_perf_opt.profiling.timing import StageTimer, summarize
+from llm_perf_opt.profiling.timing import StageTimer, outliers, summarize
 from llm_perf_opt.runners.ranges import listening, module_range, stage_range
 
 
@@ -120,19 +120,32 @@ def test_cuda_events_time_device_work():
 
 
 def test_summarize_matches_numpy():
-    samples = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0]
+    samples = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0, 2.5, 3.5, 4.5, 1.5]
     stats = summarize(samples)
-    assert stats["n"] == 6
-    assert stats["median"] == pytest.approx(3.5)
+    assert stats["n"] == 10
+    assert stats["median"] == pytest.approx(np.median(samples))
     assert stats["mean"] == pytest.approx(np.mean(samples))
     assert (stats["min"], stats["max"]) == (1.0, 10.0)
     assert stats["p90"] == pytest.approx(np.percentile(samples, 90))
     assert stats["stdev"] == pytest.approx(np.std(samples, ddof=1))
+    assert stats["cv"] == pytest.approx(np.std(samples, ddof=1) / np.mean(samples))
+    # The median is 3.25: 10.0 is above 1.5 x 3.25 = 4.875, 5.0 too, 4.5 is not.
+    assert stats["outliers"] == [0, 5]
+
+
+def test_summarize_gives_no_p90_below_ten_samples():
+    assert summarize([1.0, 2.0, 3.0])["p90"] is None
 
 
 def test_summarize_single_sample():
     assert summarize([2.5]) == {"n": 1, "median": 2.5, "mean": 2.5, "min": 2.5, "max": 2.5,
-                                "p90": 2.5, "stdev": 0.0}
+                                "stdev": 0.0, "cv": 0.0, "p90": None, "outliers": []}
+
+
+def test_outliers_are_runs_above_one_and_a_half_medians():
+    # The tiny gundam SAM: 2,854 / 368 / 449 ms; the median is 449, 1.5 x 449 = 673.5.
+    assert outliers([2854.0, 368.0, 449.0]) == [0]
+    assert outliers([100.0, 149.0, 120.0]) == []
 
 
 def test_summarize_needs_samples():

@@ -98,6 +98,10 @@ def test_rebuild_records_the_nsys_basis_and_a_new_headline(run_dir):
     assert "busy times from Nsight Systems (dsocr_*.csv)" in text
     assert "## Top kernels per stage (Nsight Systems)" in text
     assert "`sm90_xmma_gemm" in text
+    # decode's runs 1,678.619 / 982.980 / 475.795 ms: the first is above 1.5 x the median (1,474.47).
+    assert ("- **spread warning**: decode: 1 of 3 timed runs above 1.5x the median (worst 1,678.62 ms, "
+            "median 982.98 ms)") in text
+    assert "sam: 1 of 3" not in text  # 2,523.555 is not above 1.5 x 2,439.647
     for name in ("roofline.png", "stages.json", "kernels.csv"):
         assert (run_dir / name).stat().st_size > 0
 

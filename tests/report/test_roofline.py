@@ -244,20 +244,25 @@ def test_verdict_host_bound_decode():
 
 def test_verdict_compute_bound_with_top_op():
     # 4e12 / 8e14 = 5 ms > 2e9 / 3e12 = 0.67 ms: compute; 5 / 11 = 45% of the roof over wall.
-    # Host 1 ms of 11: not host-bound. Top op aten::mm 6.5 of 10 ms busy = 65%.
+    # Intensity 4e12 / 2e9 = 2,000 FLOP/B, ridge 8e14 / 3e12 = 267. Host 1 ms of 11: not
+    # host-bound. Busy 10 ms, 5 at the roof: 50% above it. aten::mm 6.5 of 10 ms = 65% holds
+    # more than half the op time on its own, so it is the only op named.
     row, split = _one(_row("sam", 11.0, 10.0, 4e12, 2e9), H100_CALIBRATED)
     text = verdict(row, split, "calibrated", "bf16", top_ops=[("aten::add", 3.0), ("aten::mm", 6.5)])
-    assert text == ("sam: compute-bound, 45% of the calibrated bf16 compute roof (5 ms at the roof); "
-                    "6.5 of 10 ms kernel time in aten::mm (65%)")
+    assert text == ("sam: compute-bound (2,000 FLOP/B, ridge 267): 45% of the calibrated bf16 compute roof "
+                    "(5 ms at the roof); 50% of its kernel time is above the roof; "
+                    "longest kernels: aten::mm 65% of 10 ms kernel time")
 
 
 def test_verdict_memory_bound_on_cpu():
     # CPU roof 1e12 FLOP/s, 30 GB/s: 1e9 / 1e12 = 1 ms < 6e7 / 3e10 = 2 ms: memory; 2 / 4 = 50%.
     cpu = make_roof("calibrated", {"fp32": 1e12}, 3e10)
     row, split = _one(_row("clip", 4.0, 3.5, 1e9, 6e7), cpu, "fp32")
+    # Intensity 1e9 / 6e7 = 17 FLOP/B, ridge 1e12 / 3e10 = 33; busy 3.5 ms, 2 at the roof: 43% above.
     text = verdict(row, split, "calibrated", "fp32", launches=120, top_ops=[("aten::copy_", 1.4)], device_kind="cpu")
-    assert text == ("clip: memory-bound, 50% of the calibrated bandwidth roof (2 ms at the roof); 120 op calls; "
-                    "1.4 of 3.5 ms op time in aten::copy_ (40%)")
+    assert text == ("clip: memory-bound (17 FLOP/B, ridge 33): 50% of the calibrated bandwidth roof (2 ms at the "
+                    "roof); 120 op calls; 43% of its op time is above the roof; longest ops: aten::copy_ 40% of "
+                    "3.5 ms op time")
 
 
 def test_verdict_above_the_roof_says_the_roof_is_too_low():
@@ -266,7 +271,8 @@ def test_verdict_above_the_roof_says_the_roof_is_too_low():
     cpu = make_roof("calibrated", {"fp32": 1e12}, 3e10)
     row, split = _one(_row("decode", 1.6, 1.5, 1e6, 6e7), cpu, "fp32")
     text = verdict(row, split, "calibrated", "fp32", device_kind="cpu")
-    assert text.startswith("decode: memory-bound, 125% of the calibrated bandwidth roof (2 ms at the roof); ")
+    assert text.startswith("decode: memory-bound (0.017 FLOP/B, ridge 33): 125% of the calibrated bandwidth roof "
+                           "(2 ms at the roof); ")
     assert "above the roof: the ceiling is too low" in text and "calibrate --refresh" in text
     row, split = _one(_row("decode", 2.05, 2.0, 1e6, 6e7), cpu, "fp32")
     assert "above the roof" not in verdict(row, split, "calibrated", "fp32", device_kind="cpu")
@@ -289,7 +295,7 @@ def test_verdict_other_cases():
     # Cut to 60 characters, the last an ellipsis.
     shown = "void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616…"
     assert len(shown) == 60
-    assert text.endswith(f"; 6 of 10 ms kernel time in {shown} (60%)")
+    assert text.endswith(f"; longest kernels: {shown} 60% of 10 ms kernel time")
     with pytest.raises(ValueError):
         verdict(row, split, "calibrated", "bf16", device_kind="tpu")
 
@@ -329,3 +335,55 @@ def test_headline_absent_and_partial_groups():
     assert h["bandwidth_utilisation_pct"]["decode"]["datasheet"]["wall"] == pytest.approx(10.0)
     with pytest.raises(ValueError, match="not"):
         headline(table, [DATASHEET], "bf16", compute_stages={}, bandwidth_stages={"lm": ["decode", "prefill"]})
+
+
+def test_a_stage_within_fifteen_percent_of_the_ridge_is_balanced():
+    # H100-like calibrated roof: ridge 8e14 / 3e12 = 266.7 FLOP/B; 15 % of it is 40.0.
+    work = _work(*(_row(name, 10.0, 9.0, intensity * 1e9, 1e9) for name, intensity in
+                   (("above", 310.0), ("high", 300.0), ("low", 230.0), ("below", 225.0))))  # fmt: skip
+    bound = roofline_table(work, [H100_CALIBRATED], "bf16").set_index("stage")["calibrated_bound"]
+    # 310 is 43.3 above the ridge, 300 is 33.3 above, 230 is 36.7 below, 225 is 41.7 below.
+    assert bound.to_dict() == {"above": "compute", "high": "balanced", "low": "balanced", "below": "memory"}
+
+
+def test_verdict_of_a_balanced_stage():
+    row, split = _one(_row("sam", 11.0, 10.0, 300e9, 1e9), H100_CALIBRATED)
+    # 300e9 / 8e14 = 0.375 ms compute, 1e9 / 3e12 = 0.333 ms memory: 0.375 / 11 = 3.4 %.
+    assert verdict(row, split, "calibrated", "bf16").startswith(
+        "sam: balanced (300 FLOP/B, within 15% of the ridge 267: compute and bandwidth bind alike): 3.4% of the "
+        "calibrated roofline (0.375 ms at the roof)")
+
+
+def test_verdict_quotes_the_models_note_on_the_ops_that_hold_the_time():
+    # Busy 10 ms: copy_ 4.9 (49 %) is not half of it on its own, copy_ + add 7.1 (71 %) is.
+    row, split = _one(_row("sam", 11.0, 10.0, 4e12, 2e9), H100_CALIBRATED)
+    ops = [("aten::mm", 2.0), ("aten::copy_", 4.9), ("aten::add", 2.2)]
+    note = (("aten::copy_", "aten::add"), "the materialised bias; model.impl=fast avoids it")
+    text = verdict(row, split, "calibrated", "bf16", top_ops=ops, op_notes=[note], device_kind="cpu")
+    assert text.endswith("; longest ops: aten::copy_ 49%, aten::add 22% of 10 ms op time; "
+                         "aten::copy_ and aten::add (71%): the materialised bias; model.impl=fast avoids it")
+    # A note on ops that are not among the longest is not quoted.
+    other = (("aten::cat",), "the projector's concatenation")
+    assert "concatenation" not in verdict(row, split, "calibrated", "bf16", top_ops=ops, op_notes=[other])
+
+
+def test_headline_names_the_roof_that_binds_each_group():
+    # ridge 8e14 / 3e12 = 266.7. prefill: 1e12 FLOP / 1e10 B = 100 FLOP/B: memory-bound; its
+    # bytes take 1e10 / 3e12 = 3.333 ms, over 10 ms wall 33.3 %, over 8 ms busy 41.7 %; its FLOP
+    # utilisation is only 1e12 / 10 ms / 8e14 = 12.5 %. vision: 4e12 / 2e9 = 2,000: compute-bound,
+    # 4e12 / 8e14 = 5 ms over 10 ms = 50 %. decode: 280e9 / 1e9 = 280, within 15 %: balanced,
+    # max(0.35, 0.333) = 0.35 ms over 1 ms = 35 %.
+    table = roofline_table(
+        _work(_row("prefill", 10.0, 8.0, 1e12, 1e10), _row("sam", 4.0, 3.0, 2e12, 1e9),
+              _row("clip", 6.0, 5.0, 2e12, 1e9), _row("decode", 1.0, 0.5, 280e9, 1e9)),
+        [H100_CALIBRATED], "bf16",
+    )  # fmt: skip
+    h = headline(table, [H100_CALIBRATED], "bf16", compute_stages={"vision": ["sam", "clip"], "prefill": ["prefill"]},
+                 bandwidth_stages={"decode": ["decode"]})  # fmt: skip
+    binding = {group: roofs["calibrated"] for group, roofs in h["roof_utilisation_pct"].items()}
+    assert binding["prefill"]["bound"] == "memory"
+    assert (binding["prefill"]["wall"], binding["prefill"]["busy"]) == pytest.approx((33.333, 41.667), abs=1e-3)
+    assert h["flop_utilisation_pct"]["prefill"]["calibrated"]["wall"] == pytest.approx(12.5)
+    assert binding["vision"]["bound"] == "compute" and binding["vision"]["wall"] == pytest.approx(50.0)
+    assert binding["decode"]["bound"] == "balanced" and binding["decode"]["wall"] == pytest.approx(35.0)
+    assert binding["decode"]["intensity"] == pytest.approx(280.0)

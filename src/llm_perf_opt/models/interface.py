@@ -81,6 +81,19 @@ class AnalyticModel(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class OpNote:
+    """What a model knows about some ops of one of its stages: what they are doing there and
+    what avoids them. A verdict quotes the note when these ops are among the stage's longest."""
+
+    stage: str
+    ops: tuple[str, ...]  # op or kernel names as the trace has them, e.g. ("aten::copy_", "aten::add")
+    note: str  # e.g. "the materialised relative-position bias; model.impl=fast avoids it"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "ops": list(self.ops), "note": self.note}
+
+
 class RoutedLayer(Protocol):
     """A mixture-of-experts layer whose routing can be observed: it calls `on_route` with the
     expert ids [tokens, k] it chose, on every forward."""
@@ -183,6 +196,11 @@ class ModelSession(ABC):
     def routed_layers(self) -> list[RoutedLayer]:
         """The MoE layers whose routing the harness records, in execution order (none by default)."""
         return []
+
+    def op_notes(self) -> tuple[OpNote, ...]:
+        """The model's words on ops that take a stage's time in the way it runs now (none by
+        default), for the verdicts of the report."""
+        return ()
 
     def execution(self) -> Execution | None:
         """How the last `generate` ran where the model has more than one way (None: the one

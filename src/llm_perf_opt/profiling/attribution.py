@@ -45,7 +45,7 @@ UNATTRIBUTED = "(unattributed)"
 STAGE_COLUMNS = (
     "stage",
     "range_calls",
-    "host_ms",
+    "range_ms",
     "cpu_self_ms",
     "device_ms",
     "busy_ms",
@@ -75,7 +75,7 @@ class Attribution:
     followed by its ``stage/family`` ranges:
 
     - ``range_calls``: number of range instances (e.g. one ``decode`` per generated token);
-    - ``host_ms``: summed host duration of the ranges (enqueue time, not device time);
+    - ``range_ms``: summed host duration of the range instances in the trace pass (enqueue time on a GPU, not device time; not the `host_ms` of the stage table, which is time minus busy);
     - ``cpu_self_ms``: CPU-op self time inside the range, nested ranges included;
     - ``device_ms``: device time of ops launched inside the range, nested ranges included;
     - ``busy_ms``: ``device_ms`` when :attr:`basis` is ``"device"``, else ``cpu_self_ms``;
@@ -262,7 +262,7 @@ def _stage_table(
         {
             "stage": name,
             "range_calls": int(row["calls"]),
-            "host_ms": row["host"] / 1e3,
+            "range_ms": row["host"] / 1e3,
             "cpu_self_ms": row["cpu"] / 1e3,
             "device_ms": row["dev"] / 1e3,
             "busy_ms": row[busy] / 1e3,

@@ -26,7 +26,7 @@ Rules:
   A family range listing more instances of a kernel than its stage contradicts that layout
   and is refused.
 * Per range: ``busy_ms = device_ms = Σ_k listed(r, k)`` (inclusive of nested ranges),
-  ``self_busy_ms = Σ_k own(r, k)``; ``range_calls`` and ``host_ms`` (CPU-side duration) come
+  ``self_busy_ms = Σ_k own(r, k)``; ``range_calls`` and ``range_ms`` (CPU-side duration) come
   from ``nvtx_sum``, so a range that launched no kernel still appears, with 0 busy time.
   ``cpu_self_ms`` is NaN: these reports hold no CPU-op times.
 * Totals: ``total_busy_ms`` is the ``cuda_gpu_kern_sum`` total, ``unattributed_ms`` = total −
@@ -360,7 +360,7 @@ def _stage_table(
         {
             "stage": name,
             "range_calls": int(row["Instances"]),
-            "host_ms": float(row["Total Time"]),
+            "range_ms": float(row["Total Time"]),
             "cpu_self_ms": math.nan,
             "device_ms": busy[name],
             "busy_ms": busy[name],

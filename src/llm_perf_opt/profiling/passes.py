@@ -7,6 +7,7 @@ pass is a separate set of runs of the same inputs.
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 from contextlib import nullcontext
@@ -26,6 +27,8 @@ from .trace import load_trace, record_trace
 from .trackers import ModuleRanges, RoutingRecorder, StepCounter
 
 E2E = "e2e"
+#: Stages shorter than this share of the end-to-end time do not hold up `until_cv`.
+SPREAD_STAGE_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,8 @@ class Measurement:
     attribution: Attribution | None = None
     trace_path: Path | None = None
     memory: MemoryFigures | None = None
+    #: With profiling.until_cv: the target, the runs taken, whether it was reached, the widest figure.
+    until_cv: dict | None = None
 
     def summary(self) -> dict:
         """Medians and spreads of the headline figures over the timed runs."""
@@ -80,6 +85,22 @@ class Measurement:
             "decode_tokens_per_s": [r.decode_tokens_per_s for r in self.runs if r.decode_tokens_per_s],
         }
         return {name: summarize(values) if values else None for name, values in figures.items()}
+
+    def spread(self) -> tuple[str, float]:
+        """The most spread figure of the timed runs and its coefficient of variation (stdev /
+        mean): the end-to-end time and every stage whose median is at least
+        :data:`SPREAD_STAGE_SHARE` of it (shorter stages are noisy and hardly matter)."""
+        e2e = [r.e2e_ms for r in self.runs]
+        if len(e2e) < 2:
+            return E2E, math.inf
+        figures = {E2E: e2e}
+        floor = SPREAD_STAGE_SHARE * statistics.median(e2e)
+        for stage in self.stages:
+            totals = self.stage_totals(stage.name)
+            if statistics.median(totals) >= floor:
+                figures[stage.name] = totals
+        cvs = {name: statistics.stdev(v) / statistics.fmean(v) for name, v in figures.items() if statistics.fmean(v) > 0}
+        return max(cvs.items(), key=lambda item: item[1])
 
     def stage_totals(self, stage: str) -> list[float]:
         """Per run, the total time of a stage (all its calls), in ms."""
@@ -103,11 +124,15 @@ def measure(
     trace_path: Path | None,
     module_ranges: bool = False,
     profiler_options: dict[str, bool] | None = None,
+    until_cv: float | None = None,
+    max_repeats: int | None = None,
 ) -> Measurement:
     """Run the passes on these inputs and return every raw figure.
 
     `module_ranges` adds nested `stage/family` ranges to the trace pass only; `profiler_options`
-    go to torch.profiler in that pass (see :func:`record_trace`).
+    go to torch.profiler in that pass (see :func:`record_trace`). With `until_cv`, timed runs
+    go on after `repeats`, one at a time, while :meth:`Measurement.spread` is above it, up to
+    `max_repeats` runs in all.
     """
     device = session.options.device
     stages = session.stages
@@ -142,9 +167,19 @@ def measure(
             else:
                 one_run()
         cuda_peaks = CudaPeaks(device) if device.type == "cuda" else nullcontext()
+        limit = max(repeats, max_repeats or repeats) if until_cv is not None else repeats
+
+        def more_runs() -> bool:
+            if len(m.runs) < repeats:
+                return True
+            return until_cv is not None and len(m.runs) < limit and m.spread()[1] > until_cv
+
+        if until_cv is not None:
+            bar.total += (limit - repeats) * (steps or 1)  # an upper bound: the bar may end early
         with RssSampler() as rss, cuda_peaks:
-            for i in range(repeats):
-                bar.set_description(f"repeat {i + 1}/{repeats}")
+            while more_runs():
+                i = len(m.runs)
+                bar.set_description(f"repeat {i + 1}/{repeats if i < repeats else limit}")
                 timer = StageTimer(device)
                 with listening(timer), timer.time(E2E):
                     m.request, m.result = one_run()
@@ -153,6 +188,10 @@ def measure(
                 ttft = sum(sum(samples.get(s, [])) for s in first_token)
                 n_steps = sum(len(samples.get(s, [])) for s in per_step)
                 m.runs.append(RunSample(samples, e2e, ttft, n_steps))
+        if until_cv is not None:
+            figure, cv = m.spread()
+            m.until_cv = {"target": until_cv, "max_repeats": limit, "runs": len(m.runs), "reached": cv <= until_cv,
+                          "widest": figure, "cv": cv}  # fmt: skip
         m.memory = MemoryFigures.collect(rss=rss, cuda=cuda_peaks if device.type == "cuda" else None)
         if trace_path is not None:
             bar.set_description("trace")

@@ -86,25 +86,49 @@ class StageTimer:
         return {name: list(values) for name, values in self._samples.items()}
 
 
-def summarize(samples: Sequence[float]) -> dict[str, float | int]:
+#: A sample more than this many times the median of its figure is an outlier.
+OUTLIER_FACTOR = 1.5
+#: Fewer samples than this give no p90 (it would be the largest sample or an interpolation to it).
+P90_MIN_SAMPLES = 10
+
+
+def summarize(samples: Sequence[float]) -> dict[str, float | int | list[int] | None]:
     """Summary statistics of timing samples (milliseconds in, milliseconds out).
 
-    Returns ``n``, ``median``, ``mean``, ``min``, ``max``, ``p90`` (linear interpolation
-    between order statistics, as numpy's default percentile) and ``stdev`` (sample standard
-    deviation; 0.0 for a single sample). Raises ``ValueError`` for no samples.
+    Returns ``n``, ``median``, ``mean``, ``min``, ``max``, ``stdev`` (sample standard
+    deviation; 0.0 for a single sample), ``cv`` (stdev / mean; 0.0 for a single sample),
+    ``p90`` (linear interpolation between order statistics, as numpy's default percentile;
+    None below :data:`P90_MIN_SAMPLES` samples) and ``outliers`` (the positions, in the order
+    given, of the samples above :data:`OUTLIER_FACTOR` times the median). Raises
+    ``ValueError`` for no samples.
     """
     if not samples:
         raise ValueError("cannot summarize an empty list of samples")
-    ordered = sorted(float(x) for x in samples)
+    values = [float(x) for x in samples]
+    ordered = sorted(values)
+    median = statistics.median(ordered)
+    mean = statistics.fmean(ordered)
+    stdev = statistics.stdev(ordered) if len(ordered) > 1 else 0.0
     return {
         "n": len(ordered),
-        "median": statistics.median(ordered),
-        "mean": statistics.fmean(ordered),
+        "median": median,
+        "mean": mean,
         "min": ordered[0],
         "max": ordered[-1],
-        "p90": _percentile(ordered, 0.9),
-        "stdev": statistics.stdev(ordered) if len(ordered) > 1 else 0.0,
+        "stdev": stdev,
+        "cv": stdev / mean if mean > 0 else 0.0,
+        "p90": _percentile(ordered, 0.9) if len(ordered) >= P90_MIN_SAMPLES else None,
+        "outliers": outliers(values),
     }
+
+
+def outliers(samples: Sequence[float]) -> list[int]:
+    """Positions of the samples above :data:`OUTLIER_FACTOR` times their median (a run slowed
+    by something else on the machine, or a first run paying for a cold cache)."""
+    if not samples:
+        return []
+    median = statistics.median(samples)
+    return [i for i, x in enumerate(samples) if median > 0 and x > OUTLIER_FACTOR * median]
 
 
 def _percentile(ordered: Sequence[float], q: float) -> float:

@@ -40,13 +40,13 @@ from llm_perf_opt.profiling.nsys_import import (
 )
 from llm_perf_opt.runners.ranges import stage_of
 
-from .run_record import NSYS_BASIS, headline_figures, record_roofs, trace_record
+from .run_record import NSYS_BASIS, headline_figures, record_op_notes, record_roofs, trace_record
 from .run_report import write_report_files
 from .stage_report import measured_table, stage_table_from, steps_per_stage, work_table
 
 RUN_JSON = "run.json"
 #: Range columns of :attr:`Attribution.stages` that are sums over the capture.
-_SCALED_RANGE_COLUMNS = ("range_calls", "host_ms", "cpu_self_ms", "device_ms", "busy_ms", "self_busy_ms")
+_SCALED_RANGE_COLUMNS = ("range_calls", "range_ms", "cpu_self_ms", "device_ms", "busy_ms", "self_busy_ms")
 #: Fields of run.json the rebuild reads (older run.json files lack ``stage_layout`` and ``request``).
 _NEEDED = ("config", "device", "hardware", "dtype", "dtype_reason", "request", "stage_layout", "timing",
            "analytic", "memory", "versions")  # fmt: skip
@@ -119,6 +119,7 @@ def rebuild(run_dir: str | Path, reports: str | Path | None = None) -> pd.DataFr
         record["dtype"],
         "cuda",  # Nsight Systems' busy time is GPU kernel time, whatever the record says
         steps_per_stage(layout["per_step"], runs),
+        record_op_notes(record),
     )
     label = _reports_label(find_reports(source)[RANGE_KERNEL_SUM], run_dir)
     record["trace"] = trace_record(attribution, label, NSYS_BASIS)

@@ -12,6 +12,8 @@ from llm_perf_opt.hardware.precision import DtypeChoice, header_text
 from llm_perf_opt.profiling.attribution import Attribution
 from llm_perf_opt.profiling.passes import Measurement
 
+from llm_perf_opt.profiling.timing import OUTLIER_FACTOR
+
 from .roofline import roof_prefix
 from .run_record import NSYS_BASIS, record_roofs
 from .stage_report import top_ops
@@ -41,15 +43,39 @@ def _num(value: Any, digits: int = 2) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _sig(value: Any) -> str:
+    """3 significant digits, with separators and no exponent (0.000412, 27.0, 3,128)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if value == 0 or abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.{max(0, 2 - math.floor(math.log10(abs(value))))}f}"
+
+
 def _time_and_work(table: pd.DataFrame) -> dict[str, pd.Series]:
     """The columns every view of the stage table starts with, formatted."""
     return {
         "stage": table["stage"],
         "time ms": table["time_ms"].map(_num),
         "busy ms": table["busy_ms"].map(_num),
-        "GFLOP": (table["flops"] / 1e9).map(_num),
-        "GB": (table["bytes"] / 1e9).map(lambda v: _num(v, 3)),
+        "GFLOP": (table["flops"] / 1e9).map(_sig),
+        "GB": (table["bytes"] / 1e9).map(_sig),
     }
+
+
+def _pct_of_roof(table: pd.DataFrame, prefix: str) -> list[str]:
+    """% of a roof over measured time; over busy time, marked, for nested ranges (no measured time)."""
+    return [
+        _num(wall, 1) if not pd.isna(wall) else "-" if pd.isna(busy) else f"{_num(busy, 1)} (busy)"
+        for wall, busy in zip(table[prefix + "pct_roof_wall"], table[prefix + "pct_roof_busy"])
+    ]
+
+
+def _spread(summary: dict | None) -> str:
+    """"median [min, max], n=3" of a figure's summary."""
+    if not summary:
+        return "-"
+    return f"{summary['median']:,.2f} [{summary['min']:,.2f}, {summary['max']:,.2f}], n={summary['n']}"
 
 
 def compact_table(table: pd.DataFrame, m: Measurement, roof_label: str) -> str:
@@ -59,15 +85,17 @@ def compact_table(table: pd.DataFrame, m: Measurement, roof_label: str) -> str:
         **_time_and_work(table),
         "TFLOP/s": table["achieved_tflop_s_wall"].map(lambda v: _num(v, 3)),
         "GB/s": table["achieved_gbyte_s_wall"].map(_num),
-        f"% {roof_label} roof": table[p + "pct_roof_wall"].map(lambda v: _num(v, 1)),
+        f"% {roof_label} roof": _pct_of_roof(table, p),
         "bound": table[p + "bound"].replace({"unknown": "-"}),
     })
     lines = [view.to_string(index=False)]
     s = m.summary()
+    lines.append(f"{'':>14}  median [min, max] over the timed runs")
     for key, label in (("ttft_ms", "TTFT ms"), ("tpot_ms", "TPOT ms"), ("decode_tokens_per_s", "decode tok/s"),
                        ("e2e_ms", "end-to-end ms")):
         if s.get(key):
-            lines.append(f"{label:>14}: {s[key]['median']:.2f} (min {s[key]['min']:.2f}, n={s[key]['n']})")
+            lines.append(f"{label:>14}: {_spread(s[key])}")
+    lines += [f"{'warning':>14}: {line}" for line in spread_warnings(table, s, m.until_cv)]
     if m.attribution is not None:
         lines.append(f"{'coverage':>14}: {100 * m.attribution.coverage:.2f}% of {m.attribution.basis} time in stages")
     return "\n".join(lines)
@@ -98,17 +126,57 @@ def _roof_lines(record: dict) -> list[str]:
     return lines
 
 
-def _headline_lines(headline_: dict) -> list[str]:
+def _headline_lines(headline_: dict, summary: dict, groups: dict[str, list[str]]) -> list[str]:
     lines = []
-    for key, label in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT")):
+    for key, label, unit in (("ttft_ms", "TTFT", "ms"), ("tpot_ms", "TPOT", "ms"),
+                             ("decode_tokens_per_s", "decode", "tokens/s")):  # fmt: skip
         if headline_.get(key) is not None:
-            lines.append(f"- {label}: {headline_[key]:.2f} ms")
-    if headline_.get("decode_tokens_per_s") is not None:
-        lines.append(f"- decode: {headline_['decode_tokens_per_s']:.1f} tokens/s")
-    for kind, label in (("flop_utilisation_pct", "FLOP utilisation"), ("bandwidth_utilisation_pct", "bandwidth utilisation")):
-        for group, per_roof in headline_.get(kind, {}).items():
-            parts = [f"{roof} roof {_num(v['wall'], 1)}% (busy {_num(v['busy'], 1)}%)" for roof, v in per_roof.items()]
-            lines.append(f"- {label} of {group}: " + "; ".join(parts))
+            spread = summary.get(key)
+            detail = "" if not spread or spread["n"] < 2 else (
+                f" (median of {spread['n']} runs; min {spread['min']:,.2f}, max {spread['max']:,.2f}, "
+                f"stdev {100 * spread['stdev'] / spread['mean']:.1f}% of the mean)"
+            )
+            lines.append(f"- {label}: {headline_[key]:,.2f} {unit}{detail}")
+    for group, per_roof in (headline_.get("roof_utilisation_pct") or {}).items():
+        stages = groups.get(group, [])
+        name = group if stages == [group] else f"{group} ({', '.join(stages)})"
+        lines.append(f"- {name}: " + "; ".join(_binding_text(roof, v) for roof, v in per_roof.items()))
+    return lines
+
+
+def _binding_text(roof: str, figures: dict) -> str:
+    """"memory-bound: 35.1% of the calibrated bandwidth roof (busy 40.2%)" for one group and roof."""
+    bound = figures["bound"]
+    utilisation = f"{_num(figures['wall'], 1)}% (busy {_num(figures['busy'], 1)}%)"
+    if bound == "compute":
+        return f"compute-bound: {utilisation} of the {roof} FLOP/s roof"
+    if bound == "memory":
+        return f"memory-bound: {utilisation} of the {roof} bandwidth roof"
+    if bound == "balanced":
+        return f"balanced (intensity within 15% of the ridge): {utilisation} of the {roof} roofline"
+    return f"no analytic cost on the {roof} roof" if bound == "unknown" else f"no modelled work ({roof} roof)"
+
+
+def spread_warnings(table: pd.DataFrame, summary: dict, until_cv: dict | None) -> list[str]:
+    """One line per stage or headline figure with an outlier run, and one if profiling.until_cv
+    ran out of repeats: the median stands, the spread says how far to trust it."""
+    lines = []
+    figures = [(row.stage, "ms", row.time_ms, row.time_ms_max, row.outlier_runs, row.repeats)
+               for row in table.itertuples() if not pd.isna(row.outlier_runs) and row.outlier_runs > 0]
+    figures += [(label, "ms", s["median"], s["max"], len(s["outliers"]), s["n"])
+                for key, label in (("ttft_ms", "TTFT"), ("e2e_ms", "end-to-end"))
+                if (s := summary.get(key)) and s.get("outliers")]  # fmt: skip
+    for name, unit, median, worst, count, n in figures:
+        lines.append(
+            f"{name}: {count} of {n} timed runs above {OUTLIER_FACTOR:g}x the median (worst {worst:,.2f} {unit}, "
+            f"median {median:,.2f} {unit}); trust the median less, or measure again on a quiet machine with "
+            f"profiling.repeats=10 or profiling.until_cv=0.05"
+        )
+    if until_cv and not until_cv["reached"]:
+        lines.append(
+            f"profiling.until_cv={until_cv['target']:g} not reached in {until_cv['runs']} timed runs "
+            f"(profiling.max_repeats): {until_cv['widest']} still varies by {100 * until_cv['cv']:.1f}% of its mean"
+        )
     return lines
 
 
@@ -140,18 +208,31 @@ def report_markdown(record: dict, table: pd.DataFrame, attribution: Attribution 
                                   zip(table["achieved_tflop_s_wall"], table["achieved_tflop_s_busy"])],
         "GB/s (time / busy)": [f"{_num(a, 1)} / {_num(b, 1)}" for a, b in
                                zip(table["achieved_gbyte_s_wall"], table["achieved_gbyte_s_busy"])],
-        **{f"% {r.label} roof": table[roof_prefix(r.label) + "pct_roof_wall"].map(lambda v: _num(v, 1))
-           for r in roofs},
+        **{f"% {r.label} roof": _pct_of_roof(table, roof_prefix(r.label)) for r in roofs},
         "bound": table[p + "bound"].replace({"unknown": "-"}),
     })  # fmt: skip
+    nested = table["time_ms"].isna() & table["busy_ms"].notna()
     split_view = pd.DataFrame({
         "stage": table["stage"],
-        "time ms": table["time_ms"].map(_num),
+        "time ms": [f"{_num(b)} (busy)" if n else _num(t) for t, b, n in zip(table["time_ms"], table["busy_ms"], nested)],
         "roofline ms": table["split_roofline_ms"].map(lambda v: _num(v, 3)),
         "above roof ms": table["above_roof_ms"].map(_num),
         "host ms": table["host_ms"].map(_num),
         "launches": table["launches"].map(lambda v: "-" if pd.isna(v) else f"{int(v):,}"),
+    })  # fmt: skip
+    timed = table[table["time_ms"].notna()]
+    spread_view = pd.DataFrame({
+        "stage": timed["stage"],
+        "runs": timed["repeats"].map(lambda v: "-" if pd.isna(v) else str(v)),
+        "median ms": timed["time_ms"].map(_num),
+        "min ms": timed["time_ms_min"].map(_num),
+        "max ms": timed["time_ms_max"].map(_num),
+        "stdev % of mean": timed["time_ms_cv_pct"].map(lambda v: _num(v, 1)),
+        "p90 ms": timed["time_ms_p90"].map(_num),
+        f"runs > {OUTLIER_FACTOR:g}x median": timed["outlier_runs"].map(lambda v: "-" if pd.isna(v) else str(v)),
     })
+    warnings = spread_warnings(table, record["timing"]["summary"], record["timing"].get("until_cv"))
+    layout = record["stage_layout"]
     top_lines = []
     work = "kernels" if record["device"]["type"] == "cuda" or nsys else "ops"
     for stage in table["stage"]:
@@ -168,8 +249,7 @@ def report_markdown(record: dict, table: pd.DataFrame, attribution: Attribution 
         *_execution_lines(record),
         f"- weights: {record['weights']}; {header_text(dtype)}; torch {record['versions']['torch']}, "
         f"CUDA {record['versions']['cuda'] or 'none'}",
-        f"- {config['profiling']['warmup']} warm-up, {config['profiling']['repeats']} timed runs, "
-        f"{_busy_source(record)}",
+        f"- {config['profiling']['warmup']} warm-up, {_timed_runs(record)}, {_busy_source(record)}",
         *_roof_lines(record),
         "- memory, measured: " + ", ".join(
             f"{key.removesuffix('_bytes').replace('_', ' ')} {_gb(value)}"
@@ -181,7 +261,9 @@ def report_markdown(record: dict, table: pd.DataFrame, attribution: Attribution 
         "",
         "## Headline",
         "",
-        *_headline_lines(record["headline"]),
+        *_headline_lines(record["headline"], record["timing"]["summary"],
+                         {**layout["compute_groups"], **layout["bandwidth_groups"]}),
+        *[f"- **spread warning**: {line}" for line in warnings],
         "",
         "## Stages against the roofline",
         "",
@@ -197,6 +279,16 @@ def report_markdown(record: dict, table: pd.DataFrame, attribution: Attribution 
         SPLIT_NOTE.format(roof=roof),
         "",
         _markdown_table(split_view),
+        *_overlap_lines(table, record["device"]["type"] == "cuda" or nsys),
+        "",
+        "## Timing spread",
+        "",
+        "Each stage's time per run over the timed runs (the tables above show the median). "
+        "p90 needs 10 runs or more.",
+        "",
+        _markdown_table(spread_view),
+        "",
+        *([f"- {line}" for line in warnings] or ["- no run above 1.5x the median"]),
         "",
         "## Verdicts",
         "",
@@ -207,6 +299,29 @@ def report_markdown(record: dict, table: pd.DataFrame, attribution: Attribution 
         *(top_lines or ["- no trace"]),
         "",
     ])
+
+
+def _timed_runs(record: dict) -> str:
+    """"3 timed runs", or how profiling.until_cv ended."""
+    until_cv = record["timing"].get("until_cv")
+    runs = len(record["timing"]["samples"])
+    if not until_cv:
+        return f"{runs} timed runs"
+    outcome = "reached" if until_cv["reached"] else f"not reached by {until_cv['max_repeats']}"
+    return f"{runs} timed runs (until every figure's stdev ≤ {100 * until_cv['target']:g}% of its mean: {outcome})"
+
+
+def _overlap_lines(table: pd.DataFrame, gpu: bool) -> list[str]:
+    """A line per stage whose busy time exceeds its measured time (host time shows 0 there)."""
+    rows = table[table["overlap_ms"].fillna(0) > 0]
+    why = ("its kernels ran on after its range closed (launches are asynchronous), so some of them overlap "
+           "the next stage, whose host time may include them" if gpu else
+           "the trace run, whose profiler adds time to every op, was slower than the timed runs")  # fmt: skip
+    return [""] + [
+        f"- {row.stage}: busy {_num(row.busy_ms)} ms is {_num(row.overlap_ms)} ms above its time "
+        f"{_num(row.time_ms)} ms: {why}; its host time is shown as 0"
+        for row in rows.itertuples()
+    ] if len(rows) else []
 
 
 def _execution_lines(record: dict) -> list[str]:

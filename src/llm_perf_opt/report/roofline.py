@@ -21,6 +21,10 @@ Degenerate rows never raise and never give an infinity:
   bound ``none``;
 - NaN FLOPs or bytes (no analytic cost for the row): everything derived from them is NaN and
   the bound is ``unknown``.
+
+A row whose intensity lies within :data:`BALANCED_BAND` of the ridge is ``balanced``: both
+roofs take about the same time there, and calling it compute- or memory-bound would turn a
+rounding of the counts into a claim.
 """
 
 from __future__ import annotations
@@ -39,6 +43,11 @@ SPLIT_COLUMNS = ("stage", "wall_ms", "busy_ms", "roofline_ms", "above_roof_ms", 
 
 # Above this % of a roof over wall time, timing noise cannot explain it: the roof is too low.
 ABOVE_ROOF_PCT = 105.0
+# An intensity within this fraction of the ridge (either side) is "balanced".
+BALANCED_BAND = 0.15
+# Ops named in a verdict: the longest ones, until they hold this share of the op time (at most _MAX_OPS).
+OPS_SHARE = 0.5
+_MAX_OPS = 3
 # A stage is host-bound when the device is idle for more than this share of its wall time.
 HOST_BOUND_SHARE = 0.5
 # Longer kernel names (templated CUDA kernels run to hundreds of characters) are cut in verdicts.
@@ -81,7 +90,8 @@ def roofline_table(work: pd.DataFrame, roofs: Sequence[RoofLike], dtype: str) ->
       ``attainable_tflop_s`` = min(P, intensity · W) / 1e12;
       ``roofline_ms`` = max(F / P, B / W) · 1e3;
       ``pct_roof_{wall,busy}`` = roofline_ms / t · 100;
-      ``bound`` = ``compute`` if F / P >= B / W else ``memory``
+      ``bound`` = ``balanced`` if |F/B − P/W| <= :data:`BALANCED_BAND` · P/W, else
+      ``compute`` if F / P >= B / W, else ``memory``
 
     The degenerate cases are listed in the module docstring. Other columns of ``work`` (bytes
     by category, launches, ...) are kept unchanged; the row order and index are kept.
@@ -108,20 +118,22 @@ def roofline_table(work: pd.DataFrame, roofs: Sequence[RoofLike], dtype: str) ->
             raise ValueError(
                 f"roof {roof.label!r}: peak {peak} FLOP/s ({dtype}) and bandwidth {bandwidth} B/s must be positive"
             )
+        ridge = peak / bandwidth
         compute_s = flops / peak
         memory_s = nbytes / bandwidth
         roofline_ms = np.maximum(compute_s, memory_s) * 1e3
         # min(P, I·W) is NaN wherever the intensity is; B = 0 with F > 0 is an unbounded intensity: the peak.
         attainable = np.minimum(peak, out["intensity"].to_numpy() * bandwidth)
         attainable = np.where((nbytes == 0) & (flops > 0), peak, attainable)
-        out[prefix + "ridge"] = peak / bandwidth
+        out[prefix + "ridge"] = ridge
         out[prefix + "attainable_tflop_s"] = attainable / 1e12
         out[prefix + "roofline_ms"] = roofline_ms
         out[prefix + "pct_roof_wall"] = _ratio(roofline_ms, times["wall"]) * 100
         out[prefix + "pct_roof_busy"] = _ratio(roofline_ms, times["busy"]) * 100
+        balanced = np.abs(out["intensity"].to_numpy() - ridge) <= BALANCED_BAND * ridge
         out[prefix + "bound"] = np.select(
-            [np.isnan(flops) | np.isnan(nbytes), (flops == 0) & (nbytes == 0), compute_s >= memory_s],
-            ["unknown", "none", "compute"],
+            [np.isnan(flops) | np.isnan(nbytes), (flops == 0) & (nbytes == 0), balanced, compute_s >= memory_s],
+            ["unknown", "none", "balanced", "compute"],
             "memory",
         )
     return out
@@ -189,6 +201,7 @@ def verdict(
     launches: int | None = None,
     steps: int | None = None,
     top_ops: Sequence[tuple[str, float]] | None = None,
+    op_notes: Sequence[tuple[Sequence[str], str]] = (),
     device_kind: str = "cuda",
 ) -> str:
     """One plain-words line about one row of :func:`roofline_table` and its :func:`time_split` row.
@@ -201,14 +214,17 @@ def verdict(
     3. host-bound when the device is idle for more than half the wall time
        (``host_ms`` > :data:`HOST_BOUND_SHARE` · ``wall_ms``): the busy share, then the
        roofline time;
-    4. otherwise compute- or memory-bound, by the roof's ``bound``, with the % of that roof over
-       the wall time (the dtype is named for the compute roof only; bandwidth does not depend
-       on it), what it means when that is above :data:`ABOVE_ROOF_PCT`, and, without a trace,
-       a note that host time is unknown.
+    4. otherwise compute-bound, memory-bound or balanced, by the roof's ``bound``, with the
+       intensity beside the ridge and the % of the binding roof over the wall time (the dtype is
+       named for the compute roof only; bandwidth does not depend on it), what it means when that
+       is above :data:`ABOVE_ROOF_PCT`, and, without a trace, a note that host time is unknown.
 
-    Then, when given: ``launches`` kernel launches (op calls on a CPU) and ``top_ops``, pairs of
-    (name, ms) of which the longest is named with its share of the busy time. With ``steps``
-    (e.g. decode tokens), launches and the roofline time are also given per step.
+    Then, when given: ``launches`` kernel launches (op calls on a CPU), the op time above the
+    roof, and from ``top_ops`` (pairs of (name, ms), the stage's longest ops) the longest ones
+    until they hold :data:`OPS_SHARE` of the busy time. ``op_notes`` are the model's words on
+    some ops of this stage (pairs of (op names, what they are)): a note is quoted, with the
+    share of the busy time its ops hold, when one of its ops is among those named. With
+    ``steps`` (e.g. decode tokens), launches and the roofline time are also given per step.
     ``device_kind`` "cuda" speaks of the GPU and kernels, "cpu" of op time and ops.
     """
     if device_kind not in ("cuda", "cpu"):
@@ -241,9 +257,8 @@ def verdict(
         parts.append("host-bound: " + _busy_phrase(busy, wall, device_kind, unit))
     else:
         pct = _float(row[prefix + "pct_roof_wall"])
-        roof_name = f"{roof_label} {dtype} compute" if bound == "compute" else f"{roof_label} bandwidth"
         each = " a step" if per_step else ""
-        parts.append(f"{bound}-bound, {_pct(pct)} of the {roof_name} roof ({_ms(roof_ms)} ms{each} at the roof)")
+        parts.append(f"{_bound_phrase(row, prefix, bound, roof_label, dtype)} ({_ms(roof_ms)} ms{each} at the roof)")
         if pct > ABOVE_ROOF_PCT:
             parts.append(
                 "above the roof: the ceiling is too low for this stage (a calibration on a busy machine: "
@@ -257,14 +272,51 @@ def verdict(
         noun = "kernel launches" if device_kind == "cuda" else "op calls"
         count = f"{launches / steps:,.0f} {noun} per step" if per_step else f"{launches:,} {noun}"
         parts.append(count)
-    if host_bound and bound in ("compute", "memory"):
-        roof_kind = "compute" if bound == "compute" else "bandwidth"
+    if host_bound and bound in ("compute", "memory", "balanced"):
+        roof_kind = {"compute": "compute roof", "memory": "bandwidth roof", "balanced": "roofs"}[bound]
         which = "a step" if per_step else "the stage"
-        parts.append(f"at the {roof_label} {roof_kind} roof {which} would take {_ms(roof_ms)} ms")
+        parts.append(f"at the {roof_label} {roof_kind} {which} would take {_ms(roof_ms)} ms")
+    above = _float(split_row.get("above_roof_ms"))
+    if not host_bound and above > 0 and not math.isnan(busy) and busy > 0:
+        parts.append(f"{_pct(above / busy * 100)} of its {work} time is above the roof")
     if top_ops:
-        name, ms = max(top_ops, key=lambda pair: pair[1])
-        parts.append(_top_phrase(name, float(ms), busy, work))
+        parts += _ops_phrases(top_ops, op_notes, busy, work)
     return f"{stage}: " + "; ".join(parts)
+
+
+def _bound_phrase(row: Mapping[str, object], prefix: str, bound: object, roof_label: str, dtype: str) -> str:
+    """"compute-bound (8.6 FLOP/B, ridge 4.2): 10% of the calibrated float32 compute roof" and the like."""
+    intensity, ridge = _float(row.get("intensity")), _float(row[prefix + "ridge"])
+    pct = _pct(_float(row[prefix + "pct_roof_wall"]))
+    if bound == "balanced":
+        return (f"balanced ({_intensity(intensity)} FLOP/B, within {BALANCED_BAND:.0%} of the ridge "
+                f"{_intensity(ridge)}: compute and bandwidth bind alike): {pct} of the {roof_label} roofline")  # fmt: skip
+    roof_name = f"{roof_label} {dtype} compute" if bound == "compute" else f"{roof_label} bandwidth"
+    return f"{bound}-bound ({_intensity(intensity)} FLOP/B, ridge {_intensity(ridge)}): {pct} of the {roof_name} roof"
+
+
+def _ops_phrases(
+    top_ops: Sequence[tuple[str, float]], op_notes: Sequence[tuple[Sequence[str], str]], busy: float, work: str
+) -> list[str]:
+    """The longest ops with their share of the busy time, and the model's notes on them."""
+    ranked = sorted(((name, float(ms)) for name, ms in top_ops), key=lambda pair: -pair[1])
+    if math.isnan(busy) or busy <= 0:
+        name, ms = ranked[0]
+        return [f"top {work}: {_short(name)} ({_ms(ms)} ms)"]
+    named, held = [], 0.0
+    for name, ms in ranked[:_MAX_OPS]:
+        named.append((name, ms))
+        held += ms
+        if held >= OPS_SHARE * busy:
+            break
+    listed = ", ".join(f"{_short(name)} {_pct(ms / busy * 100)}" for name, ms in named)
+    phrases = [f"longest {work}s: {listed} of {_ms(busy)} ms {work} time"]
+    times = dict(ranked)
+    for ops, note in op_notes:
+        if any(name in ops for name, _ in named):
+            share = sum(times.get(op, 0.0) for op in ops) / busy * 100
+            phrases.append(f"{' and '.join(_short(op) for op in ops)} ({_pct(share)}): {note}")
+    return phrases
 
 
 def headline(
@@ -274,19 +326,28 @@ def headline(
     *,
     compute_stages: Mapping[str, Sequence[str]],
     bandwidth_stages: Mapping[str, Sequence[str]],
-) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
-    """FLOP utilisation of the ``compute_stages`` groups and bandwidth utilisation of the
-    ``bandwidth_stages`` groups, in %, per roof (keyed by its label) and time basis.
+) -> dict[str, dict]:
+    """Utilisation of stage groups, in %, per roof (keyed by its label) and time basis.
 
     A group's stages are summed (rows whose ``stage`` equals one of the names; module rows
-    ``stage/family`` are not counted): FLOP utilisation = ΣF / (Σt · 1e-3) / P · 100,
-    bandwidth utilisation = ΣB / (Σt · 1e-3) / W · 100, for t = wall and busy time. A group
-    none of whose stages is in the table (e.g. vision in a text-only run), or with a zero or
-    NaN summed time, gives NaN; a group only partly in the table is an error.
+    ``stage/family`` are not counted), with ΣF FLOPs, ΣB bytes and Σt the wall or busy time:
 
-    ``{"flop_utilisation_pct": {"vision": {"datasheet": {"wall": 6.8, "busy": 7.5}}}, ...}``
+    - ``flop_utilisation_pct`` of the ``compute_stages`` groups = ΣF / (Σt · 1e-3) / P · 100;
+    - ``bandwidth_utilisation_pct`` of the ``bandwidth_stages`` groups = ΣB / (Σt · 1e-3) / W · 100;
+    - ``roof_utilisation_pct`` of every group of either: the roof that binds the group as a
+      whole (``bound`` by ΣF/ΣB against the ridge P/W, ``balanced`` within
+      :data:`BALANCED_BAND` of it) and the utilisation of that roof,
+      max(ΣF / P, ΣB / W) / (Σt · 1e-3) · 100, which is the FLOP utilisation of a
+      compute-bound group and the bandwidth utilisation of a memory-bound one.
+
+    A group none of whose stages is in the table (e.g. vision in a text-only run), or with a
+    zero or NaN summed time, gives NaN; a group only partly in the table is an error.
+
+    ``{"flop_utilisation_pct": {"vision": {"datasheet": {"wall": 6.8, "busy": 7.5}}}, ...,
+    "roof_utilisation_pct": {"prefill": {"datasheet": {"bound": "memory", "intensity": 120.0,
+    "ridge": 295.0, "wall": 35.1, "busy": 40.2}}}}``
     """
-    result: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    result: dict[str, dict] = {}
     for key, groups, metric in (
         ("flop_utilisation_pct", compute_stages, "flops"),
         ("bandwidth_utilisation_pct", bandwidth_stages, "bytes"),
@@ -301,7 +362,34 @@ def headline(
                 }
                 for roof in roofs
             }
+    result["roof_utilisation_pct"] = {}
+    for group, stages in {**compute_stages, **bandwidth_stages}.items():
+        flops, times = _group_sum(table, group, stages, "flops")
+        nbytes, _ = _group_sum(table, group, stages, "bytes")
+        result["roof_utilisation_pct"][group] = {
+            roof.label: _binding(flops, nbytes, times, roof.peak(dtype), roof.byte_s) for roof in roofs
+        }
     return result
+
+
+def _binding(flops: float, nbytes: float, times: Mapping[str, float], peak: float, byte_s: float) -> dict:
+    """The roof that binds ΣF FLOPs and ΣB bytes, and its utilisation over each time basis."""
+    ridge = peak / byte_s
+    intensity = _safe_div(flops, nbytes)
+    compute_s, memory_s = flops / peak, nbytes / byte_s
+    roof_s = float("nan") if math.isnan(compute_s) or math.isnan(memory_s) else max(compute_s, memory_s)
+    if math.isnan(roof_s) or roof_s == 0:
+        bound = "unknown" if math.isnan(roof_s) else "none"
+    elif abs(intensity - ridge) <= BALANCED_BAND * ridge:
+        bound = "balanced"
+    else:
+        bound = "compute" if compute_s >= memory_s else "memory"
+    return {
+        "bound": bound,
+        "intensity": intensity,
+        "ridge": ridge,
+        **{basis: _safe_div(roof_s, ms * 1e-3) * 100 for basis, ms in times.items()},
+    }
 
 
 def _group_sum(table: pd.DataFrame, group: str, stages: Sequence[str], metric: str) -> tuple[float, dict[str, float]]:
@@ -351,11 +439,12 @@ def _busy_phrase(busy: float, wall: float, device_kind: str, unit: str) -> str:
     return f"op time is {share} of the {unit}"
 
 
-def _top_phrase(name: str, ms: float, busy: float, work: str) -> str:
-    short = name if len(name) <= _MAX_OP_NAME else name[: _MAX_OP_NAME - 1] + "…"
-    if math.isnan(busy) or busy <= 0:
-        return f"top {work}: {short} ({_ms(ms)} ms)"
-    return f"{_ms(ms)} of {_ms(busy)} ms {work} time in {short} ({_pct(ms / busy * 100)})"
+def _short(name: str) -> str:
+    return name if len(name) <= _MAX_OP_NAME else name[: _MAX_OP_NAME - 1] + "…"
+
+
+def _intensity(value: float) -> str:
+    return "?" if math.isnan(value) else f"{value:.2g}" if value < 10 else f"{value:,.0f}"
 
 
 def _ms(value: float) -> str:

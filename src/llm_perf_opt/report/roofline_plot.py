@@ -6,8 +6,9 @@ datasheet roof first and the calibrated one second). Each row is one point per t
 achieved over busy (kernel/op) time as a filled marker, over wall time as a hollow marker of the
 same colour, joined by a thin line; the gap between them is host time. Colour is the stage;
 rows named ``stage/family`` (module granularity) take their stage's colour and a marker per
-family, listed in the legend, and only stage rows get a text label, so that some twenty points
-stay readable. Rows that cannot sit on log axes (no FLOPs, no bytes, no time) are named in a
+family, listed in the legend; stage rows get a text label, and family rows a small one
+(the family's name) wherever it fits without covering another label, marker or roof, so that
+some twenty points stay readable. Rows that cannot sit on log axes (no FLOPs, no bytes, no time) are named in a
 footnote instead.
 """
 
@@ -90,6 +91,7 @@ def roofline_plot(
     markers = {f: _FAMILY_MARKERS[i % len(_FAMILY_MARKERS)] for i, f in enumerate(families)}
     _draw_points(ax, points, colours, markers)
     _place_labels(ax, canvas, points[points["family"] == ""], colours)
+    _place_labels(ax, canvas, points[points["family"] != ""], colours, small=True)
 
     handles += _basis_handles()
     if markers:
@@ -195,12 +197,15 @@ def _basis_handles() -> list[Line2D]:
     ]
 
 
-def _place_labels(ax, canvas: FigureCanvasAgg, labelled: pd.DataFrame, colours: dict[str, tuple]) -> None:
-    """Label each stage point where its text overlaps no placed label, marker or roof line.
+def _place_labels(
+    ax, canvas: FigureCanvasAgg, labelled: pd.DataFrame, colours: dict[str, tuple], *, small: bool = False
+) -> None:
+    """Label each point where its text overlaps no placed label, marker or roof line.
 
     Greedy: labels go in order of height, each at the first offset in ``_LABEL_OFFSETS`` that
     is free and inside the axes; a label moved away from its point gets a thin leader line.
-    When no offset is free the first one is used.
+    When no offset is free the first one is used for a stage; a ``small`` label (a family's
+    name beside its marker) is left out instead, the legend's marker key still naming it.
     """
     renderer = canvas.get_renderer()
     to_px = ax.transData.transform
@@ -210,15 +215,20 @@ def _place_labels(ax, canvas: FigureCanvasAgg, labelled: pd.DataFrame, colours: 
     frame = ax.get_window_extent(renderer)
     anchored = labelled.assign(y=labelled["y_busy"].fillna(labelled["y_wall"])).sort_values("y", ascending=False)
     for p in anchored.itertuples(index=False):
-        text = ax.annotate(p.stage, (p.x, p.y), xytext=(0, 0), textcoords="offset points", fontsize=9,
-                           color=colours[p.parent], fontweight="bold", zorder=6)
-        chosen = _LABEL_OFFSETS[0]
-        for offset in _LABEL_OFFSETS:
+        text = ax.annotate(p.family if small else p.stage, (p.x, p.y), xytext=(0, 0), textcoords="offset points",
+                           fontsize=7 if small else 9, color=colours[p.parent],
+                           fontweight="normal" if small else "bold", zorder=6)  # fmt: skip
+        chosen = None
+        for offset in _LABEL_OFFSETS[:8] if small else _LABEL_OFFSETS:
             _move(text, offset)
             box = text.get_window_extent(renderer).expanded(1.06, 1.1)
             if _inside(box, frame) and not any(box.overlaps(o) for o in obstacles):
                 chosen = offset
                 break
+        if chosen is None and small:
+            text.remove()
+            continue
+        chosen = chosen or _LABEL_OFFSETS[0]
         _move(text, chosen)
         dx, dy = chosen[:2]
         if abs(dy) > 10:

@@ -19,8 +19,10 @@ from llm_perf_opt.config import RunConfig
 from llm_perf_opt.hardware.calibration import Calibration
 from llm_perf_opt.hardware.ceilings import Roof, Selection
 from llm_perf_opt.hardware.precision import DtypeChoice
+from llm_perf_opt.models.interface import OpNote
 from llm_perf_opt.profiling.attribution import Attribution
 from llm_perf_opt.profiling.passes import Measurement
+from llm_perf_opt.profiling.timing import OUTLIER_FACTOR, summarize
 
 from .roofline import headline
 
@@ -68,6 +70,7 @@ class Job:
     compute_groups: dict[str, tuple[str, ...]]
     bandwidth_groups: dict[str, tuple[str, ...]]
     execution: Any = None  # the session's Execution (as_dict(), summary()), or None
+    op_notes: tuple[OpNote, ...] = ()  # the session's words on ops, quoted by the verdicts
 
     @property
     def dtype_name(self) -> str:
@@ -154,6 +157,11 @@ def headline_figures(summary: dict, table: pd.DataFrame, record: dict) -> dict:
     return {**figures, **utilisation}
 
 
+def record_op_notes(record: dict) -> tuple[OpNote, ...]:
+    """The model's op notes of a run record (none in a record older than them)."""
+    return tuple(OpNote(n["stage"], tuple(n["ops"]), n["note"]) for n in record.get("op_notes") or [])
+
+
 def record_roofs(record: dict) -> list[Roof]:
     """The roofs of a run record (``hardware.roofs``), the one used for verdicts first."""
     return [Roof(**roof) for roof in record["hardware"]["roofs"]]
@@ -203,12 +211,16 @@ def run_record(job: Job, table: pd.DataFrame, status: str = "ok", error: str | N
             **job.execution.as_dict(), "summary": job.execution.summary()
         },
         "generated_tokens": len(m.result.tokens) if m.result else None,
+        "op_notes": [note.as_dict() for note in job.op_notes],
         "headline": None,  # below: it needs the roofs and stage layout of this record
         "stage_layout": stage_layout(job),
         "timing": {
             "unit": "ms",
             "tpot": "(e2e - ttft) / decode steps; ttft = the once-per-request stages",
             "summary": m.summary(),
+            "stages": {s.name: summarize(m.stage_totals(s.name)) for s in m.stages if m.runs},
+            "outlier_factor": OUTLIER_FACTOR,
+            "until_cv": m.until_cv,
             "samples": [r.as_dict() for r in m.runs],
         },
         "memory": {

@@ -12,9 +12,11 @@ from Nsight Systems)::
 
 One row per stage (`Stage` order). Columns, in groups:
 
-* measured: `calls` per run, `time_ms` (median over the timed runs of the stage's total),
-  `time_ms_min/max`, `busy_ms` and `share` (op or kernel time of the trace pass), `launches`
-  (kernels, or CPU ops, the trace attributes to the stage);
+* measured: `calls` per run, `repeats` (timed runs), `time_ms` (median over the timed runs of
+  the stage's total), its spread `time_ms_min/max/stdev`, `time_ms_cv_pct` (stdev / mean, %),
+  `time_ms_p90` (10 runs or more) and `outlier_runs` (runs above 1.5x the median), `busy_ms`
+  and `busy_share_pct` (op or kernel time of the trace pass, and its % of all of it),
+  `launches` (kernels, or CPU ops, the trace attributes to the stage);
 * analytic: `flops` (useful FLOPs, 2 per multiply-add), `bytes` and its parts
   `weight_bytes`, `act_bytes`, `kv_bytes`;
 * roofline (`report.roofline.roofline_table`): `intensity`, `achieved_*_{wall,busy}`, and
@@ -27,29 +29,34 @@ One row per stage (`Stage` order). Columns, in groups:
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Iterable, Mapping, Sequence
 
 import pandas as pd
 
+from llm_perf_opt.models.interface import OpNote
 from llm_perf_opt.profiling.attribution import Attribution
 from llm_perf_opt.profiling.passes import Measurement
+from llm_perf_opt.profiling.timing import summarize
 from llm_perf_opt.runners.ranges import stage_of
 
-from .roofline import RoofLike, roofline_table, time_split, verdict
+from .roofline import RoofLike, roof_prefix, roofline_table, time_split, verdict
 
 #: Ops or kernels listed per stage in report.md.
 TOP_OPS = 5
 #: Columns of :func:`measured_table`.
-MEASURED_COLUMNS = ("stage", "calls", "time_ms", "time_ms_min", "time_ms_max", "busy_ms", "share", "launches")
+MEASURED_COLUMNS = ("stage", "calls", "repeats", "time_ms", "time_ms_min", "time_ms_max", "time_ms_stdev",
+                    "time_ms_cv_pct", "time_ms_p90", "outlier_runs", "busy_ms", "busy_share_pct", "launches")
+#: Columns of whole counts (nullable: a range without runs or kernels has none).
+COUNT_COLUMNS = ("calls", "repeats", "outlier_runs", "launches")
 
 
 def measured_table(
     stages: Sequence[str], runs: Sequence[Mapping[str, Sequence[float]]], attribution: Attribution | None
 ) -> pd.DataFrame:
-    """Per stage: calls per run, median/min/max over the runs of its total time per run, and the
-    busy time, share and launches of ``attribution``. ``runs`` holds one ``{stage: [ms per call]}``
-    per timed run (``RunSample.stages``, ``timing.samples[i].stages`` of run.json)."""
+    """Per stage: calls per run, the median and spread (:func:`~llm_perf_opt.profiling.timing.summarize`)
+    over the runs of its total time per run, and the busy time, share and launches of
+    ``attribution``. ``runs`` holds one ``{stage: [ms per call]}`` per timed run
+    (``RunSample.stages``, ``timing.samples[i].stages`` of run.json)."""
     busy = {}
     if attribution is not None:
         busy = attribution.stages.set_index("stage")[["busy_ms", "share"]].to_dict("index")
@@ -63,20 +70,27 @@ def measured_table(
                 families.setdefault(stage_of(name), []).append(name)
     rows = []
     for stage in (row for stage in stages for row in (stage, *families.get(stage, []))):
-        totals = [sum(run.get(stage, [])) for run in runs] if stage in stages else []
+        spread = summarize([sum(run.get(stage, [])) for run in runs]) if stage in stages and runs else {}
+        share = busy.get(stage, {}).get("share")
         rows.append({
             "stage": stage,
             "calls": len(runs[0].get(stage, [])) if runs else 0,
-            "time_ms": statistics.median(totals) if totals else None,
-            "time_ms_min": min(totals) if totals else None,
-            "time_ms_max": max(totals) if totals else None,
+            "repeats": spread.get("n"),
+            "time_ms": spread.get("median"),
+            "time_ms_min": spread.get("min"),
+            "time_ms_max": spread.get("max"),
+            "time_ms_stdev": spread.get("stdev"),
+            "time_ms_cv_pct": None if not spread else spread["cv"] * 100,
+            "time_ms_p90": spread.get("p90"),
+            "outlier_runs": None if not spread else len(spread["outliers"]),
             "busy_ms": busy.get(stage, {}).get("busy_ms"),
-            "share": busy.get(stage, {}).get("share"),
+            "busy_share_pct": None if share is None else share * 100,
             "launches": launches.get(stage),
         })
-    # Missing figures (no trace, no runs) are NaN, so every column stays numeric.
-    numeric = ["time_ms", "time_ms_min", "time_ms_max", "busy_ms", "share", "launches"]
-    return pd.DataFrame(rows, columns=list(MEASURED_COLUMNS)).astype({c: "float64" for c in numeric})
+    # Missing figures (no trace, no runs) are NaN (<NA> for counts), so every column stays numeric.
+    numeric = [c for c in MEASURED_COLUMNS if c != "stage" and c not in COUNT_COLUMNS]
+    table = pd.DataFrame(rows, columns=list(MEASURED_COLUMNS)).astype({c: "float64" for c in numeric})
+    return table.astype({c: "Int64" for c in COUNT_COLUMNS})
 
 
 def steps_per_stage(per_step: Iterable[str], runs: Sequence[Mapping[str, Sequence[float]]]) -> dict[str, int]:
@@ -113,18 +127,29 @@ def work_table(totals: pd.DataFrame, ranges: pd.DataFrame | None = None) -> pd.D
     })
 
 
-def top_ops(attribution: Attribution | None, stage: str, n: int = TOP_OPS) -> list[tuple[str, float, float]]:
-    """The stage's n longest ops or kernels (nested ranges included): (name, total ms, calls).
-    Calls are whole numbers except for per-run averages (report.from_nsys)."""
+def top_ops(
+    attribution: Attribution | None, stage: str, n: int = TOP_OPS, exact: bool = False
+) -> list[tuple[str, float, float]]:
+    """The stage's n longest ops or kernels (nested ranges included; with ``exact``, the ops of
+    this very range, e.g. a nested ``stage/family``): (name, total ms, calls). Calls are whole
+    numbers except for per-run averages (report.from_nsys)."""
     if attribution is None:
         return []
     k = attribution.kernels
-    mine = k[k["stage"].map(stage_of) == stage].groupby("name")[["total_ms", "calls"]].sum()
+    ranges = k["stage"] if exact else k["stage"].map(stage_of)
+    mine = k[ranges == stage].groupby("name")[["total_ms", "calls"]].sum()
     mine = mine.sort_values("total_ms", ascending=False).head(n)
     return [(name, float(row.total_ms), float(row.calls)) for name, row in mine.iterrows()]
 
 
-def stage_table(m: Measurement, stage_model, roofs: Sequence[RoofLike], dtype: str, device_kind: str) -> pd.DataFrame:
+def stage_table(
+    m: Measurement,
+    stage_model,
+    roofs: Sequence[RoofLike],
+    dtype: str,
+    device_kind: str,
+    op_notes: Sequence[OpNote] = (),
+) -> pd.DataFrame:
     """The joined table of the module docstring for a live measurement."""
     runs = [r.stages for r in m.runs]
     return stage_table_from(
@@ -132,6 +157,7 @@ def stage_table(m: Measurement, stage_model, roofs: Sequence[RoofLike], dtype: s
         work_table(stage_model.totals(), stage_model.range_totals()),
         m.attribution, roofs, dtype, device_kind,
         steps_per_stage([s.name for s in m.stages if s.per_step], runs),
+        op_notes,
     )  # fmt: skip
 
 
@@ -143,23 +169,36 @@ def stage_table_from(
     dtype: str,
     device_kind: str,
     steps: Mapping[str, int],
+    op_notes: Sequence[OpNote] = (),
 ) -> pd.DataFrame:
     """The joined table of :func:`measured_table` and :func:`work_table`; the split and verdicts
-    use ``roofs[0]``, ``steps`` (:func:`steps_per_stage`) turns per-step stages' verdicts per step."""
+    use ``roofs[0]``, ``steps`` (:func:`steps_per_stage`) turns per-step stages' verdicts per
+    step, and the verdicts quote the model's ``op_notes`` on the ops that hold a stage's time.
+
+    A nested ``stage/family`` range is measured by the trace pass only: its split and verdict
+    are over its op (kernel) time, with no host part (the enclosing stage has it)."""
     joined = measured.merge(work, on="stage", how="left")
     table = roofline_table(joined.rename(columns={"time_ms": "wall_ms"}), roofs, dtype)
-    split = time_split(table, roofs[0].label)
-    # Nested family rows have busy time only: they get the roofline columns, no split or verdict.
+    nested = table["stage"] != table["stage"].map(stage_of)
+    # Over op time for nested ranges: "wall" is their busy time for the split and the verdict.
+    basis = table.assign(wall_ms=table["wall_ms"].where(~nested, table["busy_ms"]))
+    basis[roof_prefix(roofs[0].label) + "pct_roof_wall"] = table[roof_prefix(roofs[0].label) + "pct_roof_wall"].where(
+        ~nested, table[roof_prefix(roofs[0].label) + "pct_roof_busy"]
+    )
+    split = time_split(basis, roofs[0].label)
+    split.loc[nested, "host_ms"] = float("nan")
+    split.loc[nested, "overlap_ms"] = float("nan")
     table["verdict"] = [
-        "" if row["stage"] != stage_of(row["stage"]) else verdict(
+        verdict(
             row, split.loc[i], roofs[0].label, dtype,
             launches=None if pd.isna(row["launches"]) else int(row["launches"]),
             steps=steps.get(row["stage"]) or None,
-            top_ops=[(name, ms) for name, ms, _ in top_ops(attribution, row["stage"], 1)],
+            top_ops=[(name, ms) for name, ms, _ in top_ops(attribution, row["stage"], TOP_OPS, exact=nested[i])],
+            op_notes=[(note.ops, note.note) for note in op_notes if note.stage == stage_of(row["stage"])],
             device_kind=device_kind,
-        )  # fmt: skip
-        for i, row in table.iterrows()
-    ]
+        ) + (" (over op time: a nested range is timed by the trace pass only)" if nested[i] else "")
+        for i, row in basis.iterrows()
+    ]  # fmt: skip
     table = table.rename(columns={"wall_ms": "time_ms"})
     parts = split[["roofline_ms", "above_roof_ms", "host_ms", "unsplit_ms", "overlap_ms"]].rename(
         columns={"roofline_ms": "split_roofline_ms"}
