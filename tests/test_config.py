@@ -82,6 +82,8 @@ def test_quick_profiling_and_overrides():
         ("model.arch.clip.width=512", ["SAM output channels", "CLIP width"]),
         ("+model.arch.lm.no_such_field=1", ["unknown key", "model.arch.lm.no_such_field"]),
         ("+profiling.typo=3", ["unknown key", "profiling.typo"]),
+        ("profiling.until_cv=5", ["profiling.until_cv must be between 0 and 1", "got 5.0"]),
+        ("profiling.until_cv=0", ["profiling.until_cv must be between 0 and 1"]),
     ],
 )
 def test_mistakes_are_one_line_user_errors(override, fragments):
@@ -162,3 +164,11 @@ def test_the_presets_plugin_recognises_only_the_packaged_config():
     assert is_packaged_conf("pkg://llm_perf_opt.conf")
     assert is_packaged_conf(str(PACKAGED_DIR)) and is_packaged_conf(f"file://{PACKAGED_DIR}")
     assert not is_packaged_conf("pkg://some_other_app.conf") and not is_packaged_conf("/some/other/app/conf")
+
+
+def test_until_cv_needs_room_beyond_the_repeats():
+    run = load(["profiling.until_cv=0.05"])
+    assert (run.profiling.until_cv, run.profiling.max_repeats) == (0.05, 20)
+    with pytest.raises(UserError, match="profiling.max_repeats must be >= 5"):
+        load(["profiling.until_cv=0.05", "profiling.repeats=5", "profiling.max_repeats=4"])
+    assert load(["profiling.repeats=5", "profiling.max_repeats=4"]).profiling.until_cv is None  # unused without it

@@ -485,3 +485,13 @@ def test_interrupt_records_the_job_and_leaves_no_partial_artifacts(tmp_path, sma
     for name in ("stages.csv", "stages.json", "kernels.csv", "trace.pt.trace.json", "report.md", "roofline.png"):
         assert not (out / name).exists(), name
     assert temp_files(tmp_path) == []
+
+
+def test_the_models_op_notes_name_ops_that_ran(gundam_run):
+    # DeepSeek-OCR's reference says what SAM's copy_ and add are; both ops ran in SAM's range.
+    out, record = gundam_run
+    notes = record["op_notes"]
+    assert [note["stage"] for note in notes] == ["sam"]
+    kernels = pd.read_csv(out / "kernels.csv")
+    sam_ops = set(kernels.loc[kernels["stage"].str.split("/").str[0] == "sam", "name"])
+    assert set(notes[0]["ops"]) <= sam_ops
