@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm_perf_opt.analytic import families as fam
+from llm_perf_opt.models.deepseek_ocr.analytic import formulas as ocr_fam
 from llm_perf_opt.analytic import validate
 from llm_perf_opt.analytic.byte_count import ATTENTION, ByteCounter, footprint
-from llm_perf_opt.analytic.deepseek_ocr import MODEL_STAGES, stage_costs
+from llm_perf_opt.models.deepseek_ocr.analytic.costs import MODEL_STAGES, stage_costs
 from llm_perf_opt.models.deepseek_ocr.config import SamConfig
 from llm_perf_opt.models.deepseek_ocr.decoder import RMSNorm
 from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord
@@ -246,7 +247,7 @@ def test_sam_attention_matches_the_count(grid, window, table_side, batch):
     x = meta(batch, grid, grid, 32, dtype=BF16)
     windows = window_partition(x, window)[0] if window else x
     counted = count(lambda: attn(windows), weights=attn.parameters()).total
-    cost = fam.sam_attention(batch, grid, 32, 4, "bfloat16", window=window, table_side=table_side)
+    cost = ocr_fam.sam_attention(batch, grid, 32, 4, "bfloat16", window=window, table_side=table_side)
     assert counted == as_bytes(cost)
 
 
@@ -258,7 +259,7 @@ def test_moe_matches_the_count(tiny_arch, tokens):
     counted = count(lambda: layer(x), weights=layer.parameters()).total
     # On meta the T*k assignments are spread evenly: min(E, T*k) experts are fed.
     touched = min(lm.n_routed_experts, tokens * lm.num_experts_per_tok)
-    cost = fam.moe(
+    cost = ocr_fam.moe(
         tokens, lm.hidden_size, lm.moe_intermediate_size, lm.n_routed_experts, lm.num_experts_per_tok,
         lm.shared_intermediate_size, "bfloat16", experts_touched=touched,
     )  # fmt: skip

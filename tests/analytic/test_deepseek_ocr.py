@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_perf_opt.analytic import memory
-from llm_perf_opt.analytic.deepseek_ocr import (
+from llm_perf_opt.models.deepseek_ocr.analytic import footprint as memory
+from llm_perf_opt.models.deepseek_ocr.analytic.costs import (
     MODEL_STAGES,
     ROOFLINE_NOTE,
     lm_costs,

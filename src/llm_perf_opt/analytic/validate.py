@@ -43,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from llm_perf_opt.analytic import families as fam
 from llm_perf_opt.analytic.byte_count import ByteCounter
-from llm_perf_opt.analytic.deepseek_ocr import (
+from llm_perf_opt.models.deepseek_ocr.analytic.costs import (
     DEFAULT_TEXT_TOKENS,
     ROOFLINE_NOTE,
     RUN,

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from llm_perf_opt.analytic import families as fam
+from llm_perf_opt.models.deepseek_ocr.analytic import formulas as ocr_fam
 from llm_perf_opt.analytic.families import Cost
 from llm_perf_opt.models.deepseek_ocr.config import (
     ClipConfig,
@@ -145,7 +146,7 @@ def sam_costs(sam: SamConfig, size: int, batch: int, dtype: object, paths: FastP
     c2, c3 = sam.downsample_channels
     items = [
         ("patch_conv", fam.conv2d(batch, 3, d, size, sam.patch_size, dtype, stride=sam.patch_size, bias=True)),
-        ("pos_embed", fam.sam_pos_embed(batch, g, table_grid, d, dtype)),
+        ("pos_embed", ocr_fam.sam_pos_embed(batch, g, table_grid, d, dtype)),
     ]
     for i in range(sam.depth):
         window = 0 if i in sam.global_attn_indexes else sam.window_size
@@ -157,11 +158,11 @@ def sam_costs(sam: SamConfig, size: int, batch: int, dtype: object, paths: FastP
             bias = {"bias": paths.sam_attention, "tile_rows": rows, "align": FOLDED_ALIGN}
         if window:
             items += [
-                ("sam_attention_window", fam.sam_attention(batch, g, d, sam.heads, dtype, window=window, **bias)),
-                ("window_partition", fam.window_partition(batch, g, d, window, dtype)),
+                ("sam_attention_window", ocr_fam.sam_attention(batch, g, d, sam.heads, dtype, window=window, **bias)),
+                ("window_partition", ocr_fam.window_partition(batch, g, d, window, dtype)),
             ]
         else:
-            attention = fam.sam_attention(batch, g, d, sam.heads, dtype, table_side=table_grid, **bias)
+            attention = ocr_fam.sam_attention(batch, g, d, sam.heads, dtype, table_side=table_grid, **bias)
             items.append(("sam_attention_global", attention))
         items += [
             ("layernorm", 2 * fam.layernorm(n, d, dtype)),
@@ -187,12 +188,12 @@ def clip_costs(clip: ClipConfig, side: int, batch: int, dtype: object) -> Breakd
     t = side * side + 1
     rows, w = batch * t, clip.width
     items = [
-        ("embeddings", fam.clip_embeddings(batch, side, clip.grid, w, dtype)),
+        ("embeddings", ocr_fam.clip_embeddings(batch, side, clip.grid, w, dtype)),
         ("layernorm", fam.layernorm(rows, w, dtype)),
     ]
     items += [
         ("layernorm", 2 * fam.layernorm(rows, w, dtype)),
-        ("clip_attention", fam.clip_attention(batch, t, w, clip.heads, dtype)),
+        ("clip_attention", ocr_fam.clip_attention(batch, t, w, clip.heads, dtype)),
         ("add", 2 * fam.add(rows * w, dtype)),
         ("linear", fam.linear(rows, w, clip.ffn, dtype)),
         ("quick_gelu", fam.quick_gelu(rows * clip.ffn, dtype)),
@@ -245,7 +246,7 @@ def lm_costs(
         ("rope_tables", fam.rope_tables(t, lm.head_dim, dtype, positions_given=static)),
     ]
     if static:
-        items.append(("static_step", fam.static_step_inputs(static_len, lm.vocab_size, graph=graph)))
+        items.append(("static_step", ocr_fam.static_step_inputs(static_len, lm.vocab_size, graph=graph)))
     heads = lm.num_attention_heads
     for i in range(lm.num_hidden_layers):
         items += [
@@ -254,7 +255,7 @@ def lm_costs(
             ("add", 2 * fam.add(t * h, dtype)),
         ]
         if lm.is_moe_layer(i):
-            parts = fam.moe_parts(
+            parts = ocr_fam.moe_parts(
                 t,
                 h,
                 lm.moe_intermediate_size,
@@ -449,7 +450,7 @@ def stage_costs(
         step_touched = [
             sum(_distinct(step[layer]) for step in routing.decode) / decode_steps for layer in range(layers)
         ]
-    scatter = {"image_scatter": fam.image_scatter(s, image_tokens, lm.hidden_size, dtype)}
+    scatter = {"image_scatter": ocr_fam.image_scatter(s, image_tokens, lm.hidden_size, dtype)}
     prefill_routed, step = "looped", {}
     if paths is not None:
         prefill_routed = paths.moe_prefill

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from llm_perf_opt.analytic.deepseek_ocr import MODEL_STAGES, Workload
+from llm_perf_opt.models.deepseek_ocr.analytic.costs import MODEL_STAGES, Workload
 from llm_perf_opt.analytic.families import dtype_bytes
 from llm_perf_opt.models.deepseek_ocr.config import (
     ClipConfig,

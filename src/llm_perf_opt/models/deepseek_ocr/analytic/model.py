@@ -3,13 +3,13 @@ one run, from the shapes of its request. Named by `DeepSeekOCRModelConfig.analyt
 
 from __future__ import annotations
 
-from llm_perf_opt.analytic.deepseek_ocr import StageModel, stage_costs
-from llm_perf_opt.analytic.memory import Footprint, footprint
+from llm_perf_opt.models.deepseek_ocr.analytic.costs import StageModel, stage_costs
+from llm_perf_opt.models.deepseek_ocr.analytic.footprint import Footprint, footprint
 from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRModelConfig
 from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord
 from llm_perf_opt.models.deepseek_ocr.stages import DECODE, PREFILL
 from llm_perf_opt.models.interface import RoutingCounts
-from llm_perf_opt.runners.dsocr_session import Execution, Request
+from llm_perf_opt.models.deepseek_ocr.session import Execution, Request
 
 
 class DeepSeekOCRAnalytic:
