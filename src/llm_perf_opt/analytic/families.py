@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
+from llm_perf_opt.models.interface import Work
+
 # Other-FLOPs per element (one per arithmetic op or transcendental).
 LAYERNORM_FLOPS = 7  # mean: sum; var: subtract, square, sum; scale by rstd; affine mul + add
 RMSNORM_FLOPS = 4  # square, sum, scale by rsqrt, multiply by the weight
@@ -137,6 +139,20 @@ class Cost:
             + self.act_write_bytes
             + self.kv_read_bytes
             + self.kv_write_bytes
+        )
+
+    def work(self) -> Work:
+        """The figures the harness reads (executed and useful FLOPs, bytes by category)."""
+        return Work(
+            matmul_flops=self.matmul_flops,
+            useful_matmul_flops=self.useful_matmul_flops,
+            other_flops=self.other_flops,
+            useful_other_flops=self.useful_other_flops,
+            weight_bytes=self.weight_bytes,
+            act_read_bytes=self.act_read_bytes,
+            act_write_bytes=self.act_write_bytes,
+            kv_read_bytes=self.kv_read_bytes,
+            kv_write_bytes=self.kv_write_bytes,
         )
 
     def as_dict(self) -> dict[str, float]:

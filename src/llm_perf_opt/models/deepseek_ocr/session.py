@@ -9,12 +9,19 @@
 
 Every stage runs inside `stage_range(<stage>)` (NVTX + record_function + stage events):
 `preprocess`, `sam`, `clip`, `projector`, `prefill`, and one `decode` range per decode step.
-Timers, routing recorders and nested module ranges attach from outside (llm_perf_opt.profiling).
+This is the one place the stage sequence is written: timers, routing recorders, nested module
+ranges (llm_perf_opt.profiling) and the FLOP and byte counts (llm_perf_opt.analytic.counted)
+attach from outside. With `SessionOptions(torch.device("meta"), ...)` the session builds and
+runs the model on the meta device (shapes only).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import weakref
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +34,8 @@ from llm_perf_opt.models.deepseek_ocr.attention import resolve_backend
 from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRConfig, DeepSeekOCRModelConfig
 from llm_perf_opt.models.deepseek_ocr.families import module_families
 from llm_perf_opt.models.deepseek_ocr.fast import FastDeepSeekOCR
-from llm_perf_opt.models.deepseek_ocr.fast.paths import FastPaths
+from llm_perf_opt.models.deepseek_ocr.decoder import KVCache
+from llm_perf_opt.models.deepseek_ocr.fast.paths import OPTIONS, FastPaths
 from llm_perf_opt.models.deepseek_ocr.fast.tuning import TunedPaths, tune_paths
 from llm_perf_opt.models.deepseek_ocr.model import DeepSeekOCR
 from llm_perf_opt.models.deepseek_ocr.modes import ModeSpec
@@ -35,8 +43,8 @@ from llm_perf_opt.models.deepseek_ocr.preprocess import SAMPLE_PAGE, ImageViews,
 from llm_perf_opt.models.deepseek_ocr.routing import balance_router
 from llm_perf_opt.models.deepseek_ocr.stages import CLIP, DECODE, PREFILL, PREPROCESS, PROJECTOR, SAM, STAGES
 from llm_perf_opt.models.deepseek_ocr.tokenizer import build_input_ids, load_tokenizer
-from llm_perf_opt.models.deepseek_ocr.weights import checkpoint_config, dummy_model, load_checkpoint
-from llm_perf_opt.models.interface import ModelSession, Result, RoutedLayer, SessionOptions
+from llm_perf_opt.models.deepseek_ocr.weights import build_model, checkpoint_config, dummy_model, load_checkpoint
+from llm_perf_opt.models.interface import ModelSession, Result, RoutedLayer, SessionOptions, even_split
 from llm_perf_opt.runners.ranges import stage_range
 
 
@@ -120,6 +128,17 @@ class Execution:
 LANGUAGE_MODEL = "language_model"
 
 
+def _without_grad(method: Callable) -> Callable:
+    """Run `method` under the session's grad mode (DeepSeekOCRSession.grad_mode)."""
+
+    @functools.wraps(method)
+    def run(self: DeepSeekOCRSession, *args, **kwargs):
+        with self.grad_mode():
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 class DeepSeekOCRSession(ModelSession):
     stages = STAGES
     compute_groups = {"vision": (SAM, CLIP, PROJECTOR), "prefill": (PREFILL,)}
@@ -148,6 +167,7 @@ class DeepSeekOCRSession(ModelSession):
         self._model: DeepSeekOCR | None = None
         self._fitted_to: tuple | None = None
         self._cache_len = 0
+        self._cache: weakref.ref[KVCache] | None = None  # the running request's, not kept alive
         self._tuned: TunedPaths | None = None
 
     # -- the interface -----------------------------------------------------------------------
@@ -185,16 +205,33 @@ class DeepSeekOCRSession(ModelSession):
     def load(self) -> None:
         device, dtype = self.options.device, self.options.dtype
         impl = self.cfg.impl
-        if self.checkpoint is None:
+        if self.meta:
+            self._model = build_model(self.arch, device, dtype, self.backend, impl=impl)
+            for moe in self._model.moe_layers().values():
+                moe.count_tokens = even_split
+        elif self.checkpoint is None:
             self._model = dummy_model(self.arch, device, dtype, self.backend, seed=self.options.seed, impl=impl)
         else:
             self._model = load_checkpoint(self.checkpoint, device, dtype, self.backend, impl=impl)
         if isinstance(self._model, FastDeepSeekOCR):
             paths = self.cfg.paths
-            self._tuned = tune_paths(self._model, self.cfg.mode, paths.forced(), refresh=paths.refresh)
-            self._model.use_paths(self._tuned.paths)
+            if self.meta:  # nothing to time on meta: every choice is named
+                self._model.use_paths(_forced_paths(paths.forced()))
+            else:
+                self._tuned = tune_paths(self._model, self.cfg.mode, paths.forced(), refresh=paths.refresh)
+                self._model.use_paths(self._tuned.paths)
 
-    @torch.inference_mode()
+    @property
+    def meta(self) -> bool:
+        """Whether the model is built on the meta device: shapes only, for counting costs."""
+        return self.options.device.type == "meta"
+
+    def grad_mode(self) -> AbstractContextManager:
+        """inference_mode, or on meta no_grad: under inference_mode a dispatch mode sees composite
+        ops whole, and the byte count would miss the copies inside them (analytic.byte_count)."""
+        return torch.no_grad() if self.meta else torch.inference_mode()
+
+    @_without_grad
     def generate(self, request: Request, max_new_tokens: int) -> Result:
         """Vision → prefill → up to max_new_tokens−1 decode steps, each in its stage range.
 
@@ -204,11 +241,12 @@ class DeepSeekOCRSession(ModelSession):
         token, cache = self.prefill(request, embeds, max_new_tokens)
         return Result(torch.cat(self.decode(token, cache, max_new_tokens - 1)).flatten())
 
-    @torch.inference_mode()
+    @_without_grad
     def fit_dummy_weights(self, request: Request) -> None:
-        """With dummy weights, fit the MoE gates to this request once (see models/…/routing.py)."""
+        """With dummy weights, fit the MoE gates to this request once (see models/…/routing.py).
+        A meta model has no weights to fit."""
         key = (request.image_path, request.prompt)
-        if self.checkpoint is not None or self._fitted_to == key:
+        if self.checkpoint is not None or self.meta or self._fitted_to == key:
             return
         model = self.model
         feats = [model.project(s, model.clip(s)) for s in map(model.sam, _pixels(request.views))]
@@ -233,6 +271,10 @@ class DeepSeekOCRSession(ModelSession):
     def routed_layers(self) -> list[RoutedLayer]:
         return list(self.model.moe_layers().values())
 
+    def kv_buffers(self) -> list[torch.Tensor]:
+        cache = None if self._cache is None else self._cache()
+        return [] if cache is None else cache.keys + cache.values
+
     def execution(self) -> Execution:
         model = self.model
         paths = model.paths if isinstance(model, FastDeepSeekOCR) else None
@@ -245,7 +287,7 @@ class DeepSeekOCRSession(ModelSession):
             raise RuntimeError("DeepSeekOCRSession.load() must run before the model is used")
         return self._model
 
-    @torch.inference_mode()
+    @_without_grad
     def encode_images(self, request: Request) -> torch.Tensor:
         """Stages `sam`, `clip`, `projector` over all views → image embeddings [N_img, hidden]."""
         model = self.model
@@ -257,16 +299,17 @@ class DeepSeekOCRSession(ModelSession):
             feats = [model.project(s, c) for s, c in zip(sam_out, clip_out)]
             return model.layout(feats[0], feats[1] if len(feats) > 1 else None, request.views.grid)
 
-    @torch.inference_mode()
+    @_without_grad
     def prefill(self, request: Request, image_embeds: torch.Tensor, max_new_tokens: int):
         """Stage `prefill`: the LM over the whole prompt → (first generated token [1,1], cache)."""
         with stage_range(PREFILL):
             self._cache_len = request.prompt_tokens + max_new_tokens
             cache = self.model.new_cache(self._cache_len)
+            self._cache = weakref.ref(cache)
             logits = self.model.prefill(request.input_ids, image_embeds, cache)
             return logits.argmax(-1, keepdim=True), cache
 
-    @torch.inference_mode()
+    @_without_grad
     def decode(self, token: torch.Tensor, cache, steps: int) -> list[torch.Tensor]:
         """Stage `decode`, one range per step: greedy, batch 1. Returns the tokens fed and produced."""
         tokens = [token]
@@ -283,6 +326,16 @@ class DeepSeekOCRSession(ModelSession):
     def _is_eos(self, token: torch.Tensor) -> bool:
         # Reading the token on the host is a device sync: skipped unless stopping at EOS.
         return self.options.stops_at_eos and int(token) == self.tokenizer.eos_id
+
+
+def _forced_paths(forced: dict[str, str]) -> FastPaths:
+    """The fast paths of a meta-device model, all named in the config (nothing to time there)."""
+    missing = [f.name for f in dataclasses.fields(FastPaths) if f.name in OPTIONS and f.name not in forced]
+    if missing:
+        raise UserError(
+            "model.impl=fast on the meta device: name every path (" + ", ".join(f"model.paths.{m}=..." for m in missing) + ")"
+        )
+    return FastPaths(**forced)
 
 
 def _pixels(views: ImageViews) -> list[torch.Tensor]:

@@ -260,6 +260,41 @@ def image_scatter(tokens: float, image_tokens: float, hidden: int, dtype: object
     )
 
 
+def image_layout(grid: tuple[int, int], side: int, tile_side: int, hidden: int, dtype: object) -> Cost:
+    """The image features laid out for the LM (projector.layout_image_embeds), C = hidden.
+
+    Global view, q = side: a newline closing each of its q rows, one cat: read q^2*C*b and the
+    newline (a weight, C*b), write q*(q + 1)*C*b. Tiles (cols x rows > 1, q_t = tile_side):
+    stitched into one [rows*q_t, cols*q_t, C] map, a copy when cols > 1 (read and write
+    R*C*b, R = cols*rows*q_t^2), then the newlines the same way (read R*C*b + C*b, write
+    rows*q_t*(cols*q_t + 1)*C*b). Last, both parts and the separator (a weight, C*b) in one
+    cat: read and write N*C*b, N the image tokens less the separator, plus its C*b written.
+    """
+    cols, rows = grid
+    check_sizes(side=side, tile_side=tile_side, hidden=hidden, cols=cols, rows=rows)
+    b = dtype_bytes(dtype)
+    row = hidden * b
+
+    def with_newlines(lines: int, per_line: int) -> tuple[Cost, int]:
+        tokens = lines * (per_line + 1)
+        return Cost(weight_bytes=row, act_read_bytes=lines * per_line * row, act_write_bytes=tokens * row), tokens
+
+    cost, tokens = with_newlines(side, side)
+    if cols * rows > 1:
+        tiled = cols * rows * tile_side * tile_side * row
+        if cols > 1:
+            cost += Cost(act_read_bytes=tiled, act_write_bytes=tiled)
+        tiles, tile_tokens = with_newlines(rows * tile_side, cols * tile_side)
+        cost, tokens = cost + tiles, tokens + tile_tokens
+    return cost + Cost(weight_bytes=row, act_read_bytes=tokens * row, act_write_bytes=(tokens + 1) * row)
+
+
+def greedy_pick(vocab: int) -> Cost:
+    """The next token, greedily: argmax over one position's fp32 logits (read 4V), an int64 written."""
+    check_sizes(vocab=vocab)
+    return Cost(act_read_bytes=FP32 * vocab, act_write_bytes=INDEX_BYTES)
+
+
 def static_step_inputs(static_len: int, vocab: int, *, graph: bool) -> Cost:
     """What a positioned decode step over a static cache of M positions moves besides its layers
     (the fast decode): the token copied into its buffer (read and write 8 bytes) and the position
