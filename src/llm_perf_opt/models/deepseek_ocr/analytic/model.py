@@ -3,13 +3,14 @@ one run, from the shapes of its request. Named by `DeepSeekOCRModelConfig.analyt
 
 from __future__ import annotations
 
+from llm_perf_opt.models.deepseek_ocr.analytic import checks
 from llm_perf_opt.models.deepseek_ocr.analytic.costs import stage_costs
 from llm_perf_opt.models.deepseek_ocr.analytic.footprint import footprint
 from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRModelConfig
 from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord
 from llm_perf_opt.models.deepseek_ocr.session import Execution, Request
 from llm_perf_opt.models.deepseek_ocr.stages import DECODE, PREFILL
-from llm_perf_opt.models.interface import Footprint, RoutingCounts, StageCosts
+from llm_perf_opt.models.interface import CheckCase, Footprint, RoutingCounts, StageCosts
 
 
 class DeepSeekOCRAnalytic:
@@ -50,6 +51,15 @@ class DeepSeekOCRAnalytic:
             decode_steps=max_new_tokens - 1, dtype=dtype,
         )  # fmt: skip
         return footprint(self.cfg.arch, model.workload, None if execution is None else execution.paths)
+
+    def check_cases(self, impl: str) -> list[CheckCase]:
+        """The runs `analytic.validate` counts: every mode, gundam at four tile grids; for the
+        fast implementation, under each path set that runs on meta (checks.py)."""
+        return checks.check_cases(impl)
+
+    def reference_checks(self) -> list[tuple[str, float, float]]:
+        """Published figures of the released model its formulas reproduce (checks.py)."""
+        return checks.reference_checks()
 
 
 def routing_record(counts: RoutingCounts) -> RoutingRecord:
