@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from llm_perf_opt.analytic.families import Cost
-from llm_perf_opt.analytic.validate import build_meta_model, builtin_modes
 from llm_perf_opt.models.deepseek_ocr.analytic import footprint as memory
+from llm_perf_opt.models.deepseek_ocr.analytic.checks import builtin_modes
+from llm_perf_opt.models.deepseek_ocr.analytic.formulas import greedy_pick
 from llm_perf_opt.models.deepseek_ocr.analytic.costs import (
     MODEL_STAGES,
     ROOFLINE_NOTE,
@@ -19,6 +20,7 @@ from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRConfig
 from llm_perf_opt.models.deepseek_ocr.fast.paths import FastPaths
 from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord
 from llm_perf_opt.models.deepseek_ocr.stages import CLIP, DECODE, PREFILL, PROJECTOR, SAM
+from model_costs import meta_model as build_meta_model
 
 CFG = DeepSeekOCRConfig()
 MODES = builtin_modes()
@@ -73,12 +75,15 @@ def test_decode_run_is_the_sum_of_its_steps():
     lm, n = CFG.lm, 5
     model = run("base", decode_steps=n)
     s = model.workload.prompt_tokens
-    steps = sum((sum(lm_costs(lm, 1, s + i, "bf16").values(), Cost()) for i in range(n)), Cost())
+    # Each step: one LM forward, then the greedy pick of its token (read 4V, write 8 bytes).
+    pick = greedy_pick(lm.vocab_size)
+    assert pick == Cost(act_read_bytes=4 * 129_280, act_write_bytes=8)
+    steps = sum((sum(lm_costs(lm, 1, s + i, "bf16").values(), pick) for i in range(n)), Cost())
     total = model.total(DECODE)
     for field in ("matmul_flops", "other_flops", "weight_bytes", "act_read_bytes", "kv_read_bytes"):
         assert getattr(total, field) == pytest.approx(getattr(steps, field))
     first = sum(model.decode_step.values(), Cost())
-    assert first == sum(lm_costs(lm, 1, s, "bf16").values(), Cost())
+    assert first == sum(lm_costs(lm, 1, s, "bf16").values(), pick)
     assert run("base").total(DECODE) == Cost()
 
 

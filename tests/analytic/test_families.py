@@ -11,7 +11,7 @@ from torch import nn
 from llm_perf_opt.analytic import families as fam
 from llm_perf_opt.models.deepseek_ocr.analytic import formulas as ocr_fam
 from llm_perf_opt.analytic.families import Cost
-from llm_perf_opt.analytic.validate import flop_counter
+from llm_perf_opt.analytic.counted import flop_counter
 from llm_perf_opt.models.deepseek_ocr.clip import ClipAttention
 from llm_perf_opt.models.deepseek_ocr.config import ClipConfig, LMConfig, SamConfig
 from llm_perf_opt.models.deepseek_ocr.decoder import Attention, KVCache, MoE, RMSNorm, SwiGLU, rope_cos_sin

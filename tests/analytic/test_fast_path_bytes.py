@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from llm_perf_opt.analytic import families as fam
-from llm_perf_opt.models.deepseek_ocr.analytic import formulas as ocr_fam
 from llm_perf_opt.analytic.byte_count import ByteCounter
-from llm_perf_opt.models.deepseek_ocr.analytic.costs import MODEL_STAGES, stage_costs
 from llm_perf_opt.config import load
+from llm_perf_opt.models.deepseek_ocr.analytic import formulas as ocr_fam
+from llm_perf_opt.models.deepseek_ocr.analytic.costs import MODEL_STAGES, stage_costs
 from llm_perf_opt.models.deepseek_ocr import weights
 from llm_perf_opt.models.deepseek_ocr.config import SamConfig
 from llm_perf_opt.models.deepseek_ocr.fast.moe import FastMoE
@@ -23,6 +23,7 @@ from llm_perf_opt.models.deepseek_ocr.fast.paths import FastPaths, tile_rows
 from llm_perf_opt.models.deepseek_ocr.fast.sam import FastSamAttention
 from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord
 from llm_perf_opt.models.deepseek_ocr.sam import window_partition
+from model_costs import forward_total
 
 SAM, CLIP, PROJECTOR, PREFILL, DECODE = MODEL_STAGES
 FIELDS = ("weight_bytes", "act_read_bytes", "act_write_bytes", "kv_read_bytes", "kv_write_bytes")
@@ -181,10 +182,10 @@ def test_every_stage_of_the_fast_model_moves_the_analytic_bytes(tiny_arch, dtype
     # and CLIP, reference and fast alike; fp32 checks vision.
     stages = (PREFILL,) if dtype == torch.bfloat16 else (SAM, CLIP, PROJECTOR, PREFILL)
     for stage in stages:
-        assert byte_fields(counted[stage]) == pytest.approx(byte_fields(analytic.total(stage)), rel=1e-12), stage
-    step = sum(analytic.decode_step.values(), fam.Cost())
+        assert byte_fields(counted[stage]) == pytest.approx(byte_fields(forward_total(analytic.stages[stage])), rel=1e-12), stage
+    step = forward_total(analytic.decode_step)  # the model's calls alone, without the session's pick
     assert byte_fields(decode[0]) == pytest.approx(byte_fields(step), rel=1e-12)
-    assert byte_fields(sum(decode, fam.Cost())) == pytest.approx(byte_fields(analytic.total(DECODE)), rel=1e-12)
+    assert byte_fields(sum(decode, fam.Cost())) == pytest.approx(byte_fields(forward_total(analytic.stages[DECODE])), rel=1e-12)
 
 
 @torch.no_grad()
@@ -197,4 +198,4 @@ def test_folded_sam_moves_the_analytic_bytes_on_meta(tiny_arch):
     with ByteCounter(weights=model.parameters()) as counter:
         model.sam(pixels)
     analytic = stage_costs(tiny_arch, cfg.mode, dtype="bfloat16", paths=model.paths)
-    assert byte_fields(counter.total) == byte_fields(analytic.total(SAM))
+    assert byte_fields(counter.total) == byte_fields(forward_total(analytic.stages[SAM]))

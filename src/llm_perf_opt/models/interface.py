@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
+
 @dataclass(frozen=True)
 class Stage:
     """One stage of a request. `per_step` stages run once per generated token after the first

@@ -17,6 +17,7 @@ runs the model on the meta device (shapes only).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import weakref
@@ -248,10 +249,9 @@ class DeepSeekOCRSession(ModelSession):
         key = (request.image_path, request.prompt)
         if self.checkpoint is not None or self.meta or self._fitted_to == key:
             return
-        model = self.model
-        feats = [model.project(s, model.clip(s)) for s in map(model.sam, _pixels(request.views))]
-        embeds = model.layout(feats[0], feats[1] if len(feats) > 1 else None, request.views.grid)
-        balance_router(model, request.input_ids, embeds, seed=self.options.seed)
+        # The vision stages as generate runs them, without ranges: nothing is measured here.
+        embeds = self._encode(request, _no_range)
+        balance_router(self.model, request.input_ids, embeds, seed=self.options.seed)
         self._fitted_to = key
 
     @property
@@ -290,12 +290,16 @@ class DeepSeekOCRSession(ModelSession):
     @_without_grad
     def encode_images(self, request: Request) -> torch.Tensor:
         """Stages `sam`, `clip`, `projector` over all views → image embeddings [N_img, hidden]."""
+        return self._encode(request, stage_range)
+
+    def _encode(self, request: Request, ranges: Callable[[str], AbstractContextManager]) -> torch.Tensor:
+        """The vision stages, each inside `ranges(stage)`."""
         model = self.model
-        with stage_range(SAM):
+        with ranges(SAM):
             sam_out = [model.sam(p) for p in _pixels(request.views)]
-        with stage_range(CLIP):
+        with ranges(CLIP):
             clip_out = [model.clip(s) for s in sam_out]
-        with stage_range(PROJECTOR):
+        with ranges(PROJECTOR):
             feats = [model.project(s, c) for s, c in zip(sam_out, clip_out)]
             return model.layout(feats[0], feats[1] if len(feats) > 1 else None, request.views.grid)
 
@@ -326,6 +330,10 @@ class DeepSeekOCRSession(ModelSession):
     def _is_eos(self, token: torch.Tensor) -> bool:
         # Reading the token on the host is a device sync: skipped unless stopping at EOS.
         return self.options.stops_at_eos and int(token) == self.tokenizer.eos_id
+
+
+def _no_range(name: str) -> AbstractContextManager:
+    return contextlib.nullcontext()
 
 
 def _forced_paths(forced: dict[str, str]) -> FastPaths:
