@@ -31,12 +31,20 @@ def test_validate_passes_and_lists_every_case(capsys):
 
 @pytest.mark.parametrize(
     ("argv", "message"),
-    [(["--model", "nope"], "--model"), (["--impl", "fast"], "--bytes"), (["--text-tokens", "7"], "unrecognized")],
+    [(["--model", "nope"], "--model"), (["--impl", "fast"], "--bytes")],
 )
 def test_bad_argument_is_one_line_and_non_zero(capsys, argv, message):
-    assert validate.main(argv) != 0
+    assert validate.main(argv) == 2
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and message in err
+
+
+def test_an_unknown_flag_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        validate.main(["--text-tokens", "7"])  # gone: the prompt's own tokens are counted
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "unrecognized" in err
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
-"""python -m llm_perf_opt.analytic.validate: a model's analytic FLOPs (or bytes) against the
-costs counted on its meta-device model.
+"""python -m llm_perf_opt.analytic.validate: a model's analytic FLOPs (or bytes) against a count.
+
+The count is of the costs its meta-device model runs through the session's own `generate`.
 
 For every check case of the model (its analytic model's `check_cases`; DeepSeek-OCR: every
 mode, and gundam at 1x2, 2x2, 2x3 and 3x3 tiles), the model's own session builds the full-size
