@@ -33,9 +33,9 @@ from torch import nn
 from llm_perf_opt.errors import UserError
 from llm_perf_opt.models.deepseek_ocr.attention import resolve_backend
 from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRConfig, DeepSeekOCRModelConfig
+from llm_perf_opt.models.deepseek_ocr.decoder import KVCache
 from llm_perf_opt.models.deepseek_ocr.families import module_families
 from llm_perf_opt.models.deepseek_ocr.fast import FastDeepSeekOCR
-from llm_perf_opt.models.deepseek_ocr.decoder import KVCache
 from llm_perf_opt.models.deepseek_ocr.fast.paths import OPTIONS, FastPaths
 from llm_perf_opt.models.deepseek_ocr.fast.tuning import TunedPaths, tune_paths
 from llm_perf_opt.models.deepseek_ocr.model import DeepSeekOCR
