@@ -1,7 +1,11 @@
 """Imports run one way: config → model → session → measurement → analytic → report → entry points.
 
 Every `import` in the package (module level or inside a function) is read from the source and
-must point at the same layer or one below it."""
+must point at the same layer or one below it. A model's package `models/<m>/` holds all of that
+model: its `session` module sits in the session layer, its `analytic` package in the analytic
+layer, the rest in the model layer; and nothing outside `models/<m>/` imports it (the harness
+reaches a model through its config's dotted names), except the alias users know,
+`runners/dsocr_session.py`."""
 
 from __future__ import annotations
 
@@ -27,7 +31,28 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 ]
 
 
+#: Parts of a model's package `llm_perf_opt.models.<m>` that sit above the model layer.
+MODEL_PARTS = {"session": "session", "analytic": "analytic"}
+#: Modules outside a model's package that may import it.
+MODEL_ALIASES = {"llm_perf_opt.runners.dsocr_session": "deepseek_ocr"}
+
+
+def model_of(module: str) -> str | None:
+    """The model package `module` belongs to (`llm_perf_opt.models.<m>...` -> m), or None."""
+    parts = module.split(".")
+    if parts[:2] == ["llm_perf_opt", "models"] and len(parts) > 2 and parts[2] not in MODELS_SHARED:
+        return parts[2]
+    return None
+
+
+#: Modules of llm_perf_opt.models that belong to no one model.
+MODELS_SHARED = {"interface", "module_tree", "__init__"}
+
+
 def layer_of(module: str) -> int:
+    parts = module.split(".")
+    if model_of(module) is not None and len(parts) > 3 and parts[3] in MODEL_PARTS:
+        return [name for name, _ in LAYERS].index(MODEL_PARTS[parts[3]])
     for index, (_, prefixes) in enumerate(LAYERS):
         if any(module == p or module.startswith(p + ".") for p in prefixes):
             return index
@@ -74,9 +99,30 @@ def test_no_import_runs_back_up():
     assert back_edges == []
 
 
+def test_nothing_outside_a_model_imports_it():
+    strays = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = module_name(path)
+        for target in file_imports(path):
+            model = model_of(target)
+            if model is not None and model_of(source) != model and MODEL_ALIASES.get(source) != model:
+                strays.append(f"{source} imports {target}")
+    assert strays == []
+
+
+def test_a_models_session_and_analytic_parts_sit_in_their_layers():
+    names = [name for name, _ in LAYERS]
+    assert LAYERS[layer_of("llm_perf_opt.models.deepseek_ocr.session")][0] == "session"
+    assert LAYERS[layer_of("llm_perf_opt.models.deepseek_ocr.analytic.costs")][0] == "analytic"
+    assert LAYERS[layer_of("llm_perf_opt.models.deepseek_ocr.sam")][0] == "model"
+    assert names.index("model") < names.index("session") < names.index("analytic")
+    assert model_of("llm_perf_opt.models.interface") is None
+    assert model_of("llm_perf_opt.models.deepseek_ocr.fast.moe") == "deepseek_ocr"
+
+
 def test_the_walk_finds_imports_in_functions_and_relative_ones():
     source = "from .families import Cost\n\ndef f():\n    from ..report import run_report\n"
-    found = imports(source, "llm_perf_opt.analytic.deepseek_ocr")
+    found = imports(source, "llm_perf_opt.analytic.counted")
     assert "llm_perf_opt.analytic.families" in found
     assert "llm_perf_opt.report.run_report" in found
-    assert layer_of("llm_perf_opt.report.run_report") > layer_of("llm_perf_opt.analytic.deepseek_ocr")
+    assert layer_of("llm_perf_opt.report.run_report") > layer_of("llm_perf_opt.analytic.counted")

@@ -28,7 +28,7 @@ from llm_perf_opt.hardware.ceilings import select
 from llm_perf_opt.hardware.device import resolve_device
 from llm_perf_opt.hardware.memory_check import available_memory_bytes, check_fits
 from llm_perf_opt.hardware.precision import DtypeChoice, choose_dtype, header_text
-from llm_perf_opt.models.interface import ModelSession, SessionOptions
+from llm_perf_opt.models.interface import AnalyticModel, Footprint, ModelSession, SessionOptions
 from llm_perf_opt.profiling.passes import RunInputs, measure
 from llm_perf_opt.report.markdown import compact_table
 from llm_perf_opt.report.run_record import Hardware, Job
@@ -52,7 +52,7 @@ def run_job(run: RunConfig, config: dict, out_dir: Path) -> None:
     session: ModelSession = get_class(type(run.model).session)(
         run.model, SessionOptions(device, dtype.dtype, run.seed, run.stops_at_eos)
     )
-    analytic = get_class(type(run.model).analytic)(run.model)
+    analytic: AnalyticModel = get_class(type(run.model).analytic)(run.model)
     inputs = RunInputs(None if run.image is None else Path(run.image).expanduser(), run.prompt, run.max_new_tokens)
     request = session.prepare(inputs.image, inputs.prompt)
     session.check(request, inputs.max_new_tokens)
@@ -84,12 +84,12 @@ def run_job(run: RunConfig, config: dict, out_dir: Path) -> None:
     results.info(compact_table(written["stages"], m, hardware.roofs[0].label))
 
 
-def check_memory(run: RunConfig, footprint, dtype: DtypeChoice, device) -> None:
+def check_memory(run: RunConfig, footprint: Footprint, dtype: DtypeChoice, device) -> None:
     """Refuse, in one line, a run whose weights and largest transient cannot fit here."""
-    transient = footprint.table.sort_values("transient_bytes").iloc[-1]
+    transient = footprint.largest_transient
     parts = {
         "weights": int(footprint.total_weight_bytes),
-        f"largest transient ({transient['stage']})": int(transient["transient_bytes"]),
+        f"largest transient ({transient.stage})": int(transient.transient_bytes),
     }
     available = available_memory_bytes(device)
     if available is None:  # nothing here tells; the run goes ahead

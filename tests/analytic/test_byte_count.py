@@ -8,18 +8,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import pandas as pd
+
+from llm_perf_opt.analytic import counted, validate
 from llm_perf_opt.analytic import families as fam
-from llm_perf_opt.analytic import validate
 from llm_perf_opt.analytic.byte_count import ATTENTION, ByteCounter, footprint
-from llm_perf_opt.analytic.deepseek_ocr import MODEL_STAGES, stage_costs
+from llm_perf_opt.config import load
+from llm_perf_opt.models.deepseek_ocr.analytic import checks
+from llm_perf_opt.models.deepseek_ocr.analytic import formulas as ocr_fam
+from llm_perf_opt.models.deepseek_ocr.analytic.costs import MODEL_STAGES, stage_costs
 from llm_perf_opt.models.deepseek_ocr.config import SamConfig
 from llm_perf_opt.models.deepseek_ocr.decoder import RMSNorm
+from llm_perf_opt.models.deepseek_ocr.projector import layout_image_embeds
 from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord
 from llm_perf_opt.models.deepseek_ocr.sam import (
     LayerNorm2d,
     SamAttention,
     window_partition,
 )
+from model_costs import forward_total, meta_model
 
 SAM, CLIP, PROJECTOR, PREFILL, DECODE = MODEL_STAGES
 BF16 = torch.bfloat16
@@ -246,19 +253,19 @@ def test_sam_attention_matches_the_count(grid, window, table_side, batch):
     x = meta(batch, grid, grid, 32, dtype=BF16)
     windows = window_partition(x, window)[0] if window else x
     counted = count(lambda: attn(windows), weights=attn.parameters()).total
-    cost = fam.sam_attention(batch, grid, 32, 4, "bfloat16", window=window, table_side=table_side)
+    cost = ocr_fam.sam_attention(batch, grid, 32, 4, "bfloat16", window=window, table_side=table_side)
     assert counted == as_bytes(cost)
 
 
 @pytest.mark.parametrize("tokens", [1, 5])
 def test_moe_matches_the_count(tiny_arch, tokens):
     lm = tiny_arch.lm
-    layer = validate.build_meta_model(tiny_arch).moe_layers()[1]
+    layer = meta_model(tiny_arch).moe_layers()[1]
     x = meta(1, tokens, lm.hidden_size, dtype=BF16)
     counted = count(lambda: layer(x), weights=layer.parameters()).total
     # On meta the T*k assignments are spread evenly: min(E, T*k) experts are fed.
     touched = min(lm.n_routed_experts, tokens * lm.num_experts_per_tok)
-    cost = fam.moe(
+    cost = ocr_fam.moe(
         tokens, lm.hidden_size, lm.moe_intermediate_size, lm.n_routed_experts, lm.num_experts_per_tok,
         lm.shared_intermediate_size, "bfloat16", experts_touched=touched,
     )  # fmt: skip
@@ -272,34 +279,39 @@ def _param_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def test_each_stage_reads_exactly_the_parameters_it_uses(tiny_arch):
-    model = validate.build_meta_model(tiny_arch)
-    stages = validate.ByteStages(model)
-    for size in (1024, 640):  # the tables' own size, and one that resizes them
-        counts, _ = stages.vision(size, 1)
-        inner = model.model
-        assert counts[SAM].weight_bytes == _param_bytes(inner.sam_model)
-        # CLIP's patch conv is in the checkpoint but never runs: SAM's features replace it.
-        unused = inner.vision_model.embeddings.patch_embedding
-        assert counts[CLIP].weight_bytes == _param_bytes(inner.vision_model) - _param_bytes(unused)
-        assert counts[PROJECTOR].weight_bytes == _param_bytes(inner.projector)
+@pytest.mark.parametrize("mode", ["base", "small"])  # the tables' own size, and one that resizes them
+def test_each_stage_reads_exactly_the_parameters_it_uses(mode):
+    run = load(["model=deepseek_ocr_tiny", f"mode={mode}"])
+    session = validate.meta_session(run)
+    counts = counted.count_run(session, session.prepare(None, run.prompt), 2)
+    inner = session.model.model
+    assert counts.total(SAM).bytes.weight_bytes == _param_bytes(inner.sam_model)
+    # CLIP's patch conv is in the checkpoint but never runs: SAM's features replace it.
+    unused = inner.vision_model.embeddings.patch_embedding
+    assert counts.total(CLIP).bytes.weight_bytes == _param_bytes(inner.vision_model) - _param_bytes(unused)
+    # The projector's range also lays the image out: one newline per view, and the separator.
+    layout = inner.image_newline.numel() * 2 + inner.view_seperator.numel() * 2
+    assert counts.total(PROJECTOR).bytes.weight_bytes == _param_bytes(inner.projector) + layout
 
 
-def test_routing_is_what_the_experts_received(tiny_arch):
-    stages = validate.ByteStages(validate.build_meta_model(tiny_arch))
-    base = next(case for case in validate.cases() if case.name == "base")
-    counted, routing = stages.case(base, text_tokens=12)
-    lm = tiny_arch.lm
-    s = 273 + 12  # base: 16 rows of 16 features + a newline each, the separator, 12 text tokens
-    moe_layers = lm.num_hidden_layers - lm.first_k_dense_replace
-    assert len(routing.prefill) == moe_layers
-    assert all(sum(counts) == s * lm.num_experts_per_tok for counts in routing.prefill)
-    assert len(routing.decode) == validate.DECODE_STEPS
-    k = lm.num_experts_per_tok
-    for step in routing.decode:  # one token: k experts get one row each, the others none
-        assert all(sorted(counts) == [0] * (lm.n_routed_experts - k) + [1] * k for counts in step)
-    assert counted[(DECODE, "run")].bytes > counted[(DECODE, "step")].bytes > 0
-    assert counted[(PREFILL, "run")].kv_write_bytes == s * 2 * lm.num_hidden_layers * lm.hidden_size * 2
+@pytest.mark.parametrize(("dtype", "name"), [(torch.float32, "float32"), (BF16, "bfloat16")])
+@pytest.mark.parametrize("grid", [(1, 1), (1, 2), (2, 3)])  # no tiles; stitched without a copy; with one
+def test_image_layout_matches_the_count(tiny_arch, dtype, name, grid):
+    cols, rows = grid
+    c, q, qt = tiny_arch.lm.hidden_size, 16, 10
+    newline, separator = nn.Parameter(torch.randn(c, dtype=dtype)), nn.Parameter(torch.randn(c, dtype=dtype))
+    global_feats = torch.randn(1, q * q, c, dtype=dtype)
+    tiles = torch.randn(cols * rows, qt * qt, c, dtype=dtype) if cols * rows > 1 else None
+    with torch.no_grad():
+        counter = count(lambda: layout_image_embeds(global_feats, tiles, grid, newline, separator), [newline, separator])
+    assert counter.total == as_bytes(ocr_fam.image_layout(grid, q, qt, c, name))
+
+
+def test_the_greedy_pick_matches_the_count():
+    logits = torch.randn(1, 1000)
+    with torch.no_grad():
+        counter = count(lambda: logits.argmax(-1, keepdim=True))
+    assert counter.total == as_bytes(ocr_fam.greedy_pick(1000))
 
 
 class ExpertRows:
@@ -338,7 +350,7 @@ def test_a_real_cpu_run_moves_the_analytic_bytes(tiny_arch, tiny_model):
     The one addition: a real MoE sizes its expert batches with a bincount per layer (read the
     T*k int64 ids, write E int64 counts), which meta runs skip."""
     m, lm = tiny_model, tiny_arch.lm
-    tiny = next(case for case in validate.cases() if case.name == "tiny")
+    tiny = load(["mode=tiny"]).model.mode
     params = list(m.parameters())
 
     def count_real(fn, kv=()):
@@ -366,64 +378,64 @@ def test_a_real_cpu_run_moves_the_analytic_bytes(tiny_arch, tiny_model):
         experts.close()
     routing = RoutingRecord(prefill=prefill_rows, decode=(step_rows,))
     model = stage_costs(
-        tiny_arch, tiny.mode, text_tokens=12, decode_steps=1, dtype="float32", routing=routing
+        tiny_arch, tiny, text_tokens=12, decode_steps=1, dtype="float32", routing=routing
     )
-    for stage, counted in ((SAM, sam), (CLIP, clip), (PROJECTOR, projector)):
-        assert counted == as_bytes(model.total(stage))
+    # The model's calls alone: the session's layout and greedy picks are left out here.
+    for stage, moved in ((SAM, sam), (CLIP, clip), (PROJECTOR, projector)):
+        assert moved == as_bytes(forward_total(model.stages[stage]))
     moe_layers = len(routing.prefill)
     k, e = lm.num_experts_per_tok, lm.n_routed_experts
     bincount = fam.Cost(act_read_bytes=moe_layers * k * 8, act_write_bytes=moe_layers * e * 8)
-    assert step == as_bytes(sum(model.decode_step.values(), fam.Cost())) + bincount
+    assert step == as_bytes(forward_total(model.decode_step)) + bincount
 
 
-def test_validate_bytes_passes_on_the_tiny_architecture(tiny_arch, capsys):
-    assert validate.validate_bytes(tiny_arch, 12) == 0
+def test_validate_bytes_passes_on_the_tiny_architecture(capsys):
+    assert validate.main(["--model", "deepseek_ocr_tiny", "--bytes"]) == 0
     out = capsys.readouterr().out
-    for case in validate.cases():
+    for case in validate.cases("deepseek_ocr_tiny"):
         assert case.name in out
     assert "PASS" in out and "fused kernel" in out and "False" not in out
 
 
 def test_the_bytes_flag_runs_the_byte_check(monkeypatch):
     calls = []
-    monkeypatch.setattr(
-        validate, "validate_bytes", lambda cfg, text_tokens, impl: calls.append((text_tokens, impl)) or 1
-    )
-    assert validate.main(["--bytes", "--text-tokens", "7"]) == 1
-    assert validate.main(["--bytes", "--impl", "fast"]) == 1
-    assert calls == [(7, "reference"), (12, "fast")]
+
+    def compare(model, impl, bytes_):
+        calls.append((model, impl, bytes_))
+        return pd.DataFrame([{"case": "x", "ok": False}])
+
+    monkeypatch.setattr(validate, "compare", compare)
+    assert validate.main(["--bytes"]) == 1
+    assert validate.main(["--bytes", "--impl", "fast", "--model", "deepseek_ocr_tiny"]) == 1
+    assert calls == [("deepseek_ocr", "reference", True), ("deepseek_ocr_tiny", "fast", True)]
 
 
-def test_impl_fast_without_bytes_is_one_line(capsys):
-    assert validate.main(["--impl", "fast"]) == 2
-    err = capsys.readouterr().err
-    assert err.strip().count("\n") == 0 and "--bytes" in err
-
-
-def test_validate_bytes_of_the_fast_paths_passes_on_the_tiny_architecture(tiny_arch, monkeypatch, capsys):
-    two = [case for case in validate.cases() if case.name in ("tiny", "gundam 2x3")]
-    monkeypatch.setattr(validate, "cases", lambda: two)
-    assert validate.validate_bytes(tiny_arch, 12, "fast") == 0
+def test_validate_bytes_of_the_fast_paths_passes_on_the_tiny_architecture(monkeypatch, capsys):
+    every = validate.cases("deepseek_ocr_tiny", "fast")
+    some = [case for case in every if case.name.endswith((": tiny", ": gundam 2x3"))]
+    assert len(some) == 2 * len(checks.META_FAST_PATHS)
+    monkeypatch.setattr(validate, "cases", lambda model, impl: some)
+    assert validate.main(["--model", "deepseek_ocr_tiny", "--bytes", "--impl", "fast"]) == 0
     out = capsys.readouterr().out
-    for name in validate.META_FAST_PATHS:
-        assert f"paths: {name}" in out
+    for name in checks.META_FAST_PATHS:
+        assert f"{name}: gundam 2x3" in out
     assert "PASS" in out and "False" not in out
 
 
-def test_float32_model_agrees_too(tiny_arch, monkeypatch):
+def test_float32_model_agrees_too(monkeypatch):
     # gundam 2x3: the global view at the tables' own size and six 640^2 tiles that resize them.
-    gundam = [case for case in validate.cases() if case.name == "gundam 2x3"]
-    monkeypatch.setattr(validate, "cases", lambda: gundam)
-    model = validate.build_meta_model(tiny_arch).to(torch.float32)
-    table = validate.compare_bytes(tiny_arch, validate.ByteStages(model), 12, "float32")
+    gundam = [case for case in validate.cases("deepseek_ocr_tiny") if case.name == "gundam 2x3"]
+    monkeypatch.setattr(validate, "cases", lambda model, impl: gundam)
+    monkeypatch.setattr(validate, "DTYPE", torch.float32)
+    table = validate.compare("deepseek_ocr_tiny", "reference", bytes_=True)
     assert table["ok"].all() and len(table) == 6
 
 
-def test_a_wrong_formula_fails(tiny_arch, monkeypatch, capsys):
-    one = [case for case in validate.cases() if case.name == "tiny"]
-    monkeypatch.setattr(validate, "cases", lambda: one)
+def test_a_wrong_formula_fails(monkeypatch, capsys):
+    one = [case for case in validate.cases("deepseek_ocr_tiny") if case.name == "tiny"]
+    monkeypatch.setattr(validate, "cases", lambda model, impl: one)
     original = fam.rmsnorm
     monkeypatch.setattr(fam, "rmsnorm", lambda *a: original(*a) + fam.Cost(act_write_bytes=1))
-    assert validate.validate_bytes(tiny_arch, 12) == 1
+    assert validate.main(["--model", "deepseek_ocr_tiny", "--bytes"]) == 1
     out = capsys.readouterr().out
-    assert "FAIL: 3 stage(s) differ" in out  # prefill, the decode step and the decode run
+    assert "FAIL: 3 disagreement(s)" in out  # prefill, the decode step and the decode run

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm_perf_opt.analytic import families as fam
+from llm_perf_opt.models.deepseek_ocr.analytic import formulas as ocr_fam
 from llm_perf_opt.analytic.families import Cost
-from llm_perf_opt.analytic.validate import flop_counter
+from llm_perf_opt.analytic.counted import flop_counter
 from llm_perf_opt.models.deepseek_ocr.clip import ClipAttention
 from llm_perf_opt.models.deepseek_ocr.config import ClipConfig, LMConfig, SamConfig
 from llm_perf_opt.models.deepseek_ocr.decoder import Attention, KVCache, MoE, RMSNorm, SwiGLU, rope_cos_sin
@@ -115,7 +116,7 @@ def test_sam_attention(grid, window):
         flops = counted(lambda: attn(windows))
     else:
         flops = counted(lambda: attn(x))
-    cost = fam.sam_attention(2, grid, 64, 4, F32, window=window)
+    cost = ocr_fam.sam_attention(2, grid, 64, 4, F32, window=window)
     assert cost.matmul_flops == flops
     assert cost.weight_bytes == param_bytes(attn)
     assert cost.masked_matmul_flops == 0
@@ -126,7 +127,7 @@ def test_clip_attention():
     cfg = ClipConfig(width=64, heads=4)
     attn = ClipAttention(cfg, "sdpa")
     x = torch.randn(3, 17, 64)
-    cost = fam.clip_attention(3, 17, 64, 4, F32)
+    cost = ocr_fam.clip_attention(3, 17, 64, 4, F32)
     assert cost.matmul_flops == counted(lambda: attn(x))
     assert cost.weight_bytes == param_bytes(attn)
 
@@ -178,11 +179,11 @@ def test_moe_counts_any_routing_the_same():
     t = 10
     flops = counted(lambda: layer(torch.randn(1, t, 64)))
     touched = len(torch.unique(seen[0]))
-    cost = fam.moe(t, 64, 24, 8, 3, 48, F32, experts_touched=touched)
+    cost = ocr_fam.moe(t, 64, 24, 8, 3, 48, F32, experts_touched=touched)
     assert cost.matmul_flops == flops
     used = param_bytes(layer) - (8 - touched) * param_bytes(layer.experts[0])
     assert cost.weight_bytes == used
-    parts = fam.moe_parts(t, 64, 24, 8, 3, 48, F32, experts_touched=touched)
+    parts = ocr_fam.moe_parts(t, 64, 24, 8, 3, 48, F32, experts_touched=touched)
     assert sum(parts.values(), Cost()) == cost
 
 
@@ -192,7 +193,7 @@ def test_expected_distinct_experts():
     assert fam.expected_distinct_experts(2, 64, 6) == pytest.approx(64 * (1 - (58 / 64) ** 2))
     assert fam.expected_distinct_experts(915, 64, 6) == pytest.approx(64)
     # without touched experts the MoE reads the expected number
-    cost = fam.moe(2, 64, 24, 8, 3, 48, F32)
+    cost = ocr_fam.moe(2, 64, 24, 8, 3, 48, F32)
     assert cost.weight_bytes == pytest.approx(
         (8 * 64 + fam.expected_distinct_experts(2, 8, 3) * 3 * 64 * 24 + 3 * 64 * 48) * 4
     )
@@ -234,9 +235,9 @@ def test_dtype_bytes():
         lambda: fam.linear(-1, 2, 3, F32),
         lambda: fam.linear(1.5j, 2, 3, F32),
         lambda: fam.conv2d(1, 3, 8, 4, 16, F32),
-        lambda: fam.clip_attention(1, 5, 64, 5, F32),
+        lambda: ocr_fam.clip_attention(1, 5, 64, 5, F32),
         lambda: fam.expected_distinct_experts(3, 4, 6),
-        lambda: fam.moe(1, 64, 24, 8, 3, 48, F32, experts_touched=4),
+        lambda: ocr_fam.moe(1, 64, 24, 8, 3, 48, F32, experts_touched=4),
     ],
 )
 def test_bad_input_is_a_caller_bug(call):

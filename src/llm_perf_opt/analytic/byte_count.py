@@ -38,8 +38,8 @@ A TorchDispatchMode sees every aten op below autograd, so composite ops arrive d
   meta device `F.scaled_dot_product_attention` decomposes (before any dispatch mode sees it)
   into scale, bmm, softmax, bmm, which would write the scores; a TorchFunctionMode takes the
   call at the Python level instead, counts the fused kernel, and on meta returns the output
-  in the fused kernels' layout (see `_fused_attention`). Other devices run the real kernel,
-  uncounted.
+  in the fused kernels' layout (see `_fused_attention`; the decomposition still runs there,
+  uncounted, for a FLOP counter beside this one). Other devices run the real kernel, uncounted.
 
 Categories, by storage: an input whose storage is a parameter's is a weight read
 (parameters are never written in inference); an input or output whose storage is a KV-cache
@@ -48,7 +48,7 @@ buffer's is a KV read or write; everything else is an activation.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -131,6 +131,10 @@ def _fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     them equal; CPU falls back to the unfused math path), so on meta such a call gets its
     [B, Sq, H, Dv]-transposed output.
     """
+    if query.is_meta:
+        # The decomposition runs too, uncounted here (the counter is suspended), so that a FLOP
+        # counter beside this one (analytic.counted) sees the attention's matrix products.
+        F.scaled_dot_product_attention(query, key, value, *args, **kwargs)
     if query.is_meta and value.shape[-1] == query.shape[-1]:
         return torch.empty_like(query)
     if query.is_meta:
@@ -174,13 +178,20 @@ class _FusedAttention(TorchFunctionMode):
 class ByteCounter:
     """Context manager counting the bytes of every aten op run inside it (see module docstring).
 
-    weights: the model's parameters; kv: the KV-cache buffers (their views count as the buffer).
+    weights: the model's parameters; kv: the KV-cache buffers (their views count as the buffer),
+    or a function giving them, asked again at every op, for a cache allocated inside the block.
     Dense tensors only (a tensor without a storage cannot be classified).
     """
 
-    def __init__(self, weights: Iterable[torch.Tensor] = (), kv: Iterable[torch.Tensor] = ()) -> None:
+    def __init__(
+        self,
+        weights: Iterable[torch.Tensor] = (),
+        kv: Iterable[torch.Tensor] | Callable[[], Sequence[torch.Tensor]] = (),
+    ) -> None:
         self._weights = {_storage(t) for t in weights}
-        self._kv = {_storage(t) for t in kv}
+        self._kv_source = kv if callable(kv) else None
+        self._kv_buffers: list[torch.Tensor] = [] if callable(kv) else list(kv)
+        self._kv = {_storage(t) for t in self._kv_buffers}
         self.by_op: dict[str, Cost] = {}
         self.suspended = False
         self._modes: list[Any] = []
@@ -203,6 +214,15 @@ class ByteCounter:
         for mode in reversed(self._modes):
             mode.__exit__(*exc)
         self._modes = []
+
+    def _refresh_kv(self) -> None:
+        if self._kv_source is None:
+            return
+        buffers = self._kv_source()
+        # The same buffers as last time (compared by identity): their storages are known.
+        if len(buffers) != len(self._kv_buffers) or any(a is not b for a, b in zip(buffers, self._kv_buffers)):
+            self._kv_buffers = list(buffers)
+            self._kv = {_storage(t) for t in buffers}
 
     def record_op(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any) -> None:
         """Count one aten op by the rules of the module docstring."""
@@ -238,6 +258,7 @@ class ByteCounter:
     ) -> None:
         """Add one kernel under `name`: (tensor, bytes read from it) and (tensor, bytes written
         into it) pairs, each classified by its storage."""
+        self._refresh_kv()
         weight = act_read = act_write = kv_read = kv_write = 0
         for t, size in reads:
             key = _storage(t)

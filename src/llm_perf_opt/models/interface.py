@@ -10,22 +10,24 @@ A model plugs in with three things:
   of profiling). A model whose stages can only be reached from outside (a transformers
   model) opens the ranges from forward hooks on the modules that make up each stage;
 * an analytic model (:class:`AnalyticModel`) that gives the FLOPs and bytes of a request from
-  its shapes, following how the session ran it (:meth:`ModelSession.execution`).
+  its shapes, following how the session ran it (:meth:`ModelSession.execution`), as typed
+  values: :class:`StageCosts` (per stage, per step, optional nested ranges, families and MoE
+  routing figures) and :class:`Footprint` (weights, KV cache, largest transients, logits).
 
-The harness (measurement passes, attribution, report) uses only what this module declares.
+The harness (measurement passes, attribution, analytic check, report) uses only what this
+module declares.
 """
 
 from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
-
 
 
 @dataclass(frozen=True)
@@ -65,17 +67,170 @@ class Execution(Protocol):
         ...
 
 
+#: Observed routing: stage -> one entry per call of that stage -> per routed layer -> tokens per expert.
+RoutingCounts = dict[str, list[list[list[int]]]]
+
+
+@dataclass(frozen=True)
+class Work:
+    """FLOPs and bytes of some work: a stage over a run, one step, a nested range, a family.
+
+    FLOPs count 2 per multiply-add. *Executed* FLOPs are what dense kernels run (FlopCounterMode
+    counts the matmul part); *useful* FLOPs leave out what a causal mask discards. Bytes are
+    split by what they move: weights, activations read and written, KV cache read and written.
+    """
+
+    matmul_flops: float = 0  # executed matrix products and convolutions
+    useful_matmul_flops: float = 0
+    other_flops: float = 0  # executed elementwise and reduction work
+    useful_other_flops: float = 0
+    weight_bytes: float = 0
+    act_read_bytes: float = 0
+    act_write_bytes: float = 0
+    kv_read_bytes: float = 0
+    kv_write_bytes: float = 0
+
+    @property
+    def flops(self) -> float:
+        """Executed FLOPs: matmul + other."""
+        return self.matmul_flops + self.other_flops
+
+    @property
+    def useful_flops(self) -> float:
+        """Useful FLOPs (what the roofline uses): matmul + other a causal mask keeps."""
+        return self.useful_matmul_flops + self.useful_other_flops
+
+    @property
+    def bytes(self) -> float:
+        return (
+            self.weight_bytes + self.act_read_bytes + self.act_write_bytes + self.kv_read_bytes + self.kv_write_bytes
+        )
+
+    @property
+    def act_bytes(self) -> float:
+        return self.act_read_bytes + self.act_write_bytes
+
+    @property
+    def kv_bytes(self) -> float:
+        return self.kv_read_bytes + self.kv_write_bytes
+
+    def as_dict(self) -> dict[str, float]:
+        """Every figure, derived totals included, under run.json's names."""
+        return {
+            "matmul_flops": self.matmul_flops,
+            "useful_matmul_flops": self.useful_matmul_flops,
+            "other_flops": self.other_flops,
+            "useful_other_flops": self.useful_other_flops,
+            "flops": self.flops,
+            "useful_flops": self.useful_flops,
+            "weight_bytes": self.weight_bytes,
+            "act_read_bytes": self.act_read_bytes,
+            "act_write_bytes": self.act_write_bytes,
+            "kv_read_bytes": self.kv_read_bytes,
+            "kv_write_bytes": self.kv_write_bytes,
+            "bytes": self.bytes,
+        }
+
+
+@dataclass(frozen=True)
+class FamilyWork:
+    """One module family's work inside a stage, over the run (scope "run") or its first step ("step")."""
+
+    stage: str
+    scope: str
+    family: str
+    work: Work
+
+
+@dataclass(frozen=True)
+class ExpertUsage:
+    """Distinct routed experts one MoE layer reads in `scope` (e.g. prefill, one decode step, the
+    decode run): expected under uniform routing, and observed (None when not recorded)."""
+
+    layer: int
+    scope: str
+    tokens: float
+    experts: int
+    top_k: int
+    expected_distinct: float
+    observed_distinct: float | None
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """The analytic FLOPs and bytes of one run, per stage: what the report, run.json and the
+    analytic check read. Stages without analytic work (host preprocessing) are left out."""
+
+    stages: dict[str, Work]  # stage -> its work over the whole run, in run order
+    steps: dict[str, Work]  # per-step stage -> the work of its first step
+    ranges: dict[str, Work] = field(default_factory=dict)  # nested "stage/family" range -> over the run
+    families: tuple[FamilyWork, ...] = ()  # the per-family breakdown, for run.json
+    experts: tuple[ExpertUsage, ...] | None = None  # a mixture-of-experts model's routing figures
+    note: str = ""  # which FLOPs the roofline uses, and why (report.md)
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """The weights a stage's modules hold and its largest transient tensor."""
+
+    stage: str
+    weight_params: int
+    weight_bytes: float
+    transient: str  # what the tensor is, for people
+    transient_bytes: float
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Memory of one run from shapes alone: per stage, and for the whole run."""
+
+    stages: tuple[StageMemory, ...]
+    total_weight_bytes: float  # the whole model resident
+    kv_cache_bytes: float = 0  # as allocated for the run
+    kv_bytes_per_token: float = 0
+    logits_bytes: float = 0  # one call's logits
+
+    @property
+    def largest_transient(self) -> StageMemory:
+        """The stage with the largest transient (the first of equals)."""
+        return max(self.stages, key=lambda s: s.transient_bytes)
+
+
+@dataclass(frozen=True)
+class CheckCase:
+    """One run on which `python -m llm_perf_opt.analytic.validate` checks a model's formulas
+    against the costs counted on its meta-device model: config overrides (e.g. `mode=gundam`)
+    and the size of a blank page to read (None: the model's bundled image)."""
+
+    name: str
+    overrides: tuple[str, ...] = ()
+    image_size: tuple[int, int] | None = None
+
+
 class AnalyticModel(Protocol):
-    """The analytic side of a model, built from its config (named by the config's `analytic`)."""
+    """The analytic side of a model, built from its config (named by the config's `analytic`).
+
+    Optionally also `check_cases(impl) -> list[CheckCase]`, the runs the analytic check covers
+    for an implementation (default: the config as composed), and `reference_checks() ->
+    list[tuple[str, float, float]]`, published figures (what, analytic, reference) it must
+    reproduce within 1%.
+    """
 
     def stage_model(
-        self, request: Any, decode_steps: int, dtype: str, routing: Any, execution: Execution | None
-    ) -> Any:
-        """FLOPs and bytes of exactly this run: an object with `totals()`, `breakdown()`,
-        `experts()` and `range_totals()` tables (see analytic/deepseek_ocr.StageModel)."""
+        self,
+        request: Any,
+        decode_steps: int,
+        dtype: str,
+        routing: RoutingCounts | None,
+        execution: Execution | None = None,
+    ) -> StageCosts:
+        """FLOPs and bytes of exactly this run: its request, decode steps, observed routing
+        (None: the model's expectation) and the way it ran (None: its reference way)."""
         ...
 
-    def footprint(self, request: Any, max_new_tokens: int, dtype: str, execution: Execution | None = None) -> Any:
+    def footprint(
+        self, request: Any, max_new_tokens: int, dtype: str, execution: Execution | None = None
+    ) -> Footprint:
         """Weights, KV cache and largest transients of the run: before anything is built (the
         memory check, execution None), and of the way it ran (execution given) for the report."""
         ...
@@ -104,8 +259,12 @@ class RoutedLayer(Protocol):
     def n_experts(self) -> int: ...
 
 
-#: Observed routing: stage -> one entry per call of that stage -> per routed layer -> tokens per expert.
-RoutingCounts = dict[str, list[list[list[int]]]]
+def even_split(flat: torch.Tensor, n_experts: int) -> list[int]:
+    """Tokens per expert on the meta device, where the router's choice has no values: the T·k
+    assignments spread evenly. A session built on meta feeds its routed experts this way, and
+    the count of its costs (analytic.counted) records the same routing for its analytic model."""
+    total = flat.numel()
+    return [total // n_experts + (e < total % n_experts) for e in range(n_experts)]
 
 
 @dataclass
@@ -163,7 +322,10 @@ class ModelSession(ABC):
 
     @abstractmethod
     def load(self) -> None:
-        """Build the model: dummy weights or a local checkpoint (the expensive part)."""
+        """Build the model: dummy weights or a local checkpoint (the expensive part). On the meta
+        device (`options.device`), every shape and no storage: `generate` then runs without
+        values, for counting its FLOPs and bytes (analytic.counted); routed layers feed their
+        experts `even_split`, and nothing reads a value on the host."""
 
     @abstractmethod
     def generate(self, request: Request, max_new_tokens: int) -> Result:
@@ -201,6 +363,11 @@ class ModelSession(ABC):
         """The model's words on ops that take a stage's time in the way it runs now (none by
         default), for the verdicts of the report."""
         return ()
+
+    def kv_buffers(self) -> list[torch.Tensor]:
+        """The KV-cache buffers of the request running now (from the moment it allocates them),
+        so that a byte count tells KV reads and writes from activations; none by default."""
+        return []
 
     def execution(self) -> Execution | None:
         """How the last `generate` ran where the model has more than one way (None: the one

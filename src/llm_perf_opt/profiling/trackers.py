@@ -21,15 +21,22 @@ from llm_perf_opt.models.interface import RoutedLayer, RoutingCounts, Stage
 from llm_perf_opt.runners.ranges import SEPARATOR, current_stage, module_range
 
 
+def bincount(experts: torch.Tensor, n_experts: int) -> list[int]:
+    """Tokens per expert of the expert ids [tokens, k] a routed layer chose (a device sync)."""
+    return torch.bincount(experts.flatten(), minlength=n_experts).tolist()
+
+
 class RoutingRecorder:
-    """Observes MoE routing through each layer's `on_route` hook (one bincount per layer call).
+    """Observes MoE routing through each layer's `on_route` hook (one `count` per layer call:
+    `bincount`, or on the meta device, where ids have no values, `interface.even_split`).
 
     `counts[stage]` holds one entry per call of that stage (a prefill, one decode step), each
     with the tokens per expert of every routed layer, in layer order.
     """
 
-    def __init__(self, layers: list[RoutedLayer]):
+    def __init__(self, layers: list[RoutedLayer], count: Callable[[torch.Tensor, int], list[int]] = bincount):
         self._layers = layers
+        self._count = count
         self.counts: RoutingCounts = {}
 
     def __enter__(self) -> RoutingRecorder:
@@ -48,7 +55,7 @@ class RoutingRecorder:
         calls = self.counts.setdefault(stage, [])
         if slot == 0:  # layers run in order: the first routed layer opens a new call
             calls.append([[] for _ in self._layers])
-        calls[-1][slot] = torch.bincount(experts.flatten(), minlength=self._layers[slot].n_experts).tolist()
+        calls[-1][slot] = self._count(experts, self._layers[slot].n_experts)
 
 
 class ModuleRanges:

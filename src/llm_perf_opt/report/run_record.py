@@ -19,7 +19,7 @@ from llm_perf_opt.config import RunConfig
 from llm_perf_opt.hardware.calibration import Calibration
 from llm_perf_opt.hardware.ceilings import Roof, Selection
 from llm_perf_opt.hardware.precision import DtypeChoice
-from llm_perf_opt.models.interface import OpNote
+from llm_perf_opt.models.interface import Footprint, OpNote, StageCosts
 from llm_perf_opt.profiling.attribution import Attribution
 from llm_perf_opt.profiling.passes import Measurement
 from llm_perf_opt.profiling.timing import OUTLIER_FACTOR, summarize
@@ -62,8 +62,8 @@ class Job:
     run: RunConfig
     config: dict
     measurement: Measurement
-    stage_model: Any  # the model's analytic StageModel: totals(), breakdown(), experts()
-    footprint: Any  # the model's analytic memory Footprint
+    stage_model: StageCosts  # the analytic FLOPs and bytes of the run
+    footprint: Footprint  # the analytic memory of the run
     device: torch.device
     dtype: DtypeChoice
     hardware: Hardware
@@ -134,13 +134,28 @@ def _cpu_name() -> str:
     return names[0] if names else platform.processor() or platform.machine()
 
 
-def footprint_record(footprint) -> dict:
+def footprint_record(footprint: Footprint) -> dict:
     return {
         "total_weight_bytes": footprint.total_weight_bytes,
         "kv_cache_bytes": footprint.kv_cache_bytes,
         "kv_bytes_per_token": footprint.kv_bytes_per_token,
         "logits_bytes": footprint.logits_bytes,
-        "stages": footprint.table.to_dict("records"),
+        "stages": [dataclasses.asdict(stage) for stage in footprint.stages],
+    }
+
+
+def analytic_record(costs: StageCosts) -> dict:
+    """The ``analytic`` entry of run.json: per stage over the run (scope "run") and the first
+    step of each per-step stage ("step"), the families, the nested ranges, the experts."""
+    stages = [{"stage": stage, "scope": "run", **work.as_dict()} for stage, work in costs.stages.items()]
+    stages += [{"stage": stage, "scope": "step", **work.as_dict()} for stage, work in costs.steps.items()]
+    return {
+        "note": costs.note or None,
+        "stages": stages,
+        "families": [{"stage": f.stage, "scope": f.scope, "family": f.family, **f.work.as_dict()}
+                     for f in costs.families],  # fmt: skip
+        "ranges": [{"stage": name, **work.as_dict()} for name, work in costs.ranges.items()],
+        "experts": [dataclasses.asdict(row) for row in costs.experts or ()],
     }
 
 
@@ -193,7 +208,6 @@ def trace_record(attribution: Attribution, path: str, basis: str | None = None) 
 def run_record(job: Job, table: pd.DataFrame, status: str = "ok", error: str | None = None) -> dict:
     """Everything about the job in one JSON-able dict."""
     m = job.measurement
-    analytic_totals = job.stage_model.totals()
     record = {
         "schema_version": SCHEMA_VERSION,
         "status": status,
@@ -230,13 +244,7 @@ def run_record(job: Job, table: pd.DataFrame, status: str = "ok", error: str | N
         "routing": None if m.routing is None else {
             stage: {"calls": len(calls), "tokens_per_expert": _sum_calls(calls)} for stage, calls in m.routing.items()
         },
-        "analytic": {
-            "note": analytic_totals.attrs.get("note"),
-            "stages": analytic_totals.to_dict("records"),
-            "families": job.stage_model.breakdown().to_dict("records"),
-            "ranges": job.stage_model.range_totals().to_dict("records"),
-            "experts": job.stage_model.experts().to_dict("records"),
-        },
+        "analytic": analytic_record(job.stage_model),
         "trace": None if m.attribution is None else trace_record(m.attribution, m.trace_path.name),
     }
     record["headline"] = headline_figures(m.summary(), table, record)

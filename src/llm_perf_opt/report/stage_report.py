@@ -1,7 +1,7 @@
 """The per-stage roofline table: measured time joined with the analytic work of each stage,
 against the hardware ceilings, with the split of each stage's time and a verdict in words.
 
-    table = stage_table(measurement, stage_model, roofs, dtype, device_kind)
+    table = stage_table(measurement, costs, roofs, dtype, device_kind)   # costs: the model's StageCosts
 
 or, from what run.json holds (the per-run samples, the analytic stage totals) and any
 :class:`~llm_perf_opt.profiling.attribution.Attribution` (the trace pass's, or one imported
@@ -33,7 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import pandas as pd
 
-from llm_perf_opt.models.interface import OpNote
+from llm_perf_opt.models.interface import OpNote, StageCosts
 from llm_perf_opt.profiling.attribution import Attribution
 from llm_perf_opt.profiling.passes import Measurement
 from llm_perf_opt.profiling.timing import summarize
@@ -111,9 +111,9 @@ def stage_launches(attribution: Attribution | None) -> dict[str, int]:
 
 
 def work_table(totals: pd.DataFrame, ranges: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Per stage of the analytic stage totals (``StageModel.totals()``, ``analytic.stages`` of
-    run.json), whole run: useful FLOPs and bytes by category; plus one row per nested
-    ``stage/family`` range from ``ranges`` (``StageModel.range_totals()``, ``analytic.ranges``)."""
+    """Per stage of run.json's analytic stage totals (``analytic.stages``), whole run: useful FLOPs
+    and bytes by category; plus one row per nested ``stage/family`` range from ``ranges``
+    (``analytic.ranges``)."""
     run = totals[totals["scope"] == "run"]
     if ranges is not None and len(ranges):
         run = pd.concat([run, ranges], ignore_index=True)
@@ -142,9 +142,22 @@ def top_ops(
     return [(name, float(row.total_ms), float(row.calls)) for name, row in mine.iterrows()]
 
 
+def work_of(costs: StageCosts) -> pd.DataFrame:
+    """:func:`work_table` of a live run's typed analytic costs: its stages, then its nested ranges."""
+    rows = [*costs.stages.items(), *costs.ranges.items()]
+    return pd.DataFrame({
+        "stage": [name for name, _ in rows],
+        "flops": [w.useful_flops for _, w in rows],
+        "bytes": [w.bytes for _, w in rows],
+        "weight_bytes": [w.weight_bytes for _, w in rows],
+        "act_bytes": [w.act_bytes for _, w in rows],
+        "kv_bytes": [w.kv_bytes for _, w in rows],
+    })
+
+
 def stage_table(
     m: Measurement,
-    stage_model,
+    costs: StageCosts,
     roofs: Sequence[RoofLike],
     dtype: str,
     device_kind: str,
@@ -154,7 +167,7 @@ def stage_table(
     runs = [r.stages for r in m.runs]
     return stage_table_from(
         measured_table([s.name for s in m.stages], runs, m.attribution),
-        work_table(stage_model.totals(), stage_model.range_totals()),
+        work_of(costs),
         m.attribution, roofs, dtype, device_kind,
         steps_per_stage([s.name for s in m.stages if s.per_step], runs),
         op_notes,

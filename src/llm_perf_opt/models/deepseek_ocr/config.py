@@ -246,8 +246,8 @@ class PathsConfig:
 class DeepSeekOCRModelConfig(ModelConfig):
     """The `model` node of a DeepSeek-OCR run (conf/model/deepseek_ocr*.yaml, conf/mode/*.yaml)."""
 
-    session: ClassVar[str] = "llm_perf_opt.runners.dsocr_session.DeepSeekOCRSession"
-    analytic: ClassVar[str] = "llm_perf_opt.analytic.dsocr_analytic.DeepSeekOCRAnalytic"
+    session: ClassVar[str] = "llm_perf_opt.models.deepseek_ocr.session.DeepSeekOCRSession"
+    analytic: ClassVar[str] = "llm_perf_opt.models.deepseek_ocr.analytic.model.DeepSeekOCRAnalytic"
 
     attn_impl: str = "sdpa"  # sdpa | eager | flash_attn
     impl: str = "reference"  # reference (faithful to the official code) | fast (models/deepseek_ocr/fast)

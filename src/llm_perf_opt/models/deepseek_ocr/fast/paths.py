@@ -4,7 +4,7 @@
 meta device of the analytic checks, a module run on its own). A session measures the
 candidates on its device instead (`tuning.tune_paths`) and fixes the winners with
 `FastDeepSeekOCR.use_paths`; it records them in run.json, and the analytic model costs the
-bytes of exactly these paths (`analytic.deepseek_ocr.stage_costs(paths=...)`). The paths differ
+bytes of exactly these paths (`models.deepseek_ocr.analytic.costs.stage_costs(paths=...)`). The paths differ
 in what they move, not in what they compute: the analytic FLOPs are the reference's whichever
 path runs. Every choice includes the reference's own formulation ("reference" SAM attention,
 "looped" experts, "eager" decode, "plain" linears), so a machine where no fast formulation

@@ -3,13 +3,14 @@ one run, from the shapes of its request. Named by `DeepSeekOCRModelConfig.analyt
 
 from __future__ import annotations
 
-from llm_perf_opt.analytic.deepseek_ocr import StageModel, stage_costs
-from llm_perf_opt.analytic.memory import Footprint, footprint
+from llm_perf_opt.models.deepseek_ocr.analytic import checks
+from llm_perf_opt.models.deepseek_ocr.analytic.costs import stage_costs
+from llm_perf_opt.models.deepseek_ocr.analytic.footprint import footprint
 from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRModelConfig
 from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord
+from llm_perf_opt.models.deepseek_ocr.session import Execution, Request
 from llm_perf_opt.models.deepseek_ocr.stages import DECODE, PREFILL
-from llm_perf_opt.models.interface import RoutingCounts
-from llm_perf_opt.runners.dsocr_session import Execution, Request
+from llm_perf_opt.models.interface import CheckCase, Footprint, RoutingCounts, StageCosts
 
 
 class DeepSeekOCRAnalytic:
@@ -25,7 +26,7 @@ class DeepSeekOCRAnalytic:
         dtype: str,
         routing: RoutingCounts | None,
         execution: Execution | None = None,
-    ) -> StageModel:
+    ) -> StageCosts:
         """The FLOPs and bytes of exactly this run: its tiles, prompt, decode steps, observed
         routing, and the paths the implementation took (`execution`; None: the reference's)."""
         return stage_costs(
@@ -38,7 +39,7 @@ class DeepSeekOCRAnalytic:
             routing=None if routing is None else routing_record(routing),
             paths=None if execution is None else execution.paths,
             cache_len=None if execution is None else execution.cache_len,
-        )
+        ).costs()
 
     def footprint(
         self, request: Request, max_new_tokens: int, dtype: str, execution: Execution | None = None
@@ -50,6 +51,15 @@ class DeepSeekOCRAnalytic:
             decode_steps=max_new_tokens - 1, dtype=dtype,
         )  # fmt: skip
         return footprint(self.cfg.arch, model.workload, None if execution is None else execution.paths)
+
+    def check_cases(self, impl: str) -> list[CheckCase]:
+        """The runs `analytic.validate` counts: every mode, gundam at four tile grids; for the
+        fast implementation, under each path set that runs on meta (checks.py)."""
+        return checks.check_cases(impl)
+
+    def reference_checks(self) -> list[tuple[str, float, float]]:
+        """Published figures of the released model its formulas reproduce (checks.py)."""
+        return checks.reference_checks()
 
 
 def routing_record(counts: RoutingCounts) -> RoutingRecord:

@@ -9,12 +9,9 @@ additive mask is materialised: SAM's relative-position bias.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-import pandas as pd
-
-from llm_perf_opt.analytic.deepseek_ocr import MODEL_STAGES, Workload
 from llm_perf_opt.analytic.families import dtype_bytes
+from llm_perf_opt.models.deepseek_ocr.analytic.costs import MODEL_STAGES, Workload
 from llm_perf_opt.models.deepseek_ocr.config import (
     ClipConfig,
     DeepSeekOCRConfig,
@@ -30,6 +27,7 @@ from llm_perf_opt.models.deepseek_ocr.stages import (
     PROJECTOR,
     SAM,
 )
+from llm_perf_opt.models.interface import Footprint, StageMemory
 
 FP32 = 4
 
@@ -160,20 +158,11 @@ def _largest(candidates: list[tuple[str, float]]) -> tuple[str, float]:
     return max(candidates, key=lambda c: c[1])
 
 
-@dataclass(frozen=True)
-class Footprint:
-    """Weights and transients per stage, KV cache and logits for one run."""
-
-    table: pd.DataFrame  # stage, weight_params, weight_bytes, transient, transient_bytes
-    kv_cache_bytes: int  # as allocated: S + max_new_tokens = S + decode_steps + 1 positions
-    kv_bytes_per_token: int
-    logits_bytes: int  # one call's logits: last position only, fp32
-    total_weight_bytes: int  # the whole model resident
-
-
 def footprint(cfg: DeepSeekOCRConfig, workload: Workload, paths: FastPaths | None = None) -> Footprint:
     """Footprint of the run a StageModel describes (its `workload`), for the reference or the
-    fast `paths` (SAM's bias in tiles, or folded into widened queries and keys)."""
+    fast `paths` (SAM's bias in tiles, or folded into widened queries and keys): per stage, its
+    weights and largest transient; the KV cache as allocated (S + decode_steps + 1 positions),
+    one call's logits (last position only, fp32) and the whole model's weights."""
     b = dtype_bytes(workload.dtype)
     params = stage_parameters(cfg)
     views = [(workload.global_size, 1)] + ([(workload.tile_size, workload.tiles)] if workload.tiles else [])
@@ -190,19 +179,11 @@ def footprint(cfg: DeepSeekOCRConfig, workload: Workload, paths: FastPaths | Non
     rows = []
     for stage in MODEL_STAGES:
         name, size = _largest(transients[stage])
-        rows.append(
-            {
-                "stage": stage,
-                "weight_params": params[stage],
-                "weight_bytes": params[stage] * b,
-                "transient": name,
-                "transient_bytes": size,
-            }
-        )
+        rows.append(StageMemory(stage, params[stage], params[stage] * b, name, size))
     per_token = kv_bytes_per_token(cfg.lm, workload.dtype)
     total_params = params[SAM] + params[CLIP] + params[PROJECTOR] + params[PREFILL]
     return Footprint(
-        table=pd.DataFrame(rows),
+        stages=tuple(rows),
         kv_cache_bytes=per_token * (workload.prompt_tokens + workload.decode_steps + 1),
         kv_bytes_per_token=per_token,
         logits_bytes=cfg.lm.vocab_size * FP32,

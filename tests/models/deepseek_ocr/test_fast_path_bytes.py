@@ -13,8 +13,9 @@ import torch
 
 from llm_perf_opt.analytic import families as fam
 from llm_perf_opt.analytic.byte_count import ByteCounter
-from llm_perf_opt.analytic.deepseek_ocr import MODEL_STAGES, stage_costs
 from llm_perf_opt.config import load
+from llm_perf_opt.models.deepseek_ocr.analytic import formulas as ocr_fam
+from llm_perf_opt.models.deepseek_ocr.analytic.costs import MODEL_STAGES, stage_costs
 from llm_perf_opt.models.deepseek_ocr import weights
 from llm_perf_opt.models.deepseek_ocr.config import SamConfig
 from llm_perf_opt.models.deepseek_ocr.fast.moe import FastMoE
@@ -22,6 +23,7 @@ from llm_perf_opt.models.deepseek_ocr.fast.paths import FastPaths, tile_rows
 from llm_perf_opt.models.deepseek_ocr.fast.sam import FastSamAttention
 from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord
 from llm_perf_opt.models.deepseek_ocr.sam import window_partition
+from model_costs import forward_total
 
 SAM, CLIP, PROJECTOR, PREFILL, DECODE = MODEL_STAGES
 FIELDS = ("weight_bytes", "act_read_bytes", "act_write_bytes", "kv_read_bytes", "kv_write_bytes")
@@ -62,7 +64,7 @@ def test_sam_attention_paths_match_the_count(dtype, name, grid, window, table_si
         attn(groups_in)
     side = window or grid
     rows = tile_rows(groups_in.shape[0], 2, side, side, tile)
-    cost = fam.sam_attention(1, grid, 64, 2, name, window=window, table_side=table_side, bias=bias, tile_rows=rows)
+    cost = ocr_fam.sam_attention(1, grid, 64, 2, name, window=window, table_side=table_side, bias=bias, tile_rows=rows)
     assert byte_fields(counter.total) == byte_fields(cost)
 
 
@@ -87,7 +89,7 @@ def test_moe_paths_match_the_count(tiny_arch, dtype, name, routed, tokens):
     with torch.no_grad(), ByteCounter(weights=layer.parameters()) as counter:
         layer(x)
     touched = len({e for row in chosen[0] for e in row})
-    cost = fam.moe(
+    cost = ocr_fam.moe(
         tokens, lm.hidden_size, lm.moe_intermediate_size, lm.n_routed_experts, lm.num_experts_per_tok,
         lm.shared_intermediate_size, name, experts_touched=touched, routed=routed,
     )  # fmt: skip
@@ -97,12 +99,12 @@ def test_moe_paths_match_the_count(tiny_arch, dtype, name, routed, tokens):
 def test_fast_paths_keep_the_reference_flops():
     """The paths move other bytes; the useful work, and so the FLOPs, are the reference's."""
     for bias in ("blocked", "folded"):
-        fast = fam.sam_attention(1, 64, 768, 12, "bfloat16", bias=bias, tile_rows=16)
-        reference = fam.sam_attention(1, 64, 768, 12, "bfloat16")
+        fast = ocr_fam.sam_attention(1, 64, 768, 12, "bfloat16", bias=bias, tile_rows=16)
+        reference = ocr_fam.sam_attention(1, 64, 768, 12, "bfloat16")
         assert (fast.matmul_flops, fast.other_flops) == (reference.matmul_flops, reference.other_flops)
     for routed in ("grouped", "gathered", "one_by_one"):
-        fast = fam.moe(1, 1280, 896, 64, 6, 1792, "bfloat16", routed=routed)
-        reference = fam.moe(1, 1280, 896, 64, 6, 1792, "bfloat16")
+        fast = ocr_fam.moe(1, 1280, 896, 64, 6, 1792, "bfloat16", routed=routed)
+        reference = ocr_fam.moe(1, 1280, 896, 64, 6, 1792, "bfloat16")
         assert (fast.matmul_flops, fast.other_flops) == (reference.matmul_flops, reference.other_flops)
 
 
@@ -111,8 +113,8 @@ def test_blocked_sam_drops_the_copy_of_the_bias_at_base_size():
     reference writes it, copies it (read + write) and SDPA reads it: 4 x 402.65 MB. Blocked in 4
     tiles of 16 rows writes and reads it once (2 x) but reads K and V (4096 x 768 x 2 B =
     6,291,456 B each) three more times and copies the output (read + write 6,291,456 B)."""
-    reference = fam.sam_attention(1, 64, 768, 12, "bfloat16")
-    blocked = fam.sam_attention(1, 64, 768, 12, "bfloat16", bias="blocked", tile_rows=16)
+    reference = ocr_fam.sam_attention(1, 64, 768, 12, "bfloat16")
+    blocked = ocr_fam.sam_attention(1, 64, 768, 12, "bfloat16", bias="blocked", tile_rows=16)
     bias, kv = 402_653_184, 6_291_456
     assert reference.bytes - blocked.bytes == 2 * bias - 3 * 2 * kv - 2 * kv
 
@@ -180,10 +182,10 @@ def test_every_stage_of_the_fast_model_moves_the_analytic_bytes(tiny_arch, dtype
     # and CLIP, reference and fast alike; fp32 checks vision.
     stages = (PREFILL,) if dtype == torch.bfloat16 else (SAM, CLIP, PROJECTOR, PREFILL)
     for stage in stages:
-        assert byte_fields(counted[stage]) == pytest.approx(byte_fields(analytic.total(stage)), rel=1e-12), stage
-    step = sum(analytic.decode_step.values(), fam.Cost())
+        assert byte_fields(counted[stage]) == pytest.approx(byte_fields(forward_total(analytic.stages[stage])), rel=1e-12), stage
+    step = forward_total(analytic.decode_step)  # the model's calls alone, without the session's pick
     assert byte_fields(decode[0]) == pytest.approx(byte_fields(step), rel=1e-12)
-    assert byte_fields(sum(decode, fam.Cost())) == pytest.approx(byte_fields(analytic.total(DECODE)), rel=1e-12)
+    assert byte_fields(sum(decode, fam.Cost())) == pytest.approx(byte_fields(forward_total(analytic.stages[DECODE])), rel=1e-12)
 
 
 @torch.no_grad()
@@ -196,4 +198,4 @@ def test_folded_sam_moves_the_analytic_bytes_on_meta(tiny_arch):
     with ByteCounter(weights=model.parameters()) as counter:
         model.sam(pixels)
     analytic = stage_costs(tiny_arch, cfg.mode, dtype="bfloat16", paths=model.paths)
-    assert byte_fields(counter.total) == byte_fields(analytic.total(SAM))
+    assert byte_fields(counter.total) == byte_fields(forward_total(analytic.stages[SAM]))

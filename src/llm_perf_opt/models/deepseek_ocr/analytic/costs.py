@@ -1,14 +1,19 @@
-"""Analytic stage model of DeepSeek-OCR composed from the module families.
+"""Analytic stage model of DeepSeek-OCR composed from the module families (analytic.families and
+its own, formulas.py).
 
     model = stage_costs(cfg, mode, grid=(2, 3), text_tokens=12, decode_steps=1000)
     model.totals()      one row per stage (decode: the whole run, and one step)
     model.breakdown()   one row per (stage, family)
     model.experts()     distinct routed experts read, expected and observed
+    model.costs()       all of it as the harness reads it (models.interface.StageCosts)
 
-A run is: SAM, CLIP and the projector over the global view (batch 1) and, when tiled, over
-all tiles (one batch); prefill of S = image tokens + text tokens; then `decode_steps` decode
-steps, step i (0-based) feeding one token against a cache of S + i positions. The first
-generated token comes from prefill's logits, so n generated tokens take n - 1 decode steps.
+A run is what the session's stage ranges hold: SAM (after casting the fp32 pixels to the
+model's dtype), CLIP and the projector over the global view (batch 1) and, when tiled, over
+all tiles (one batch), then the image tokens laid out for the LM (in the projector's range);
+prefill of S = image tokens + text tokens; then `decode_steps` decode steps, step i (0-based)
+feeding one token against a cache of S + i positions; prefill and every step end with the
+greedy pick of the next token. The first generated token comes from prefill's logits, so n
+generated tokens take n - 1 decode steps.
 
 Attention FLOPs are reported two ways: `matmul_flops` is *executed* work, what a dense kernel
 computes and FlopCounterMode counts (full S x S in prefill); `useful_matmul_flops` keeps
@@ -25,6 +30,7 @@ import pandas as pd
 
 from llm_perf_opt.analytic import families as fam
 from llm_perf_opt.analytic.families import Cost
+from llm_perf_opt.models.deepseek_ocr.analytic import formulas as ocr_fam
 from llm_perf_opt.models.deepseek_ocr.config import (
     ClipConfig,
     DeepSeekOCRConfig,
@@ -45,6 +51,7 @@ from llm_perf_opt.models.deepseek_ocr.stages import (
     PROJECTOR,
     SAM,
 )
+from llm_perf_opt.models.interface import ExpertUsage, FamilyWork, StageCosts
 
 #: Stages the analytic model covers, in run order (preprocessing runs on the host, no FLOPs here).
 MODEL_STAGES: tuple[str, ...] = (SAM, CLIP, PROJECTOR, PREFILL, DECODE)
@@ -95,7 +102,7 @@ RANGE_FAMILIES: dict[str, dict[str, str]] = {
         "layernorm2d": "neck",
     },
     CLIP: {"clip_attention": "attn", "linear": "mlp", "quick_gelu": "mlp"},
-    PROJECTOR: {"concat": "linear", "linear": "linear"},
+    PROJECTOR: {"concat": "linear", "linear": "linear"},  # the layout runs outside the projector module
     **dict.fromkeys(
         (PREFILL, DECODE),
         {
@@ -145,7 +152,7 @@ def sam_costs(sam: SamConfig, size: int, batch: int, dtype: object, paths: FastP
     c2, c3 = sam.downsample_channels
     items = [
         ("patch_conv", fam.conv2d(batch, 3, d, size, sam.patch_size, dtype, stride=sam.patch_size, bias=True)),
-        ("pos_embed", fam.sam_pos_embed(batch, g, table_grid, d, dtype)),
+        ("pos_embed", ocr_fam.sam_pos_embed(batch, g, table_grid, d, dtype)),
     ]
     for i in range(sam.depth):
         window = 0 if i in sam.global_attn_indexes else sam.window_size
@@ -157,11 +164,11 @@ def sam_costs(sam: SamConfig, size: int, batch: int, dtype: object, paths: FastP
             bias = {"bias": paths.sam_attention, "tile_rows": rows, "align": FOLDED_ALIGN}
         if window:
             items += [
-                ("sam_attention_window", fam.sam_attention(batch, g, d, sam.heads, dtype, window=window, **bias)),
-                ("window_partition", fam.window_partition(batch, g, d, window, dtype)),
+                ("sam_attention_window", ocr_fam.sam_attention(batch, g, d, sam.heads, dtype, window=window, **bias)),
+                ("window_partition", ocr_fam.window_partition(batch, g, d, window, dtype)),
             ]
         else:
-            attention = fam.sam_attention(batch, g, d, sam.heads, dtype, table_side=table_grid, **bias)
+            attention = ocr_fam.sam_attention(batch, g, d, sam.heads, dtype, table_side=table_grid, **bias)
             items.append(("sam_attention_global", attention))
         items += [
             ("layernorm", 2 * fam.layernorm(n, d, dtype)),
@@ -187,12 +194,12 @@ def clip_costs(clip: ClipConfig, side: int, batch: int, dtype: object) -> Breakd
     t = side * side + 1
     rows, w = batch * t, clip.width
     items = [
-        ("embeddings", fam.clip_embeddings(batch, side, clip.grid, w, dtype)),
+        ("embeddings", ocr_fam.clip_embeddings(batch, side, clip.grid, w, dtype)),
         ("layernorm", fam.layernorm(rows, w, dtype)),
     ]
     items += [
         ("layernorm", 2 * fam.layernorm(rows, w, dtype)),
-        ("clip_attention", fam.clip_attention(batch, t, w, clip.heads, dtype)),
+        ("clip_attention", ocr_fam.clip_attention(batch, t, w, clip.heads, dtype)),
         ("add", 2 * fam.add(rows * w, dtype)),
         ("linear", fam.linear(rows, w, clip.ffn, dtype)),
         ("quick_gelu", fam.quick_gelu(rows * clip.ffn, dtype)),
@@ -245,7 +252,7 @@ def lm_costs(
         ("rope_tables", fam.rope_tables(t, lm.head_dim, dtype, positions_given=static)),
     ]
     if static:
-        items.append(("static_step", fam.static_step_inputs(static_len, lm.vocab_size, graph=graph)))
+        items.append(("static_step", ocr_fam.static_step_inputs(static_len, lm.vocab_size, graph=graph)))
     heads = lm.num_attention_heads
     for i in range(lm.num_hidden_layers):
         items += [
@@ -254,7 +261,7 @@ def lm_costs(
             ("add", 2 * fam.add(t * h, dtype)),
         ]
         if lm.is_moe_layer(i):
-            parts = fam.moe_parts(
+            parts = ocr_fam.moe_parts(
                 t,
                 h,
                 lm.moe_intermediate_size,
@@ -340,18 +347,38 @@ class StageModel:
         """Distinct routed experts read per MoE layer: expected (uniform routing) and observed."""
         return pd.DataFrame(list(self.expert_usage))
 
-    def range_totals(self) -> pd.DataFrame:
-        """Rows ("stage/family", metrics) over the run for the nested module ranges: the analytic
+    def range_costs(self) -> dict[str, Cost]:
+        """"stage/family" -> cost over the run for the nested module ranges: the analytic
         families summed by the range they run in (RANGE_FAMILIES)."""
-        rows = []
+        out: dict[str, Cost] = {}
         for stage, parts in self.stages.items():
             ranges: dict[str, Cost] = {}
             for family, cost in parts.items():
                 target = RANGE_FAMILIES[stage].get(family)
                 if target is not None:
                     ranges[target] = ranges.get(target, Cost()) + cost
-            rows += [{"stage": f"{stage}/{name}", **cost.as_dict()} for name, cost in ranges.items()]
+            out.update({f"{stage}/{name}": cost for name, cost in ranges.items()})
+        return out
+
+    def range_totals(self) -> pd.DataFrame:
+        """Rows ("stage/family", metrics) of `range_costs`."""
+        rows = [{"stage": name, **cost.as_dict()} for name, cost in self.range_costs().items()]
         return pd.DataFrame(rows, columns=["stage", *_METRICS])
+
+    def costs(self) -> StageCosts:
+        """The run's figures as the harness reads them (models.interface.StageCosts)."""
+        families = [
+            FamilyWork(stage, RUN, family, cost.work()) for stage, parts in self.stages.items() for family, cost in parts.items()
+        ]
+        families += [FamilyWork(DECODE, STEP, family, cost.work()) for family, cost in self.decode_step.items()]
+        return StageCosts(
+            stages={stage: self.total(stage).work() for stage in self.stages},
+            steps={DECODE: _total(self.decode_step).work()},
+            ranges={name: cost.work() for name, cost in self.range_costs().items()},
+            families=tuple(families),
+            experts=tuple(ExpertUsage(**row) for row in self.expert_usage),
+            note=ROOFLINE_NOTE,
+        )
 
 
 def resolve_grid(
@@ -382,9 +409,12 @@ def resolve_grid(
 def _vision(
     cfg: DeepSeekOCRConfig, size: int, batch: int, dtype: object, paths: FastPaths | None
 ) -> dict[str, Breakdown]:
+    """The vision stages over `batch` views of size x size; SAM's includes the cast of the fp32
+    pixels the preprocessing made to the model's dtype (none in fp32)."""
     side = tokens_per_side(size)
+    pixels = {"pixel_cast": fam.cast(batch * 3 * size * size, fam.FP32, fam.dtype_bytes(dtype))}
     return {
-        SAM: sam_costs(cfg.sam, size, batch, dtype, paths),
+        SAM: _merge(pixels, sam_costs(cfg.sam, size, batch, dtype, paths)),
         CLIP: clip_costs(cfg.clip, side, batch, dtype),
         PROJECTOR: projector_costs(cfg, side, batch, dtype),
     }
@@ -439,6 +469,10 @@ def stage_costs(
     if workload.tiles:
         tiles = _vision(cfg, mode.image_size, workload.tiles, dtype, paths)
         stages = {name: _merge(parts, tiles[name]) for name, parts in stages.items()}
+    layout = ocr_fam.image_layout(
+        grid, tokens_per_side(mode.global_size), tokens_per_side(mode.image_size), lm.hidden_size, dtype
+    )
+    stages[PROJECTOR] = _merge(stages[PROJECTOR], {"layout": layout})
 
     if routing is not None:
         routing.check(lm, s, decode_steps)
@@ -449,7 +483,8 @@ def stage_costs(
         step_touched = [
             sum(_distinct(step[layer]) for step in routing.decode) / decode_steps for layer in range(layers)
         ]
-    scatter = {"image_scatter": fam.image_scatter(s, image_tokens, lm.hidden_size, dtype)}
+    scatter = {"image_scatter": ocr_fam.image_scatter(s, image_tokens, lm.hidden_size, dtype)}
+    pick = {"greedy_pick": ocr_fam.greedy_pick(lm.vocab_size)}
     prefill_routed, step = "looped", {}
     if paths is not None:
         prefill_routed = paths.moe_prefill
@@ -457,9 +492,10 @@ def stage_costs(
         if paths.decode != "eager":
             cache_len = s + decode_steps + 1 if cache_len is None else cache_len
             step.update(static_len=cache_len, graph=paths.decode == "graph")
-    stages[PREFILL] = _merge(lm_costs(lm, s, 0, dtype, prefill_touched, routed=prefill_routed), scatter)
-    first_step = lm_costs(lm, 1, s, dtype, step_touched, **step)
-    mean_step = lm_costs(lm, 1, s + (decode_steps - 1) / 2, dtype, step_touched, **step)
+    prefill = _merge(lm_costs(lm, s, 0, dtype, prefill_touched, routed=prefill_routed), scatter)
+    stages[PREFILL] = _merge(prefill, pick)
+    first_step = _merge(lm_costs(lm, 1, s, dtype, step_touched, **step), pick)
+    mean_step = _merge(lm_costs(lm, 1, s + (decode_steps - 1) / 2, dtype, step_touched, **step), pick)
     stages[DECODE] = {family: decode_steps * cost for family, cost in mean_step.items()}
 
     return StageModel(

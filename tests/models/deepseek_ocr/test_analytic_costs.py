@@ -5,20 +5,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_perf_opt.analytic import memory
-from llm_perf_opt.analytic.deepseek_ocr import (
+from llm_perf_opt.analytic.families import Cost
+from llm_perf_opt.models.deepseek_ocr.analytic import footprint as memory
+from llm_perf_opt.models.deepseek_ocr.analytic.checks import builtin_modes
+from llm_perf_opt.models.deepseek_ocr.analytic.formulas import greedy_pick
+from llm_perf_opt.models.deepseek_ocr.analytic.costs import (
     MODEL_STAGES,
     ROOFLINE_NOTE,
     lm_costs,
     resolve_grid,
     stage_costs,
 )
-from llm_perf_opt.analytic.families import Cost
-from llm_perf_opt.analytic.validate import build_meta_model, builtin_modes
 from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRConfig
 from llm_perf_opt.models.deepseek_ocr.fast.paths import FastPaths
 from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord
 from llm_perf_opt.models.deepseek_ocr.stages import CLIP, DECODE, PREFILL, PROJECTOR, SAM
+from model_costs import meta_model as build_meta_model
 
 CFG = DeepSeekOCRConfig()
 MODES = builtin_modes()
@@ -73,12 +75,15 @@ def test_decode_run_is_the_sum_of_its_steps():
     lm, n = CFG.lm, 5
     model = run("base", decode_steps=n)
     s = model.workload.prompt_tokens
-    steps = sum((sum(lm_costs(lm, 1, s + i, "bf16").values(), Cost()) for i in range(n)), Cost())
+    # Each step: one LM forward, then the greedy pick of its token (read 4V, write 8 bytes).
+    pick = greedy_pick(lm.vocab_size)
+    assert pick == Cost(act_read_bytes=4 * 129_280, act_write_bytes=8)
+    steps = sum((sum(lm_costs(lm, 1, s + i, "bf16").values(), pick) for i in range(n)), Cost())
     total = model.total(DECODE)
     for field in ("matmul_flops", "other_flops", "weight_bytes", "act_read_bytes", "kv_read_bytes"):
         assert getattr(total, field) == pytest.approx(getattr(steps, field))
     first = sum(model.decode_step.values(), Cost())
-    assert first == sum(lm_costs(lm, 1, s, "bf16").values(), Cost())
+    assert first == sum(lm_costs(lm, 1, s, "bf16").values(), pick)
     assert run("base").total(DECODE) == Cost()
 
 
@@ -92,6 +97,24 @@ def test_executed_and_useful_attention():
     totals = model.totals()
     assert totals.attrs["note"] == ROOFLINE_NOTE and "useful" in ROOFLINE_NOTE
     assert {"matmul_flops", "useful_matmul_flops", "useful_flops"} <= set(totals.columns)
+
+
+def test_the_typed_costs_hold_the_tables_figures():
+    model = run("gundam", (2, 2), decode_steps=3)
+    costs = model.costs()
+    totals = model.totals().set_index(["stage", "scope"])
+    assert list(costs.stages) == list(MODEL_STAGES) and list(costs.steps) == [DECODE]
+    for (stage, scope), row in totals.iterrows():
+        work = (costs.stages if scope == "run" else costs.steps)[stage]
+        assert work.as_dict() == {name: row[name] for name in work.as_dict()}
+    ranges = model.range_totals().set_index("stage")
+    assert list(costs.ranges) == list(ranges.index)
+    assert costs.ranges["prefill/attn"].useful_flops == ranges.loc["prefill/attn", "useful_flops"]
+    assert len(costs.families) == len(model.breakdown())
+    experts = model.experts()
+    assert [e.observed_distinct for e in costs.experts] == [None] * len(experts)
+    assert [e.expected_distinct for e in costs.experts] == list(experts["expected_distinct"])
+    assert costs.note == ROOFLINE_NOTE
 
 
 def test_tables_add_up():
@@ -170,12 +193,16 @@ def test_footprint():
     assert fp.kv_cache_bytes == 61_440 * (915 + 101)
     assert fp.logits_bytes == 129_280 * 4
     assert fp.total_weight_bytes == 3_336_106_240 * 2
-    table = fp.table.set_index("stage")
-    assert list(table.index) == list(MODEL_STAGES)
-    base = memory.footprint(CFG, run("base").workload).table.set_index("stage")
-    assert base.loc[SAM, "transient_bytes"] == 12 * 4096 * 4096 * 2
-    assert "rel-pos bias" in base.loc[SAM, "transient"]
-    assert table.loc[SAM, "weight_bytes"] == 95_569_152 * 2
+    stages = {s.stage: s for s in fp.stages}
+    assert list(stages) == list(MODEL_STAGES)
+    base = {s.stage: s for s in memory.footprint(CFG, run("base").workload).stages}
+    assert base[SAM].transient_bytes == 12 * 4096 * 4096 * 2
+    assert "rel-pos bias" in base[SAM].transient
+    assert stages[SAM].weight_bytes == 95_569_152 * 2
+    # The run's largest transient: the global view's materialised SAM bias (12 heads x 4096^2 x 2 B)
+    # is larger than that of the six 640^2 tiles (6 x 12 x 1600^2 x 2 B).
+    assert fp.largest_transient.stage == SAM
+    assert fp.largest_transient.transient_bytes == 12 * 4096 * 4096 * 2
 
 
 def test_footprint_of_the_fast_paths():
@@ -184,11 +211,12 @@ def test_footprint_of_the_fast_paths():
     hidden [4096, 3072] fp32 (50.3 MB; a global block's q' is 12 x 4096 x 192 x 4 = 37.7 MB)."""
     workload = run("base", dtype="float32").workload
     blocked = memory.footprint(CFG, workload, FastPaths("blocked", "grouped", "one_by_one", "eager"))
-    sam = blocked.table.set_index("stage").loc[SAM]
-    assert sam["transient_bytes"] == 12 * 16 * 64 * 4096 * 4 and "tile" in sam["transient"]
+    sam = blocked.stages[0]
+    assert sam.stage == SAM
+    assert sam.transient_bytes == 12 * 16 * 64 * 4096 * 4 and "tile" in sam.transient
     folded = memory.footprint(CFG, workload, FastPaths("folded", "grouped", "grouped", "graph"))
-    sam = folded.table.set_index("stage").loc[SAM]
-    assert sam["transient_bytes"] == 4096 * 3072 * 4 and "MLP" in sam["transient"]
+    sam = folded.stages[0]
+    assert sam.transient_bytes == 4096 * 3072 * 4 and "MLP" in sam.transient
 
 
 def test_the_fast_paths_reference_formulations_cost_what_the_reference_does():
@@ -196,7 +224,7 @@ def test_the_fast_paths_reference_formulations_cost_what_the_reference_does():
     fast model taking them moves the reference's bytes in SAM and decode."""
     workload = run("base", dtype="float32").workload
     faithful = FastPaths("reference", "looped", "looped", "eager", "plain")
-    assert memory.footprint(CFG, workload, faithful).table.equals(memory.footprint(CFG, workload).table)
+    assert memory.footprint(CFG, workload, faithful) == memory.footprint(CFG, workload)
     fast, reference = run("base", paths=faithful), run("base")
     for stage in (SAM, DECODE):
         assert fast.total(stage) == reference.total(stage)
