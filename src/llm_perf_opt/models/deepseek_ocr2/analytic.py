@@ -1,0 +1,200 @@
+"""DeepSeek-OCR-2's analytic model behind the harness: the FLOPs and bytes of each stage of one
+run, and its memory footprint, counted on the meta-device model (counting.py) by running the
+session's own staged generation at the request's shapes. No hand-written formulas: the
+counts follow whatever transformers' code does.
+
+The tables have the columns the harness reads from DeepSeek-OCR's StageModel
+(analytic/deepseek_ocr.py): `totals()` one row per stage (scope "run") plus the first decode
+step (scope "step"), `breakdown()` per aten op (the family column), `experts()` distinct
+routed experts per MoE layer, `range_totals()` (empty: this model has no nested module ranges).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from llm_perf_opt.analytic.families import Cost, expected_distinct_experts
+from llm_perf_opt.analytic.memory import Footprint
+from llm_perf_opt.models.interface import RoutingCounts
+
+from .build import hf_config, meta_model
+from .checkpoint import checkpoint_config
+from .config import DeepSeekOCR2ModelConfig
+from .counting import Counts, Transient, count, prepare_meta_model
+from .session import DeepSeekOCR2Session, Execution, Request, StagedRun
+from .stages import DECODE, LANGUAGE_MODEL, MODEL_STAGES, PREFILL
+
+RUN, STEP = "run", "step"
+METRICS = tuple(Cost().as_dict())
+NOTE = (
+    "FLOPs and bytes counted on the meta-device model running this request's shapes "
+    "(FlopCounterMode, ByteCounter): executed FLOPs, attention over every score formed (no causal "
+    "discount), matmul/conv/attention ops only; bytes of every aten op, attention fused."
+)
+
+
+@dataclass(frozen=True)
+class Ocr2StageModel:
+    """Per-op costs of each stage of one run, plus the first decode step and expert usage."""
+
+    stages: dict[str, dict[str, Cost]]  # MODEL_STAGES -> op -> cost over the run
+    decode_step: dict[str, Cost]  # the first decode step
+    expert_usage: tuple[dict[str, object], ...]
+
+    def total(self, stage: str) -> Cost:
+        return sum(self.stages[stage].values(), Cost())
+
+    def totals(self) -> pd.DataFrame:
+        rows = [{"stage": s, "scope": RUN, **self.total(s).as_dict()} for s in self.stages]
+        rows.append({"stage": DECODE, "scope": STEP, **sum(self.decode_step.values(), Cost()).as_dict()})
+        table = pd.DataFrame(rows, columns=["stage", "scope", *METRICS])
+        table.attrs["note"] = NOTE
+        return table
+
+    def breakdown(self) -> pd.DataFrame:
+        rows = [{"stage": s, "scope": RUN, "family": op, **c.as_dict()} for s, ops in self.stages.items() for op, c in ops.items()]
+        rows += [{"stage": DECODE, "scope": STEP, "family": op, **c.as_dict()} for op, c in self.decode_step.items()]
+        return pd.DataFrame(rows, columns=["stage", "scope", "family", *METRICS])
+
+    def experts(self) -> pd.DataFrame:
+        return pd.DataFrame(list(self.expert_usage))
+
+    def range_totals(self) -> pd.DataFrame:
+        return pd.DataFrame([], columns=["stage", *METRICS])
+
+
+class DeepSeekOCR2Analytic:
+    """The analytic side of DeepSeek-OCR-2 (named by DeepSeekOCR2ModelConfig.analytic)."""
+
+    def __init__(self, cfg: DeepSeekOCR2ModelConfig) -> None:
+        self.cfg = cfg
+        self.config = (hf_config(cfg.arch, cfg.attn_impl) if cfg.dummy_weights
+                       else checkpoint_config(Path(cfg.weights).expanduser(), cfg.attn_impl))  # fmt: skip
+
+    def stage_model(self, request: Request, decode_steps: int, dtype: str, routing: RoutingCounts | None,
+                    execution: Execution | None = None) -> Ocr2StageModel:  # fmt: skip
+        """The FLOPs and bytes of exactly this run: its views, prompt, decode steps and observed routing."""
+        counts, _ = self._count(request, decode_steps, dtype, routing)
+        stages = {s: _sum_calls(counts.calls.get(s, [])) for s in MODEL_STAGES}
+        decode_calls = counts.calls.get(DECODE, [])
+        return Ocr2StageModel(stages, dict(decode_calls[0]) if decode_calls else {},
+                              self._expert_usage(request.prompt_tokens, decode_steps, routing))  # fmt: skip
+
+    def footprint(self, request: Request, max_new_tokens: int, dtype: str, execution: Execution | None = None) -> Footprint:
+        """Weights per stage, the KV cache at the end of the run, and each stage's largest
+        tensor (from a counted run with one decode step)."""
+        counts, model = self._count(request, min(1, max_new_tokens - 1), dtype, None)
+        params: dict[str, list[nn.Parameter]] = {}
+        for name, param in model.named_parameters():
+            params.setdefault(_stage_of(name), []).append(param)
+        rows = []
+        for stage in MODEL_STAGES:
+            held = params.get(LANGUAGE_MODEL if stage in (PREFILL, DECODE) else stage, [])
+            largest = counts.transients.get(stage, Transient())
+            rows.append({
+                "stage": stage,
+                "weight_params": sum(p.numel() for p in held),
+                "weight_bytes": sum(p.numel() * p.element_size() for p in held),
+                "transient": f"{largest.op} {list(largest.shape)}",
+                "transient_bytes": largest.bytes,
+            })  # fmt: skip
+        text = self.config.text_config
+        b = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+        per_token = text.num_hidden_layers * 2 * text.num_key_value_heads * text.head_dim * b
+        return Footprint(
+            table=pd.DataFrame(rows),
+            kv_cache_bytes=per_token * (request.prompt_tokens + max_new_tokens - 1),
+            kv_bytes_per_token=per_token,
+            logits_bytes=text.vocab_size * b,
+            total_weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+        )
+
+    # -- counting --------------------------------------------------------------------------------
+    def _count(self, request: Request, decode_steps: int, dtype: str, routing: RoutingCounts | None) -> tuple[Counts, nn.Module]:
+        model = meta_model(self.config).to(getattr(torch, dtype))
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):  # transformers keeps the gates in fp32
+                param.data = param.data.float()
+        plans = _plans(routing)
+        runner = StagedRun(model)
+        views = request.views
+        meta_request = dataclasses.replace(
+            request,
+            views=dataclasses.replace(
+                views,
+                pixel_values=torch.empty(views.pixel_values.shape, dtype=model.dtype, device="meta"),
+                pixel_values_local=None if views.pixel_values_local is None else
+                torch.empty(views.pixel_values_local.shape, dtype=model.dtype, device="meta"),
+            ),
+            input_ids=torch.empty(request.input_ids.shape, dtype=torch.long, device="meta"),
+        )
+
+        def reset() -> None:
+            prepare_meta_model(model, plans)
+            runner.cache = None
+
+        def kv() -> list[torch.Tensor]:
+            cache = runner.cache
+            if cache is None:
+                return []
+            return [t for layer in cache.layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                    if isinstance(t, torch.Tensor)]  # fmt: skip
+
+        reset()
+        counts = count(lambda: runner.generate(meta_request, decode_steps + 1), model, kv, reset)
+        return counts, model
+
+    def _expert_usage(self, prompt_tokens: int, decode_steps: int, routing: RoutingCounts | None) -> tuple[dict, ...]:
+        """Expected (uniform routing) and observed distinct experts per MoE layer."""
+        text = self.config.text_config
+        e, k = text.n_routed_experts, text.num_experts_per_tok
+        layers = [i for i, kind in enumerate(text.mlp_layer_types) if kind == "sparse"]
+        plans = _plans(routing)
+        rows = []
+        for j, layer in enumerate(layers):
+            calls = plans[j] if plans is not None and j < len(plans) else []
+            observed = {"prefill": None, "decode_step": None, "decode_run": None}
+            if calls:
+                observed["prefill"] = _distinct(calls[0])
+                steps = calls[1:]
+                if steps:
+                    observed["decode_step"] = sum(_distinct(c) for c in steps) / len(steps)
+                    observed["decode_run"] = _distinct([sum(col) for col in zip(*steps)])
+            for scope, tokens in (("prefill", prompt_tokens), ("decode_step", 1), ("decode_run", decode_steps)):
+                rows.append({"layer": layer, "scope": scope, "tokens": tokens, "experts": e, "top_k": k,
+                             "expected_distinct": expected_distinct_experts(tokens, e, k),
+                             "observed_distinct": observed[scope]})  # fmt: skip
+        return tuple(rows)
+
+
+def _stage_of(name: str) -> str:
+    """The stage (or language-model group) a parameter belongs to: the longest matching prefix."""
+    prefixes = DeepSeekOCR2Session.stage_prefixes
+    best = max((p for p in prefixes if name == p or name.startswith(p + ".")), key=len, default=None)
+    return prefixes[best] if best is not None else LANGUAGE_MODEL
+
+
+def _plans(routing: RoutingCounts | None) -> list[list[list[int]]] | None:
+    """Per routed layer, the observed tokens per expert of each call: the prefill, then each decode step."""
+    if not routing or len(routing.get(PREFILL, [])) != 1:
+        return None
+    calls = routing[PREFILL] + routing.get(DECODE, [])
+    return [[call[j] for call in calls] for j in range(len(calls[0]))]
+
+
+def _sum_calls(calls: list[dict[str, Cost]]) -> dict[str, Cost]:
+    out: dict[str, Cost] = {}
+    for call in calls:
+        for op, cost in call.items():
+            out[op] = out.get(op, Cost()) + cost
+    return out
+
+
+def _distinct(counts: list[int]) -> int:
+    return sum(1 for c in counts if c > 0)
