@@ -9,6 +9,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 from transformers import DeepseekOcr2Config, DeepseekOcr2ForConditionalGeneration
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from llm_perf_opt.errors import UserError
 
@@ -64,8 +65,10 @@ def materialise(model: nn.Module, device: torch.device, dtype: torch.dtype) -> n
 def reset_buffers(model: nn.Module) -> None:
     """Recompute the non-persistent rotary tables, which `to_empty` leaves uninitialised."""
     for module in model.modules():
-        if hasattr(module, "inv_freq") and hasattr(module, "rope_init_fn"):
-            inv_freq, scaling = module.rope_init_fn(module.config)
+        if hasattr(module, "inv_freq") and hasattr(module, "rope_type"):
+            init = (module.compute_default_rope_parameters if module.rope_type == "default"
+                    else ROPE_INIT_FUNCTIONS[module.rope_type])  # fmt: skip
+            inv_freq, scaling = init(module.config)
             module.inv_freq = inv_freq.to(module.inv_freq.device)
             module.original_inv_freq = inv_freq.clone().to(module.inv_freq.device)
             module.attention_scaling = scaling
