@@ -91,3 +91,16 @@ def test_footprint_weights_and_kv_cache(analytic, request_, tiny_session):
     assert footprint.kv_bytes_per_token == per_token
     assert footprint.kv_cache_bytes == per_token * (request_.prompt_tokens + 4)
     assert (footprint.table["transient_bytes"] > 0).all()
+
+
+def test_first_and_last_decode_steps_give_the_sum_of_every_step(analytic, request_):
+    every = analytic.count(request_, 5, "float32", None, every_step=True).calls["decode"]
+    assert len(every) == 5
+    total = {}
+    for call in every:
+        for op, cost in call.items():
+            total[op] = total.get(op, 0) + cost.flops + cost.bytes
+    interpolated = analytic.stage_model(request_, 5, "float32", None).stages["decode"]
+    assert set(interpolated) == set(total)
+    for op, cost in interpolated.items():
+        assert cost.flops + cost.bytes == pytest.approx(total[op], rel=1e-12), op

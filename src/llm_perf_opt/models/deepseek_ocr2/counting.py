@@ -1,15 +1,15 @@
 """FLOPs and bytes of each stage, counted by running the session's own staged generation on
-the meta-device model (shapes only, nothing computed).
+the meta-device model (shapes only, nothing computed), with a stage listener that splits the
+counts by top-level stage range:
 
-* FLOPs: torch's FlopCounterMode over the whole run; a stage listener takes the per-op
-  counts at each top-level stage range's entry and exit (2 FLOPs per multiply-add). These are
-  executed FLOPs: attention is counted over every score the kernel forms, masked or not.
-* Bytes: a second run, with a fresh llm_perf_opt.analytic.byte_count.ByteCounter around each
-  stage call (weights = the parameters, KV = the cache tensors present when the call starts),
-  plus the largest tensor each stage writes (its largest transient).
-
-Two separate runs because ByteCounter takes scaled-dot-product attention whole at the Python
-level, where FlopCounterMode would otherwise see its decomposed matmuls.
+* FLOPs: torch's FlopCounterMode over the run, read at each stage call's entry and exit
+  (2 FLOPs per multiply-add). Executed FLOPs: attention counts every score the kernel forms,
+  masked or not. Scaled-dot-product attention is taken whole by ByteCounter (below), so its
+  FLOPs come from torch's own SDPA formula (`flop_counter.sdpa_flop_count`), as
+  FlopCounterMode applies it to the fused kernels.
+* Bytes: a fresh llm_perf_opt.analytic.byte_count.ByteCounter around each stage call (weights
+  = the parameters, KV = the cache tensors present when the call starts), and the largest
+  tensor each stage allocates (its largest transient).
 
 Two places of transformers' code do not run on meta and are replaced on the meta model only:
 
@@ -35,11 +35,13 @@ from typing import Any
 
 import torch
 from torch import nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from llm_perf_opt.analytic.byte_count import ByteCounter
+from llm_perf_opt.analytic.byte_count import ATTENTION, ByteCounter
 from llm_perf_opt.analytic.families import Cost
 from llm_perf_opt.runners.ranges import SEPARATOR, listening
 
@@ -63,45 +65,14 @@ class Counts:
     calls: dict[str, CallCounts] = field(default_factory=dict)
     transients: dict[str, Transient] = field(default_factory=dict)
 
-    def add(self, stage: str, call: int, op: str, cost: Cost) -> None:
-        per_call = self.calls.setdefault(stage, [])
-        while len(per_call) <= call:
-            per_call.append({})
-        per_call[call][op] = per_call[call].get(op, Cost()) + cost
-
-
-class _FlopListener:
-    """Per top-level stage call, the FlopCounterMode counts added inside it."""
-
-    def __init__(self, counter: FlopCounterMode, counts: Counts) -> None:
-        self._counter = counter
-        self._counts = counts
-        self._start: dict[str, int] = {}
-        self._calls: dict[str, int] = {}
-
-    def _snapshot(self) -> dict[str, int]:
-        return {str(op): n for op, n in self._counter.get_flop_counts().get("Global", {}).items()}
-
-    def stage_entered(self, name: str) -> None:
-        if SEPARATOR not in name:
-            self._start = self._snapshot()
-
-    def stage_exited(self, name: str) -> None:
-        if SEPARATOR in name:
-            return
-        call = self._calls.get(name, 0)
-        self._calls[name] = call + 1
-        for op, n in self._snapshot().items():
-            delta = n - self._start.get(op, 0)
-            if delta:
-                self._counts.add(name, call, _op_name(op), Cost(matmul_flops=delta))
-        self._counts.calls.setdefault(name, [])  # a stage with no FLOPs still has its calls
-        while len(self._counts.calls[name]) <= call:
-            self._counts.calls[name].append({})
+    def new_call(self, stage: str) -> dict[str, Cost]:
+        """The (empty) op -> cost table of the stage's next call."""
+        self.calls.setdefault(stage, []).append({})
+        return self.calls[stage][-1]
 
 
 class _LargestWrite(TorchDispatchMode):
-    """The largest tensor any op returns while active."""
+    """The largest tensor any op allocates while active (views allocate nothing)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -109,42 +80,67 @@ class _LargestWrite(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                size = t.numel() * t.element_size()
-                if size > self.largest.bytes:
-                    self.largest = Transient(func.overloadpacket.__name__, tuple(t.shape), size)
+        if not func.is_view:
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    size = t.numel() * t.element_size()
+                    if size > self.largest.bytes:
+                        self.largest = Transient(func.overloadpacket.__name__, tuple(t.shape), size)
         return out
 
 
-class _ByteListener:
-    """A fresh ByteCounter (and largest-write tracker) around each top-level stage call."""
+class _AttentionFlops(TorchFunctionMode):
+    """FLOPs of each F.scaled_dot_product_attention call, by torch's SDPA formula."""
 
-    def __init__(self, weights: Sequence[torch.Tensor], kv: Callable[[], list[torch.Tensor]], counts: Counts) -> None:
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            query, key, value = [*args, *(kwargs[k] for k in ("query", "key", "value") if k in kwargs)][:3]
+            self.flops += sdpa_flop_count(query.shape, key.shape, value.shape)
+        return func(*args, **kwargs)
+
+
+class _StageCounter:
+    """A stage listener: per top-level stage call, the FLOPs counted inside it, and the bytes and
+    largest allocation of a ByteCounter opened for it."""
+
+    def __init__(self, flops: FlopCounterMode, weights: Sequence[torch.Tensor],
+                 kv: Callable[[], list[torch.Tensor]], counts: Counts) -> None:  # fmt: skip
+        self._flops = flops
         self._weights = list(weights)
         self._kv = kv
         self._counts = counts
-        self._open: tuple[ByteCounter, _LargestWrite] | None = None
-        self._calls: dict[str, int] = {}
+        self._open: tuple[dict[str, int], ByteCounter, _LargestWrite, _AttentionFlops] | None = None
+
+    def _flop_snapshot(self) -> dict[str, int]:
+        return {_op_name(str(op)): n for op, n in self._flops.get_flop_counts().get("Global", {}).items()}
 
     def stage_entered(self, name: str) -> None:
         if SEPARATOR in name:
             return
-        counter, largest = ByteCounter(weights=self._weights, kv=self._kv()), _LargestWrite()
-        counter.__enter__()
-        largest.__enter__()
-        self._open = (counter, largest)
+        modes = (ByteCounter(weights=self._weights, kv=self._kv()), _LargestWrite(), _AttentionFlops())
+        for mode in modes:
+            mode.__enter__()
+        self._open = (self._flop_snapshot(), *modes)
 
     def stage_exited(self, name: str) -> None:
         if SEPARATOR in name or self._open is None:
             return
-        (counter, largest), self._open = self._open, None
-        largest.__exit__(None, None, None)
-        counter.__exit__(None, None, None)
-        call = self._calls.get(name, 0)
-        self._calls[name] = call + 1
+        (start, counter, largest, attention), self._open = self._open, None
+        for mode in (attention, largest, counter):
+            mode.__exit__(None, None, None)
+        call = self._counts.new_call(name)
+        for op, n in self._flop_snapshot().items():
+            if n > start.get(op, 0):
+                call[op] = Cost(matmul_flops=n - start.get(op, 0))
+        if attention.flops:
+            call[ATTENTION] = call.get(ATTENTION, Cost()) + Cost(matmul_flops=attention.flops)
         for op, cost in counter.by_op.items():
-            self._counts.add(name, call, op, cost)
+            call[op] = call.get(op, Cost()) + cost
         if largest.largest.bytes > self._counts.transients.get(name, Transient()).bytes:
             self._counts.transients[name] = largest.largest
 
@@ -222,15 +218,11 @@ def prepare_meta_model(model: nn.Module, plans: Sequence[Sequence[Sequence[int]]
     return experts
 
 
-def count(run: Callable[[], Any], model: nn.Module, kv: Callable[[], list[torch.Tensor]],
-          reset: Callable[[], None]) -> Counts:  # fmt: skip
-    """Counts of `run()` (the staged generation on the meta `model`): a FLOP pass, `reset()`,
-    a byte pass. `kv()` gives the KV-cache tensors at the moment a stage call starts."""
+def count(run: Callable[[], Any], model: nn.Module, kv: Callable[[], list[torch.Tensor]]) -> Counts:
+    """Counts of `run()` (a staged generation on the meta `model`), split by stage call.
+    `kv()` gives the KV-cache tensors at the moment a stage call starts."""
     counts = Counts()
-    with torch.no_grad():
-        with FlopCounterMode(display=False) as flops, listening(_FlopListener(flops, counts)):
-            run()
-        reset()
-        with listening(_ByteListener(list(model.parameters()), kv, counts)):
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
+        with listening(_StageCounter(flops, list(model.parameters()), kv, counts)):
             run()
     return counts
