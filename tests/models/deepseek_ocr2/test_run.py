@@ -100,3 +100,21 @@ def test_one_sweep_over_both_models(tmp_path):
     assert sorted(summary["model"]) == ["deepseek_ocr2_tiny", "deepseek_ocr_tiny"]
     assert (summary["mode"] == "base").all() and (summary["status"] == "ok").all()
     assert Path(sweep / "sweep_summary.md").is_file()
+
+
+def test_compare_reads_its_runs(tiny_run, capsys):
+    from llm_perf_opt.compare import main as compare_main
+
+    out, _ = tiny_run
+    assert compare_main([str(out), str(out)]) == 0
+    assert "decode" in capsys.readouterr().out
+
+
+def test_the_module_tree_tags_stages(monkeypatch, capsys, tmp_path):
+    from llm_perf_opt import tree
+
+    code, out, err = call_main(monkeypatch, capsys, tree.main, "llm_perf_opt.tree", "model=deepseek_ocr2_tiny",
+                               f"hydra.run.dir={tmp_path}")  # fmt: skip
+    assert code == 0, err
+    for stage in ("sam", "vision", "projector", "language_model"):
+        assert stage in out

@@ -64,7 +64,8 @@ class Ocr2StageModel:
         return table
 
     def breakdown(self) -> pd.DataFrame:
-        rows = [{"stage": s, "scope": RUN, "family": op, **c.as_dict()} for s, ops in self.stages.items() for op, c in ops.items()]
+        rows = [{"stage": s, "scope": RUN, "family": op, **c.as_dict()}
+                for s, ops in self.stages.items() for op, c in ops.items()]  # fmt: skip
         rows += [{"stage": DECODE, "scope": STEP, "family": op, **c.as_dict()} for op, c in self.decode_step.items()]
         return pd.DataFrame(rows, columns=["stage", "scope", "family", *METRICS])
 
@@ -95,7 +96,8 @@ class DeepSeekOCR2Analytic:
         return Ocr2StageModel(stages, dict(decode[0]) if decode else {},
                               self._expert_usage(request.prompt_tokens, decode_steps, routing))  # fmt: skip
 
-    def footprint(self, request: Request, max_new_tokens: int, dtype: str, execution: Execution | None = None) -> Footprint:
+    def footprint(self, request: Request, max_new_tokens: int, dtype: str,
+                  execution: Execution | None = None) -> Footprint:  # fmt: skip
         """Weights per stage, the KV cache at the end of the run, and each stage's largest
         tensor (from a counted run with one decode step)."""
         key = (request.views.pixel_values.shape, request.views.tiles, request.prompt_tokens, dtype)

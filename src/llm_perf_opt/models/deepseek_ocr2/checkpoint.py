@@ -126,7 +126,8 @@ def load_checkpoint(folder: Path, device: torch.device, dtype: torch.dtype, attn
     return model
 
 
-def _stack_experts(prefix: str, experts: dict[int, dict[str, torch.Tensor]], params: dict, wrong: list[str]) -> set[str]:
+def _stack_experts(prefix: str, experts: dict[int, dict[str, torch.Tensor]], params: dict,
+                   wrong: list[str]) -> set[str]:  # fmt: skip
     """Per-expert gate/up/down weights into the fused [E, 2I, h] and [E, h, I] parameters."""
     gate_up, down = params.get(f"{prefix}.gate_up_proj"), params.get(f"{prefix}.down_proj")
     if gate_up is None or down is None:

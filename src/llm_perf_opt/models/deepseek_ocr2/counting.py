@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -201,7 +201,8 @@ def counted_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_
     return y[inverse].view(tokens, k, -1).sum(dim=1).to(hidden_states.dtype)
 
 
-def placeholder_mask(self: nn.Module, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor):
+def placeholder_mask(self: nn.Module, input_ids: torch.Tensor, inputs_embeds: torch.Tensor,
+                     image_features: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """transformers' image-position mask without its value check (module docstring)."""
     return (input_ids == self.config.image_token_id).unsqueeze(-1)
 

@@ -236,7 +236,8 @@ class DeepSeekOCR2Session(ModelSession):
             image_id = self.hf_config.image_token_id
             if ids.count(image_id) != views.image_tokens:
                 raise UserError(
-                    f"prompt: its text encodes extra {image_id} (<image>) ids; the page needs exactly {views.image_tokens}"
+                    f"prompt: its text encodes extra {image_id} (<image>) ids; "
+                    f"the page needs exactly {views.image_tokens}"
                 )
             local = views.pixel_values_local
             views = dataclasses.replace(

@@ -10,7 +10,6 @@ text token counts, hashed text ids).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from PIL import Image
