@@ -100,8 +100,7 @@ class DeepSeekOCR2Analytic:
                   execution: Execution | None = None) -> Footprint:  # fmt: skip
         """Weights per stage, the KV cache at the end of the run, and each stage's largest
         tensor (from a counted run with one decode step)."""
-        key = (request.views.pixel_values.shape, request.views.tiles, request.prompt_tokens, dtype)
-        if self._last is None or self._last[0] != key:
+        if self._last is None or self._last[0] != _shapes(request, dtype):
             self.count(request, min(1, max_new_tokens - 1), dtype, None)
         counts, model = self._last[1], self._last[2]
         params: dict[str, list[nn.Parameter]] = {}
@@ -169,7 +168,7 @@ class DeepSeekOCR2Analytic:
                     if isinstance(t, torch.Tensor)]  # fmt: skip
 
         counts = count(run, model, kv)
-        self._last = ((views.pixel_values.shape, views.tiles, request.prompt_tokens, dtype), counts, model)
+        self._last = (_shapes(request, dtype), counts, model)
         return counts
 
     def _expert_usage(self, prompt_tokens: int, decode_steps: int, routing: RoutingCounts | None) -> tuple[dict, ...]:
@@ -193,6 +192,11 @@ class DeepSeekOCR2Analytic:
                              "expected_distinct": expected_distinct_experts(tokens, e, k),
                              "observed_distinct": observed[scope]})  # fmt: skip
         return tuple(rows)
+
+
+def _shapes(request: Request, dtype: str) -> tuple:
+    """What a count depends on besides the decode steps: the views, the prompt length, the dtype."""
+    return (tuple(request.views.pixel_values.shape), request.views.tiles, request.prompt_tokens, dtype)
 
 
 def _grow(cache, positions: int) -> None:
