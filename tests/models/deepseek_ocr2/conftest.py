@@ -3,7 +3,6 @@ reduced model of conf/model/deepseek_ocr2_tiny.yaml, and a small page that tiles
 
 from __future__ import annotations
 
-import os
 import sys
 import tomllib
 from importlib.metadata import entry_points
@@ -20,13 +19,16 @@ ENTRY_POINT = "deepseek_ocr2"
 PYPROJECT = Path(__file__).resolve().parents[3] / "pyproject.toml"
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def entry_point(tmp_path_factory):
-    """The `deepseek_ocr2` entry point as pyproject.toml declares it. An install made before it
-    existed (an older `pip install -e .`) lacks it; then a temporary distribution that declares
-    just this entry point is put on the path, of this process and of the runs it starts."""
+    """The `deepseek_ocr2` entry point as pyproject.toml declares it, or None where installed.
+
+    An install made before it existed (an older `pip install -e .`) lacks it; then, for the
+    tests of one module at a time, a temporary distribution declaring just this entry point is
+    put on this process's path (yielded, for the runs a test starts), and taken off after.
+    """
     if any(e.name == ENTRY_POINT for e in entry_points(group=MODEL_ENTRY_POINTS)):
-        yield
+        yield None
         return
     declared = tomllib.loads(PYPROJECT.read_text())["project"]["entry-points"][MODEL_ENTRY_POINTS]
     folder = tmp_path_factory.mktemp("entry-point")
@@ -35,14 +37,8 @@ def entry_point(tmp_path_factory):
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: llm-perf-opt-deepseek-ocr2-test\nVersion: 0.0\n")
     (info / "entry_points.txt").write_text(f"[{MODEL_ENTRY_POINTS}]\n{ENTRY_POINT} = {declared[ENTRY_POINT]}\n")
     sys.path.insert(0, str(folder))
-    previous = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(folder), previous) if p)
-    yield
+    yield folder
     sys.path.remove(str(folder))
-    if previous is None:
-        del os.environ["PYTHONPATH"]
-    else:
-        os.environ["PYTHONPATH"] = previous
 
 
 TINY = ("model=deepseek_ocr2_tiny", "device=cpu", "dtype=float32")

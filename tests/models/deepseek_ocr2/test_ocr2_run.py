@@ -76,24 +76,26 @@ def test_a_pickle_only_checkpoint_is_one_error_line(monkeypatch, capsys, tmp_pat
     assert not (tmp_path / "run" / "stages.csv").exists()
 
 
-def _env() -> dict:
-    """The child runs this package (the tree under test, first on its path), one intra-op thread."""
+def _env(entry_point: Path | None) -> dict:
+    """The child runs this package (the tree under test, first on its path) and sees the
+    model's entry point, with one intra-op thread."""
     env = dict(os.environ)
     env.pop("HYDRA_FULL_ERROR", None)
     source = str(Path(llm_perf_opt.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (source, env.get("PYTHONPATH")) if p)
+    paths = (source, None if entry_point is None else str(entry_point), env.get("PYTHONPATH"))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return env
 
 
-def test_one_sweep_over_both_models(tmp_path):
+def test_one_sweep_over_both_models(tmp_path, entry_point):
     sweep = tmp_path / "sweep"
     proc = subprocess.run(
         [sys.executable, "-m", "llm_perf_opt.run", "-m", "model=deepseek_ocr_tiny,deepseek_ocr2_tiny", "mode=base",
          "device=cpu", "profiling=quick", "profiling.trace=false", "dtype=float32", "max_new_tokens=2",
          f"hydra.sweep.dir={sweep}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env=_env(),
+        env=_env(entry_point),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = pd.read_csv(sweep / "sweep_summary.csv")
