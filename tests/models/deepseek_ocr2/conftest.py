@@ -19,13 +19,13 @@ ENTRY_POINT = "deepseek_ocr2"
 PYPROJECT = Path(__file__).resolve().parents[3] / "pyproject.toml"
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def entry_point(tmp_path_factory):
     """The `deepseek_ocr2` entry point as pyproject.toml declares it, or None where installed.
 
-    An install made before it existed (an older `pip install -e .`) lacks it; then, for the
-    tests of one module at a time, a temporary distribution declaring just this entry point is
-    put on this process's path (yielded, for the runs a test starts), and taken off after.
+    An install made before it existed (an older `pip install -e .`) lacks it; then a temporary
+    distribution declaring just this entry point is put on this process's path (yielded, for
+    the runs a test starts; the environment of other tests' runs is left alone).
     """
     if any(e.name == ENTRY_POINT for e in entry_points(group=MODEL_ENTRY_POINTS)):
         yield None
@@ -45,7 +45,7 @@ TINY = ("model=deepseek_ocr2_tiny", "device=cpu", "dtype=float32")
 
 
 @pytest.fixture(scope="session")
-def tiny_cfg():
+def tiny_cfg(entry_point):
     return load(list(TINY)).model
 
 
