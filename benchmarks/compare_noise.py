@@ -44,8 +44,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run_sweep(folder: Path, overrides: Sequence[str]) -> None:
     command = [sys.executable, "-m", "llm_perf_opt.run", "-m", *overrides, f"hydra.sweep.dir={folder}"]
     done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
-    if done.returncode != 0:
-        sys.exit(f"error: sweep {folder} failed:\n{done.stderr}")
+    failed = [p.parent.name for p in folder.glob("*/run.json") if json.loads(p.read_text())["status"] != "ok"]
+    if done.returncode != 0 or failed:
+        sys.exit(f"error: sweep {folder} failed ({', '.join(failed) or 'no job'}):\n{done.stderr}")
 
 
 def slowed_copy(sweep: Path, target: Path, factor: float) -> Path:

@@ -16,7 +16,7 @@ MARGIN_X, MARGIN_TOP, MARGIN_BOTTOM = 118, 110, 120
 INK = (24, 24, 24)
 GREY = (110, 110, 110)
 RULE = (60, 60, 60)
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src/llm_perf_opt/models/deepseek_ocr/assets/sample_page.png"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src/llm_perf_opt/models/assets/sample_page.png"
 
 HEADER = "Riverside Municipal Water Utility  |  Annual Performance Report 2024"
 TITLE = "Annual Performance Review of Water Supply and Treatment Operations"

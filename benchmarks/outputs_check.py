@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llm_perf_opt.config import load
-from llm_perf_opt.models.deepseek_ocr.tokenizer import DEFAULT_PROMPT
+from llm_perf_opt.models.tokenizer import DEFAULT_PROMPT
 from llm_perf_opt.models.interface import SessionOptions
 from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession
 

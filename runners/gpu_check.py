@@ -193,7 +193,7 @@ def parity(args: argparse.Namespace) -> list[str]:
     output, prefill logits and greedy tokens. Off CUDA, the paths meta stands in with."""
     from llm_perf_opt.config import load
     from llm_perf_opt.models.deepseek_ocr.fast.paths import choose_paths
-    from llm_perf_opt.models.deepseek_ocr.tokenizer import DEFAULT_PROMPT
+    from llm_perf_opt.models.tokenizer import DEFAULT_PROMPT
     from llm_perf_opt.models.interface import SessionOptions
     from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession
 

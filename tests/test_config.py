@@ -32,7 +32,7 @@ def test_defaults_are_typed():
 
 def test_config_groups_list_their_options():
     assert group_options("mode") == ["base", "gundam", "large", "small", "tiny"]
-    assert group_options("model") == ["deepseek_ocr", "deepseek_ocr_tiny"]
+    assert group_options("model") == ["deepseek_ocr", "deepseek_ocr2", "deepseek_ocr2_tiny", "deepseek_ocr_tiny"]
 
 
 def test_the_mode_lands_in_the_model_config():
@@ -70,7 +70,7 @@ def test_quick_profiling_and_overrides():
     ("override", "fragments"),
     [
         ("mode=huge", ["mode/huge", "base, gundam, large, small, tiny"]),
-        ("model=gpt5", ["model/gpt5", "deepseek_ocr, deepseek_ocr_tiny"]),
+        ("model=gpt5", ["model/gpt5", "deepseek_ocr, deepseek_ocr2, deepseek_ocr2_tiny, deepseek_ocr_tiny"]),
         ("max_new_tokens=abc", ["max_new_tokens", "Integer"]),
         ("profiling.trace=maybe", ["profiling.trace", "not a valid bool"]),
         ("model.arch.sam.foo=1", ["model.arch.sam.foo", "SamConfig"]),

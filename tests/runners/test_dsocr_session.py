@@ -13,7 +13,7 @@ from torch.profiler import ProfilerActivity, profile
 from llm_perf_opt.config import load
 from llm_perf_opt.errors import UserError
 from llm_perf_opt.models.deepseek_ocr.stages import DECODE
-from llm_perf_opt.models.deepseek_ocr.tokenizer import DEFAULT_PROMPT
+from llm_perf_opt.models.tokenizer import DEFAULT_PROMPT
 from llm_perf_opt.models.deepseek_ocr.weights import save_checkpoint
 from llm_perf_opt.models.interface import SessionOptions
 from llm_perf_opt.profiling.trackers import ModuleRanges, RoutingRecorder

@@ -26,7 +26,7 @@ from llm_perf_opt.models.deepseek_ocr.fast.sam import (
 )
 from llm_perf_opt.models.deepseek_ocr.routing import balance_router
 from llm_perf_opt.models.deepseek_ocr.sam import SamAttention, SamBlock
-from llm_perf_opt.models.deepseek_ocr.tokenizer import DEFAULT_PROMPT
+from llm_perf_opt.models.tokenizer import DEFAULT_PROMPT
 from llm_perf_opt.models.interface import SessionOptions
 from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession
 

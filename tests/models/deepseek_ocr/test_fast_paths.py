@@ -13,7 +13,7 @@ from llm_perf_opt.models.deepseek_ocr.fast.decoder import StaticKVCache
 from llm_perf_opt.models.deepseek_ocr.fast.moe import FastMoE
 from llm_perf_opt.models.deepseek_ocr.fast.paths import BIAS_TILE_ELEMENTS, FastPaths, choose_paths, tile_rows
 from llm_perf_opt.models.deepseek_ocr.fast.sam import FastSamAttention
-from llm_perf_opt.models.deepseek_ocr.tokenizer import DEFAULT_PROMPT
+from llm_perf_opt.models.tokenizer import DEFAULT_PROMPT
 from llm_perf_opt.models.interface import SessionOptions
 from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession, Execution
 

@@ -13,15 +13,8 @@ from PIL import Image
 from llm_perf_opt.config import group_options, load
 from llm_perf_opt.errors import UserError
 from llm_perf_opt.models.deepseek_ocr.modes import ModeSpec
-from llm_perf_opt.models.deepseek_ocr.preprocess import (
-    MAX_ASPECT_RATIO,
-    MIN_SIDE,
-    SAMPLE_PAGE,
-    candidate_grids,
-    load_image,
-    preprocess_image,
-    select_tile_grid,
-)
+from llm_perf_opt.models.deepseek_ocr.preprocess import candidate_grids, preprocess_image, select_tile_grid
+from llm_perf_opt.models.pages import MAX_ASPECT_RATIO, MIN_SIDE, SAMPLE_PAGE, load_image
 
 # The official release's resolution modes: (global view side, tile side, tiled?).
 OFFICIAL_MODES = {

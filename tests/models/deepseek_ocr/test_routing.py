@@ -9,10 +9,11 @@ import torch
 
 from llm_perf_opt.config import load
 from llm_perf_opt.hardware.precision import choose_dtype
+from llm_perf_opt.models import pages
 from llm_perf_opt.models.deepseek_ocr import preprocess, routing, weights
 from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRConfig
 from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord, balanced_gate_weight
-from llm_perf_opt.models.deepseek_ocr.tokenizer import DEFAULT_PROMPT, build_input_ids, load_tokenizer
+from llm_perf_opt.models.tokenizer import DEFAULT_PROMPT, build_input_ids, load_tokenizer
 
 # Acceptance bound: the busiest expert gets at most this multiple of the mean load.
 MAX_OVER_MEAN = 3.0
@@ -121,7 +122,7 @@ def full_size_routing():
     # emulated on such a CPU would make this prefill of the full model take many minutes).
     model = weights.dummy_model(cfg, "cpu", choose_dtype("auto", torch.device("cpu")).dtype)
     base = load(["mode=base"]).model.mode
-    views = preprocess.preprocess_image(preprocess.load_image(preprocess.SAMPLE_PAGE), base)
+    views = preprocess.preprocess_image(pages.load_image(pages.SAMPLE_PAGE), base)
     assert views.tiles is None and views.image_tokens == 273
     ids = torch.tensor([build_input_ids(load_tokenizer(None), DEFAULT_PROMPT, views.image_tokens)])
     with torch.no_grad():

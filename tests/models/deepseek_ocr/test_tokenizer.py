@@ -11,7 +11,7 @@ from tokenizers import AddedToken, models, pre_tokenizers
 
 from llm_perf_opt.errors import UserError
 from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRConfig
-from llm_perf_opt.models.deepseek_ocr.tokenizer import (
+from llm_perf_opt.models.tokenizer import (
     DEFAULT_PROMPT,
     SPECIAL_TOKENS,
     TEXT_ID_END,

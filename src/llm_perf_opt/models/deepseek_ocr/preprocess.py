@@ -1,4 +1,4 @@
-"""Image loading and the per-mode views DeepSeek-OCR's vision encoder sees.
+"""The per-mode views DeepSeek-OCR's vision encoder sees (pages are loaded by models/pages.py).
 
 Everything here follows the official HF `infer` path pixel for pixel (Pillow BICUBIC
 resizes, `ImageOps.pad` with 127-grey, ToTensor + Normalize(0.5, 0.5)), written with
@@ -7,8 +7,6 @@ PIL, numpy and torch only (no torchvision).
 
 from __future__ import annotations
 
-import struct
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,26 +14,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from llm_perf_opt.errors import UserError
 from llm_perf_opt.models.deepseek_ocr.modes import ModeSpec, image_token_count
-
-SAMPLE_PAGE: Path = Path(__file__).parent / "assets" / "sample_page.png"
-
-# One SAM patch is 16 px; a side shorter than that carries no content the encoder can see.
-MIN_SIDE = 16
-# Beyond 50:1 the padded global view is a sliver (a 50:1 page padded to 1024 is 20 px,
-# about a third of one token row) and tiling can only offer up to 9:1, so the content
-# would be stretched more than 5x. Such inputs are almost always mistakes.
-MAX_ASPECT_RATIO = 50.0
+from llm_perf_opt.models.pages import check_image_size, to_rgb
 
 # int(0.5 * 255): the normalisation mean, so padding becomes ~0 after normalising.
 PAD_COLOR = (127, 127, 127)
 # The reference code compares against a literal 640 (not the mode's image_size) both for
 # "stretch before padding" in no-crop modes and for "small enough to skip tiling".
 SMALL_IMAGE_SIDE = 640
-
-# 16-bit greyscale modes (and 32-bit "I", which Pillow uses for 16-bit data from some formats).
-_SIXTEEN_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 
 
 @dataclass(frozen=True)
@@ -54,92 +40,6 @@ class ImageViews:
     grid: tuple[int, int]
     source_size: tuple[int, int]
     image_tokens: int
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _fail(path: Path | str, problem: str) -> UserError:
-    return UserError(f"image {path}: {_one_line(problem)}")
-
-
-def check_image_size(width: int, height: int, source: Path | str) -> None:
-    """Reject images too small to encode or with an aspect ratio beyond MAX_ASPECT_RATIO."""
-    if min(width, height) < MIN_SIDE:
-        raise _fail(source, f"{width}x{height} px is too small; each side must be at least {MIN_SIDE} px")
-    ratio = max(width, height) / min(width, height)
-    if ratio > MAX_ASPECT_RATIO:
-        raise _fail(
-            source,
-            f"{width}x{height} px has an extreme aspect ratio ({ratio:.0f}:1); "
-            f"at most {MAX_ASPECT_RATIO:.0f}:1 is accepted",
-        )
-
-
-def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
-    """Scale 0..65535 to 0..255 with rounding; Pillow's own convert clips at 255 instead."""
-    values = np.asarray(image).astype(np.int64).clip(0, 65535)
-    grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
-    return Image.fromarray(grey, mode="L").convert("RGB")
-
-
-def to_rgb(image: Image.Image, source: Path | str = "<in-memory image>") -> Image.Image:
-    """Convert any Pillow mode to RGB.
-
-    Alpha is dropped as the reference `convert("RGB")` does (no compositing), so the
-    pixels match what the official pipeline feeds the model.
-    """
-    if image.mode == "RGB":
-        return image
-    if image.mode in _SIXTEEN_BIT_MODES:
-        return _sixteen_bit_to_rgb(image)
-    if image.mode == "P":
-        # Via RGBA so palette transparency is resolved instead of warned about.
-        return image.convert("RGBA").convert("RGB")
-    try:
-        return image.convert("RGB")
-    except ValueError as exc:
-        raise _fail(source, f"cannot convert colour mode {image.mode} to RGB ({exc})") from None
-
-
-def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise _fail(path, "file not found")
-    if path.is_dir():
-        raise _fail(path, "is a directory, not an image file")
-    if path.stat().st_size == 0:
-        raise _fail(path, "file is empty (0 bytes)")
-
-
-def _decode(path: Path) -> Image.Image:
-    """Open and fully decode, turning every Pillow failure into one UserError line."""
-    try:
-        with warnings.catch_warnings():
-            # Over MAX_IMAGE_PIXELS Pillow only warns; a page that large is a mistake or an attack.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with path.open("rb") as fh:
-                image = Image.open(fh)
-                image.load()  # full decode now, so truncated files fail here
-                return ImageOps.exif_transpose(image)
-    except PermissionError:
-        raise _fail(path, "permission denied") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise _fail(path, f"rejected as a possible decompression bomb: {exc}") from None
-    except Image.UnidentifiedImageError:
-        raise _fail(path, "not an image Pillow can read") from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
-        # Pillow reports truncated and corrupt data with these types.
-        raise _fail(path, f"corrupt or truncated image ({exc})") from None
-
-
-def load_image(path: Path | str) -> Image.Image:
-    """Load an image file as RGB with EXIF orientation applied, or raise a one-line UserError."""
-    path = Path(path)
-    _check_file(path)
-    image = to_rgb(_decode(path), path)
-    check_image_size(image.width, image.height, path)
-    return image
 
 
 def candidate_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:

@@ -41,10 +41,11 @@ from llm_perf_opt.models.deepseek_ocr.fast.tuning import TunedPaths, tune_paths
 from llm_perf_opt.models.deepseek_ocr.model import DeepSeekOCR
 from llm_perf_opt.models.deepseek_ocr.modes import ModeSpec
 from llm_perf_opt.models.deepseek_ocr.op_notes import op_notes
-from llm_perf_opt.models.deepseek_ocr.preprocess import SAMPLE_PAGE, ImageViews, load_image, preprocess_image
+from llm_perf_opt.models.deepseek_ocr.preprocess import ImageViews, preprocess_image
+from llm_perf_opt.models.pages import SAMPLE_PAGE, load_image
 from llm_perf_opt.models.deepseek_ocr.routing import balance_router
 from llm_perf_opt.models.deepseek_ocr.stages import CLIP, DECODE, PREFILL, PREPROCESS, PROJECTOR, SAM, STAGES
-from llm_perf_opt.models.deepseek_ocr.tokenizer import build_input_ids, load_tokenizer
+from llm_perf_opt.models.tokenizer import build_input_ids, load_tokenizer
 from llm_perf_opt.models.deepseek_ocr.weights import build_model, checkpoint_config, dummy_model, load_checkpoint
 from llm_perf_opt.models.interface import ModelSession, OpNote, Result, RoutedLayer, SessionOptions, even_split
 from llm_perf_opt.runners.ranges import stage_range

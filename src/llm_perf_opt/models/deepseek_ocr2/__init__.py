@@ -1,0 +1,13 @@
+"""DeepSeek-OCR-2 as the harness's second model, run through transformers' own classes
+(`transformers.models.deepseek_ocr2`: SAM encoder, Qwen2-style vision encoder with learnt
+queries, DeepSeek MoE text model).
+
+    config.py      typed options: architecture (the release's sizes), resolution modes
+    stages.py      the stage names, defined once
+    build.py       the model on the meta device, seeded dummy weights
+    checkpoint.py  a local checkpoint: config.json read as data, safetensors only
+    views.py       preprocessing with transformers' image processor, prompt ids
+    session.py     DeepSeekOCR2Session: stages opened from forward hooks and around each step
+    analytic/      counting.py: FLOPs and bytes per stage, counted on the meta model;
+                   model.py: the analytic model the harness reads (typed stage costs, footprint)
+"""
