@@ -147,7 +147,8 @@ def _headline_lines(headline_: dict, summary: dict, groups: dict[str, list[str]]
 def _binding_text(roof: str, figures: dict) -> str:
     """"memory-bound: 35.1% of the calibrated bandwidth roof (busy 40.2%)" for one group and roof."""
     bound = figures["bound"]
-    utilisation = f"{_num(figures['wall'], 1)}% (busy {_num(figures['busy'], 1)}%)"
+    busy = figures["busy"]
+    utilisation = f"{_num(figures['wall'], 1)}%" + ("" if busy is None or math.isnan(busy) else f" (busy {_num(busy, 1)}%)")
     if bound == "compute":
         return f"compute-bound: {utilisation} of the {roof} FLOP/s roof"
     if bound == "memory":
