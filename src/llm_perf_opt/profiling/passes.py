@@ -99,8 +99,7 @@ class Measurement:
             totals = self.stage_totals(stage.name)
             if statistics.median(totals) >= floor:
                 figures[stage.name] = totals
-        cvs = {name: statistics.stdev(v) / statistics.fmean(v) for name, v in figures.items() if statistics.fmean(v) > 0}
-        return max(cvs.items(), key=lambda item: item[1])
+        return max(((name, summarize(values)["cv"]) for name, values in figures.items()), key=lambda item: item[1])
 
     def stage_totals(self, stage: str) -> list[float]:
         """Per run, the total time of a stage (all its calls), in ms."""
