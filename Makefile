@@ -1,7 +1,7 @@
 PYTHON ?= python3
 NIGHTLY ?= cpu
 
-.PHONY: setup test run run-tiny sweep validate calibrate tree bench nightly gpu-check
+.PHONY: setup test run run-tiny sweep throughput validate calibrate tree bench nightly gpu-check
 
 setup:  ## install the package with its test dependencies (CPU torch wheel pinned for CI)
 	$(PYTHON) -m pip install "torch==2.13.0" -e ".[dev]"
@@ -17,6 +17,9 @@ run-tiny:  ## the same job on the reduced model (seconds on a CPU)
 
 sweep:  ## every resolution mode, one job directory each under outputs/multirun/
 	$(PYTHON) -m llm_perf_opt.run -m mode=tiny,small,base,large,gundam
+
+throughput:  ## batch 1 to 32 on the reduced model: tokens/s against TPOT, decode against the ridge (throughput.png)
+	$(PYTHON) -m llm_perf_opt.run -m +experiment=throughput model=deepseek_ocr_tiny
 
 validate:  ## analytic FLOPs and bytes (reference and fast) against counts on the meta-device model, every mode
 	$(PYTHON) -m llm_perf_opt.analytic.validate

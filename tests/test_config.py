@@ -144,13 +144,15 @@ PRESETS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 
 def test_the_checkout_presets_are_on_the_search_path(monkeypatch):
     monkeypatch.chdir(REPO)
-    assert PRESETS == ["gpu", "nightly_cpu", "nightly_gpu"]
+    assert PRESETS == ["gpu", "nightly_cpu", "nightly_gpu", "throughput"]
     assert group_options("experiment") == PRESETS
     cfg = compose(["+experiment=nightly_cpu"], return_hydra_config=True)
     assert (cfg.model.name, cfg.device, cfg.profiling.repeats) == ("deepseek_ocr_tiny", "cpu", 5)
     assert cfg.hydra.sweeper.params == {"mode": "tiny,small,base,large,gundam"}
     gpu = load(["+experiment=gpu", "mode=gundam"])
     assert (gpu.model.name, gpu.device, gpu.dtype, gpu.model.mode.name) == ("deepseek_ocr", "cuda", "bfloat16", "gundam")
+    batches = compose(["+experiment=throughput", "model=deepseek_ocr_tiny"], return_hydra_config=True)
+    assert batches.hydra.sweeper.params == {"mode": "tiny", "batch_size": "1,2,4,8,16,32"} and batches.model.name == "deepseek_ocr_tiny"
 
 
 def test_without_a_conf_dir_there_are_no_presets_and_no_warning(monkeypatch, tmp_path, recwarn):

@@ -59,18 +59,24 @@ def small_page(tmp_path_factory) -> Path:
 
 
 # -- one full job, in-process --------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def gundam_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gundam") / "run"
-    cfg = compose([*TINY, "mode=gundam", "max_new_tokens=4"])
+ARTIFACTS = ("run.json", "stages.csv", "stages.json", "kernels.csv", "trace.pt.trace.json", "report.md", "roofline.png")
+
+
+def run_in(out: Path, *overrides: str) -> tuple[Path, dict]:
+    """One job run in-process into `out`: the folder and its run.json."""
+    cfg = compose([*TINY, *overrides])
     run_module.run_job(validate(cfg), OmegaConf.to_container(cfg, resolve=True), out)
     return out, json.loads((out / "run.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def gundam_run(tmp_path_factory):
+    return run_in(tmp_path_factory.mktemp("gundam") / "run", "mode=gundam", "max_new_tokens=4")
+
+
 def test_job_writes_every_artifact(gundam_run):
     out, _ = gundam_run
-    for name in ("run.json", "stages.csv", "stages.json", "kernels.csv", "trace.pt.trace.json", "report.md",
-                 "roofline.png"):
+    for name in ARTIFACTS:
         assert (out / name).is_file(), name
     assert temp_files(out) == []
 
@@ -495,3 +501,121 @@ def test_the_models_op_notes_name_ops_that_ran(gundam_run):
     kernels = pd.read_csv(out / "kernels.csv")
     sam_ops = set(kernels.loc[kernels["stage"].str.split("/").str[0] == "sam", "name"])
     assert set(notes[0]["ops"]) <= sam_ops
+
+
+# -- batches ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def page_dir(tmp_path_factory) -> Path:
+    """Four pages whose gundam tilings differ, so their prompts differ in length."""
+    folder = tmp_path_factory.mktemp("batch_pages")
+    for i, size in enumerate(((800, 1000), (1400, 600), (640, 640), (1000, 1800))):
+        Image.new("RGB", size, (255, 255 - 30 * i, 230)).save(folder / f"page{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def batch_run(tmp_path_factory, page_dir):
+    out = tmp_path_factory.mktemp("batch") / "run"
+    return run_in(out, "mode=gundam", "batch_size=4", f"images={page_dir}", "max_new_tokens=3")
+
+
+def test_a_batch_job_writes_every_artifact_with_per_page_tokens(batch_run):
+    out, record = batch_run
+    for name in ARTIFACTS:
+        assert (out / name).is_file(), name
+    pages = record["pages"]
+    assert [Path(p["image"]["path"]).name for p in pages] == [f"page{i}.png" for i in range(4)]
+    image = [p["tokens"]["image"] for p in pages]
+    assert len(set(image)) == 4 and record["tokens"]["image_per_page"] == image
+    longest = max(p["tokens"]["prompt"] for p in pages)
+    assert record["batch"] == {"size": 4, "padding": "left", "pads": [longest - p["tokens"]["prompt"] for p in pages],
+                               "padded_prompt_tokens": longest}
+    assert record["generated_tokens"] == 4 * 3  # dummy weights: no sequence stops early
+
+
+def test_a_batch_job_reports_its_throughput(batch_run):
+    out, record = batch_run
+    sample = record["timing"]["samples"][0]
+    assert sample["pages"] == 4 and sample["generated_tokens"] == 12 and sample["decode_tokens"] == 8
+    head = record["headline"]
+    assert head["pages_per_s"] == pytest.approx(4e3 / head["e2e_ms"])
+    assert head["tokens_per_s"] == pytest.approx(12e3 / head["e2e_ms"])
+    # Two decode steps of four sequences: 8 tokens in the decode time.
+    assert head["decode_tokens_per_s"] == pytest.approx(8e3 / (head["e2e_ms"] - head["ttft_ms"]))
+    assert set(pd.read_csv(out / "stages.csv")["batch_size"]) == {4}
+    report = (out / "report.md").read_text()
+    assert "batch of 4 pages" in report and "pages/s" in report and "FLOP/B against the calibrated ridge" in report
+
+
+def test_a_batch_job_counts_every_sequence_but_reads_weights_once(batch_run, gundam_run):
+    _, batch = batch_run
+    _, single = gundam_run
+
+    def lm_head(record):
+        return next(f for f in record["analytic"]["families"]
+                    if (f["stage"], f["scope"], f["family"]) == ("prefill", "run", "lm_head"))  # fmt: skip
+
+    # One lm_head row per sequence's last position; its weights read once.
+    assert lm_head(batch)["matmul_flops"] == 4 * lm_head(single)["matmul_flops"]
+    assert lm_head(batch)["weight_bytes"] == lm_head(single)["weight_bytes"]
+    # Prefill writes the KV cache of four padded prompts.
+    prefill = next(r for r in batch["analytic"]["stages"] if (r["stage"], r["scope"]) == ("prefill", "run"))
+    per_token = batch["memory"]["analytic"]["kv_bytes_per_token"]
+    assert prefill["kv_write_bytes"] == 4 * batch["batch"]["padded_prompt_tokens"] * per_token
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["batch_size=0"], "batch_size must be >= 1, got 0"),
+        (["batch_size=-1"], "batch_size must be >= 1, got -1"),
+        (["images={empty}"], "the directory holds no image"),
+        (["images={mixed}"], "notes.txt is not an image file"),
+        (["images={pages}", "image={pages}/page0.png"], "not both"),
+        (["images={pages}/*.jpg"], "no file matches"),
+    ],
+)
+def test_bad_batch_input_is_one_line_and_leaves_nothing(monkeypatch, capsys, tmp_path, page_dir, args, fragment):
+    empty, mixed = tmp_path / "empty", tmp_path / "mixed"
+    empty.mkdir(), mixed.mkdir()
+    (mixed / "page.png").write_bytes((page_dir / "page0.png").read_bytes())
+    (mixed / "notes.txt").write_text("not a page")
+    args = [a.format(empty=empty, mixed=mixed, pages=page_dir) for a in args]
+    out = tmp_path / "run"
+    code, _, stderr = main(monkeypatch, capsys, *TINY, *args, f"hydra.run.dir={out}")
+    assert fragment in one_error(code, stderr)
+    assert not out.exists()
+
+
+def test_a_batch_that_cannot_fit_names_the_largest_that_would(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(run_module, "available_memory_bytes", lambda device: 10**9)
+    code, _, stderr = main(monkeypatch, capsys, *TINY, "mode=gundam", "batch_size=64", f"hydra.run.dir={tmp_path / 'r'}")
+    line = one_error(code, stderr)
+    assert "not enough memory for deepseek_ocr_tiny at batch 64" in line and "KV cache" in line
+    largest = int(line.split("batch_size<=")[1].split()[0])
+    assert 1 <= largest < 64
+
+
+def test_largest_batch_fits_and_one_more_does_not():
+    weights, per_page, available = 10_000, 1_234, 50_000
+    n = run_module.largest_batch(64, weights, 64 * per_page, available)
+    assert weights + n * per_page <= available < weights + (n + 1) * per_page
+    assert run_module.largest_batch(8, weights, 8 * per_page, 10**9) == 8
+    assert run_module.largest_batch(8, 60_000, 8 * per_page, available) == 0
+
+
+def test_a_batch_sweep_plots_throughput_against_latency(tmp_path):
+    sweep = tmp_path / "multi"
+    proc = subprocess.run(
+        [sys.executable, "-m", "llm_perf_opt.run", "-m", *TINY, "mode=tiny", "batch_size=1,2", "max_new_tokens=3",
+         "profiling.trace=false", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = (sweep / "sweep_summary.md").read_text()
+    assert "## Batch: throughput against latency" in summary and "![throughput against latency]" in summary
+    assert "- predicted: decode step at batch 2" in summary and "- measured: TPOT" in summary
+    table = pd.read_csv(sweep / "sweep_summary.csv")
+    assert list(table["batch_size"]) == [1, 2]
+    with Image.open(sweep / "throughput.png") as png:
+        assert png.size[0] > 1000

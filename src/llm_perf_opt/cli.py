@@ -18,6 +18,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 
 from llm_perf_opt.config import compose, validate
+from llm_perf_opt.models.pages import batch_pages
 from llm_perf_opt.errors import UserError
 
 
@@ -55,10 +56,12 @@ def job_overrides(multirun: bool, overrides: Sequence[str]) -> list[list[str]]:
 
 
 def preflight(multirun: bool, overrides: Sequence[str]) -> None:
-    """Compose and validate every job's config, and check the output folder can be made."""
+    """Compose and validate every job's config, list each job's pages (`images=`), and check the
+    output folder can be made."""
     jobs = job_overrides(multirun, overrides)
     for overrides in jobs:
-        validate(compose([o for o in overrides if not o.startswith("hydra")]))
+        run = validate(compose([o for o in overrides if not o.startswith("hydra")]))
+        batch_pages(run.images, run.image, run.batch_size)
     hydra_cfg = compose(jobs[0], return_hydra_config=True).hydra
     check_callbacks(hydra_cfg.callbacks or {})
     check_creatable(Path(hydra_cfg.sweep.dir if multirun else hydra_cfg.run.dir))

@@ -90,6 +90,10 @@ class RunConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
     image: Optional[str] = None  # None = the model's bundled sample input
+    # The pages of a batch: a list of files, a directory or a glob; the first batch_size of them
+    # (repeated when fewer). None = `image` (or the bundled page) batch_size times.
+    images: Optional[Any] = None
+    batch_size: int = 1  # pages per request, run together
     prompt: str = MISSING
     max_new_tokens: int = 32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -100,6 +104,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_at_least("max_new_tokens", self.max_new_tokens, 1)
+        _check_at_least("batch_size", self.batch_size, 1)
+        if self.image is not None and self.images is not None:
+            raise UserError("config: give image= (one page) or images= (a list, a directory or a glob), not both")
 
     @property
     def stops_at_eos(self) -> bool:

@@ -29,6 +29,7 @@ from llm_perf_opt.hardware.device import resolve_device
 from llm_perf_opt.hardware.memory_check import available_memory_bytes, check_fits
 from llm_perf_opt.hardware.precision import DtypeChoice, choose_dtype, header_text
 from llm_perf_opt.models.interface import AnalyticModel, Footprint, ModelSession, SessionOptions
+from llm_perf_opt.models.pages import batch_pages
 from llm_perf_opt.profiling.passes import RunInputs, measure
 from llm_perf_opt.report.markdown import compact_table
 from llm_perf_opt.report.run_record import Hardware, Job
@@ -53,8 +54,8 @@ def run_job(run: RunConfig, config: dict, out_dir: Path) -> None:
         run.model, SessionOptions(device, dtype.dtype, run.seed, run.stops_at_eos)
     )
     analytic: AnalyticModel = get_class(type(run.model).analytic)(run.model)
-    inputs = RunInputs(None if run.image is None else Path(run.image).expanduser(), run.prompt, run.max_new_tokens)
-    request = session.prepare(inputs.image, inputs.prompt)
+    inputs = RunInputs(batch_pages(run.images, run.image, run.batch_size), run.prompt, run.max_new_tokens)
+    request = session.prepare_batch(inputs.images, inputs.prompt)
     session.check(request, inputs.max_new_tokens)
     footprint = analytic.footprint(request, inputs.max_new_tokens, _dtype_name(dtype))
     check_memory(run, footprint, dtype, device)
@@ -85,18 +86,31 @@ def run_job(run: RunConfig, config: dict, out_dir: Path) -> None:
 
 
 def check_memory(run: RunConfig, footprint: Footprint, dtype: DtypeChoice, device) -> None:
-    """Refuse, in one line, a run whose weights and largest transient cannot fit here."""
+    """Refuse, in one line, a run whose weights, KV cache and largest transient cannot fit here;
+    for a batch, name the largest batch that would."""
     transient = footprint.largest_transient
     parts = {
         "weights": int(footprint.total_weight_bytes),
+        "KV cache": int(footprint.kv_cache_bytes),
         f"largest transient ({transient.stage})": int(transient.transient_bytes),
     }
     available = available_memory_bytes(device)
     if available is None:  # nothing here tells; the run goes ahead
         return
     suggestions = (["dtype=bfloat16"] if dtype.dtype.itemsize > 2 else []) + ["a smaller model= option"]
-    check_fits(int(sum(parts.values())), available, what=run.model.name,
-               dtype_name=_dtype_name(dtype), breakdown=parts, suggestions=suggestions)  # fmt: skip
+    if run.batch_size > 1:
+        fits = largest_batch(run.batch_size, parts["weights"], sum(parts.values()) - parts["weights"], available)
+        suggestions.insert(0, f"batch_size<={fits}" if fits else "batch_size=1")
+    check_fits(int(sum(parts.values())), available, what=f"{run.model.name} at batch {run.batch_size}"
+               if run.batch_size > 1 else run.model.name, dtype_name=_dtype_name(dtype), breakdown=parts,
+               suggestions=suggestions)  # fmt: skip
+
+
+def largest_batch(batch: int, fixed_bytes: int, batch_bytes: int, available: int) -> int:
+    """The largest batch whose memory fits in `available`, taking what grows with the batch (KV
+    cache, transients: `batch_bytes` at `batch`) as proportional to it, the weights as fixed."""
+    per_page = batch_bytes / batch
+    return max(0, min(batch, int((available - fixed_bytes) // per_page))) if per_page else batch
 
 
 def _dtype_name(choice: DtypeChoice) -> str:

@@ -256,3 +256,18 @@ def test_useful_flops_drop_the_masked_scores_softmax_included():
     # One decode token sees every cached key: nothing is masked.
     step = fam.causal_attention(1, 9, 8, 2, F32)
     assert step.masked_matmul_flops == 0 and step.masked_other_flops == 0
+
+
+def test_grouped_query_attention_shares_each_kv_head_between_query_heads():
+    # hidden 8, 4 query heads of D = 2, 2 K/V heads (h_kv = 4); 3 new tokens, empty cache, fp32.
+    gqa = fam.causal_attention(3, 0, 8, 4, "float32", kv_heads=2)
+    mha = fam.causal_attention(3, 0, 8, 4, "float32")
+    # q and o: 2·(2·3·8·8) = 768; k and v: 2·(2·3·8·4) = 384; scores and values: 4·4·3·3·2 = 288.
+    assert gqa.matmul_flops == 768 + 384 + 288
+    assert mha.matmul_flops == 768 + 768 + 288
+    # K and V of 3 tokens over 4 features, fp32: written 2·3·4·4 = 96 B and read back as much.
+    assert (gqa.kv_write_bytes, gqa.kv_read_bytes) == (96, 96)
+    assert (mha.kv_write_bytes, mha.kv_read_bytes) == (192, 192)
+    # Softmax work is per query head, whatever the sharing.
+    assert gqa.other_flops - mha.other_flops == pytest.approx(
+        fam.rope(3, 4, 2, "float32").other_flops - fam.rope(3, 8, 2, "float32").other_flops)

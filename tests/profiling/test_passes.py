@@ -83,7 +83,7 @@ class FakeSession(ModelSession):
 
 def test_each_pass_runs_with_only_what_it_needs(tmp_path):
     session = FakeSession()
-    measure(session, RunInputs(None, "p", 4), warmup=2, repeats=3, trace_path=tmp_path / "trace.json",
+    measure(session, RunInputs((None,), "p", 4), warmup=2, repeats=3, trace_path=tmp_path / "trace.json",
             module_ranges=True)
     assert [r["routed"] for r in session.runs] == [True, False, False, False, False, False]
     # Module hooks only in the trace run (the last one): the timed runs carry stage ranges only.
@@ -94,7 +94,7 @@ def test_each_pass_runs_with_only_what_it_needs(tmp_path):
 
 def test_the_figures_of_the_passes(tmp_path):
     session = FakeSession()
-    m = measure(session, RunInputs(None, "p", 4), warmup=1, repeats=2, trace_path=tmp_path / "trace.json",
+    m = measure(session, RunInputs((None,), "p", 4), warmup=1, repeats=2, trace_path=tmp_path / "trace.json",
                 module_ranges=True)
     assert len(m.runs) == 2 and m.decode_steps == 3
     for run in m.runs:
@@ -162,7 +162,7 @@ def test_a_cuda_session_on_the_second_gpu_is_measured_there(monkeypatch):
     session = FakeSession()
     gpu = torch.device("cuda", 1)
     monkeypatch.setattr(session, "options", SessionOptions(gpu, torch.float32))
-    m = measure(session, RunInputs(None, "p", 3), warmup=1, repeats=2, trace_path=None)
+    m = measure(session, RunInputs((None,), "p", 3), warmup=1, repeats=2, trace_path=None)
     named = {device for _, device in fake.log}
     assert named == {gpu, "stream of cuda:1"}
     assert ("device", gpu) in fake.log and ("synchronize", gpu) in fake.log
@@ -212,7 +212,7 @@ def test_until_cv_times_more_runs_until_the_spread_is_small(monkeypatch):
     # Warm-up 1 s, then runs of 1.0, 1.4, 1.0 s (sample stdev 0.231 of mean 1.133: 20.4 %), then
     # 1.0 s each. Each added run narrows the spread: 15 runs 10.06 %, 16 runs 9.76 % <= 10 %.
     session = _scripted(monkeypatch, [1.0, 1.0, 1.4] + [1.0] * 30)
-    m = measure(session, RunInputs(None, "p", 3), warmup=1, repeats=3, trace_path=None, until_cv=0.1,
+    m = measure(session, RunInputs((None,), "p", 3), warmup=1, repeats=3, trace_path=None, until_cv=0.1,
                 max_repeats=20)
     assert len(m.runs) == 16
     assert m.until_cv["reached"] is True and m.until_cv["runs"] == 16
@@ -222,7 +222,7 @@ def test_until_cv_times_more_runs_until_the_spread_is_small(monkeypatch):
 def test_until_cv_stops_at_max_repeats(monkeypatch):
     # 1, 2, 1, 2, 1, 2 s: stdev 0.548 of mean 1.5 (36.5 %), far from 5 %, so it stops at 6 runs.
     session = _scripted(monkeypatch, [1.0] + [1.0, 2.0] * 20)
-    m = measure(session, RunInputs(None, "p", 3), warmup=1, repeats=3, trace_path=None, until_cv=0.05,
+    m = measure(session, RunInputs((None,), "p", 3), warmup=1, repeats=3, trace_path=None, until_cv=0.05,
                 max_repeats=6)
     assert len(m.runs) == 6
     assert m.until_cv["reached"] is False and m.until_cv["max_repeats"] == 6
@@ -231,5 +231,5 @@ def test_until_cv_stops_at_max_repeats(monkeypatch):
 
 def test_without_until_cv_exactly_the_repeats_run(monkeypatch):
     session = _scripted(monkeypatch, [1.0] + [1.0, 2.0] * 20)
-    m = measure(session, RunInputs(None, "p", 3), warmup=1, repeats=3, trace_path=None)
+    m = measure(session, RunInputs((None,), "p", 3), warmup=1, repeats=3, trace_path=None)
     assert len(m.runs) == 3 and m.until_cv is None

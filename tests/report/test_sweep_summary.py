@@ -93,8 +93,8 @@ def test_one_row_per_job_with_headline_stage_and_roof_columns(tmp_path):
     assert summary.stages == ("load", "encode", "decode")
     assert summary.roofs == ("calibrated", "datasheet")
     assert list(summary.table.columns) == [
-        "job", "overrides", "model", "mode", "image_tokens", "dtype",
-        "ttft_ms", "tpot_ms", "decode_tokens_per_s", "e2e_ms",
+        "job", "overrides", "model", "mode", "batch_size", "image_tokens", "dtype",
+        "ttft_ms", "tpot_ms", "decode_tokens_per_s", "e2e_ms", "tokens_per_s", "pages_per_s",
         "load_ms", "encode_ms", "decode_ms",
         "load_pct_calibrated_roof", "encode_pct_calibrated_roof", "decode_pct_calibrated_roof",
         "load_pct_datasheet_roof", "encode_pct_datasheet_roof", "decode_pct_datasheet_roof",
@@ -164,7 +164,8 @@ def test_markdown_lists_jobs_problems_stage_times_and_roofs(tmp_path):
     assert "4 jobs; 2 ok, 1 failed, 1 missing." in md
     # Overrides every job shares are listed once; the table keeps the one that differs.
     assert "Overrides of every job: `model=toy` `device=cpu`." in md
-    assert "| 1_toy_base | `mode=base` | toy | base | 256 | bfloat16 | 480.00 | 25.00 | 40.00 | 555.00 | ok |" in md
+    # Batch 1 where run.json names none (a record from before batches); no throughput recorded: "-".
+    assert "| 1_toy_base | `mode=base` | toy | base | 1 | 256 | bfloat16 | 480.00 | 25.00 | 40.00 | 555.00 | - | - | ok |" in md
     # A list item, not a table cell: the error's line break is gone, its "|" stays as it is.
     assert "- **2_toy_large** (failed): ValueError: bad shape in layer 3 | head 2" in md
     assert "| job | load | encode | decode |" in md
@@ -204,7 +205,7 @@ def test_write_summary_writes_three_files_atomically_and_a_readable_png(tmp_path
     assert list(csv["status"]) == ["ok", "ok", "failed", "missing"]
     assert list(csv["encode_ms"].iloc[:2]) == [60.5, 1234.5]
     assert (tmp_path / "sweep_summary.csv").read_text().splitlines()[1].startswith(
-        "0_toy_tiny,mode=tiny model=toy device=cpu,toy,tiny,64,bfloat16,120.0,20.0,50.0,180.0,10.0,60.5,50.0,"
+        "0_toy_tiny,mode=tiny model=toy device=cpu,toy,tiny,1,64,bfloat16,120.0,20.0,50.0,180.0,,,10.0,60.5,50.0,"
     )
     px = _png(tmp_path / "sweep.png")
     ink = (px < 235).any(axis=2).mean()

@@ -48,10 +48,10 @@ def test_run_json_keeps_its_analytic_keys_and_routing_is_optional():
     assert memory["kv_cache_bytes"] == 1e6 and memory["logits_bytes"] == 0
 
 
-def test_the_memory_check_reads_the_weights_and_the_largest_transient(monkeypatch):
+def test_the_memory_check_reads_the_weights_the_kv_cache_and_the_largest_transient(monkeypatch):
     assert FOOTPRINT.largest_transient.stage == "encode"
     monkeypatch.setattr(run_module, "available_memory_bytes", lambda device: 8e9)
     run = load(["model=deepseek_ocr_tiny"])
     device = torch.device("cpu")
-    with pytest.raises(UserError, match=r"2\.0 GB weights \+ 7\.0 GB largest transient \(encode\)"):
+    with pytest.raises(UserError, match=r"2\.0 GB weights \+ 0\.001 GB KV cache \+ 7\.0 GB largest transient \(encode\)"):
         run_module.check_memory(run, FOOTPRINT, choose_dtype("float32", device), device)

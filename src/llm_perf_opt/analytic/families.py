@@ -393,17 +393,22 @@ def attention_core(
     *,
     mask: bool = False,
     kv_from_cache: bool = False,
+    kv_heads: int | None = None,
 ) -> Cost:
     """One fused scaled-dot-product attention call on [groups, heads, q_len|kv_len, head_dim].
 
     matmul = 4*G*H*Lq*Lk*D (QK^T and PV); other = 5*G*H*Lq*Lk (softmax) + G*H*Lq*Lk if an
-    additive mask is added; read Q (G*H*Lq*D*b), K and V (2*G*H*Lk*D*b, counted as KV-cache
-    reads when they come from a cache) and the mask (G*H*Lq*Lk*b); write G*H*Lq*D*b.
+    additive mask is added; read Q (G*H*Lq*D*b), K and V (2*G*Hkv*Lk*D*b, counted as KV-cache
+    reads when they come from a cache) and the mask (G*H*Lq*Lk*b); write G*H*Lq*D*b. With
+    grouped-query attention Hkv = `kv_heads` < H query heads share each K/V head (the FLOPs are
+    per query head; K and V are read once per K/V head); by default Hkv = H.
     """
     check_sizes(groups=groups, heads=heads, q_len=q_len, kv_len=kv_len, head_dim=head_dim)
+    kv_heads = heads if kv_heads is None else kv_heads
+    divides(heads, kv_heads, "query heads / K/V heads")
     b = dtype_bytes(dtype)
     scores = groups * heads * q_len * kv_len
-    kv = 2 * groups * heads * kv_len * head_dim * b
+    kv = 2 * groups * kv_heads * kv_len * head_dim * b
     q_bytes = groups * heads * q_len * head_dim * b
     return Cost(
         matmul_flops=4 * scores * head_dim,
@@ -414,15 +419,16 @@ def attention_core(
     )
 
 
-def rope(tokens: float, hidden: int, head_dim: int, dtype: object) -> Cost:
-    """Rotary embedding of one [T, H, D] tensor (n = T*hidden elements) with [T, D] cos/sin tables.
+def rope(tokens: float, hidden: int, head_dim: int, dtype: object, *, batch: int = 1) -> Cost:
+    """Rotary embedding of one [B, T, H, D] tensor (n = B*T*hidden elements) with [T, D] cos/sin
+    tables shared by the batch.
 
     x * cos + cat(-x2, x1) * sin as eager ops: neg (n/2 -> n/2), cat (n -> n), two multiplies
     (n + T*D -> n each), add (2n -> n): read (5.5n + 2*T*D)*b, write 4.5n*b; other = 3n.
     """
-    check_sizes(tokens=tokens, hidden=hidden, head_dim=head_dim)
+    check_sizes(tokens=tokens, hidden=hidden, head_dim=head_dim, batch=batch)
     b = dtype_bytes(dtype)
-    n = tokens * hidden
+    n = batch * tokens * hidden
     table = tokens * head_dim
     return Cost(
         other_flops=ROPE_FLOPS * n, act_read_bytes=(5.5 * n + 2 * table) * b, act_write_bytes=4.5 * n * b
@@ -456,8 +462,11 @@ def causal_attention(
     dtype: object,
     *,
     static_len: int | None = None,
+    batch: int = 1,
+    kv_heads: int | None = None,
 ) -> Cost:
-    """Causal multi-head self-attention of `new_tokens` queries after `cached_tokens` cached ones.
+    """Causal multi-head self-attention of `new_tokens` queries after `cached_tokens` cached ones,
+    in each of `batch` sequences (the projections read their weights once for the batch).
 
     Prefill of S tokens: (S, 0). Decode of one token against a cache of length L: (1, L).
     With n = new, c = cached, K = c + n keys, h = hidden (= heads*D):
@@ -473,23 +482,32 @@ def causal_attention(
     decode) writes K and V with index_copy_ (also reading its int64 index, 8 bytes each) and
     attends over all M positions through a [1, M] bool mask: K/V read 2*M*h*b, mask read M.
     FLOPs stay those of the L+1 visible keys (the useful work).
+    A batch of B sequences: the projections are linear(B*n, ...), RoPE, the cache writes and the
+    core scale with B, and the core is attention_core(B, ...).
+    Grouped-query attention (`kv_heads` = Hkv < H): k and v project to Hkv*D = h_kv features,
+    RoPE on k and the cache's K/V reads and writes are over h_kv (2*n*h_kv*b written per
+    sequence); by default h_kv = h.
     """
-    check_sizes(new_tokens=new_tokens, cached_tokens=cached_tokens, hidden=hidden, heads=heads)
+    check_sizes(new_tokens=new_tokens, cached_tokens=cached_tokens, hidden=hidden, heads=heads, batch=batch)
     head_dim = divides(hidden, heads, "lm hidden / heads")
+    kv_hidden = hidden if kv_heads is None else kv_heads * head_dim
     b = dtype_bytes(dtype)
     keys = cached_tokens + new_tokens
-    core = attention_core(1, heads, new_tokens, keys, head_dim, dtype, kv_from_cache=True)
+    core = attention_core(batch, heads, new_tokens, keys, head_dim, dtype, kv_from_cache=True, kv_heads=kv_heads)
     kept = new_tokens * cached_tokens + new_tokens * (new_tokens + 1) / 2  # scores per head
-    masked = heads * (new_tokens * keys - kept)
-    append = Cost(act_read_bytes=2 * new_tokens * hidden * b, kv_write_bytes=2 * new_tokens * hidden * b)
+    masked = batch * heads * (new_tokens * keys - kept)
+    rows = batch * new_tokens
+    append = Cost(act_read_bytes=2 * rows * kv_hidden * b, kv_write_bytes=2 * rows * kv_hidden * b)
     if static_len is not None:
         if new_tokens != 1 or static_len < keys:
             raise ValueError(f"attention: a static step feeds 1 token into {keys} <= static_len, not {static_len}")
-        core = replace(core, kv_read_bytes=2 * static_len * hidden * b)
+        core = replace(core, kv_read_bytes=2 * batch * static_len * kv_hidden * b)
         core += Cost(act_read_bytes=static_len * BOOL_BYTES + 2 * INDEX_BYTES)
     return (
-        4 * linear(new_tokens, hidden, hidden, dtype, bias=False)
-        + 2 * rope(new_tokens, hidden, head_dim, dtype)
+        2 * linear(rows, hidden, hidden, dtype, bias=False)
+        + 2 * linear(rows, hidden, kv_hidden, dtype, bias=False)
+        + rope(new_tokens, hidden, head_dim, dtype, batch=batch)
+        + rope(new_tokens, kv_hidden, head_dim, dtype, batch=batch)
         + append
         + replace(core, masked_matmul_flops=4 * masked * head_dim, masked_other_flops=SOFTMAX_FLOPS * masked)
     )

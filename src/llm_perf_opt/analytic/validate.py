@@ -96,9 +96,10 @@ def blank_page(folder: Path, size: tuple[int, int]) -> Path:
 def count_case(
     run: RunConfig, session: ModelSession, case: CheckCase, folder: Path
 ) -> tuple[StageCosts, CountedRun, int]:
-    """The analytic and the counted costs of one case on its meta session, and its prompt tokens."""
+    """The analytic and the counted costs of one case on its meta session, and its prompt tokens
+    (a batch: per sequence). A case's `batch_size=N` override runs N copies of its page."""
     image = None if case.image_size is None else blank_page(folder, case.image_size)
-    request = session.prepare(image, run.prompt)
+    request = session.prepare_batch((image,) * run.batch_size, run.prompt)
     counted = count_run(session, request, DECODE_STEPS + 1)
     costs = analytic_model(run).stage_model(
         request, DECODE_STEPS, str(DTYPE).removeprefix("torch."), counted.routing, session.execution()
@@ -163,17 +164,19 @@ def byte_rows(case: CheckCase, prompt_tokens: int, costs: StageCosts, counted: C
 
 
 def compare(model: str, impl: str = "reference", bytes_: bool = False) -> pd.DataFrame:
-    """The FLOP (or byte) comparison of every check case of `model` for `impl`. Cases with the
-    same overrides share one meta session (building a full-size model takes seconds even there)."""
+    """The FLOP (or byte) comparison of every check case of `model` for `impl`. Consecutive cases
+    of the same model config share one meta session (building a full-size model takes seconds
+    even there)."""
     rows: list[dict] = []
-    sessions: dict[tuple[str, ...], tuple[RunConfig, ModelSession]] = {}
+    sessions: dict[object, ModelSession] = {}
     with tempfile.TemporaryDirectory(prefix="llm_perf_opt_validate_") as folder:
         for case in cases(model, impl):
-            if case.overrides not in sessions:
+            run = load([f"model={model}", *case.overrides])
+            key = repr(run.model)  # the batch is the request's: batches of a mode share its model
+            if key not in sessions:
                 sessions.clear()  # one full-size meta model at a time
-                run = load([f"model={model}", *case.overrides])
-                sessions[case.overrides] = (run, meta_session(run))
-            run, session = sessions[case.overrides]
+                sessions[key] = meta_session(run)
+            session = sessions[key]
             costs, counted, tokens = count_case(run, session, case, Path(folder))
             rows += (byte_rows if bytes_ else flop_rows)(case, tokens, costs, counted, session)
     return pd.DataFrame(rows)

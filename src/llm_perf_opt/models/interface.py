@@ -5,7 +5,8 @@ A model plugs in with three things:
 * a config dataclass, a subclass of :class:`llm_perf_opt.config.ModelConfig`, named by the
   `_target_` of its `conf/model/<name>.yaml`; it holds the model's typed options and names
   the two classes below (`session`, `analytic`) by their dotted paths;
-* a :class:`ModelSession` subclass that builds the model and runs one request stage by stage,
+* a :class:`ModelSession` subclass that builds the model and runs one request (one page, or a
+  batch of pages where the model overrides `prepare_batch`) stage by stage,
   each stage inside `stage_range(name)` (the session owns the ranges; the model knows nothing
   of profiling). A model whose stages can only be reached from outside (a transformers
   model) opens the ranges from forward hooks on the modules that make up each stage;
@@ -22,12 +23,15 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
+
+from llm_perf_opt.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -40,10 +44,12 @@ class Stage:
 
 
 class Request(Protocol):
-    """A prepared request: the model's inputs for one image and prompt."""
+    """A prepared request: the model's inputs for one image and prompt, or for a batch of pages."""
 
     @property
-    def prompt_tokens(self) -> int: ...
+    def prompt_tokens(self) -> int:
+        """Positions of the prompt as the model runs it (a batch: its longest, after padding)."""
+        ...
 
     def describe(self) -> dict[str, Any]:
         """Facts about the request for run.json (image size, token counts, ...)."""
@@ -270,13 +276,43 @@ def even_split(flat: torch.Tensor, n_experts: int) -> list[int]:
 @dataclass
 class Result:
     """Generated token ids, left on the device: reading them forces a device→host copy,
-    which happens when `tokens` is first read, after the measured region."""
+    which happens when `tokens` (or `lengths`) is first read, after the measured region."""
 
-    ids: torch.Tensor  # [n]
+    ids: torch.Tensor  # [n] for one sequence, [B, n] for a batch
+    #: Set where generation stops at EOS: each sequence's tokens end at its first EOS (kept).
+    eos_id: int | None = None
 
     @functools.cached_property
-    def tokens(self) -> list[int]:
+    def tokens(self) -> list:
+        """The ids as lists: [n] ints, or B lists of n for a batch (past a sequence's EOS too)."""
         return self.ids.tolist()
+
+    @property
+    def batch_size(self) -> int:
+        return 1 if self.ids.dim() == 1 else self.ids.shape[0]
+
+    @property
+    def steps(self) -> int:
+        """Decode steps the request ran (each produced one token for every sequence)."""
+        return self.ids.shape[-1] - 1
+
+    @functools.cached_property
+    def lengths(self) -> tuple[int, ...]:
+        """Real tokens each sequence generated: up to and including its first EOS, or all."""
+        rows = [self.tokens] if self.ids.dim() == 1 else self.tokens
+        if self.eos_id is None:
+            return tuple(len(row) for row in rows)
+        return tuple(row.index(self.eos_id) + 1 if self.eos_id in row else len(row) for row in rows)
+
+    @property
+    def generated_tokens(self) -> int:
+        """Real tokens over the batch: what throughput counts."""
+        return sum(self.lengths)
+
+    @property
+    def decode_tokens(self) -> int:
+        """Real tokens that decode steps produced (each sequence's first comes from prefill)."""
+        return sum(max(n - 1, 0) for n in self.lengths)
 
 
 @dataclass(frozen=True)
@@ -316,6 +352,14 @@ class ModelSession(ABC):
         """Host-side preparation of one request (image decoding, tokenising), inside its stage
         range(s). Needs no weights, so a request can be checked before the model is built."""
 
+    def prepare_batch(self, images: Sequence[Path | None], prompt: str) -> Request:
+        """Host-side preparation of one request of len(images) pages, each with the prompt
+        (None: the model's bundled page). A model that batches overrides it; by default a
+        request holds one page."""
+        if len(images) != 1:
+            raise UserError(f"{type(self).__name__} runs one page per request; use batch_size=1")
+        return self.prepare(images[0], prompt)
+
     @abstractmethod
     def check(self, request: Request, max_new_tokens: int) -> None:
         """Raise UserError if the request cannot run (e.g. it exceeds the context window)."""
@@ -329,7 +373,8 @@ class ModelSession(ABC):
 
     @abstractmethod
     def generate(self, request: Request, max_new_tokens: int) -> Result:
-        """Every stage after preparation, each inside its stage range; greedy, batch 1."""
+        """Every stage after preparation, each inside its stage range; greedy, every page of the
+        request together."""
 
     def fit_dummy_weights(self, request: Request) -> None:
         """Adjust dummy weights to this request where they would behave unlike trained ones

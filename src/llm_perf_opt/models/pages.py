@@ -1,10 +1,13 @@
-"""A page image as every model reads it: the bundled sample page, and loading a file as RGB with
-its EXIF orientation applied, with each way a file can be wrong reported as one UserError line."""
+"""A page image as every model reads it: the bundled sample page, the pages of a batch (`images=`),
+and loading a file as RGB with its EXIF orientation applied, with each way a file can be wrong
+reported as one UserError line."""
 
 from __future__ import annotations
 
+import glob
 import struct
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -109,3 +112,44 @@ def load_image(path: Path | str) -> Image.Image:
     image = to_rgb(_decode(path), path)
     check_image_size(image.width, image.height, path)
     return image
+
+
+def image_suffixes() -> set[str]:
+    """File suffixes Pillow opens (".png", ".jpg", ...), lower case."""
+    Image.init()
+    return {suffix.lower() for suffix in Image.registered_extensions()}
+
+
+def list_pages(images: str | Sequence[str]) -> list[Path]:
+    """The page files `images=` names: a list of files, a directory (its image files in name
+    order; any other file is a mistake), a glob, or one file. Files are checked when loaded."""
+    if not isinstance(images, str):
+        pages = [Path(p).expanduser() for p in images]
+        if not pages:
+            raise UserError("images=: the list is empty")
+        return pages
+    if glob.has_magic(images):
+        pages = sorted(Path(p) for p in glob.glob(str(Path(images).expanduser())))
+        if not pages:
+            raise UserError(f"images={images}: no file matches")
+        return pages
+    path = Path(images).expanduser()
+    if not path.is_dir():
+        return [path]
+    files = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    others = [p.name for p in files if p.is_dir() or p.suffix.lower() not in image_suffixes()]
+    if others:
+        raise UserError(f"images={images}: {others[0]} is not an image file" + (
+            f" (and {len(others) - 1} more)" if len(others) > 1 else "") + "; give a directory of pages only")
+    if not files:
+        raise UserError(f"images={images}: the directory holds no image")
+    return files
+
+
+def batch_pages(images: str | Sequence[str] | None, image: str | None, batch_size: int) -> tuple[Path | None, ...]:
+    """The batch_size pages of one request: the first of `images`, repeated in order when it
+    names fewer; without `images`, `image` (None: the model's bundled page) batch_size times."""
+    if images is None:
+        return (None if image is None else Path(image).expanduser(),) * batch_size
+    pages = list_pages(images)
+    return tuple(pages[i % len(pages)] for i in range(batch_size))

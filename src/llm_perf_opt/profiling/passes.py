@@ -33,34 +33,53 @@ SPREAD_STAGE_SHARE = 0.05
 
 @dataclass(frozen=True)
 class RunInputs:
-    """What one run processes: the user's image and prompt, and how many tokens to generate."""
+    """What one run processes: the pages of its batch (None: the model's bundled page) with the
+    user's prompt each, and how many tokens to generate."""
 
-    image: Path | None
+    images: tuple[Path | None, ...]
     prompt: str
     max_new_tokens: int
 
 
 @dataclass
 class RunSample:
-    """One timed run: per-stage lists of per-call milliseconds, and its end-to-end time."""
+    """One timed run: per-stage lists of per-call milliseconds, its end-to-end time, and what it
+    produced (a request of `pages` pages, `generated_tokens` real tokens over the batch)."""
 
     stages: dict[str, list[float]]
     e2e_ms: float
     ttft_ms: float  # the once-per-request stages: everything up to the first generated token
     decode_steps: int  # calls of the per-step stages
+    pages: int = 1
+    generated_tokens: int | None = None  # None: decode_steps + 1 per page (no sequence stopped early)
+    decode_tokens: int | None = None  # real tokens the decode steps produced; None: pages x decode_steps
 
     @property
     def tpot_ms(self) -> float | None:
-        """Time per output token after the first: (E2E − TTFT) / (output tokens − 1)."""
+        """Time per decode step (a batch: per step of the whole batch): (E2E − TTFT) / steps."""
         return (self.e2e_ms - self.ttft_ms) / self.decode_steps if self.decode_steps else None
 
     @property
     def decode_tokens_per_s(self) -> float | None:
-        tpot = self.tpot_ms
-        return 1e3 / tpot if tpot else None
+        """Real tokens the decode steps produced per second of decode time (batch 1: 1000 / TPOT)."""
+        if not self.decode_steps or self.e2e_ms <= self.ttft_ms:
+            return None
+        tokens = self.pages * self.decode_steps if self.decode_tokens is None else self.decode_tokens
+        return 1e3 * tokens / (self.e2e_ms - self.ttft_ms)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Real generated tokens per second of the whole request."""
+        tokens = self.pages * (self.decode_steps + 1) if self.generated_tokens is None else self.generated_tokens
+        return 1e3 * tokens / self.e2e_ms
+
+    @property
+    def pages_per_s(self) -> float:
+        return 1e3 * self.pages / self.e2e_ms
 
     def as_dict(self) -> dict:
-        return {"stages": self.stages, "e2e_ms": self.e2e_ms, "ttft_ms": self.ttft_ms, "tpot_ms": self.tpot_ms}
+        return {"stages": self.stages, "e2e_ms": self.e2e_ms, "ttft_ms": self.ttft_ms, "tpot_ms": self.tpot_ms,
+                "pages": self.pages, "generated_tokens": self.generated_tokens, "decode_tokens": self.decode_tokens}  # fmt: skip
 
 
 @dataclass
@@ -83,6 +102,8 @@ class Measurement:
             "ttft_ms": [r.ttft_ms for r in self.runs],
             "tpot_ms": [r.tpot_ms for r in self.runs if r.tpot_ms is not None],
             "decode_tokens_per_s": [r.decode_tokens_per_s for r in self.runs if r.decode_tokens_per_s],
+            "tokens_per_s": [r.tokens_per_s for r in self.runs],
+            "pages_per_s": [r.pages_per_s for r in self.runs],
         }
         return {name: summarize(values) if values else None for name, values in figures.items()}
 
@@ -111,7 +132,7 @@ class Measurement:
 
     @property
     def decode_steps(self) -> int:
-        return len(self.result.tokens) - 1 if self.result is not None else 0
+        return self.result.steps if self.result is not None else 0
 
 
 def measure(
@@ -140,7 +161,7 @@ def measure(
     steps = inputs.max_new_tokens - 1
     passes = warmup + repeats + (trace_path is not None)
 
-    request = session.prepare(inputs.image, inputs.prompt)
+    request = session.prepare_batch(inputs.images, inputs.prompt)
     session.fit_dummy_weights(request)  # before anything is measured
     m = Measurement(stages, request)
     # The bar counts decode steps (a StepCounter ticks it), or whole runs when nothing is decoded.
@@ -148,7 +169,7 @@ def measure(
                file=sys.stderr, disable=None, leave=False)
 
     def one_run() -> tuple[Request, Result]:
-        request = session.prepare(inputs.image, inputs.prompt)
+        request = session.prepare_batch(inputs.images, inputs.prompt)
         result = session.generate(request, inputs.max_new_tokens)
         if not steps:
             bar.update()
@@ -186,7 +207,9 @@ def measure(
                 e2e = samples.pop(E2E)[0]
                 ttft = sum(sum(samples.get(s, [])) for s in first_token)
                 n_steps = sum(len(samples.get(s, [])) for s in per_step)
-                m.runs.append(RunSample(samples, e2e, ttft, n_steps))
+                result = m.result  # its lengths are read on the host now, after the timed region
+                m.runs.append(RunSample(samples, e2e, ttft, n_steps, result.batch_size, result.generated_tokens,
+                                        result.decode_tokens))  # fmt: skip
         if until_cv is not None:
             figure, cv = m.spread()
             m.until_cv = {"target": until_cv, "max_repeats": limit, "runs": len(m.runs), "reached": cv <= until_cv,

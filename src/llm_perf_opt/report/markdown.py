@@ -14,6 +14,7 @@ from llm_perf_opt.profiling.passes import Measurement
 
 from llm_perf_opt.profiling.timing import OUTLIER_FACTOR
 
+from .batch_scaling import crossing_text, step_intensity
 from .roofline import roof_prefix
 from .run_record import NSYS_BASIS, record_roofs
 from .stage_report import top_ops
@@ -92,7 +93,7 @@ def compact_table(table: pd.DataFrame, m: Measurement, roof_label: str) -> str:
     s = m.summary()
     lines.append(f"{'':>14}  median [min, max] over the timed runs")
     for key, label in (("ttft_ms", "TTFT ms"), ("tpot_ms", "TPOT ms"), ("decode_tokens_per_s", "decode tok/s"),
-                       ("e2e_ms", "end-to-end ms")):
+                       ("e2e_ms", "end-to-end ms"), ("tokens_per_s", "tokens/s"), ("pages_per_s", "pages/s")):
         if s.get(key):
             lines.append(f"{label:>14}: {_spread(s[key])}")
     lines += [f"{'warning':>14}: {line}" for line in spread_warnings(table, s, m.until_cv)]
@@ -126,10 +127,26 @@ def _roof_lines(record: dict) -> list[str]:
     return lines
 
 
+def _batch_lines(record: dict) -> list[str]:
+    """What the batch means for the figures, and where the per-step stages turn compute-bound."""
+    batch = (record.get("batch") or {}).get("size", 1)
+    lines = []
+    if batch > 1:
+        lines.append(f"- batch of {batch}: TTFT is the whole batch's first token, TPOT one decode step of all "
+                     f"{batch} sequences, tokens/s the real tokens of all of them")  # fmt: skip
+    step = step_intensity(record)
+    per_step = (record.get("stage_layout") or {}).get("per_step") or []
+    if step is not None and per_step:
+        lines.append(f"- {crossing_text(step, '/'.join(per_step))}")
+    return lines
+
+
 def _headline_lines(headline_: dict, summary: dict, groups: dict[str, list[str]]) -> list[str]:
     lines = []
     for key, label, unit in (("ttft_ms", "TTFT", "ms"), ("tpot_ms", "TPOT", "ms"),
-                             ("decode_tokens_per_s", "decode", "tokens/s")):  # fmt: skip
+                             ("decode_tokens_per_s", "decode", "tokens/s"),
+                             ("tokens_per_s", "throughput, whole request", "generated tokens/s"),
+                             ("pages_per_s", "throughput, whole request", "pages/s")):  # fmt: skip
         if headline_.get(key) is not None:
             spread = summary.get(key)
             detail = "" if not spread or spread["n"] < 2 else (
@@ -264,6 +281,7 @@ def report_markdown(record: dict, table: pd.DataFrame, attribution: Attribution 
         "",
         *_headline_lines(record["headline"], record["timing"]["summary"],
                          {**layout["compute_groups"], **layout["bandwidth_groups"]}),
+        *_batch_lines(record),
         *[f"- **spread warning**: {line}" for line in warnings],
         "",
         "## Stages against the roofline",

@@ -162,8 +162,8 @@ def analytic_record(costs: StageCosts) -> dict:
 def headline_figures(summary: dict, table: pd.DataFrame, record: dict) -> dict:
     """TTFT, TPOT, decode tokens/s (medians of the timing ``summary``), and the utilisation of the
     model's stage groups (``stage_layout`` of ``record``) against the record's roofs."""
-    figures = {key: None if summary[key] is None else summary[key]["median"]
-               for key in ("ttft_ms", "tpot_ms", "decode_tokens_per_s", "e2e_ms")}  # fmt: skip
+    figures = {key: None if summary.get(key) is None else summary[key]["median"]
+               for key in ("ttft_ms", "tpot_ms", "decode_tokens_per_s", "e2e_ms", "tokens_per_s", "pages_per_s")}  # fmt: skip
     layout = record["stage_layout"]
     utilisation = headline(
         table.rename(columns={"time_ms": "wall_ms"}), record_roofs(record), record["dtype"],
@@ -219,18 +219,22 @@ def run_record(job: Job, table: pd.DataFrame, status: str = "ok", error: str | N
         "dtype": job.dtype_name,
         "dtype_reason": job.dtype.reason,
         "weights": job.run.model.weights,
+        "batch": {"size": job.run.batch_size, "padding": None},  # a batched request's describe() replaces it
         **m.request.describe(),
         "request": m.request.summary(),
         "execution": None if job.execution is None else {
             **job.execution.as_dict(), "summary": job.execution.summary()
         },
-        "generated_tokens": len(m.result.tokens) if m.result else None,
+        "generated_tokens": m.result.generated_tokens if m.result else None,
         "op_notes": [note.as_dict() for note in job.op_notes],
         "headline": None,  # below: it needs the roofs and stage layout of this record
         "stage_layout": stage_layout(job),
         "timing": {
             "unit": "ms",
-            "tpot": "(e2e - ttft) / decode steps; ttft = the once-per-request stages",
+            "tpot": "(e2e - ttft) / decode steps; ttft = the once-per-request stages; a batch steps all its "
+                    "sequences at once, so TPOT is per step of the batch",
+            "throughput": "tokens_per_s = real generated tokens of the batch / e2e; decode_tokens_per_s = real "
+                          "tokens of the decode steps / (e2e - ttft); pages_per_s = pages / e2e",
             "summary": m.summary(),
             "stages": {s.name: summarize(m.stage_totals(s.name)) for s in m.stages if m.runs},
             "outlier_factor": OUTLIER_FACTOR,

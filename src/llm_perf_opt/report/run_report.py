@@ -30,9 +30,12 @@ def write_report_files(out_dir: Path, record: dict, table: pd.DataFrame, attribu
     run.json with status ok means every artifact is there."""
     kernels = attribution.kernels if attribution is not None else pd.DataFrame(columns=KERNEL_COLUMNS)
     roofs = record_roofs(record)
-    write_csv(out_dir / "stages.csv", table)
+    # The batch on every row: stage times are the whole batch's, and CSVs of several runs get concatenated.
+    batch = (record.get("batch") or {}).get("size", 1)
+    write_csv(out_dir / "stages.csv", table.assign(batch_size=batch))
     write_json(out_dir / "stages.json", {
         "dtype": record["dtype"],
+        "batch_size": batch,
         "roofs": record["hardware"]["roofs"],
         "headline": record["headline"],
         "stages": table.to_dict("records"),

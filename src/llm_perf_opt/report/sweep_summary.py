@@ -1,11 +1,12 @@
 """The summary of a sweep: one row per job, as ``sweep_summary.csv``, ``sweep_summary.md`` and
-``sweep.png`` (stage time per job as stacked bars) in the sweep dir.
+``sweep.png`` (stage time per job as stacked bars) in the sweep dir; for a sweep over the batch
+size, also ``throughput.png`` and a section on throughput against latency (report.batch_scaling).
 
-    write_summary(sweep_dir)        # reads the job dirs, writes the three files
+    write_summary(sweep_dir)        # reads the job dirs, writes the files
 
 A row holds the job dir name, the overrides it was launched with (Hydra's own left out), model,
-mode, image tokens, dtype, the medians of TTFT, TPOT, decode tokens/s and end-to-end time
-(run.json ``headline``, else ``timing.summary``), and per stage its median time per run
+mode, batch size, image tokens, dtype, the medians of TTFT, TPOT, decode tokens/s, end-to-end
+time, generated tokens/s and pages/s (run.json ``headline``, else ``timing.summary``), and per stage its median time per run
 (``<stage>_ms``, the ``time_ms`` of stages.csv) and its % of each roof over that time
 (``<stage>_pct_<roof>_roof``, stages.csv's ``<roof>_pct_roof_wall``), then status and the
 one-line error of a failed, interrupted or missing job.
@@ -32,9 +33,11 @@ from llm_perf_opt.atomic import atomic_path, write_csv, write_text
 from llm_perf_opt.errors import UserError
 from llm_perf_opt.runners.ranges import stage_of
 
+from .batch_scaling import BatchSweep, batch_sweeps, sweep_lines, throughput_plot
 from .run_dirs import Job, load_run_set, mode_name, model_name
 
 SUMMARY_MD, SUMMARY_CSV, SUMMARY_PNG = "sweep_summary.md", "sweep_summary.csv", "sweep.png"
+THROUGHPUT_PNG = "throughput.png"
 STAGES_CSV = "stages.csv"
 OK = "ok"
 
@@ -44,6 +47,8 @@ HEADLINE = (
     ("tpot_ms", "tpot_ms", "TPOT ms"),
     ("decode_tokens_per_s", "decode_tokens_per_s", "decode tok/s"),
     ("e2e_ms", "e2e_ms", "end-to-end ms"),
+    ("tokens_per_s", "tokens_per_s", "tokens/s"),
+    ("pages_per_s", "pages_per_s", "pages/s"),
 )
 _PCT_SUFFIX = "_pct_roof_wall"
 # Plot geometry: inches per job bar, plus room for title, axis and legend.
@@ -134,14 +139,14 @@ def summarize(results: Sequence[JobResult]) -> Summary:
                               for s in per_job if s is not None))  # fmt: skip
     rows = [_row(r.job, s, stages, roofs) for r, s in zip(results, per_job)]
     columns = [
-        "job", "overrides", "model", "mode", "image_tokens", "dtype", *(c for c, _, _ in HEADLINE),
+        "job", "overrides", "model", "mode", "batch_size", "image_tokens", "dtype", *(c for c, _, _ in HEADLINE),
         *(stage_column(s) for s in stages), *(roof_column(s, r) for r in roofs for s in stages),
         "status", "error",
     ]  # fmt: skip
     table = pd.DataFrame(rows, columns=columns)
     text = ("job", "overrides", "model", "mode", "dtype", "status", "error")
     # Int64 keeps token counts whole next to the missing ones of failed jobs.
-    types = {c: "Int64" if c == "image_tokens" else "float64" for c in columns if c not in text}
+    types = {c: "Int64" if c in ("image_tokens", "batch_size") else "float64" for c in columns if c not in text}
     overrides = tuple(r.job.overrides for r in results)
     return Summary(table.astype(types), stages, roofs, overrides)
 
@@ -161,6 +166,7 @@ def _row(job: Job, stages: pd.DataFrame | None, names: Sequence[str], roofs: Seq
         "overrides": " ".join(job.overrides),
         "model": model_name(record),
         "mode": mode_name(record),
+        "batch_size": (record.get("batch") or {}).get("size", 1) if job.status == OK else None,
         "image_tokens": tokens.get("image"),
         "dtype": record.get("dtype"),
         **{column: _median(record, key) for column, key, _ in HEADLINE},
@@ -222,8 +228,9 @@ def _split(override: str) -> tuple[str, str]:
 
 
 # -- Markdown ---------------------------------------------------------------------------------------
-def summary_markdown(summary: Summary, title: str) -> str:
-    """The summary as Markdown: the jobs' headline table, then stage times and % of each roof."""
+def summary_markdown(summary: Summary, title: str, batches: Sequence[BatchSweep] = ()) -> str:
+    """The summary as Markdown: the jobs' headline table, then stage times and % of each roof,
+    then each batch sweep's throughput against latency."""
     table = summary.table
     common, varying = varying_overrides(summary.overrides)
     jobs = pd.DataFrame({
@@ -231,6 +238,7 @@ def summary_markdown(summary: Summary, title: str) -> str:
         "overrides": [" ".join(f"`{o}`" for o in v) or "-" for v in varying],
         "model": table["model"].map(_text),
         "mode": table["mode"].map(_text),
+        "batch": table["batch_size"].map(lambda v: _num(v, 0)),
         "image tokens": table["image_tokens"].map(lambda v: _num(v, 0)),
         "dtype": table["dtype"].map(_text),
         **{header: table[column].map(_num) for column, _, header in HEADLINE},
@@ -263,6 +271,15 @@ def summary_markdown(summary: Summary, title: str) -> str:
                 "",
             ]
         lines += [f"![stage time per job]({SUMMARY_PNG})", ""]
+    if batches:
+        lines += ["## Batch: throughput against latency", "",
+                  "Per batch size: TPOT (per decode step of the whole batch), real tokens per second, and the "
+                  "analytic intensity of the decode step against the ridge of the run's first roof; the predicted "
+                  "batch where decode turns compute-bound comes from the largest batch's analytic step "
+                  "(report/batch_scaling.py gives the formula).", ""]  # fmt: skip
+        for sweep in batches:
+            lines += sweep_lines(sweep)
+        lines += [f"![throughput against latency]({THROUGHPUT_PNG})", ""]
     return "\n".join(lines)
 
 
@@ -349,10 +366,23 @@ def sweep_plot(summary: Summary, path: str | Path, *, title: str) -> Path:
 def write_summary(sweep_dir: str | Path) -> dict[str, Path]:
     """Read the sweep dir's jobs and write sweep_summary.csv, sweep_summary.md and sweep.png into it."""
     sweep_dir = Path(sweep_dir)
-    summary = summarize(load_sweep(sweep_dir))
+    results = load_sweep(sweep_dir)
+    summary = summarize(results)
     title = sweep_dir.resolve().name
-    return {
+    _, varying = varying_overrides([r.job.overrides for r in results])
+    batches = batch_sweeps([r.job.record for r in results], [_batch_group(r.job, v) for r, v in zip(results, varying)])
+    written = {
         "csv": write_csv(sweep_dir / SUMMARY_CSV, summary.table),
         "png": sweep_plot(summary, sweep_dir / SUMMARY_PNG, title=f"Stage time per job · {title}"),
-        "md": write_text(sweep_dir / SUMMARY_MD, summary_markdown(summary, title)),
     }
+    if batches:
+        written["throughput"] = throughput_plot(batches, sweep_dir / THROUGHPUT_PNG, title=f"Batch sweep · {title}")
+    written["md"] = write_text(sweep_dir / SUMMARY_MD, summary_markdown(summary, title, batches))
+    return written
+
+
+def _batch_group(job: Job, varying: Sequence[str]) -> str:
+    """The group of a job in a batch sweep: the overrides that vary between the sweep's jobs but
+    the batch size (jobs that differ only in it form one group), or its model and mode."""
+    others = [o for o in varying if _split(o)[0] != "batch_size"]
+    return " ".join(others) or f"{model_name(job.record)} · {mode_name(job.record)}"

@@ -338,3 +338,49 @@ def test_range_totals_sum_the_families_each_module_range_runs():
     for stage in ("sam", "clip", "prefill", "decode"):
         inside = ranges[ranges.index.str.startswith(stage + "/")]["flops"].sum()
         assert 0 < inside < model.total(stage).flops
+
+
+# -- batches ---------------------------------------------------------------------------------------
+def test_a_batch_of_copies_does_n_times_the_work_and_reads_the_weights_once():
+    one, four = run("base"), stage_costs(CFG, MODES["base"], grids=[(1, 1)] * 4)
+    for stage in (SAM, CLIP, PROJECTOR, PREFILL):
+        assert four.total(stage).matmul_flops == pytest.approx(4 * one.total(stage).matmul_flops)
+    # Vision weights: read once per SAM and CLIP call, whatever the batch (the projector's
+    # newline and separator vectors are read again by each page's layout).
+    for stage in (SAM, CLIP):
+        assert four.total(stage).weight_bytes == one.total(stage).weight_bytes
+    # A decode step of four sequences: four times the KV cache read, the dense weights once.
+    assert sum(c.kv_read_bytes for c in four.decode_step.values()) == 4 * sum(
+        c.kv_read_bytes for c in one.decode_step.values())
+    assert four.decode_step["lm_head"].weight_bytes == one.decode_step["lm_head"].weight_bytes
+    assert four.decode_step["lm_head"].matmul_flops == 4 * one.decode_step["lm_head"].matmul_flops
+
+
+def test_a_batch_of_different_pages_pads_to_the_longest_and_adds_their_vision():
+    pages = [(1, 1), (2, 3), (2, 2)]
+    batch = stage_costs(CFG, MODES["gundam"], grids=pages)
+    alone = [run("gundam", grid) for grid in pages]
+    assert batch.workload.prompt_tokens == max(a.workload.prompt_tokens for a in alone)
+    assert batch.workload.tiles == 0 + 6 + 4
+    for stage in (SAM, CLIP):
+        assert batch.total(stage).matmul_flops == pytest.approx(sum(a.total(stage).matmul_flops for a in alone))
+    # Prefill runs three sequences of the longest prompt (padding is executed work).
+    longest = max(alone, key=lambda a: a.workload.prompt_tokens)
+    assert batch.total(PREFILL).matmul_flops == pytest.approx(3 * longest.total(PREFILL).matmul_flops)
+
+
+def test_expected_experts_of_a_batch_decode_step_route_b_tokens():
+    lm = CFG.lm
+    rows = [r for r in stage_costs(CFG, MODES["tiny"], grids=[(1, 1)] * 16).expert_usage if r["scope"] == "decode_step"]
+    e, k = lm.n_routed_experts, lm.num_experts_per_tok
+    # 16 tokens of top-6 over 64 experts touch E(1 - (1 - k/E)^16) of them on average.
+    assert rows[0]["tokens"] == 16
+    assert rows[0]["expected_distinct"] == pytest.approx(e * (1 - (1 - k / e) ** 16))
+
+
+def test_the_footprint_of_a_batch_holds_every_sequence_kv_cache():
+    one = memory.footprint(CFG, run("base", decode_steps=9).workload)
+    four = memory.footprint(CFG, stage_costs(CFG, MODES["base"], grids=[(1, 1)] * 4, decode_steps=9).workload)
+    assert four.kv_cache_bytes == 4 * one.kv_cache_bytes
+    assert four.total_weight_bytes == one.total_weight_bytes
+    assert four.largest_transient.transient_bytes == 4 * one.largest_transient.transient_bytes

@@ -4,7 +4,7 @@ dense SwiGLU (layer 0) and MoE (layers 1-11).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,17 +32,68 @@ class KVCache:
 
     `length` positions are filled; prefill and decode write at `length` and the model
     advances it once per forward, after all layers.
+
+    A batch of prompts of different lengths is left-padded to the longest: `pads` [B] holds
+    each sequence's padding. Its positions (RoPE) then start after its padding, and no query
+    sees a padded key (`attention_bias`). Without padding both are None and every forward
+    takes the batch-1 path unchanged.
     """
 
-    def __init__(self, cfg: LMConfig, max_len: int, batch: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        cfg: LMConfig,
+        max_len: int,
+        batch: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        pads: Sequence[int] | None = None,
+    ):
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.length = 0
+        self.pads: torch.Tensor | None = None  # [B] left padding of each sequence
+        self.valid: torch.Tensor | None = None  # [B, max_len] positions holding a real token
+        self.bias: torch.Tensor | None = None  # the running forward's attention bias (set by the model)
+        if pads is not None:
+            self.set_pads(pads)
+
+    def set_pads(self, pads: Sequence[int]) -> None:
+        """Mark the first pads[b] positions of sequence b as padding (all zero: no padding)."""
+        if len(pads) != self.keys[0].shape[0]:
+            raise ValueError(f"{len(pads)} paddings for a cache of batch {self.keys[0].shape[0]}")
+        if not any(pads):
+            self.pads = self.valid = None
+            return
+        device = self.keys[0].device
+        self.pads = torch.tensor(list(pads), dtype=torch.long, device=device)
+        self.valid = torch.arange(self.max_len, device=device)[None] >= self.pads[:, None]
 
     @property
     def max_len(self) -> int:
         return self.keys[0].shape[2]
+
+    def positions(self, start: int, s: int) -> torch.Tensor:
+        """Positions of the next s tokens: [S], or [B, S] counted from each sequence's first real token."""
+        positions = torch.arange(start, start + s, device=self.keys[0].device)
+        if self.pads is None:
+            return positions
+        return (positions[None] - self.pads[:, None]).clamp_min(0)
+
+    def attention_bias(self, start: int, s: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """Additive bias [B, 1, s, start + s] for queries at start.. over every key so far: 0 where
+        a query may look (a real key at or before it), −inf elsewhere; None without padding. A
+        padded query sees itself, so its row is never all −inf (a NaN there would reach the
+        real tokens through the values of later layers, where 0·NaN is NaN)."""
+        if self.valid is None:
+            return None
+        end = start + s
+        keys = torch.arange(end, device=self.valid.device)
+        queries = torch.arange(start, end, device=self.valid.device)
+        seen = (keys[None] <= queries[:, None]) & self.valid[:, None, :end]  # [B, s, end]
+        seen |= keys[None] == queries[:, None]
+        bias = torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill_(~seen, float("-inf"))
+        return bias[:, None]
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B,H,S,D] after the cached positions; return all keys and values so far."""
@@ -53,9 +104,10 @@ class KVCache:
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin [S, D] for the half-split (NeoX/Llama) rotary embedding, computed in fp32."""
+    """cos, sin [S, D] (or [B, S, D] for positions [B, S]) for the half-split (NeoX/Llama) rotary
+    embedding, computed in fp32."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-    freqs = positions.float()[:, None] * inv_freq[None, :]
+    freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -84,8 +136,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, s, h, hd).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         keys, values = cache.append(self.layer, k, v)  # [B,H,L+S,D]
-        # Prefill starts from an empty cache (square causal mask); a single decode query sees everything.
-        out = attend(q, keys, values, backend=self.backend, causal=s > 1)
+        if cache.bias is not None:  # padded batch: the bias holds the causal mask and the padding
+            out = attend(q, keys, values, backend=self.backend, bias=cache.bias)
+        else:
+            # Prefill starts from an empty cache (square causal mask); a single decode query sees everything.
+            out = attend(q, keys, values, backend=self.backend, causal=s > 1)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, d))
 
 

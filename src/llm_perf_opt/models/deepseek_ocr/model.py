@@ -2,15 +2,19 @@
 
     feats  = model.project(sam_out := model.sam(pixels), model.clip(sam_out))   per view size
     embeds = model.layout(global_feats, tile_feats, grid)                        [N_img, 1280]
-    cache  = model.new_cache(max_len)
-    logits = model.prefill(input_ids, embeds, cache)                             [1, vocab] fp32
-    logits = model.decode_step(next_token, cache)                                [1, vocab] fp32
+    cache  = model.new_cache(max_len, batch, pads)
+    logits = model.prefill(input_ids, embeds, cache)                             [B, vocab] fp32
+    logits = model.decode_step(next_tokens, cache)                               [B, vocab] fp32
+
+A batch of prompts is left-padded to the longest (`pads` per sequence; see decoder.KVCache).
 
 Module names follow the official checkpoint keys (`model.sam_model…`, `model.layers…`, `lm_head`).
 The model knows nothing about profiling; the session wraps these calls in stage ranges.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -65,20 +69,21 @@ class DeepSeekOCR(nn.Module):
         )
 
     # -- language model ----------------------------------------------------------------------
-    def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
-        return KVCache(self.cfg.lm, max_len, batch, self.dtype, self.device)
+    def new_cache(self, max_len: int, batch: int = 1, pads: Sequence[int] | None = None) -> KVCache:
+        return KVCache(self.cfg.lm, max_len, batch, self.dtype, self.device, pads)
 
     def prefill(self, input_ids: torch.Tensor, image_embeds: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """input_ids [1,S] with N_img `<image>` ids; image_embeds [N_img, hidden] → last logits [1, vocab]."""
+        """input_ids [B,S] with N_img `<image>` ids in all; image_embeds [N_img, hidden] in the
+        order of those ids (sequence by sequence) → last logits [B, vocab]."""
         # The caller guarantees one `<image>` id per image embedding (checked on the host when
         # the request is prepared), so no device→host sync is needed here.
-        x = self.model.embed_tokens(input_ids)  # [1,S,d]
+        x = self.model.embed_tokens(input_ids)  # [B,S,d]
         is_image = input_ids == self.cfg.image_token_id
         x = x.masked_scatter(is_image[..., None], image_embeds.to(x.dtype))
         return self._forward(x, cache)
 
     def decode_step(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """token [1,1] → logits [1, vocab] of the next position."""
+        """tokens [B,1] → logits [B, vocab] of the next position."""
         return self._forward(self.model.embed_tokens(token), cache)
 
     def _forward(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -88,10 +93,12 @@ class DeepSeekOCR(nn.Module):
         if s > 1 and start > 0:
             # The square causal mask of a multi-token forward assumes an empty cache.
             raise ValueError("multi-token forwards (chunked prefill) on a non-empty cache are not supported")
-        positions = torch.arange(start, start + s, device=x.device)
-        rope = rope_cos_sin(positions, self.cfg.lm.head_dim, self.cfg.lm.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(cache.positions(start, s), self.cfg.lm.head_dim, self.cfg.lm.rope_theta, x.dtype)
+        if cos.dim() == 3:  # per-sequence positions [B,S,D] → [B,1,S,D], over the heads
+            cos, sin = cos[:, None], sin[:, None]
+        cache.bias = cache.attention_bias(start, s, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, rope, cache)
+            x = layer(x, (cos, sin), cache)
         cache.length += s
         # Only the last position's logits are needed to pick the next token.
         return self.lm_head(self.model.norm(x[:, -1])).float()

@@ -72,14 +72,15 @@ class RoutingRecord:
     """Per-expert token counts a run recorded, MoE layers in order.
 
     prefill[l][e]: prompt tokens that MoE layer l sent to expert e.
-    decode[s][l][e]: the same for decode step s (each step routes one token).
+    decode[s][l][e]: the same for decode step s (each step routes one token per sequence).
     """
 
     prefill: Sequence[Sequence[int]]
     decode: Sequence[Sequence[Sequence[int]]] = ()
 
-    def check(self, lm: LMConfig, prompt_tokens: int, decode_steps: int) -> None:
-        """Shapes and totals must match the run: every token goes to exactly top_k experts.
+    def check(self, lm: LMConfig, prompt_tokens: int, decode_steps: int, batch: int = 1) -> None:
+        """Shapes and totals must match the run: every token goes to exactly top_k experts
+        (prompt_tokens in prefill, all of a batch's; `batch` in each decode step).
 
         The counts come from the run's own recorder, so a mismatch is a bug (ValueError).
         """
@@ -88,7 +89,7 @@ class RoutingRecord:
         if self.decode and len(self.decode) != decode_steps:
             raise ValueError(f"routing: {len(self.decode)} decode steps recorded, the run has {decode_steps}")
         for where, tokens, per_layer in [("prefill", prompt_tokens, self.prefill)] + [
-            (f"decode step {s}", 1, step) for s, step in enumerate(self.decode)
+            (f"decode step {s}", batch, step) for s, step in enumerate(self.decode)
         ]:
             if len(per_layer) != layers or any(len(counts) != e for counts in per_layer):
                 raise ValueError(f"routing: {where} needs {layers} MoE layers x {e} expert counts")

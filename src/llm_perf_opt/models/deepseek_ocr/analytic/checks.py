@@ -1,5 +1,6 @@
 """What `python -m llm_perf_opt.analytic.validate` checks of DeepSeek-OCR: the runs it counts
-on the meta-device model (every mode; gundam at 1x2, 2x2, 2x3 and 3x3 tiles; for the fast
+on the meta-device model (every mode; gundam at 1x2, 2x2, 2x3 and 3x3 tiles; every mode at
+batches of 2 and 8 pages; for the fast
 implementation, each of META_FAST_PATHS on all of them) and the published figures its formulas
 must reproduce (`reference_checks`)."""
 
@@ -18,6 +19,8 @@ GIGA = 1e9
 #: Tile grids (cols, rows) of gundam checked; a blank page of 640*cols x 640*rows gets each.
 GUNDAM_GRIDS = ((1, 2), (2, 2), (2, 3), (3, 3))
 TILE_PIXELS = 640
+#: Batches of copies of one page checked in every mode (gundam at 2x2), beside batch 1.
+BATCHES = (2, 8)
 
 #: Path sets of the fast implementation that run on meta tensors, together covering every path
 #: but those that read values a meta tensor does not have, which the tests check on real CPU
@@ -35,13 +38,21 @@ def builtin_modes() -> dict[str, ModeSpec]:
     return {name: load([f"mode={name}"]).model.mode for name in group_options("mode")}
 
 
-def _plain_cases() -> list[CheckCase]:
+def _plain_cases(batched: bool = True) -> list[CheckCase]:
+    """Every mode at batch 1, each followed by its batches (gundam: at 2x2 tiles), in an order
+    where cases of one model config follow each other (they share a meta model)."""
     plain = [CheckCase(name, (f"mode={name}",)) for name in ("tiny", "small", "base", "large")]
     tiled = [
         CheckCase(f"gundam {cols}x{rows}", ("mode=gundam",), (TILE_PIXELS * cols, TILE_PIXELS * rows))
         for cols, rows in GUNDAM_GRIDS
     ]
-    return plain + tiled
+    out = []
+    for case in plain + tiled:
+        out.append(case)
+        if batched and (case in plain or case.name == "gundam 2x2"):
+            out += [CheckCase(f"{case.name}, batch {n}", (*case.overrides, f"batch_size={n}"), case.image_size)
+                    for n in BATCHES]  # fmt: skip
+    return out
 
 
 def _path_overrides(paths: FastPaths) -> tuple[str, ...]:
@@ -50,14 +61,16 @@ def _path_overrides(paths: FastPaths) -> tuple[str, ...]:
 
 
 def check_cases(impl: str) -> list[CheckCase]:
-    """The reference: every mode, gundam at each of GUNDAM_GRIDS. The fast implementation: the
-    same under each path set of META_FAST_PATHS."""
+    """The reference: every mode, gundam at each of GUNDAM_GRIDS, and batches of BATCHES pages.
+    The fast implementation: the same under each path set of META_FAST_PATHS, batches only
+    where their decode steps do not run grouped experts (a decode step of a batch takes the
+    many-token way, and which groups of a grouped GEMM get rows needs values)."""
     if impl == "reference":
         return _plain_cases()
     return [
         CheckCase(f"{name}: {case.name}", case.overrides + _path_overrides(paths), case.image_size)
         for name, paths in META_FAST_PATHS.items()
-        for case in _plain_cases()
+        for case in _plain_cases(batched=paths.routed_for(min(BATCHES)) != "grouped")
     ]
 
 

@@ -231,8 +231,11 @@ def lm_costs(
     routed: str = "looped",
     static_len: int | None = None,
     graph: bool = False,
+    batch: int = 1,
 ) -> Breakdown:
-    """One LM forward of `new_tokens` after `cached_tokens`: prefill is (S, 0), a decode step (1, L).
+    """One LM forward of `new_tokens` after `cached_tokens` in each of `batch` sequences: prefill
+    is (S, 0), a decode step (1, L). Every token-wise family runs over batch * new_tokens rows and
+    reads its weights once; attention is per sequence; the RoPE tables are the batch's one set.
 
     embedding, RoPE tables -> per layer [RMSNorm, causal attention, add, RMSNorm, SwiGLU or MoE,
     add] -> final RMSNorm and lm_head on the last position only. `experts_touched` gives the distinct
@@ -245,19 +248,20 @@ def lm_costs(
     if experts_touched is not None and len(experts_touched) != len(moe_layers):
         raise ValueError(f"routing: {len(experts_touched)} MoE layers given, the model has {len(moe_layers)}")
     touched = dict(zip(moe_layers, experts_touched)) if experts_touched is not None else {}
-    h, t = lm.hidden_size, new_tokens
+    h, t = lm.hidden_size, batch * new_tokens  # t: rows of the token-wise families
     static = static_len is not None
     items = [
         ("embedding", fam.embedding(t, h, dtype)),
-        ("rope_tables", fam.rope_tables(t, lm.head_dim, dtype, positions_given=static)),
+        ("rope_tables", fam.rope_tables(new_tokens, lm.head_dim, dtype, positions_given=static)),
     ]
     if static:
-        items.append(("static_step", ocr_fam.static_step_inputs(static_len, lm.vocab_size, graph=graph)))
+        items.append(("static_step", ocr_fam.static_step_inputs(static_len, lm.vocab_size, graph=graph, batch=batch)))
     heads = lm.num_attention_heads
     for i in range(lm.num_hidden_layers):
+        attention = fam.causal_attention(new_tokens, cached_tokens, h, heads, dtype, static_len=static_len, batch=batch)
         items += [
             ("rmsnorm", 2 * fam.rmsnorm(t, h, dtype)),
-            ("causal_attention", fam.causal_attention(t, cached_tokens, h, heads, dtype, static_len=static_len)),
+            ("causal_attention", attention),
             ("add", 2 * fam.add(t * h, dtype)),
         ]
         if lm.is_moe_layer(i):
@@ -275,7 +279,8 @@ def lm_costs(
             items += [(f"moe_{name}", cost) for name, cost in parts.items()]
         else:
             items.append(("swiglu_mlp", fam.swiglu_mlp(t, h, lm.intermediate_size, dtype)))
-    items += [("rmsnorm", fam.rmsnorm(1, h, dtype)), ("lm_head", fam.lm_head(1, h, lm.vocab_size, dtype))]
+    # The last position of each sequence only.
+    items += [("rmsnorm", fam.rmsnorm(batch, h, dtype)), ("lm_head", fam.lm_head(batch, h, lm.vocab_size, dtype))]
     return _accumulate(items)
 
 
@@ -291,21 +296,30 @@ def _distinct(counts: Sequence[int]) -> int:
 
 @dataclass(frozen=True)
 class Workload:
-    """What one run processes."""
+    """What one run processes: one page, or a batch of pages run together."""
 
     mode: str
     global_size: int
     tile_size: int
-    grid: tuple[int, int]  # (cols, rows); (1, 1) = global view only
-    image_tokens: int
-    prompt_tokens: int  # S = image tokens + text tokens
+    grid: tuple[int, int]  # (cols, rows) of the first page; (1, 1) = global view only
+    image_tokens: int  # of the first page
+    prompt_tokens: int  # S = image tokens + text tokens; a batch: its longest prompt (all are padded to it)
     decode_steps: int
     dtype: str
+    grids: tuple[tuple[int, int], ...] = ()  # every page's grid (empty: the one page of `grid`)
+
+    @property
+    def pages(self) -> tuple[tuple[int, int], ...]:
+        return self.grids or (self.grid,)
+
+    @property
+    def batch(self) -> int:
+        return len(self.pages)
 
     @property
     def tiles(self) -> int:
-        cols, rows = self.grid
-        return cols * rows if cols * rows > 1 else 0
+        """Tiles over the batch."""
+        return sum(cols * rows for cols, rows in self.pages if cols * rows > 1)
 
 
 @dataclass(frozen=True)
@@ -436,14 +450,22 @@ def stage_costs(
     routing: RoutingRecord | None = None,
     paths: FastPaths | None = None,
     cache_len: int | None = None,
+    grids: Sequence[tuple[int, int]] | None = None,
 ) -> StageModel:
-    """Costs of every stage of one run of `mode` on one image.
+    """Costs of every stage of one run of `mode` on one image, or on a batch of pages.
 
-    The tile grid is `grid`, or chosen from `image_size` = (width, height) in crop mode.
+    The tile grid is `grid`, or chosen from `image_size` = (width, height) in crop mode. A
+    batch gives every page's grid in `grids` (same prompt on each): the global views run as one
+    SAM/CLIP/projector batch, all tiles as another, each page is laid out as alone and the
+    pages' embeddings concatenated; prefill and decode run B sequences of the longest prompt S
+    (shorter ones left-padded: their padding is executed work; the attention bias and the
+    per-sequence RoPE tables of a padded batch are not counted). Weights are read once per
+    forward for the whole batch; activations and the KV cache scale with B.
+
     Decode costs are affine in the context length, so the run's decode total is
     decode_steps x (one step at the mean context S + (n - 1)/2). Routed-expert weights are
     read for the distinct experts each forward touches: observed from `routing` when given,
-    otherwise the uniform expectation E * (1 - (1 - k/E)^T) (T = S in prefill, 1 per decode step).
+    otherwise the uniform expectation E * (1 - (1 - k/E)^T) (T = B*S in prefill, B per decode step).
 
     `paths` (None: the reference) are the formulations the fast implementation ran: its bytes
     differ where it moves less or more (SAM's bias, the MoE's dispatch, positioned decode
@@ -453,29 +475,30 @@ def stage_costs(
     if text_tokens < 1 or decode_steps < 0:
         raise ValueError("analytic: need text_tokens >= 1 (BOS at least) and decode_steps >= 0")
     fam.dtype_bytes(dtype)  # fail early on an unknown dtype
-    grid = resolve_grid(mode, grid, image_size)
-    image_tokens = image_token_count(mode.global_size, mode.image_size, grid)
-    s = image_tokens + text_tokens
+    pages = [resolve_grid(mode, g) for g in grids] if grids else [resolve_grid(mode, grid, image_size)]
+    batch = len(pages)
+    image_tokens = [image_token_count(mode.global_size, mode.image_size, g) for g in pages]
+    s = max(image_tokens) + text_tokens
     lm = cfg.lm
     if s + decode_steps > lm.max_position_embeddings:
         raise ValueError(
             f"analytic: {s} prompt + {decode_steps} decode positions exceed {lm.max_position_embeddings}"
         )
-    workload = Workload(
-        mode.name, mode.global_size, mode.image_size, grid, image_tokens, s, decode_steps, str(dtype)
-    )
+    workload = Workload(mode.name, mode.global_size, mode.image_size, pages[0], image_tokens[0], s, decode_steps,
+                        str(dtype), tuple(pages) if grids else ())  # fmt: skip
 
-    stages = _vision(cfg, mode.global_size, 1, dtype, paths)
+    stages = _vision(cfg, mode.global_size, batch, dtype, paths)
     if workload.tiles:
         tiles = _vision(cfg, mode.image_size, workload.tiles, dtype, paths)
         stages = {name: _merge(parts, tiles[name]) for name, parts in stages.items()}
-    layout = ocr_fam.image_layout(
-        grid, tokens_per_side(mode.global_size), tokens_per_side(mode.image_size), lm.hidden_size, dtype
-    )
-    stages[PROJECTOR] = _merge(stages[PROJECTOR], {"layout": layout})
+    global_side, tile_side = tokens_per_side(mode.global_size), tokens_per_side(mode.image_size)
+    layout = [("layout", ocr_fam.image_layout(g, global_side, tile_side, lm.hidden_size, dtype)) for g in pages]
+    if batch > 1:  # the pages' embeddings in one tensor
+        layout.append(("layout", fam.concat(sum(image_tokens) * lm.hidden_size, dtype)))
+    stages[PROJECTOR] = _merge(stages[PROJECTOR], _accumulate(layout))
 
     if routing is not None:
-        routing.check(lm, s, decode_steps)
+        routing.check(lm, batch * s, decode_steps, batch)
     prefill_touched = [_distinct(c) for c in routing.prefill] if routing is not None else None
     step_touched = None
     if routing is not None and routing.decode:
@@ -483,34 +506,35 @@ def stage_costs(
         step_touched = [
             sum(_distinct(step[layer]) for step in routing.decode) / decode_steps for layer in range(layers)
         ]
-    scatter = {"image_scatter": ocr_fam.image_scatter(s, image_tokens, lm.hidden_size, dtype)}
-    pick = {"greedy_pick": ocr_fam.greedy_pick(lm.vocab_size)}
+    scatter = {"image_scatter": ocr_fam.image_scatter(batch * s, sum(image_tokens), lm.hidden_size, dtype)}
+    pick = {"greedy_pick": ocr_fam.greedy_pick(lm.vocab_size, batch)}
     prefill_routed, step = "looped", {}
     if paths is not None:
         prefill_routed = paths.moe_prefill
-        step = {"routed": paths.moe_decode}
+        step = {"routed": paths.routed_for(batch)}
         if paths.decode != "eager":
             cache_len = s + decode_steps + 1 if cache_len is None else cache_len
-            step.update(static_len=cache_len, graph=paths.decode == "graph")
-    prefill = _merge(lm_costs(lm, s, 0, dtype, prefill_touched, routed=prefill_routed), scatter)
+            step.update(static_len=cache_len, graph=paths.graphs_decode(batch))
+    prefill = _merge(lm_costs(lm, s, 0, dtype, prefill_touched, routed=prefill_routed, batch=batch), scatter)
     stages[PREFILL] = _merge(prefill, pick)
-    first_step = _merge(lm_costs(lm, 1, s, dtype, step_touched, **step), pick)
-    mean_step = _merge(lm_costs(lm, 1, s + (decode_steps - 1) / 2, dtype, step_touched, **step), pick)
+    first_step = _merge(lm_costs(lm, 1, s, dtype, step_touched, batch=batch, **step), pick)
+    mean_step = _merge(lm_costs(lm, 1, s + (decode_steps - 1) / 2, dtype, step_touched, batch=batch, **step), pick)
     stages[DECODE] = {family: decode_steps * cost for family, cost in mean_step.items()}
 
     return StageModel(
         workload=workload,
         stages={name: stages[name] for name in MODEL_STAGES},
         decode_step=first_step,
-        expert_usage=_expert_usage(lm, s, decode_steps, routing),
+        expert_usage=_expert_usage(lm, s, decode_steps, routing, batch),
     )
 
 
 def _expert_usage(
-    lm: LMConfig, s: int, steps: int, routing: RoutingRecord | None
+    lm: LMConfig, s: int, steps: int, routing: RoutingRecord | None, batch: int = 1
 ) -> tuple[dict[str, object], ...]:
     """Expected and observed distinct experts per MoE layer: in prefill, in one decode step, and
-    over all decode steps of the run (the routed-expert weights the run reads at least once)."""
+    over all decode steps of the run (the routed-expert weights the run reads at least once);
+    a batch routes B*S tokens in prefill and B per decode step."""
     e, k = lm.n_routed_experts, lm.num_experts_per_tok
     rows = []
     for j, layer in enumerate(_moe_layers(lm)):
@@ -521,7 +545,7 @@ def _expert_usage(
                 per_step = [step[j] for step in routing.decode]
                 observed["decode_step"] = sum(_distinct(c) for c in per_step) / steps
                 observed["decode_run"] = _distinct([sum(col) for col in zip(*per_step)])
-        for scope, tokens in (("prefill", s), ("decode_step", 1), ("decode_run", steps)):
+        for scope, tokens in (("prefill", batch * s), ("decode_step", batch), ("decode_run", batch * steps)):
             rows.append(
                 {
                     "layer": layer,

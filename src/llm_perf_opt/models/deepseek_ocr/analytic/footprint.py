@@ -19,7 +19,7 @@ from llm_perf_opt.models.deepseek_ocr.config import (
     SamConfig,
 )
 from llm_perf_opt.models.deepseek_ocr.fast.paths import FOLDED_ALIGN, FastPaths, tile_rows
-from llm_perf_opt.models.deepseek_ocr.modes import tokens_per_side
+from llm_perf_opt.models.deepseek_ocr.modes import image_token_count, tokens_per_side
 from llm_perf_opt.models.deepseek_ocr.stages import (
     CLIP,
     DECODE,
@@ -143,14 +143,17 @@ def _clip_transients(clip: ClipConfig, side: int, batch: int, b: int) -> list[tu
     ]
 
 
-def _lm_transients(lm: LMConfig, tokens: int, b: int) -> list[tuple[str, float]]:
+def _lm_transients(lm: LMConfig, tokens: int, batch: int, b: int, padded: bool) -> list[tuple[str, float]]:
+    """`tokens` rows in all (B*S in prefill, B in a decode step)."""
     h = lm.hidden_size
-    return [
-        ("dense MLP gate/up out [S, I]", tokens * lm.intermediate_size * b),
-        ("MoE gate input in fp32 [S, h]", tokens * h * FP32),
-        ("routed expert inputs [S*k, h]", tokens * lm.num_experts_per_tok * h * b),
-        ("routed outputs in fp32 [S*k, h]", tokens * lm.num_experts_per_tok * h * FP32),
-        ("logits fp32 [1, V]", lm.vocab_size * FP32),
+    per_sequence = tokens // batch
+    mask = [("padding bias [B, 1, S, S]", tokens * per_sequence * b)] if padded else []
+    return mask + [
+        ("dense MLP gate/up out [B*S, I]", tokens * lm.intermediate_size * b),
+        ("MoE gate input in fp32 [B*S, h]", tokens * h * FP32),
+        ("routed expert inputs [B*S*k, h]", tokens * lm.num_experts_per_tok * h * b),
+        ("routed outputs in fp32 [B*S*k, h]", tokens * lm.num_experts_per_tok * h * FP32),
+        ("logits fp32 [B, V]", batch * lm.vocab_size * FP32),
     ]
 
 
@@ -161,11 +164,14 @@ def _largest(candidates: list[tuple[str, float]]) -> tuple[str, float]:
 def footprint(cfg: DeepSeekOCRConfig, workload: Workload, paths: FastPaths | None = None) -> Footprint:
     """Footprint of the run a StageModel describes (its `workload`), for the reference or the
     fast `paths` (SAM's bias in tiles, or folded into widened queries and keys): per stage, its
-    weights and largest transient; the KV cache as allocated (S + decode_steps + 1 positions),
-    one call's logits (last position only, fp32) and the whole model's weights."""
+    weights and largest transient; the KV cache as allocated (B sequences of S + decode_steps + 1
+    positions), one call's logits (last position of each sequence, fp32) and the whole model's
+    weights."""
     b = dtype_bytes(workload.dtype)
     params = stage_parameters(cfg)
-    views = [(workload.global_size, 1)] + ([(workload.tile_size, workload.tiles)] if workload.tiles else [])
+    batch = workload.batch
+    views = [(workload.global_size, batch)] + ([(workload.tile_size, workload.tiles)] if workload.tiles else [])
+    padded = len({image_token_count(workload.global_size, workload.tile_size, g) for g in workload.pages}) > 1
     transients = {
         SAM: [c for size, n in views for c in _sam_transients(cfg.sam, size, n, b, paths)],
         CLIP: [c for size, n in views for c in _clip_transients(cfg.clip, tokens_per_side(size), n, b)],
@@ -173,8 +179,8 @@ def footprint(cfg: DeepSeekOCRConfig, workload: Workload, paths: FastPaths | Non
             ("fused input [B, q^2, 2048]", n * tokens_per_side(size) ** 2 * cfg.projector_in * b)
             for size, n in views
         ],
-        PREFILL: _lm_transients(cfg.lm, workload.prompt_tokens, b),
-        DECODE: _lm_transients(cfg.lm, 1, b),
+        PREFILL: _lm_transients(cfg.lm, batch * workload.prompt_tokens, batch, b, padded),
+        DECODE: _lm_transients(cfg.lm, batch, batch, b, False),
     }
     rows = []
     for stage in MODEL_STAGES:
@@ -184,8 +190,8 @@ def footprint(cfg: DeepSeekOCRConfig, workload: Workload, paths: FastPaths | Non
     total_params = params[SAM] + params[CLIP] + params[PROJECTOR] + params[PREFILL]
     return Footprint(
         stages=tuple(rows),
-        kv_cache_bytes=per_token * (workload.prompt_tokens + workload.decode_steps + 1),
+        kv_cache_bytes=batch * per_token * (workload.prompt_tokens + workload.decode_steps + 1),
         kv_bytes_per_token=per_token,
-        logits_bytes=cfg.lm.vocab_size * FP32,
+        logits_bytes=batch * cfg.lm.vocab_size * FP32,
         total_weight_bytes=total_params * b,
     )

@@ -289,22 +289,25 @@ def image_layout(grid: tuple[int, int], side: int, tile_side: int, hidden: int, 
     return cost + Cost(weight_bytes=row, act_read_bytes=tokens * row, act_write_bytes=(tokens + 1) * row)
 
 
-def greedy_pick(vocab: int) -> Cost:
-    """The next token, greedily: argmax over one position's fp32 logits (read 4V), an int64 written."""
-    check_sizes(vocab=vocab)
-    return Cost(act_read_bytes=FP32 * vocab, act_write_bytes=INDEX_BYTES)
+def greedy_pick(vocab: int, batch: int = 1) -> Cost:
+    """The next token of each of B sequences, greedily: argmax over one position's fp32 logits
+    per sequence (read 4*B*V), B int64s written."""
+    check_sizes(vocab=vocab, batch=batch)
+    return Cost(act_read_bytes=FP32 * vocab * batch, act_write_bytes=INDEX_BYTES * batch)
 
 
-def static_step_inputs(static_len: int, vocab: int, *, graph: bool) -> Cost:
+def static_step_inputs(static_len: int, vocab: int, *, graph: bool, batch: int = 1) -> Cost:
     """What a positioned decode step over a static cache of M positions moves besides its layers
-    (the fast decode): the token copied into its buffer (read and write 8 bytes) and the position
-    filled (write 8); the visibility mask, arange(M) <= position (write 8M; read 8M + 8, write M
-    bools); replayed from a CUDA graph (`graph`), a copy of the graph's fp32 logits (read and
-    write 4V)."""
-    check_sizes(static_len=static_len, vocab=vocab)
+    (the fast decode): the B tokens copied into their buffer (read and write 8B bytes) and the
+    position filled (write 8); the visibility mask, arange(M) <= position (write 8M; read 8M + 8,
+    write M bools); replayed from a CUDA graph (`graph`), a copy of the graph's fp32 logits
+    (read and write 4BV)."""
+    check_sizes(static_len=static_len, vocab=vocab, batch=batch)
     m = static_len
-    logits = 4 * vocab if graph else 0
-    return Cost(act_read_bytes=8 + 8 * m + 8 + logits, act_write_bytes=8 + 8 + 8 * m + m * BOOL_BYTES + logits)
+    logits = 4 * vocab * batch if graph else 0
+    tokens = 8 * batch
+    return Cost(act_read_bytes=tokens + 8 * m + 8 + logits,
+                act_write_bytes=tokens + 8 + 8 * m + m * BOOL_BYTES + logits)  # fmt: skip
 
 
 #: How the routed experts of a MoE layer run (`moe_parts(routed=...)`).

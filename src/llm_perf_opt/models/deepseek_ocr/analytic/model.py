@@ -8,7 +8,7 @@ from llm_perf_opt.models.deepseek_ocr.analytic.costs import stage_costs
 from llm_perf_opt.models.deepseek_ocr.analytic.footprint import footprint
 from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRModelConfig
 from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord
-from llm_perf_opt.models.deepseek_ocr.session import Execution, Request
+from llm_perf_opt.models.deepseek_ocr.session import BatchRequest, Execution, Request
 from llm_perf_opt.models.deepseek_ocr.stages import DECODE, PREFILL
 from llm_perf_opt.models.interface import CheckCase, Footprint, RoutingCounts, StageCosts
 
@@ -21,7 +21,7 @@ class DeepSeekOCRAnalytic:
 
     def stage_model(
         self,
-        request: Request,
+        request: Request | BatchRequest,
         decode_steps: int,
         dtype: str,
         routing: RoutingCounts | None,
@@ -32,8 +32,7 @@ class DeepSeekOCRAnalytic:
         return stage_costs(
             self.cfg.arch,
             self.cfg.mode,
-            grid=request.views.grid,
-            text_tokens=request.text_tokens,
+            **_shape(request),
             decode_steps=decode_steps,
             dtype=dtype,
             routing=None if routing is None else routing_record(routing),
@@ -42,14 +41,11 @@ class DeepSeekOCRAnalytic:
         ).costs()
 
     def footprint(
-        self, request: Request, max_new_tokens: int, dtype: str, execution: Execution | None = None
+        self, request: Request | BatchRequest, max_new_tokens: int, dtype: str, execution: Execution | None = None
     ) -> Footprint:
         """Weights, KV cache and largest transients of the run: of the reference before the model
         is built (the memory check; the fast paths need no more), of the paths that ran after."""
-        model = stage_costs(
-            self.cfg.arch, self.cfg.mode, grid=request.views.grid, text_tokens=request.text_tokens,
-            decode_steps=max_new_tokens - 1, dtype=dtype,
-        )  # fmt: skip
+        model = stage_costs(self.cfg.arch, self.cfg.mode, **_shape(request), decode_steps=max_new_tokens - 1, dtype=dtype)
         return footprint(self.cfg.arch, model.workload, None if execution is None else execution.paths)
 
     def check_cases(self, impl: str) -> list[CheckCase]:
@@ -60,6 +56,14 @@ class DeepSeekOCRAnalytic:
     def reference_checks(self) -> list[tuple[str, float, float]]:
         """Published figures of the released model its formulas reproduce (checks.py)."""
         return checks.reference_checks()
+
+
+def _shape(request: Request | BatchRequest) -> dict:
+    """stage_costs' arguments for the request's pages: the first page's grid and text tokens
+    (one prompt for all), and every page's grid for a batch."""
+    pages = request.pages
+    grids = [page.views.grid for page in pages] if len(pages) > 1 else None
+    return {"grid": pages[0].views.grid, "text_tokens": pages[0].text_tokens, "grids": grids}
 
 
 def routing_record(counts: RoutingCounts) -> RoutingRecord:

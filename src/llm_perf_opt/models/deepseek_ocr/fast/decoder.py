@@ -11,6 +11,7 @@ masked ones cost reads, not results); prefill and eager decode keep the referenc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,8 +29,17 @@ class StaticKVCache(KVCache):
     memory could hold NaNs that a zero weight does not cancel.
     """
 
-    def __init__(self, cfg: LMConfig, max_len: int, batch: int, dtype: torch.dtype, device: torch.device):
-        super().__init__(cfg, max_len, batch, dtype, device)
+    def __init__(
+        self,
+        cfg: LMConfig,
+        max_len: int,
+        batch: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        pads: Sequence[int] | None = None,
+    ):
+        super().__init__(cfg, max_len, batch, dtype, device, pads)
+        self.pad_key = tuple(pads or (0,) * batch)  # which requests may reuse it (and its graph)
         for buffer in self.keys + self.values:
             buffer.zero_()
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -40,7 +50,8 @@ class StaticKVCache(KVCache):
 @dataclass(frozen=True)
 class PositionedStep:
     """What the attention layers of one positioned decode step share: the cache and which of
-    its positions are visible (`visible` [1, max_len] bool: position <= the step's position)."""
+    its positions are visible (`visible` bool, position <= the step's position and not padding:
+    [1, max_len], or [B, 1, 1, max_len] in a padded batch)."""
 
     cache: StaticKVCache
     visible: torch.Tensor

@@ -14,7 +14,7 @@ Same module tree, parameter names and state dict as `model.DeepSeekOCR`; only fo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -95,20 +95,21 @@ class FastDeepSeekOCR(DeepSeekOCR):
         return self
 
     # -- decode ------------------------------------------------------------------------------
-    def new_cache(self, max_len: int, batch: int = 1) -> KVCache:
+    def new_cache(self, max_len: int, batch: int = 1, pads: Sequence[int] | None = None) -> KVCache:
         """With "static" or "graph" decode paths, a static cache; on CUDA with "graph", its decode
         steps replay a CUDA graph: the same buffers and graph serve every request of the same
-        size, and the graph is captured here, when the cache is first made (in a harness job:
-        during the warm-up run's prefill, not timed). Forward hooks on the decode modules
-        (routing refits, module ranges) would not fire inside a replay, nor may they run during
-        capture: with any set, the cache is the reference's and decoding is eager."""
+        size and padding, and the graph is captured here, when the cache is first made (in a
+        harness job: during the warm-up run's prefill, not timed). Forward hooks on the decode
+        modules (routing refits, module ranges) would not fire inside a replay, nor may they run
+        during capture: with any set, the cache is the reference's and decoding is eager."""
         if self.paths.decode == "eager" or self._decode_hooks():
-            return super().new_cache(max_len, batch)
+            return super().new_cache(max_len, batch, pads)
+        pads = tuple(pads or (0,) * batch)
         cache = self._static_cache
-        if cache is None or (cache.max_len, cache.keys[0].shape[0]) != (max_len, batch):
+        if cache is None or (cache.max_len, cache.keys[0].shape[0], cache.pad_key) != (max_len, batch, pads):
             self._static_cache = None  # release the old buffers and graph before allocating
-            cache = StaticKVCache(self.cfg.lm, max_len, batch, self.dtype, self.device)
-            if self.paths.decode == "graph" and self.device.type == "cuda":
+            cache = StaticKVCache(self.cfg.lm, max_len, batch, self.dtype, self.device, pads)
+            if self.paths.graphs_decode(batch) and self.device.type == "cuda":
                 # Captured at position 0; its warm-up steps write there, and prefill overwrites it.
                 with self._routing_hooks_suspended():
                     cache.graph = DecodeGraph(lambda: self.positioned_step(cache))
@@ -139,11 +140,16 @@ class FastDeepSeekOCR(DeepSeekOCR):
         caller's to advance. This is the body a CUDA graph captures."""
         lm = self.cfg.lm
         x = self.model.embed_tokens(cache.token)  # [B,1,d]
-        rope = rope_cos_sin(cache.position, lm.head_dim, lm.rope_theta, x.dtype)
         visible = (torch.arange(cache.max_len, device=x.device) <= cache.position)[None]  # [1, max_len]
+        if cache.pads is None:
+            cos, sin = rope_cos_sin(cache.position, lm.head_dim, lm.rope_theta, x.dtype)  # [1, D]
+        else:  # a padded batch: positions after each sequence's padding, no padded key visible
+            cos, sin = rope_cos_sin((cache.position - cache.pads)[:, None], lm.head_dim, lm.rope_theta, x.dtype)
+            cos, sin = cos[:, None], sin[:, None]  # [B,1,1,D]
+            visible = (visible & cache.valid)[:, None, None]  # [B,1,1,max_len]
         step = PositionedStep(cache, visible)
         for layer in self.model.layers:
-            x = layer(x, rope, step)
+            x = layer(x, (cos, sin), step)
         return self.lm_head(self.model.norm(x[:, -1])).float()
 
     def _routing_observed(self) -> bool:

@@ -70,8 +70,7 @@ class FastMoE(MoE):
     def routed(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Σ_k w_k · expert_k(x) in fp32 [T, d], by the fastest path for this device and dtype."""
         paths = self.paths or choose_paths(x.device, x.dtype)
-        path = paths.moe_decode if x.shape[0] == 1 else paths.moe_prefill
-        return getattr(self, path)(x, weights, experts)
+        return getattr(self, paths.routed_for(x.shape[0]))(x, weights, experts)
 
     def grouped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Σ_k w_k · expert_k(x) in fp32 [T, d], with two grouped GEMMs over the expert-sorted rows."""

@@ -51,7 +51,8 @@ class FastPaths:
     sam_attention: "reference" (the bias materialised, as released), "blocked" (query tiles of
         at most `bias_tile_elements` bias elements) or "folded" (the bias folded into a widened
         dot product; nothing N x N is written);
-    moe_prefill, moe_decode: how the routed experts run for many tokens and for one:
+    moe_prefill, moe_decode: how the routed experts run for many tokens and for one (a decode
+        step of a batch feeds many: `moe_prefill`'s way, see `routed_for`):
         "grouped" (two grouped GEMMs over expert-sorted rows), "gathered" (the chosen experts'
         weights copied, then batched matmuls), "one_by_one" (ids read on the host, one
         matrix-vector product per expert) or "looped" (the reference's loop);
@@ -78,6 +79,16 @@ class FastPaths:
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
+
+    def routed_for(self, tokens: int) -> str:
+        """How the routed experts run for a forward of `tokens` tokens: the one-token ways
+        ("gathered", "one_by_one") only exist for one."""
+        return self.moe_decode if tokens == 1 else self.moe_prefill
+
+    def graphs_decode(self, batch: int) -> bool:
+        """Whether decode steps of `batch` sequences replay a CUDA graph: the "graph" decode,
+        unless its experts run "looped", whose host-side counts no graph can hold."""
+        return self.decode == "graph" and self.routed_for(batch) != "looped"
 
 
 @functools.lru_cache(maxsize=None)
