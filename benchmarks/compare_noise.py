@@ -125,15 +125,30 @@ def count(title: str, comparisons: Sequence[tuple[str, Sequence[Path], Path]], t
     return clean
 
 
-def print_floor(floor: NoiseFloor, thresholds: Thresholds) -> None:
-    """Each figure's between-run spread and the floor it gives one run against another."""
+def print_floor(floor: NoiseFloor, thresholds: Thresholds, slowdown: float) -> None:
+    """Each figure's between-run spread and the floor it gives one run against another, and
+    whether the injected slowdown can exceed any of them."""
     for job in floor.jobs.values():
         print(f"noise floor of {job.label} ({job.runs} runs, {job.repeats} repeats each):")
+        floors = {}
         for figure, spread in job.figures.items():
-            pair = floor_pct(spread, baseline_runs=1, figures=len(job.figures))
-            print(f"  {figure:18s} spread {spread.pct:5.1f} %  floor run vs run ±{pair:5.1f} %")
+            floors[figure] = floor_pct(spread, baseline_runs=1, figures=len(job.figures))
+            print(f"  {figure:18s} spread {spread.pct:7.1f} %  floor run vs run ±{floors[figure]:.1f} %")
+        narrowest = min(floors, key=floors.__getitem__)
+        if floors[narrowest] >= 100 * slowdown:
+            print(f"  every floor is above the injected {slowdown:.0%} (narrowest: {narrowest} "
+                  f"±{floors[narrowest]:.1f} %): this machine's spread between runs hides such a slowdown")  # fmt: skip
     if thresholds.min_ms > 0:
         print(f"  and at least {thresholds.min_ms:g} ms")
+
+
+def print_medians(folders: Sequence[Path]) -> None:
+    """End-to-end median and [min, max] of each sweep's job, the load the machine was under."""
+    print("end-to-end per sweep, median [min, max] ms:")
+    for folder in folders:
+        for job in load_run_set(folder).jobs:
+            values = [s["e2e_ms"] for s in job.record["timing"]["samples"]]
+            print(f"  {folder.name}: {sorted(values)[len(values) // 2]:.0f} [{min(values):.0f}, {max(values):.0f}]")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -154,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{len(calibration)} calibration sweeps, then {len(sweeps)} sweeps of identical code, back to back: "
           f"{' '.join(overrides)}")  # fmt: skip
     print(f"thresholds: warn {args.warn:g} %, fail {args.fail:g} %, each only if significant and beyond the floor")
-    print_floor(floor, thresholds)
+    print_medians([*calibration, *sweeps])
+    print_floor(floor, thresholds, args.slowdown)
 
     pairs = [(f"pair {i:2d}", [sweeps[i - 1]], sweeps[i]) for i in range(1, len(sweeps))]
     count("rank test alone (no floor): each sweep against the one before", pairs, Thresholds(args.warn, args.fail),

@@ -43,7 +43,9 @@ floor is the change between processes that identical code shows, and a change mu
 
       ln(1 + floor % / 100) = t(1 − ALPHA / (2 m), dof) · s · √(1 + 1 / k_b)
 
-  (``t`` the Student quantile: few runs give a wide floor, e.g. ×127 at dof 1, ×3.69 at 9);
+  (``t`` the Student quantile at the spread's degrees of freedom: few runs give a wide floor,
+  e.g. t = 127 at dof 1, 3.69 at 9; the notes say where a floor is above the fail threshold,
+  since a smaller regression cannot be seen there);
 * absolute floor ``min_ms`` (``--min-ms``, default 0 = none): a change of the median by at
   most that many ms is noise, since a stage of a few ms moves by a scheduling slice between
   processes. Decode tokens/s is a rate: its change in ms is that of its step time 1000 / value.
