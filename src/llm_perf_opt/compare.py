@@ -1,8 +1,11 @@
-"""python -m llm_perf_opt.compare BASELINE CURRENT [--warn 5] [--fail 10] [--force] [--shared-only]
-[--markdown-out FILE] [--json-out FILE]
+"""python -m llm_perf_opt.compare BASELINE [BASELINE ...] CURRENT [--warn 5] [--fail 10] [--min-ms MS]
+[--noise-floor FILE] [--noise-floor-out FILE] [--force] [--shared-only] [--markdown-out FILE] [--json-out FILE]
 
 Compares a run (run dir or its run.json) or a sweep (dir of job dirs) against a baseline and
 prints the comparison as Markdown (see :mod:`llm_perf_opt.report.compare` for the rules).
+Several BASELINEs are runs of one code version, each its own process: their spread is the
+noise floor a change must exceed; ``--noise-floor-out`` records that spread for later
+comparisons (``--noise-floor``).
 
 Exit status: 0 no regression, 1 a figure worse than the fail threshold or a baseline job
 that failed or is missing in CURRENT, 2 the runs cannot be compared (printed as one line).
@@ -14,9 +17,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from llm_perf_opt.errors import OneLineParser, UserError
 from llm_perf_opt.atomic import write_json, write_text
-from llm_perf_opt.report.compare import Thresholds, compare, to_dict, to_markdown
+from llm_perf_opt.errors import OneLineParser, UserError
+from llm_perf_opt.report.compare import (
+    Thresholds,
+    compare,
+    estimate_noise_floor,
+    load_noise_floor,
+    noise_floor_to_dict,
+    to_dict,
+    to_markdown,
+)
 from llm_perf_opt.report.run_dirs import load_run_set
 
 
@@ -25,14 +36,22 @@ def build_parser() -> OneLineParser:
         prog="python -m llm_perf_opt.compare",
         description="Compare runs or sweeps against a baseline; exit 1 on a regression.",
     )
-    parser.add_argument("baseline", type=Path, help="baseline run dir, sweep dir or run.json")
+    parser.add_argument("baseline", type=Path, nargs="+",
+                        help="baseline run dir, sweep dir or run.json; several: runs of one code version, "
+                             "each its own process, whose spread is the noise floor")
     parser.add_argument("current", type=Path, help="current run dir, sweep dir or run.json")
     parser.add_argument("--warn", type=float, default=5.0, metavar="PCT",
                         help="warn when a figure is worse by more than PCT %% (default 5)")
     parser.add_argument("--fail", type=float, default=10.0, metavar="PCT",
                         help="fail when a figure is worse by more than PCT %% (default 10)")
+    parser.add_argument("--min-ms", type=float, default=0.0, metavar="MS",
+                        help="a change of a median by at most MS ms is noise (default 0: none)")
+    parser.add_argument("--noise-floor", type=Path, metavar="FILE",
+                        help="noise-floor file recorded with --noise-floor-out on this machine")
+    parser.add_argument("--noise-floor-out", type=Path, metavar="FILE",
+                        help="write the noise floor measured on the BASELINEs (2 or more) to FILE")
     parser.add_argument("--force", action="store_true",
-                        help="compare even if device, model, mode, dtype or weights differ")
+                        help="compare even if device, model, mode, dtype, weights or batch size differ")
     parser.add_argument("--shared-only", action="store_true",
                         help="compare only the jobs both sides have (a job missing from CURRENT does not fail)")
     parser.add_argument("--markdown-out", type=Path, metavar="FILE", help="also write the Markdown to FILE")
@@ -43,12 +62,20 @@ def build_parser() -> OneLineParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_paths(args.baseline, args.current)
+        baselines = [load_run_set(path) for path in args.baseline]
+        floor_out = None
+        if args.noise_floor_out is not None:
+            if len(baselines) < 2:
+                raise UserError("--noise-floor-out needs 2 or more BASELINEs (runs of one code version)")
+            floor_out = estimate_noise_floor(baselines)
         comparison = compare(
-            load_run_set(args.baseline),
+            baselines,
             load_run_set(args.current),
-            Thresholds(args.warn, args.fail),
+            Thresholds(args.warn, args.fail, args.min_ms),
             force=args.force,
             shared_only=args.shared_only,
+            noise_floor=None if args.noise_floor is None else load_noise_floor(args.noise_floor),
         )
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -59,7 +86,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_text(args.markdown_out, markdown)
     if args.json_out is not None:
         write_json(args.json_out, to_dict(comparison))
+    if floor_out is not None:
+        write_json(args.noise_floor_out, noise_floor_to_dict(floor_out))
     return 1 if comparison.failed else 0
+
+
+def _check_paths(baselines: Sequence[Path], current: Path) -> None:
+    """A run given twice as a baseline, or several baselines that include CURRENT, would
+    understate the spread between runs."""
+    seen: set[Path] = set()
+    for path in baselines:
+        resolved = path.resolve()
+        if resolved in seen:
+            raise UserError(f"BASELINE {path} is given twice")
+        seen.add(resolved)
+    if len(baselines) > 1 and current.resolve() in seen:
+        raise UserError(f"CURRENT {current} is also one of the BASELINEs")
 
 
 if __name__ == "__main__":

@@ -24,9 +24,13 @@ from llm_perf_opt.report.compare import (
     NOISE,
     OK,
     WARN,
+    Spread,
     Thresholds,
     compare,
+    floor_pct,
     judge,
+    load_noise_floor,
+    pooled,
     stage_figure,
 )
 from llm_perf_opt.report.run_dirs import load_run_set
@@ -401,3 +405,209 @@ def test_shared_only_compares_the_jobs_both_sides_have(tmp_path, capsys):
     lonely = _sweep(tmp_path / "other", [("0_m_base", make_record(mode="base"), ("mode=base",))])
     with pytest.raises(UserError, match="no job in common"):
         compare(load_run_set(baseline), load_run_set(lonely), DEFAULT, shared_only=True)
+
+
+# Noise floor: the between-process spread of identical code, which a change must exceed.
+# Ten runs of one code version whose process factors are exp(±0.02), five each (the first one
+# exp(−0.02)): ln(medians) have mean 0 (geometric mean: the base values themselves) and sample
+# standard deviation s = 0.02 · √(10 / 9) = 0.021082. Student t at 1 − 0.05 / (2 · 10 figures) =
+# 0.9975 with 9 degrees of freedom: 3.690 (t tables). Floor for a run against the 10 runs'
+# centre: exp(3.690 · s · √1.1) − 1 = 8.50 %; for one run against another run:
+# exp(3.690 · s · √2) − 1 = 11.63 %.
+PROCESS_FACTORS = tuple(float(np.exp(0.02 * sign)) for sign in (-1, 1) * 5)
+LOG_SD_10 = 0.02 * (10 / 9) ** 0.5
+
+
+def scaled(factor: float) -> dict:
+    """A run of one process that landed ``factor`` away on every figure."""
+    return make_record(factors=tuple(factor * s for s in SPREAD))
+
+
+def runs_of_one_version(root: Path) -> list[Path]:
+    return [_sweep(root / f"cal_{i}", [("0_m_tiny", scaled(f), ("max_new_tokens=8",))])
+            for i, f in enumerate(PROCESS_FACTORS)]  # fmt: skip
+
+
+def test_floor_quantiles_match_closed_forms_and_tables():
+    # 1 degree of freedom: Student t is Cauchy, quantile tan(π (q − 1/2)).
+    q = 1 - 0.05 / (2 * 10)
+    assert floor_pct(Spread(0.01, 1, "x"), baseline_runs=1, figures=10) == pytest.approx(
+        100 * np.expm1(np.tan(np.pi * (q - 0.5)) * 0.01 * np.sqrt(2)))
+    # 9 degrees of freedom, one-tailed 0.0025: 3.690 in t tables.
+    assert floor_pct(Spread(LOG_SD_10, 9, "x"), baseline_runs=10, figures=10) == pytest.approx(8.50, abs=0.01)
+    assert floor_pct(Spread(LOG_SD_10, 9, "x"), baseline_runs=1, figures=10) == pytest.approx(11.63, abs=0.01)
+    # Many degrees of freedom, one figure: the normal quantile 1.960.
+    assert floor_pct(Spread(0.01, 10**6, "x"), baseline_runs=10**9, figures=1) == pytest.approx(
+        100 * np.expm1(1.960 * 0.01), rel=1e-3)
+
+
+def test_pooled_spreads_weigh_by_degrees_of_freedom():
+    # Variances 0.01² (dof 9) and 0.04² (dof 1): (9 · 1e-4 + 16e-4) / 10 = 2.5e-4.
+    both = pooled(Spread(0.01, 9, "file"), None, Spread(0.04, 1, "2 baseline runs"))
+    assert (both.log_sd, both.dof, both.source) == (pytest.approx(0.025 ** 0.5 / 10), 10, "file + 2 baseline runs")
+    assert pooled(None) is None
+
+
+def test_a_change_within_the_floor_is_noise_beyond_it_fails():
+    base = [99, 99.5, 100, 100.5, 101]
+    plus_7 = [107 * f for f in (0.99, 0.995, 1.0, 1.005, 1.01)]
+    # Fully apart (p = 2/252): a warning on the rank test alone, noise within an 8 % floor.
+    assert judge(base, plus_7, higher_is_better=False, thresholds=DEFAULT)[1:] == (WARN, pytest.approx(2 / 252))
+    assert judge(base, plus_7, higher_is_better=False, thresholds=DEFAULT, floor_pct=8.0)[1:] == (NOISE, None)
+    plus_20 = [120 * f for f in (0.99, 0.995, 1.0, 1.005, 1.01)]
+    assert judge(base, plus_20, higher_is_better=False, thresholds=DEFAULT, floor_pct=8.0)[1] == FAIL
+    # The floor is symmetric in ln: −7 % (ln 0.93 = −0.073) is within ln 1.08 = 0.077.
+    minus_7 = [93 * f for f in (0.99, 0.995, 1.0, 1.005, 1.01)]
+    assert judge(base, minus_7, higher_is_better=False, thresholds=DEFAULT, floor_pct=8.0)[1] == NOISE
+    assert judge(base, minus_7, higher_is_better=False, thresholds=DEFAULT)[1] == IMPROVED
+
+
+def test_an_absolute_floor_in_ms_for_short_stages_and_the_step_time_of_tokens_per_s():
+    # clip 2.5 -> 3.1 ms: +24 %, fully apart, but 0.6 ms.
+    clip_base = [2.48, 2.49, 2.50, 2.51, 2.52]
+    clip_cur = [3.08, 3.09, 3.10, 3.11, 3.12]
+    assert judge(clip_base, clip_cur, higher_is_better=False, thresholds=DEFAULT)[1] == FAIL
+    assert judge(clip_base, clip_cur, higher_is_better=False, thresholds=Thresholds(5, 10, 1.0))[1] == NOISE
+    assert judge(clip_base, clip_cur, higher_is_better=False, thresholds=Thresholds(5, 10, 0.5))[1] == FAIL
+    # 200 -> 185.19 tokens/s (−7.4 %) is a step time of 5 -> 5.4 ms: 0.4 ms.
+    tps_base = [1e3 / ms for ms in (4.98, 4.99, 5.0, 5.01, 5.02)]
+    tps_cur = [1e3 / ms for ms in (5.38, 5.39, 5.4, 5.41, 5.42)]
+    assert judge(tps_base, tps_cur, higher_is_better=True, thresholds=Thresholds(5, 10, 0.5))[1] == NOISE
+    assert judge(tps_base, tps_cur, higher_is_better=True, thresholds=Thresholds(5, 10, 0.3))[1] == WARN
+
+
+def test_several_baseline_runs_give_the_floor(tmp_path, capsys):
+    cal = runs_of_one_version(tmp_path)
+    shifted = _sweep(tmp_path / "cur", [("0_m_tiny", scaled(1.07), ("max_new_tokens=8",))])
+    # Against the first run alone (factor 0.980): +9.2 %, ranges apart: a warning.
+    assert main([str(cal[0]), str(shifted)]) == 0
+    assert capsys.readouterr().out.startswith("**WARN**")
+    # Against all ten: +7 % from their centre, within the 8.50 % floor.
+    json_out = tmp_path / "cmp.json"
+    assert main([*map(str, cal), str(shifted), "--json-out", str(json_out)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("**PASS**")
+    assert "| sam (ms) | 100.0 [97.0, 103.0] | 107.0 [105.9, 108.1] | +7.0% | - | ±8.5% (10 baseline runs) " \
+           "| noise (floor) |" in out
+    assert "repeats 3+3+3+3+3+3+3+3+3+3 baseline (10 runs), 3 current" in out
+    sam = next(r for r in json.loads(json_out.read_text())["jobs"][0]["rows"] if r["figure"] == "sam (ms)")
+    assert (sam["floor_pct"], sam["floor_source"], sam["floor_decided"]) == (
+        pytest.approx(8.50, abs=0.01), "10 baseline runs", "floor")
+    assert sam["baseline_median"] == pytest.approx(100.0)
+    # +20 % is beyond it.
+    slow = _sweep(tmp_path / "slow", [("0_m_tiny", scaled(1.2), ("max_new_tokens=8",))])
+    assert main([*map(str, cal), str(slow)]) == 1
+    assert "| sam (ms) | 100.0 [97.0, 103.0] | 120.0 [118.8, 121.2] | +20.0% |" in capsys.readouterr().out
+
+
+def test_a_recorded_noise_floor_judges_one_run_against_another(tmp_path, capsys):
+    cal = runs_of_one_version(tmp_path)
+    floor_file = tmp_path / "noise_floor.json"
+    assert main([*map(str, cal), str(cal[0]), "--noise-floor-out", str(floor_file)]) == 2  # CURRENT is a BASELINE
+    assert "also one of the BASELINEs" in capsys.readouterr().err and not floor_file.exists()
+    extra = _sweep(tmp_path / "extra", [("0_m_tiny", scaled(1.0), ("max_new_tokens=8",))])
+    assert main([*map(str, cal), str(extra), "--noise-floor-out", str(floor_file)]) == 0
+    capsys.readouterr()
+    floor = load_noise_floor(floor_file)
+    (job,) = floor.jobs.values()
+    assert (job.runs, job.repeats, job.fields["mode"], job.fields["batch"]) == (10, 3, "tiny", 1)
+    assert job.figures["sam (ms)"].log_sd == pytest.approx(LOG_SD_10)
+    assert job.figures["sam (ms)"].dof == 9
+
+    baseline = cal[0]  # factor 0.980
+    shifted = _sweep(tmp_path / "cur", [("0_m_tiny", scaled(1.07), ("max_new_tokens=8",))])
+    # ln(1.07 / 0.980) = 0.088 < ln 1.1163 = 0.110: noise with the floor, a warning without.
+    assert main([str(baseline), str(shifted), "--noise-floor", str(floor_file)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("**PASS**") and "±11.6% (floor file, 10 runs) | noise (floor) |" in out
+    assert "the noise floor is above the fail threshold (10%) on 10 of 10 figures" in out
+    # ln(1.2 / 0.980) = 0.202: beyond it.
+    slow = _sweep(tmp_path / "slow", [("0_m_tiny", scaled(1.2), ("max_new_tokens=8",))])
+    assert main([str(baseline), str(slow), "--noise-floor", str(floor_file)]) == 1
+    assert "sam (ms) +22.4%" in capsys.readouterr().out.splitlines()[0]
+    # A floor recorded for another job leaves the rows without one, and says so.
+    other = _sweep(tmp_path / "other", [("0_m_tiny", scaled(1.0), ("max_new_tokens=16",))])
+    assert main([str(other), str(other), "--noise-floor", str(floor_file)]) == 0
+    assert "no noise floor recorded for this job" in capsys.readouterr().out
+
+
+def test_a_noise_floor_of_other_hardware_or_a_bad_file_is_refused(tmp_path, capsys):
+    cal = runs_of_one_version(tmp_path)
+    floor_file = tmp_path / "noise_floor.json"
+    assert main([*map(str, cal[:3]), str(cal[3]), "--noise-floor-out", str(floor_file)]) == 0
+    capsys.readouterr()
+    h200 = make_record(device="NVIDIA H200")
+    base = _sweep(tmp_path / "h200a", [("0_m_tiny", h200, ("max_new_tokens=8",))])
+    cur = _sweep(tmp_path / "h200b", [("0_m_tiny", h200, ("max_new_tokens=8",))])
+    assert main([str(base), str(cur), "--noise-floor", str(floor_file)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "noise floor" in err and "device differs" in err
+    (tmp_path / "bad.json").write_text('{"kind": "something else"}')
+    assert main([str(base), str(cur), "--noise-floor", str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a noise-floor file" in err
+
+
+def test_baselines_given_twice_or_a_floor_from_one_run_are_user_errors(tmp_path, capsys):
+    run = write_run(tmp_path / "run", make_record())
+    other = write_run(tmp_path / "other", make_record())
+    assert main([str(run), str(run), str(other)]) == 2
+    assert "given twice" in capsys.readouterr().err
+    assert main([str(run), str(other), "--noise-floor-out", str(tmp_path / "f.json")]) == 2
+    assert "needs 2 or more BASELINEs" in capsys.readouterr().err
+    assert not (tmp_path / "f.json").exists()
+
+
+def test_baseline_runs_that_differ_among_themselves_are_refused(tmp_path):
+    small = load_run_set(write_run(tmp_path / "a", make_record()))
+    other_dtype = load_run_set(write_run(tmp_path / "b", make_record(dtype="float32")))
+    current = load_run_set(write_run(tmp_path / "c", make_record()))
+    with pytest.raises(UserError, match="baseline .*dtype differs"):
+        compare([small, other_dtype], current, DEFAULT)
+
+
+def test_a_different_batch_size_is_refused_and_a_missing_one_is_1(tmp_path):
+    plain = load_run_set(write_run(tmp_path / "plain", make_record()))
+    one, four = make_record(), make_record()
+    one["batch"], four["batch"] = {"size": 1}, {"size": 4}
+    with pytest.raises(UserError, match=r"batch differs \(baseline 1, current 4\)"):
+        compare(plain, load_run_set(write_run(tmp_path / "four", four)), DEFAULT)
+    assert compare(plain, load_run_set(write_run(tmp_path / "one", one)), DEFAULT).verdict == "PASS"
+
+
+def _job_flagged(rng, *, between: float, shift: float, floor: bool, figures: int = 10) -> bool:
+    """One job of ``figures`` independent figures, each a process's 5 repeats: median 100 ms
+    times the process's log-normal factor (``between``), 1 % log-normal noise per repeat. Ten
+    calibration processes give each figure's spread; a baseline process and a current one
+    (``shift`` slower) are compared. Whether any figure warns or fails."""
+    # Axes: figure, process (10 calibration, baseline, current), repeat.
+    logs = rng.normal(0, between, (figures, 12, 1)) + rng.normal(0, 0.01, (figures, 12, 5))
+    logs[:, 11] += np.log1p(shift)
+    runs = 100 * np.exp(logs)
+    log_sd = np.std(np.log(np.median(runs[:, :10], axis=2)), axis=1, ddof=1)
+    for figure in range(figures):
+        pct = floor_pct(Spread(float(log_sd[figure]), 9, "calibration"), baseline_runs=1, figures=figures)
+        verdict = judge(list(runs[figure, 10]), list(runs[figure, 11]), higher_is_better=False,
+                        thresholds=DEFAULT, floor_pct=pct if floor else None)[1]  # fmt: skip
+        if verdict in (WARN, FAIL):
+            return True
+    return False
+
+
+def test_between_process_noise_passes_a_whole_job_with_the_floor():
+    """Identical code, 4 % between processes and 1 % within: the rank test alone warns on most
+    jobs of 10 figures. The floor is a prediction bound at 0.05 / 10 per figure, so at most about
+    5 % of jobs warn (binomial over 1000 jobs: 6.5 % is 2.3 standard deviations above 5 %)."""
+    rng = np.random.default_rng(18)
+    without = sum(_job_flagged(rng, between=0.04, shift=0.0, floor=False) for _ in range(200))
+    assert without >= 150
+    with_floor = sum(_job_flagged(rng, between=0.04, shift=0.0, floor=True) for _ in range(1000))
+    assert with_floor <= 65
+
+
+def test_a_20_percent_slowdown_beyond_a_2_percent_process_spread_is_detected():
+    """Every figure 20 % slower, 2 % between processes: the floor of one run against another is
+    about 3.69 · 2 % · √2 ≈ 10 %, so nearly every job fails."""
+    rng = np.random.default_rng(20)
+    detected = sum(_job_flagged(rng, between=0.02, shift=0.2, floor=True) for _ in range(200))
+    assert detected >= 195
