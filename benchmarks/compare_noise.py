@@ -34,15 +34,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from llm_perf_opt.atomic import write_json
-from llm_perf_opt.report.compare import (
-    FAIL,
-    FAILED,
-    PASSED,
-    WARN,
-    Comparison,
+from llm_perf_opt.report.compare import FAIL, FAILED, PASSED, WARN, Comparison, Thresholds, compare
+from llm_perf_opt.report.noise_floor import (
     NoiseFloor,
-    Thresholds,
-    compare,
     estimate_noise_floor,
     floor_pct,
     load_noise_floor,

@@ -2,7 +2,8 @@
 [--noise-floor FILE] [--noise-floor-out FILE] [--force] [--shared-only] [--markdown-out FILE] [--json-out FILE]
 
 Compares a run (run dir or its run.json) or a sweep (dir of job dirs) against a baseline and
-prints the comparison as Markdown (see :mod:`llm_perf_opt.report.compare` for the rules).
+prints the comparison as Markdown (see :mod:`llm_perf_opt.report.compare` for the rules,
+:mod:`llm_perf_opt.report.noise_floor` for the noise floor).
 Several BASELINEs are runs of one code version, each its own process: their spread is the
 noise floor a change must exceed; ``--noise-floor-out`` records that spread for later
 comparisons (``--noise-floor``).
@@ -19,15 +20,9 @@ from pathlib import Path
 
 from llm_perf_opt.atomic import write_json, write_text
 from llm_perf_opt.errors import OneLineParser, UserError
-from llm_perf_opt.report.compare import (
-    Thresholds,
-    compare,
-    estimate_noise_floor,
-    load_noise_floor,
-    noise_floor_to_dict,
-    to_dict,
-    to_markdown,
-)
+from llm_perf_opt.report.compare import Thresholds, compare
+from llm_perf_opt.report.compare_output import to_dict, to_markdown
+from llm_perf_opt.report.noise_floor import estimate_noise_floor, load_noise_floor, noise_floor_to_dict
 from llm_perf_opt.report.run_dirs import load_run_set
 
 

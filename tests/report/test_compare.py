@@ -17,22 +17,9 @@ import pytest
 
 from llm_perf_opt.compare import main
 from llm_perf_opt.errors import UserError
-from llm_perf_opt.report.compare import (
-    DECODE_TPS,
-    FAIL,
-    IMPROVED,
-    NOISE,
-    OK,
-    WARN,
-    Spread,
-    Thresholds,
-    compare,
-    floor_pct,
-    judge,
-    load_noise_floor,
-    pooled,
-    stage_figure,
-)
+from llm_perf_opt.report.compare import FAIL, IMPROVED, NOISE, OK, WARN, Thresholds, compare, judge
+from llm_perf_opt.report.noise_floor import Spread, floor_pct, load_noise_floor, pooled
+from llm_perf_opt.report.run_figures import DECODE_TPS, stage_figure
 from llm_perf_opt.report.run_dirs import load_run_set
 
 SPREAD = (0.99, 1.00, 1.01)

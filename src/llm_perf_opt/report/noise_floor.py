@@ -1,0 +1,266 @@
+"""The between-process noise floor a change must exceed: its estimation, its file and its loading.
+
+Repeats in one process agree more closely than runs of the same code in separate processes do
+(a process lands a few % faster or slower as a whole, or on one stage), so the rank test on one
+process's repeats (:mod:`.compare`) is confident about differences between processes. The
+floor is the change between processes that identical code shows, and a change must exceed it:
+
+* between-process spread of a figure: ``s``, the sample standard deviation of ln(median) over
+  k runs of identical code, each its own process, with ``k − 1`` degrees of freedom. Its
+  sources: the k ≥ 2 baseline runs of this comparison, and a noise-floor file recorded from
+  such runs earlier (:func:`estimate_noise_floor`, ``--noise-floor-out``); with both, their
+  variances are pooled (weighted by degrees of freedom, which add up);
+* relative floor, the largest |ln(current / centre)| that identical code shows except with
+  probability ALPHA over the m figures of the job (Bonferroni, so that identical code passes
+  the whole job, not each figure, with probability ≥ 1 − ALPHA; m = 10 for 6 stages), where
+  the current run is one process and the centre the mean of k_b baseline processes::
+
+      ln(1 + floor % / 100) = t(1 − ALPHA / (2 m), dof) · s · √(1 + 1 / k_b)
+
+  (``t`` the Student quantile at the spread's degrees of freedom: few runs give a wide floor,
+  e.g. t = 127 at dof 1, 3.69 at 9; the notes say where a floor is above the fail threshold,
+  since a smaller regression cannot be seen there);
+* absolute floor ``min_ms`` (``--min-ms``, default 0 = none): a change of the median by at
+  most that many ms is noise, since a stage of a few ms moves by a scheduling slice between
+  processes. Decode tokens/s is a rate: its change in ms is that of its step time 1000 / value.
+
+A noise-floor file (:func:`noise_floor_to_dict`, read by :func:`load_noise_floor`) holds, per
+job, the fields its runs matched on, and per figure ``log_sd`` (s) and ``dof``; a comparison
+refuses a floor recorded for other runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scipy.stats import t as student_t
+
+from llm_perf_opt.errors import UserError
+
+from .run_dirs import Job, RunSet
+from .run_figures import OK_STATUS, describe_mismatches, group_runs, mismatches, repeats, run_fields, sample_figures
+
+#: Largest p-value of the rank test at which a change counts as significant; also the chance,
+#: over a whole job, that identical code exceeds the noise floor.
+ALPHA = 0.05
+#: ``kind`` of a noise-floor file.
+NOISE_FLOOR_KIND = "llm_perf_opt noise floor"
+NOISE_FLOOR_SCHEMA = 1
+#: Fewer baseline runs than this give a floor so wide that the notes say so.
+_FEW_RUNS = 5
+#: What made a row ``noise`` before the rank test ran (``Row.floor_decided``).
+BY_FLOOR, BY_MIN_MS = "floor", "min-ms"
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Between-process spread of one figure: ``log_sd`` is the sample standard deviation of
+    ln(median) over runs of identical code in separate processes, with ``dof`` degrees of
+    freedom (runs − 1); ``source`` says where it was measured."""
+
+    log_sd: float
+    dof: int
+    source: str
+
+    @property
+    def pct(self) -> float:
+        """The spread as a percentage of the median: 100 · (exp(s) − 1)."""
+        return 100 * math.expm1(self.log_sd)
+
+
+@dataclass(frozen=True)
+class JobFloor:
+    """Between-process spreads of one job's figures, measured on ``runs`` runs of identical code."""
+
+    label: str
+    fields: dict[str, Any]
+    runs: int
+    repeats: int
+    figures: dict[str, Spread]
+    medians: dict[str, tuple[float, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NoiseFloor:
+    """A recorded noise floor: per job label, its :class:`JobFloor`; ``path`` where it was read."""
+
+    jobs: dict[str, JobFloor]
+    sources: tuple[str, ...] = ()
+    path: Path | None = None
+
+
+def within_floor(
+    base: float, cur: float, *, higher_is_better: bool, floor_pct: float | None, min_ms: float
+) -> str | None:
+    """BY_FLOOR when |ln(cur / base)| ≤ ln(1 + floor % / 100), else BY_MIN_MS when the median
+    moved by at most ``min_ms`` ms (a rate per second, higher is better: its step time
+    1000 / value did), else None. ``base`` is positive."""
+    if cur <= 0:
+        return None
+    if floor_pct is not None and abs(math.log(cur / base)) <= math.log1p(floor_pct / 100):
+        return BY_FLOOR
+    if min_ms > 0:
+        change_ms = abs(1e3 / cur - 1e3 / base) if higher_is_better else abs(cur - base)
+        if change_ms <= min_ms:
+            return BY_MIN_MS
+    return None
+
+
+def floor_pct(spread: Spread, *, baseline_runs: int, figures: int) -> float:
+    """Relative noise floor of a row in %, for a current run of one process against the
+    centre of ``baseline_runs`` processes, among ``figures`` rows of the job:
+    ``100 · (exp(t(1 − ALPHA / (2 · figures), dof) · s · √(1 + 1 / baseline_runs)) − 1)``."""
+    quantile = _t_quantile(1 - ALPHA / (2 * max(figures, 1)), spread.dof)
+    return 100 * math.expm1(quantile * spread.log_sd * math.sqrt(1 + 1 / baseline_runs))
+
+
+@functools.lru_cache(maxsize=256)
+def _t_quantile(probability: float, dof: int) -> float:
+    """Student t quantile; cached because a comparison asks for the same few many times."""
+    return float(student_t.ppf(probability, dof))
+
+
+def floor_width(pct: float) -> str:
+    """``±12.3%``; a floor of 1000 % or more as the factor it allows, ``×15.2``."""
+    return f"±{pct:.1f}%" if pct < 1000 else f"×{1 + pct / 100:.3g}"
+
+
+def pooled(*spreads: Spread | None) -> Spread | None:
+    """The spreads' pooled estimate: variances weighted by degrees of freedom, which add up."""
+    known = [s for s in spreads if s is not None and s.dof > 0]
+    if not known:
+        return None
+    dof = sum(s.dof for s in known)
+    variance = sum(s.dof * s.log_sd**2 for s in known) / dof
+    return Spread(math.sqrt(variance), dof, " + ".join(s.source for s in known))
+
+
+def run_spreads(jobs: Sequence[Job], source: str) -> tuple[dict[str, Spread], dict[str, tuple[float, ...]]]:
+    """Per figure, the between-process spread over the runs ``jobs`` (of one job, each its own
+    process; figures with fewer than 2 positive medians have none), and the medians."""
+    medians: dict[str, list[float]] = {}
+    for job in jobs:
+        for figure, values in sample_figures(job.record).items():
+            medians.setdefault(figure, []).append(statistics.median(values))
+    spreads = {
+        figure: Spread(statistics.stdev(math.log(m) for m in values), len(values) - 1, source)
+        for figure, values in medians.items()
+        if len(values) >= 2 and min(values) > 0
+    }
+    return spreads, {figure: tuple(values) for figure, values in medians.items()}
+
+
+def estimate_noise_floor(run_sets: Sequence[RunSet]) -> NoiseFloor:
+    """The noise floor measured on several runs of one code version, each its own process: per
+    job that ran ok in at least 2 of them, each figure's between-process spread. Raises
+    :class:`UserError` when no job has 2 such runs or a job's runs differ
+    (:data:`~llm_perf_opt.report.run_figures.MATCHED_FIELDS`)."""
+    jobs = {}
+    for group in group_runs(run_sets):
+        ok_runs = [job for job in group if job.status == OK_STATUS]
+        if len(ok_runs) < 2:
+            continue
+        label = str(ok_runs[0].identity)
+        for job in ok_runs[1:]:
+            if diffs := mismatches(ok_runs[0].record, job.record):
+                raise UserError(f"noise floor of {label}: {job.path}: {describe_mismatches(diffs)}")
+        spreads, medians = run_spreads(ok_runs, f"floor of {len(ok_runs)} runs")
+        runs_repeats = round(statistics.median(repeats(job.record) for job in ok_runs))
+        jobs[label] = JobFloor(label, run_fields(ok_runs[0].record), len(ok_runs), runs_repeats, spreads, medians)
+    if not jobs:
+        raise UserError("a noise floor needs at least 2 runs of the same job that ran ok")
+    return NoiseFloor(jobs, tuple(str(run_set.path) for run_set in run_sets))
+
+
+def noise_floor_to_dict(floor: NoiseFloor) -> dict[str, Any]:
+    """A noise floor as the JSON of a noise-floor file (:func:`load_noise_floor` reads it)."""
+    return {
+        "kind": NOISE_FLOOR_KIND,
+        "schema_version": NOISE_FLOOR_SCHEMA,
+        "what": "per job and figure, the standard deviation of ln(median) over runs of identical code, "
+                "each its own process (log_sd, with dof = runs - 1)",
+        "sources": list(floor.sources),
+        "jobs": [
+            {
+                "label": job.label,
+                "fields": job.fields,
+                "runs": job.runs,
+                "repeats": job.repeats,
+                "figures": {
+                    figure: {"log_sd": spread.log_sd, "dof": spread.dof, "spread_pct": spread.pct,
+                             "medians": list(job.medians.get(figure, ()))}  # fmt: skip
+                    for figure, spread in job.figures.items()
+                },
+            }
+            for job in floor.jobs.values()
+        ],
+    }
+
+
+def load_noise_floor(path: str | Path) -> NoiseFloor:
+    """Read a noise-floor file (:func:`noise_floor_to_dict`); a file that is not one is a :class:`UserError`."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read it ({exc})") from None
+    if not isinstance(data, dict) or data.get("kind") != NOISE_FLOOR_KIND:
+        raise UserError(f"{path}: not a noise-floor file (kind is not {NOISE_FLOOR_KIND!r})")
+    if data.get("schema_version") != NOISE_FLOOR_SCHEMA:
+        raise UserError(f"{path}: noise-floor schema {data.get('schema_version')!r}, this version reads "
+                        f"{NOISE_FLOOR_SCHEMA}")  # fmt: skip
+    try:
+        jobs = {}
+        for job in data["jobs"]:
+            runs = int(job["runs"])
+            figures = {name: Spread(float(f["log_sd"]), int(f["dof"]), f"floor file, {runs} runs")
+                       for name, f in job["figures"].items()}  # fmt: skip
+            if any(s.dof < 1 or not s.log_sd >= 0 for s in figures.values()):
+                raise ValueError("a spread needs dof >= 1 and log_sd >= 0")
+            medians = {name: tuple(f.get("medians", ())) for name, f in job["figures"].items()}
+            jobs[job["label"]] = JobFloor(job["label"], dict(job["fields"]), runs, int(job["repeats"]), figures,
+                                          medians)  # fmt: skip
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{path}: malformed noise-floor file ({type(exc).__name__}: {exc})") from None
+    return NoiseFloor(jobs, tuple(data.get("sources") or ()), path)
+
+
+def job_floor(
+    floor: NoiseFloor | None, group: tuple[Job, ...], current: Job | None, *, single: bool
+) -> JobFloor | None:
+    """The recorded floor of a job: by its label; two single runs take a file's only job."""
+    if floor is None or not (group or current):
+        return None
+    label = str((group[0] if group else current).identity)
+    if label in floor.jobs:
+        return floor.jobs[label]
+    return next(iter(floor.jobs.values())) if single and len(floor.jobs) == 1 else None
+
+
+def noise_floor_name(floor: NoiseFloor | None) -> str:
+    """Where a noise floor was read (``(given)`` for one built in memory); ``""`` for none."""
+    return "" if floor is None else str(floor.path or "(given)")
+
+
+def floor_notes(floor: JobFloor | None, name: str, runs: int, current: dict[str, Any]) -> list[str]:
+    """Notes of a job on its floor: none recorded for it in the file ``name``, a floor measured with
+    other repeats than the current run, or a floor from too few baseline runs."""
+    notes = []
+    if name and floor is None:
+        notes.append(f"no noise floor recorded for this job in {name}")
+    if floor is not None and floor.repeats != repeats(current):
+        notes.append(f"the noise floor was measured with {floor.repeats} repeats per run, the current run has "
+                     f"{repeats(current)}")  # fmt: skip
+    if 1 < runs < _FEW_RUNS and floor is None:
+        notes.append(f"a floor from {runs} baseline runs is wide (Student t with {runs - 1} degrees of freedom); "
+                     f"{_FEW_RUNS}-10 runs or a recorded noise floor narrow it")  # fmt: skip
+    return notes
