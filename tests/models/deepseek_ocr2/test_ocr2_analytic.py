@@ -97,7 +97,7 @@ def test_first_and_last_decode_steps_give_the_sum_of_every_step(analytic, reques
     assert len(every) == 5
     total = {}
     for call in every:
-        for op, cost in call.items():
+        for op, cost in call.ops.items():
             total[op] = total.get(op, 0) + cost.flops + cost.bytes
     counts = analytic.count(request_, 5, "float32", None)  # the first and the last step only
     interpolated = analytic.stage_costs(request_, 5, None, counts).stages["decode"]
