@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -43,7 +44,9 @@ from ..config import DeepSeekOCR2ModelConfig
 from ..meta import replay_routing
 from ..session import DeepSeekOCR2Session, Execution, Request
 from ..stages import DECODE, LANGUAGE_MODEL, MODEL_STAGES, PREFILL
-from .counting import Transient, TransientStageCounter
+from .counting import Transient, TransientListener, TransientStageCounter
+
+L = TypeVar("L", TransientListener, TransientStageCounter)
 
 RUN, STEP = "run", "step"
 METRICS = tuple(Cost().as_dict())
@@ -107,10 +110,13 @@ class DeepSeekOCR2Analytic:
     def footprint(self, request: Request, max_new_tokens: int, dtype: str,
                   execution: Execution | None = None) -> Footprint:  # fmt: skip
         """Weights per stage, the KV cache at the end of the run, and each stage's largest
-        tensor (from a counted run with one decode step)."""
-        if self._last is None or self._last[0] != _shapes(request, dtype):
-            self.count(request, min(1, max_new_tokens - 1), dtype, None)
-        counts, model = self._last[1], self._last[2]
+        tensor: from the last count where it had these shapes (after a run, the stage model's),
+        else from a meta run with one decode step that looks for the largest tensors only."""
+        if self._last is not None and self._last[0] == _shapes(request, dtype):
+            counts, model = self._last[1], self._last[2]
+        else:
+            counts = self._meta_run(request, min(1, max_new_tokens - 1), dtype, None, False, TransientListener())
+            model = self.meta_session(dtype).module
         params: dict[str, list[nn.Parameter]] = {}
         for name, param in model.named_parameters():
             params.setdefault(_stage_of(name), []).append(param)
@@ -151,6 +157,15 @@ class DeepSeekOCR2Analytic:
         the stage listener: the vision stages, prefill, and the first and last decode steps (or,
         with `every_step`, all of them). Returns the listener: `calls` per stage, `transients`."""
         session = self.meta_session(dtype)
+        counter = TransientStageCounter(list(session.module.parameters()), session.kv_buffers)
+        self._meta_run(request, decode_steps, dtype, routing, every_step, counter)
+        self._last = (_shapes(request, dtype), counter, session.module)
+        return counter
+
+    def _meta_run(self, request: Request, decode_steps: int, dtype: str, routing: RoutingCounts | None,
+                  every_step: bool, listener: L) -> L:  # fmt: skip
+        """The staged generation of :meth:`count` on the meta session, heard by `listener`."""
+        session = self.meta_session(dtype)
         model = session.module
         plans = _plans(routing)
         counted = range(decode_steps) if every_step else sorted({0, decode_steps - 1} - {-1})
@@ -167,16 +182,14 @@ class DeepSeekOCR2Analytic:
             torch.empty(views.pixel_values_local.shape, dtype=model.dtype, device="meta"),
         )  # fmt: skip
 
-        counter = TransientStageCounter(list(model.parameters()), session.kv_buffers)
-        with torch.no_grad(), listening(counter):
+        with torch.no_grad(), listening(listener):
             token = runner.prefill(ids, runner.encode_images(meta_views))
             done = 0
             for step in counted:
                 _grow(runner.cache, step - done)
                 runner.decode(token, 1)
                 done = step + 1
-        self._last = (_shapes(request, dtype), counter, model)
-        return counter
+        return listener
 
     def _expert_usage(self, prompt_tokens: int, decode_steps: int, routing: RoutingCounts | None) -> tuple[ExpertUsage, ...]:
         """Expected (uniform routing) and observed distinct experts per MoE layer."""
