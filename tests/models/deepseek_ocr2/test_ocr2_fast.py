@@ -4,8 +4,6 @@ SAM and decode bytes; tiles of whole grid rows."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -69,8 +67,18 @@ def test_only_the_sam_forwards_are_replaced(options):
     session = loaded(tiny("fast"), options)
     replaced = {type(m).__name__ for m in session.model.modules() if "forward" in vars(m)}
     assert replaced == {fast.SAM_ATTENTION, fast.SAM_MLP, fast.EXPERTS}
-    assert dataclasses.asdict(session.execution())["impl"] == "fast"
-    assert session.execution().as_dict()["notes"]
+    execution = session.execution().as_dict()
+    assert execution["impl"] == "fast"
+    assert execution["notes"][1:] == [fast.DESCRIPTIONS[kind] for kind in session.execution().replaced]
+    assert set(session.execution().replaced) == replaced
+
+
+def test_eager_attention_keeps_transformers_sam_attention(options):
+    """model.attn_impl=eager builds another SAM attention class, which fast.py leaves alone."""
+    session = DeepSeekOCR2Session(load(["model=deepseek_ocr2_tiny", "model.impl=fast", "model.attn_impl=eager"]).model,
+                                  options)  # fmt: skip
+    session.load()
+    assert fast.SAM_ATTENTION not in session.execution().replaced
 
 
 def test_tiles_are_whole_grid_rows_of_at_most_the_budget():

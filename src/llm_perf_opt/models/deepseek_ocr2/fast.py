@@ -126,13 +126,24 @@ def experts_one_token(self: nn.Module, hidden_states: torch.Tensor, top_k_index:
     return out.to(hidden_states.dtype)
 
 
-def install_fast(model: nn.Module) -> nn.Module:
+#: What each replaced forward does, by transformers' class name (run.json's execution notes).
+DESCRIPTIONS = {
+    SAM_ATTENTION: "SAM attention: the relative-position bias written a tile of query rows at a time into one "
+                   "reused buffer, not whole and then copied",
+    SAM_MLP: "SAM MLP: GELU in place on lin1's output",
+    EXPERTS: "routed experts of one token (decode): expert by expert, two multi-threaded matrix-vector "
+             "products each, ids read on the host",
+}  # fmt: skip
+
+
+def install_fast(model: nn.Module) -> tuple[str, ...]:
     """Give the built model's SAM attention and MLP modules and its routed experts the fast
     forwards (in place; the parameters are untouched). SAM attention only where transformers
     runs it through SDPA (`attn_impl=sdpa`), the MLP only where its activation is the exact
     GELU. The experts keep the forward they had (transformers', or on meta the stand-in of
-    meta.py) for more than one token."""
+    meta.py) for more than one token. Returns the class names whose forwards were replaced."""
     scratch = Scratch()
+    replaced = []
     for module in model.modules():
         kind = type(module).__name__
         if kind == SAM_ATTENTION:
@@ -143,4 +154,7 @@ def install_fast(model: nn.Module) -> nn.Module:
         elif kind == EXPERTS:
             module.many_tokens = module.forward
             module.forward = types.MethodType(experts_one_token, module)
-    return model
+        else:
+            continue
+        replaced.append(kind)
+    return tuple(dict.fromkeys(replaced))

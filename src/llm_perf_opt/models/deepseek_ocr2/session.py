@@ -43,7 +43,7 @@ from llm_perf_opt.runners.ranges import stage_range
 from .build import dummy_model, hf_config, meta_model
 from .checkpoint import checkpoint_config, load_checkpoint
 from .config import DeepSeekOCR2ModelConfig, Ocr2Mode
-from .fast import install_fast
+from .fast import DESCRIPTIONS, install_fast
 from .meta import meta_runnable_model
 from .stages import DECODE, LANGUAGE_MODEL, PREFILL, PREPROCESS, PROJECTOR, SAM, STAGES, VISION
 from .views import Views, preprocess
@@ -90,30 +90,27 @@ class Request:
 
 @dataclass(frozen=True)
 class Execution:
-    """How the model ran: transformers' attention and MoE-experts implementations, and whether
-    fast.py's SAM forwards replaced transformers' (`impl` fast) or not (reference)."""
+    """How the model ran: transformers' attention and MoE-experts implementations, and with
+    `impl` fast, the transformers classes whose forwards fast.py replaced."""
 
     attn_impl: str
     experts_impl: str
     cache: str = "DynamicCache"
     impl: str = "reference"
+    replaced: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {"impl": self.impl, "library": "transformers", "attn_impl": self.attn_impl,
                 "experts_impl": self.experts_impl, "cache": self.cache, "notes": self.notes()}  # fmt: skip
 
     def notes(self) -> list[str]:
-        if self.impl != "fast":
+        if not self.replaced:
             return []
-        return ["model.impl=fast: these forwards replace transformers' (models/deepseek_ocr2/fast.py)",
-                "SAM attention: the relative-position bias written a tile of query rows at a time into one "
-                "reused buffer, not whole and copied",
-                "SAM MLP: GELU in place on lin1's output",
-                "routed experts of one token (decode): expert by expert, two multi-threaded matrix-vector "
-                "products each, ids read on the host"]  # fmt: skip
+        head = "model.impl=fast: these forwards replace transformers' (models/deepseek_ocr2/fast.py)"
+        return [head, *(DESCRIPTIONS[kind] for kind in self.replaced)]
 
     def summary(self) -> str:
-        fast = ", fast SAM and one-token experts (model.impl=fast)" if self.impl == "fast" else ""
+        fast = f", {len(self.replaced)} fast forwards (model.impl=fast)" if self.impl == "fast" else ""
         return (
             f"transformers' DeepseekOcr2ForConditionalGeneration: attention {self.attn_impl}, "
             f"routed experts {self.experts_impl}, KV cache {self.cache}{fast}"
@@ -240,6 +237,7 @@ class DeepSeekOCR2Session(ModelSession):
         self._model: nn.Module | None = None
         self._gates: list[_RoutedGate] = []
         self._run: StagedRun | None = None  # the request running now (its KV cache)
+        self._replaced: tuple[str, ...] = ()  # with model.impl=fast, the forwards fast.py replaced
 
     # -- the interface -----------------------------------------------------------------------
     def prepare(self, image: str | Path | None, prompt: str) -> Request:
@@ -281,7 +279,7 @@ class DeepSeekOCR2Session(ModelSession):
     def load(self) -> None:
         """The model with dummy weights or the checkpoint's; on meta, shapes only, with the
         stand-ins that let transformers' code run there (meta.py). `model.impl=fast` then swaps
-        in fast.py's SAM forwards."""
+        in fast.py's forwards."""
         device, dtype = self.options.device, self.options.dtype
         if self.meta:
             self._model = meta_runnable_model(self.hf_config, dtype)
@@ -290,7 +288,7 @@ class DeepSeekOCR2Session(ModelSession):
         else:
             self._model = load_checkpoint(self.checkpoint, device, dtype, self.cfg.attn_impl)
         if self.cfg.impl == "fast":
-            install_fast(self._model)
+            self._replaced = install_fast(self._model)
         self._gates = [_RoutedGate(m.gate) for m in self._model.modules() if type(m).__name__ == "DeepseekOcr2TextMoe"]
 
     def generate(self, request: Request, max_new_tokens: int) -> Result:
@@ -328,7 +326,7 @@ class DeepSeekOCR2Session(ModelSession):
     def execution(self) -> Execution:
         config = self.model.config
         return Execution(config._attn_implementation, str(config.text_config._experts_implementation),
-                         impl=self.cfg.impl)  # fmt: skip
+                         impl=self.cfg.impl, replaced=self._replaced)  # fmt: skip
 
     @property
     def model(self) -> nn.Module:
