@@ -70,13 +70,27 @@ def flop_counter() -> FlopCounterMode:
 
 @dataclass(frozen=True)
 class StageCount:
-    """One call of a stage (or a sum of calls): counted FLOPs and bytes."""
+    """One call of a stage (or a sum of calls): counted FLOPs and bytes, in total and by aten op."""
 
     flops: int = 0  # FlopCounterMode's: executed matmul work
     bytes: Cost = field(default_factory=Cost)  # ByteCounter's: weights, activations, KV cache (bytes only)
+    #: aten op name (`mm`, `scaled_dot_product_attention`) -> its FLOPs (as matmul_flops) and bytes
+    ops: dict[str, Cost] = field(default_factory=dict)
 
     def __add__(self, other: StageCount) -> StageCount:
-        return StageCount(self.flops + other.flops, self.bytes + other.bytes)
+        ops = dict(self.ops)
+        for op, cost in other.ops.items():
+            ops[op] = ops.get(op, Cost()) + cost
+        return StageCount(self.flops + other.flops, self.bytes + other.bytes, ops)
+
+
+def _by_op(flops: FlopCounterMode, moved: ByteCounter) -> dict[str, Cost]:
+    """Per aten op, FlopCounterMode's FLOPs and ByteCounter's bytes (named as ByteCounter names them)."""
+    ops = dict(moved.by_op)
+    for op, n in flops.get_flop_counts().get("Global", {}).items():
+        name = str(op).removeprefix("aten.").split(".")[0]
+        ops[name] = ops.get(name, Cost()) + Cost(matmul_flops=n)
+    return ops
 
 
 class StageCounter:
@@ -112,7 +126,7 @@ class StageCounter:
         self._open = None
         moved.__exit__(None, None, None)
         flops.__exit__(None, None, None)
-        self.calls.setdefault(name, []).append(StageCount(flops.get_total_flops(), moved.total))
+        self.calls.setdefault(name, []).append(StageCount(flops.get_total_flops(), moved.total, _by_op(flops, moved)))
 
 
 @dataclass(frozen=True)

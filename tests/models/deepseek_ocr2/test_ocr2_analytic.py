@@ -97,10 +97,31 @@ def test_first_and_last_decode_steps_give_the_sum_of_every_step(analytic, reques
     assert len(every) == 5
     total = {}
     for call in every:
-        for op, cost in call.items():
+        for op, cost in call.ops.items():
             total[op] = total.get(op, 0) + cost.flops + cost.bytes
     counts = analytic.count(request_, 5, "float32", None)  # the first and the last step only
     interpolated = analytic.stage_costs(request_, 5, None, counts).stages["decode"]
     assert set(interpolated) == set(total)
     for op, cost in interpolated.items():
         assert cost.flops + cost.bytes == pytest.approx(total[op], rel=1e-12), op
+
+
+def test_per_op_counts_add_up_to_each_stage_call(analytic, request_):
+    """The generic listener's per-op breakdown (analytic.counted.StageCount.ops), which the
+    families of the stage model come from, holds every FLOP and byte of the call's totals."""
+    counts = analytic.count(request_, 3, "float32", None)
+    assert set(counts.calls) == set(MODEL_STAGES)
+    for calls in counts.calls.values():
+        for call in calls:
+            assert sum(cost.matmul_flops for cost in call.ops.values()) == call.flops
+            assert sum(cost.bytes for cost in call.ops.values()) == pytest.approx(call.bytes.bytes, rel=1e-12)
+
+
+@pytest.mark.parametrize("flags", [[], ["--bytes"]], ids=["flops", "bytes"])
+def test_validate_runs_the_meta_session(flags, capsys):
+    """`analytic.validate --model` loads the session on meta and counts its own generate through
+    `counted.count_run`: transformers' code must run there (meta.py's stand-ins)."""
+    from llm_perf_opt.analytic import validate
+
+    assert validate.main(["--model", "deepseek_ocr2_tiny", *flags]) == 0
+    assert "PASS" in capsys.readouterr().out

@@ -57,7 +57,7 @@ def test_routing_and_analytic_tables_are_recorded(tiny_run):
     assert sorted(record["routing"]) == ["decode", "prefill"]
     assert record["routing"]["decode"]["calls"] == 3
     assert {row["stage"] for row in record["analytic"]["stages"]} == set(STAGES[1:])
-    assert record["execution"]["impl"] == "transformers"
+    assert record["execution"]["impl"] == "reference" and record["execution"]["library"] == "transformers"
     assert record["tokens"]["image"] == 257
 
 

@@ -7,7 +7,10 @@ queries, DeepSeek MoE text model).
     build.py       the model on the meta device, seeded dummy weights
     checkpoint.py  a local checkpoint: config.json read as data, safetensors only
     views.py       preprocessing with transformers' image processor, prompt ids
+    fast.py        model.impl=fast: blocked SAM attention, in-place SAM GELU, one-token experts
+    meta.py        the stand-ins that let transformers' code run on the meta device
     session.py     DeepSeekOCR2Session: stages opened from forward hooks and around each step
-    analytic/      counting.py: FLOPs and bytes per stage, counted on the meta model;
-                   model.py: the analytic model the harness reads (typed stage costs, footprint)
+    analytic/      counting.py: the generic stage listener (analytic.counted) plus largest tensors;
+                   model.py: the analytic model the harness reads (typed stage costs, footprint),
+                   counted on a session loaded on the meta device
 """

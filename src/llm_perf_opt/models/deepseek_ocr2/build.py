@@ -104,12 +104,17 @@ def _is_table(name: str) -> bool:
 
 
 def _fill(param: torch.Tensor, pool: torch.Tensor, gen: torch.Generator, std: float) -> None:
-    """param <- std * (a slice of the pool from a random offset, wrapping around)."""
+    """param <- std * (a slice of the pool from a random offset, wrapping around). In the pool's
+    dtype the product is written in one pass over the parameter; in another dtype the slice is
+    cast first and scaled in that dtype (two roundings, as these weights have always been made)."""
     flat = param.view(-1)
     offset = int(torch.randint(0, POOL_SIZE, (1,), generator=gen))
     done = 0
     while done < flat.numel():
         n = min(flat.numel() - done, POOL_SIZE - offset)
-        flat[done : done + n].copy_(pool[offset : offset + n]).mul_(std)
+        if flat.dtype == pool.dtype:
+            torch.mul(pool[offset : offset + n], std, out=flat[done : done + n])
+        else:
+            flat[done : done + n].copy_(pool[offset : offset + n]).mul_(std)
         done += n
         offset = 0

@@ -24,6 +24,8 @@ PIXELS_PER_TOKEN_SIDE = 64
 #: the model emits, and the processor's token count would not match the features.
 QUERY_SIDES = (768, 1024)
 ATTN_IMPLS = ("sdpa", "eager")
+#: reference: transformers' code as it is; fast: the same model with the SAM forwards of fast.py.
+IMPLS = ("reference", "fast")
 
 
 @dataclass
@@ -179,6 +181,7 @@ class DeepSeekOCR2ModelConfig(ModelConfig):
     analytic: ClassVar[str] = "llm_perf_opt.models.deepseek_ocr2.analytic.DeepSeekOCR2Analytic"
 
     attn_impl: str = "sdpa"  # sdpa | eager: transformers' attention implementation
+    impl: str = "reference"  # reference (transformers' code) | fast (same weights, fast.py's SAM forwards)
     arch: Ocr2Arch = field(default_factory=Ocr2Arch)
     # The mode a run gets without `mode=` / `ocr2_mode=`: the global 1024 view, no tiles (as
     # conf/ocr2_mode/base.yaml and the shared conf/mode/base.yaml; a test keeps them equal).
@@ -187,3 +190,5 @@ class DeepSeekOCR2ModelConfig(ModelConfig):
     def __post_init__(self) -> None:
         if self.attn_impl not in ATTN_IMPLS:
             raise UserError(f"config: model.attn_impl={self.attn_impl!r} is not one of {', '.join(ATTN_IMPLS)}")
+        if self.impl not in IMPLS:
+            raise UserError(f"config: model.impl={self.impl!r} is not one of {', '.join(IMPLS)}")

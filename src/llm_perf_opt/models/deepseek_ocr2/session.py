@@ -43,6 +43,8 @@ from llm_perf_opt.runners.ranges import stage_range
 from .build import dummy_model, hf_config, meta_model
 from .checkpoint import checkpoint_config, load_checkpoint
 from .config import DeepSeekOCR2ModelConfig, Ocr2Mode
+from .fast import DESCRIPTIONS, install_fast
+from .meta import meta_runnable_model
 from .stages import DECODE, LANGUAGE_MODEL, PREFILL, PREPROCESS, PROJECTOR, SAM, STAGES, VISION
 from .views import Views, preprocess
 
@@ -88,20 +90,30 @@ class Request:
 
 @dataclass(frozen=True)
 class Execution:
-    """How transformers ran the model: its attention and MoE-experts implementations."""
+    """How the model ran: transformers' attention and MoE-experts implementations, and with
+    `impl` fast, the transformers classes whose forwards fast.py replaced."""
 
     attn_impl: str
     experts_impl: str
     cache: str = "DynamicCache"
+    impl: str = "reference"
+    replaced: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
-        return {"impl": "transformers", "attn_impl": self.attn_impl, "experts_impl": self.experts_impl,
-                "cache": self.cache, "notes": []}  # fmt: skip
+        return {"impl": self.impl, "library": "transformers", "attn_impl": self.attn_impl,
+                "experts_impl": self.experts_impl, "cache": self.cache, "notes": self.notes()}  # fmt: skip
+
+    def notes(self) -> list[str]:
+        if not self.replaced:
+            return []
+        head = "model.impl=fast: these forwards replace transformers' (models/deepseek_ocr2/fast.py)"
+        return [head, *(DESCRIPTIONS[kind] for kind in self.replaced)]
 
     def summary(self) -> str:
+        fast = f", {len(self.replaced)} fast forwards (model.impl=fast)" if self.impl == "fast" else ""
         return (
             f"transformers' DeepseekOcr2ForConditionalGeneration: attention {self.attn_impl}, "
-            f"routed experts {self.experts_impl}, KV cache {self.cache}"
+            f"routed experts {self.experts_impl}, KV cache {self.cache}{fast}"
         )
 
 
@@ -224,6 +236,8 @@ class DeepSeekOCR2Session(ModelSession):
         self.tokenizer: Tokenizer = load_tokenizer(self.checkpoint)
         self._model: nn.Module | None = None
         self._gates: list[_RoutedGate] = []
+        self._run: StagedRun | None = None  # the request running now (its KV cache)
+        self._replaced: tuple[str, ...] = ()  # with model.impl=fast, the forwards fast.py replaced
 
     # -- the interface -----------------------------------------------------------------------
     def prepare(self, image: str | Path | None, prompt: str) -> Request:
@@ -258,18 +272,43 @@ class DeepSeekOCR2Session(ModelSession):
                 f"window of {window}; use max_new_tokens <= {window - request.prompt_tokens}"
             )
 
+    @property
+    def meta(self) -> bool:
+        return self.options.device.type == "meta"
+
     def load(self) -> None:
+        """The model with dummy weights or the checkpoint's; on meta, shapes only, with the
+        stand-ins that let transformers' code run there (meta.py). `model.impl=fast` then swaps
+        in fast.py's forwards."""
         device, dtype = self.options.device, self.options.dtype
-        if self.checkpoint is None:
+        if self.meta:
+            self._model = meta_runnable_model(self.hf_config, dtype)
+        elif self.checkpoint is None:
             self._model = dummy_model(self.hf_config, device, dtype, seed=self.options.seed)
         else:
             self._model = load_checkpoint(self.checkpoint, device, dtype, self.cfg.attn_impl)
+        if self.cfg.impl == "fast":
+            self._replaced = install_fast(self._model)
         self._gates = [_RoutedGate(m.gate) for m in self._model.modules() if type(m).__name__ == "DeepseekOcr2TextMoe"]
 
-    @torch.inference_mode()
     def generate(self, request: Request, max_new_tokens: int) -> Result:
-        """Vision stages → prefill → up to max_new_tokens−1 decode steps, each in its range."""
-        return Result(StagedRun(self.model, self._is_eos).generate(request, max_new_tokens))
+        """Vision stages → prefill → up to max_new_tokens−1 decode steps, each in its range.
+        inference_mode, or on meta no_grad: under inference_mode a dispatch mode sees composite
+        ops whole, and a byte count would miss the copies inside them (analytic.byte_count)."""
+        run = self.staged_run()
+        with torch.no_grad() if self.meta else torch.inference_mode():
+            return Result(run.generate(request, max_new_tokens))
+
+    def staged_run(self) -> StagedRun:
+        """A staged run on this session's model, kept as the request running now (kv_buffers)."""
+        self._run = StagedRun(self.model, self._is_eos)
+        return self._run
+
+    def kv_buffers(self) -> list[torch.Tensor]:
+        cache = None if self._run is None else self._run.cache
+        layers = [] if cache is None else cache.layers
+        return [t for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                if isinstance(t, torch.Tensor)]  # fmt: skip
 
     @property
     def module(self) -> nn.Module:
@@ -286,7 +325,8 @@ class DeepSeekOCR2Session(ModelSession):
 
     def execution(self) -> Execution:
         config = self.model.config
-        return Execution(config._attn_implementation, str(config.text_config._experts_implementation))
+        return Execution(config._attn_implementation, str(config.text_config._experts_implementation),
+                         impl=self.cfg.impl, replaced=self._replaced)  # fmt: skip
 
     @property
     def model(self) -> nn.Module:

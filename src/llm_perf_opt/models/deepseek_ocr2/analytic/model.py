@@ -1,7 +1,8 @@
 """DeepSeek-OCR-2's analytic model behind the harness: the FLOPs and bytes of each stage of one
-run, and its memory footprint, counted on the meta-device model (counting.py) by running the
-session's own staged generation at the request's shapes. No hand-written formulas: the
-counts follow whatever transformers' code does.
+run, and its memory footprint, counted by running the session's own staged generation on a
+session loaded on the meta device, at the request's shapes, under the harness's generic stage
+listener (`analytic.counted.StageCounter`, extended in counting.py). No hand-written formulas:
+the counts follow whatever transformers' code (and, with `model.impl=fast`, fast.py) does.
 
 Decode is counted at its first and its last step only: a step feeds one token (k experts per
 MoE layer, whichever they are) against a cache one position longer than the step before, so
@@ -19,26 +20,33 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
 
+from llm_perf_opt.analytic.counted import StageCount
 from llm_perf_opt.analytic.families import Cost, expected_distinct_experts
 from llm_perf_opt.models.interface import (
     ExpertUsage,
     FamilyWork,
     Footprint,
     RoutingCounts,
+    SessionOptions,
     StageCosts,
     StageMemory,
 )
+from llm_perf_opt.runners.ranges import listening
 
-from ..build import hf_config, meta_model
+from ..build import hf_config
 from ..checkpoint import checkpoint_config
 from ..config import DeepSeekOCR2ModelConfig
-from ..session import DeepSeekOCR2Session, Execution, Request, StagedRun
+from ..meta import replay_routing
+from ..session import DeepSeekOCR2Session, Execution, Request
 from ..stages import DECODE, LANGUAGE_MODEL, MODEL_STAGES, PREFILL
-from .counting import Counts, Transient, count, prepare_meta_model
+from .counting import Transient, TransientListener, TransientStageCounter
+
+L = TypeVar("L", TransientListener, TransientStageCounter)
 
 RUN, STEP = "run", "step"
 METRICS = tuple(Cost().as_dict())
@@ -78,7 +86,8 @@ class DeepSeekOCR2Analytic:
 
     def __init__(self, cfg: DeepSeekOCR2ModelConfig) -> None:
         self.cfg = cfg
-        self._last: tuple | None = None  # the last count: (shapes, Counts, meta model)
+        self._last: tuple | None = None  # the last count: (shapes, counter, meta model)
+        self._sessions: dict[str, DeepSeekOCR2Session] = {}  # by dtype: building one takes seconds
         self.config = (hf_config(cfg.arch, cfg.attn_impl) if cfg.dummy_weights
                        else checkpoint_config(Path(cfg.weights).expanduser(), cfg.attn_impl))  # fmt: skip
 
@@ -89,22 +98,25 @@ class DeepSeekOCR2Analytic:
         return self.stage_costs(request, decode_steps, routing, counts).costs()
 
     def stage_costs(self, request: Request, decode_steps: int, routing: RoutingCounts | None,
-                    counts: Counts) -> Ocr2StageModel:  # fmt: skip
+                    counts: TransientStageCounter) -> Ocr2StageModel:  # fmt: skip
         """The per-op costs of this run from a count of it (see :meth:`count`)."""
         stages = {s: _sum_calls(counts.calls.get(s, [])) for s in MODEL_STAGES}
         decode = counts.calls.get(DECODE, [])
         if len(decode) == 2 and decode_steps > 2:  # the first and the last step (module docstring)
             stages[DECODE] = {op: decode_steps / 2 * cost for op, cost in stages[DECODE].items()}
-        return Ocr2StageModel(stages, dict(decode[0]) if decode else {},
+        return Ocr2StageModel(stages, dict(decode[0].ops) if decode else {},
                               self._expert_usage(request.prompt_tokens, decode_steps, routing))  # fmt: skip
 
     def footprint(self, request: Request, max_new_tokens: int, dtype: str,
                   execution: Execution | None = None) -> Footprint:  # fmt: skip
         """Weights per stage, the KV cache at the end of the run, and each stage's largest
-        tensor (from a counted run with one decode step)."""
-        if self._last is None or self._last[0] != _shapes(request, dtype):
-            self.count(request, min(1, max_new_tokens - 1), dtype, None)
-        counts, model = self._last[1], self._last[2]
+        tensor: from the last count where it had these shapes (after a run, the stage model's),
+        else from a meta run with one decode step that looks for the largest tensors only."""
+        if self._last is not None and self._last[0] == _shapes(request, dtype):
+            counts, model = self._last[1], self._last[2]
+        else:
+            counts = self._meta_run(request, min(1, max_new_tokens - 1), dtype, None, False, TransientListener())
+            model = self.meta_session(dtype).module
         params: dict[str, list[nn.Parameter]] = {}
         for name, param in model.named_parameters():
             params.setdefault(_stage_of(name), []).append(param)
@@ -131,21 +143,36 @@ class DeepSeekOCR2Analytic:
         )
 
     # -- counting --------------------------------------------------------------------------------
+    def meta_session(self, dtype: str) -> DeepSeekOCR2Session:
+        """This config's session loaded on the meta device in `dtype` (built once per dtype)."""
+        if dtype not in self._sessions:
+            session = DeepSeekOCR2Session(self.cfg, SessionOptions(torch.device("meta"), getattr(torch, dtype)))
+            session.load()
+            self._sessions[dtype] = session
+        return self._sessions[dtype]
+
     def count(self, request: Request, decode_steps: int, dtype: str, routing: RoutingCounts | None,
-              every_step: bool = False) -> Counts:  # fmt: skip
-        """Run the session's staged generation on the meta model at this request's shapes, under
-        the counters: the vision stages, prefill, and the first and last decode steps (or, with
-        `every_step`, all of them)."""
-        model = meta_model(self.config).to(getattr(torch, dtype))
-        for name, param in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):  # transformers keeps the gates in fp32
-                param.data = param.data.float()
+              every_step: bool = False) -> TransientStageCounter:  # fmt: skip
+        """Run the session's staged generation on its meta model at this request's shapes, under
+        the stage listener: the vision stages, prefill, and the first and last decode steps (or,
+        with `every_step`, all of them). Returns the listener: `calls` per stage, `transients`."""
+        session = self.meta_session(dtype)
+        counter = TransientStageCounter(list(session.module.parameters()), session.kv_buffers)
+        self._meta_run(request, decode_steps, dtype, routing, every_step, counter)
+        self._last = (_shapes(request, dtype), counter, session.module)
+        return counter
+
+    def _meta_run(self, request: Request, decode_steps: int, dtype: str, routing: RoutingCounts | None,
+                  every_step: bool, listener: L) -> L:  # fmt: skip
+        """The staged generation of :meth:`count` on the meta session, heard by `listener`."""
+        session = self.meta_session(dtype)
+        model = session.module
         plans = _plans(routing)
         counted = range(decode_steps) if every_step else sorted({0, decode_steps - 1} - {-1})
         if plans is not None:  # the observed routing of the prefill and of the counted steps
             plans = [[calls[0], *(calls[1 + i] for i in counted if 1 + i < len(calls))] for calls in plans]
-        prepare_meta_model(model, plans)
-        runner = StagedRun(model)
+        replay_routing(model, plans)
+        runner = session.staged_run()
         views = request.views
         ids = torch.empty(request.input_ids.shape, dtype=torch.long, device="meta")
         meta_views = dataclasses.replace(
@@ -155,23 +182,14 @@ class DeepSeekOCR2Analytic:
             torch.empty(views.pixel_values_local.shape, dtype=model.dtype, device="meta"),
         )  # fmt: skip
 
-        def run() -> None:
+        with torch.no_grad(), listening(listener):
             token = runner.prefill(ids, runner.encode_images(meta_views))
             done = 0
             for step in counted:
                 _grow(runner.cache, step - done)
                 runner.decode(token, 1)
                 done = step + 1
-
-        def kv() -> list[torch.Tensor]:
-            cache = runner.cache
-            layers = [] if cache is None else cache.layers
-            return [t for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
-                    if isinstance(t, torch.Tensor)]  # fmt: skip
-
-        counts = count(run, model, kv)
-        self._last = (_shapes(request, dtype), counts, model)
-        return counts
+        return listener
 
     def _expert_usage(self, prompt_tokens: int, decode_steps: int, routing: RoutingCounts | None) -> tuple[ExpertUsage, ...]:
         """Expected (uniform routing) and observed distinct experts per MoE layer."""
@@ -225,10 +243,10 @@ def _plans(routing: RoutingCounts | None) -> list[list[list[int]]] | None:
     return [[call[j] for call in calls] for j in range(len(calls[0]))]
 
 
-def _sum_calls(calls: list[dict[str, Cost]]) -> dict[str, Cost]:
+def _sum_calls(calls: list[StageCount]) -> dict[str, Cost]:
     out: dict[str, Cost] = {}
     for call in calls:
-        for op, cost in call.items():
+        for op, cost in call.ops.items():
             out[op] = out.get(op, Cost()) + cost
     return out
 
