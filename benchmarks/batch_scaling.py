@@ -1,7 +1,8 @@
 """Decode throughput against batch size: the full model on this machine, both implementations.
 
-Runs one sweep, `python -m llm_perf_opt.run -m model.impl=reference,fast batch_size=1,4,16`
-(dummy weights, dtype auto, the bundled page repeated N times, mode tiny by default: decode
+Runs `python -m llm_perf_opt.run model.impl=<impl> batch_size=<N>` for each implementation and
+batch, one process each, into one folder (dummy weights, dtype auto, the bundled page repeated
+N times, mode tiny by default: decode
 hardly depends on the mode, and SAM over 16 base-mode pages would take minutes per run), then
 prints per job: pages/s and generated tokens/s over the whole request, decode tokens/s, TPOT
 (per step of the batch), TTFT and the timed runs' peak RSS, and for each implementation the
@@ -46,17 +47,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = args.root or Path("outputs/benchmarks/batch_scaling") / time.strftime("%Y-%m-%d_%H-%M-%S")
     keys = {o.partition("=")[0] for o in args.overrides}
     overrides = [o for o in DEFAULTS if o.partition("=")[0] not in keys] + list(args.overrides)
-    command = [sys.executable, "-m", "llm_perf_opt.run", "-m", f"model.impl={args.impls}",
-               f"batch_size={args.batches}", *overrides, f"hydra.sweep.dir={root}"]  # fmt: skip
     print(cpu_line())
-    print("$ python " + " ".join(command[1:]))
-    start = time.perf_counter()
-    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
-    print(f"sweep: {time.perf_counter() - start:.0f} s, in {root}")
-    records = [json.loads(p.read_text()) for p in sorted(root.glob("*/run.json"))]
-    failed = [r for r in records if r["status"] != "ok"]
-    if done.returncode != 0 or failed or not records:
-        print(f"error: the sweep failed: {'; '.join(r['error'] for r in failed) or done.stderr[-2000:]}")
+    print("$ python -m llm_perf_opt.run " + " ".join(overrides) + f" model.impl={{{args.impls}}} batch_size={{{args.batches}}}")
+    start, records, errors = time.perf_counter(), [], []
+    # One process per job: in one in-process sweep a finished job's full-size model can still be
+    # resident when the next job's memory check runs (two fp32 models do not fit 24 GB).
+    jobs = [(impl, batch) for impl in args.impls.split(",") for batch in args.batches.split(",")]
+    for n, (impl, batch) in enumerate(jobs):
+        out = root / f"{n}_{impl}_b{batch}"
+        command = [sys.executable, "-m", "llm_perf_opt.run", f"model.impl={impl}", f"batch_size={batch}",
+                   *overrides, f"hydra.run.dir={out}"]  # fmt: skip
+        done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
+        record = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else None
+        if done.returncode != 0 or record is None or record["status"] != "ok":
+            errors.append(f"{out.name}: {record['error'] if record else done.stderr[-500:]}")
+        else:
+            records.append(record)
+    print(f"{len(jobs)} jobs: {time.perf_counter() - start:.0f} s, in {root}")
+    if errors or not records:
+        print("error: " + "; ".join(errors))
         return 1
     print(f"dtype {records[0]['dtype']} ({records[0]['dtype_reason']})")
     print(f"{'impl':>9} {'batch':>5} {'pages/s':>8} {'tokens/s':>9} {'decode tok/s':>12} {'TPOT ms':>8} "

@@ -26,7 +26,7 @@ from llm_perf_opt.errors import UserError
 from llm_perf_opt.hardware.calibration import cached_calibration
 from llm_perf_opt.hardware.ceilings import select
 from llm_perf_opt.hardware.device import resolve_device
-from llm_perf_opt.hardware.memory_check import available_memory_bytes, check_fits
+from llm_perf_opt.hardware.memory_check import available_memory_bytes, check_fits, release_freed_memory
 from llm_perf_opt.hardware.precision import DtypeChoice, choose_dtype, header_text
 from llm_perf_opt.models.interface import AnalyticModel, Footprint, ModelSession, SessionOptions
 from llm_perf_opt.models.pages import batch_pages
@@ -135,8 +135,10 @@ def _main(cfg: DictConfig) -> None:
         _fail(out_dir, config, "failed", f"{type(exc).__name__}: {exc}")
     finally:
         # The finished job's model sits in reference cycles (frames kept by the plotting code);
-        # free it now, or the next job of a sweep would see its memory as taken.
+        # free it now, and hand the freed heap back to the OS, or the next job of a sweep would
+        # see its memory as taken.
         gc.collect()
+        release_freed_memory()
 
 
 def _fail(out_dir: Path, config: dict, status: str, error: str) -> None:

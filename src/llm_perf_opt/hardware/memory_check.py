@@ -9,6 +9,9 @@ Device memory available on CUDA = the driver's free bytes for that device.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -120,6 +123,15 @@ def available_memory_bytes(
         free, _total = cuda.mem_get_info(device)
         return free
     return available_host_bytes(proc, cgroup)
+
+
+def release_freed_memory() -> None:
+    """Return the heap memory this process has freed to the OS (glibc's `malloc_trim`), so that
+    the next job of an in-process sweep sees it as available; a no-op where libc has none."""
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    if trim is not None:
+        trim(0)
 
 
 def _gb(n: float) -> str:

@@ -191,7 +191,7 @@ def throughput_plot(sweeps: list[BatchSweep], path: str | Path, *, title: str) -
             top = max(q["batch"].max(), sweep.predicted or 0) * 2
             grid = [2 ** (k / 4) for k in range(0, int(4 * math.log2(top)) + 1)]
             right.plot(grid, [sweep.largest.at(b) for b in grid], "--", color=colour, alpha=0.6,
-                       label=f"{sweep.label}: B·f / (W + B·a)")  # fmt: skip
+                       label=f"{sweep.label}: B·f / (W + B·a), W as read at batch {sweep.largest.batch}")  # fmt: skip
             if sweep.predicted is not None:
                 right.axvline(sweep.predicted, color=colour, linestyle=":", alpha=0.8)
                 right.annotate(f"B* ≈ {sweep.predicted:.1f}", (sweep.predicted, sweep.ridge), xytext=(4, 6),
@@ -206,7 +206,7 @@ def throughput_plot(sweeps: list[BatchSweep], path: str | Path, *, title: str) -
     left.legend(fontsize=8)
     right.set_xscale("log", base=2)
     right.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
-    right.set_yscale("log")
+    right.set_ylim(bottom=0)
     right.set_xlabel("batch size")
     right.set_ylabel("decode step intensity (useful FLOP/B)")
     right.set_title("decode against the ridge")
