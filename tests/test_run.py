@@ -84,9 +84,9 @@ def test_job_writes_every_artifact(gundam_run):
 def test_stages_csv_joins_measured_time_with_the_analytic_work(gundam_run):
     out, record = gundam_run
     stages = pd.read_csv(out / "stages.csv")
-    expected = MEASURED + ANALYTIC + RATES + [f"calibrated_{c}" for c in ROOF] + ["verdict"] + SPLIT
+    expected = MEASURED + ANALYTIC + RATES + [f"calibrated_{c}" for c in ROOF] + ["verdict"] + SPLIT + ["batch_size"]
     assert list(stages.columns) == expected  # a CPU run has calibrated ceilings only
-    assert list(stages["stage"]) == STAGES
+    assert list(stages["stage"]) == STAGES and set(stages["batch_size"]) == {1}
     calls = dict(zip(stages["stage"], stages["calls"]))
     assert calls == {"preprocess": 1, "sam": 1, "clip": 1, "projector": 1, "prefill": 1, "decode": 3}
     assert (stages["time_ms"] > 0).all() and (stages["busy_ms"] > 0).all() and (stages["launches"] > 0).all()
