@@ -50,9 +50,9 @@ class RunSample:
     e2e_ms: float
     ttft_ms: float  # the once-per-request stages: everything up to the first generated token
     decode_steps: int  # calls of the per-step stages
-    pages: int = 1
-    generated_tokens: int | None = None  # None: decode_steps + 1 per page (no sequence stopped early)
-    decode_tokens: int | None = None  # real tokens the decode steps produced; None: pages x decode_steps
+    pages: int
+    generated_tokens: int  # real tokens over the batch (a sequence stops counting at its EOS)
+    decode_tokens: int  # real tokens the decode steps produced
 
     @property
     def tpot_ms(self) -> float | None:
@@ -64,14 +64,12 @@ class RunSample:
         """Real tokens the decode steps produced per second of decode time (batch 1: 1000 / TPOT)."""
         if not self.decode_steps or self.e2e_ms <= self.ttft_ms:
             return None
-        tokens = self.pages * self.decode_steps if self.decode_tokens is None else self.decode_tokens
-        return 1e3 * tokens / (self.e2e_ms - self.ttft_ms)
+        return 1e3 * self.decode_tokens / (self.e2e_ms - self.ttft_ms)
 
     @property
     def tokens_per_s(self) -> float:
         """Real generated tokens per second of the whole request."""
-        tokens = self.pages * (self.decode_steps + 1) if self.generated_tokens is None else self.generated_tokens
-        return 1e3 * tokens / self.e2e_ms
+        return 1e3 * self.generated_tokens / self.e2e_ms
 
     @property
     def pages_per_s(self) -> float:

@@ -301,16 +301,16 @@ class Workload:
     mode: str
     global_size: int
     tile_size: int
-    grid: tuple[int, int]  # (cols, rows) of the first page; (1, 1) = global view only
+    pages: tuple[tuple[int, int], ...]  # (cols, rows) of each page's tiles; (1, 1) = global view only
     image_tokens: int  # of the first page
     prompt_tokens: int  # S = image tokens + text tokens; a batch: its longest prompt (all are padded to it)
     decode_steps: int
     dtype: str
-    grids: tuple[tuple[int, int], ...] = ()  # every page's grid (empty: the one page of `grid`)
 
     @property
-    def pages(self) -> tuple[tuple[int, int], ...]:
-        return self.grids or (self.grid,)
+    def grid(self) -> tuple[int, int]:
+        """The first page's grid."""
+        return self.pages[0]
 
     @property
     def batch(self) -> int:
@@ -484,8 +484,8 @@ def stage_costs(
         raise ValueError(
             f"analytic: {s} prompt + {decode_steps} decode positions exceed {lm.max_position_embeddings}"
         )
-    workload = Workload(mode.name, mode.global_size, mode.image_size, pages[0], image_tokens[0], s, decode_steps,
-                        str(dtype), tuple(pages) if grids else ())  # fmt: skip
+    workload = Workload(mode.name, mode.global_size, mode.image_size, tuple(pages), image_tokens[0], s, decode_steps,
+                        str(dtype))  # fmt: skip
 
     stages = _vision(cfg, mode.global_size, batch, dtype, paths)
     if workload.tiles:
