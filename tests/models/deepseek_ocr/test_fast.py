@@ -15,7 +15,7 @@ from llm_perf_opt.models.deepseek_ocr import weights
 from llm_perf_opt.models.deepseek_ocr.decoder import MoE
 from llm_perf_opt.models.deepseek_ocr.fast import FastDeepSeekOCR
 from llm_perf_opt.models.deepseek_ocr.fast.decoder import StaticKVCache
-from llm_perf_opt.models.deepseek_ocr.fast.linear import FastLinear, matvec
+from llm_perf_opt.models.deepseek_ocr.fast.linear import CHUNK_ROWS, FEW_ROWS, FastLinear, matvec, rows_product
 from llm_perf_opt.models.deepseek_ocr.fast.moe import FastMoE
 from llm_perf_opt.models.deepseek_ocr.fast.paths import grouped_mm_without_sync
 from llm_perf_opt.models.deepseek_ocr.fast.sam import (
@@ -291,7 +291,7 @@ def test_fast_moe_matches_the_reference_moe(tiny_arch, tokens, path):
     close(got, expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, FEW_ROWS + 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matvec_is_the_linear_product(rows, dtype):
     gen = torch.Generator().manual_seed(11)
@@ -299,11 +299,23 @@ def test_matvec_is_the_linear_product(rows, dtype):
     x = torch.randn(1, rows, 1280, generator=gen).to(dtype)
     expected = x.double() @ weight.double().T  # [1, rows, 1792], in fp64 for reference
     got = matvec(weight, x)
-    assert got.shape == (1, rows, 1792) and got.dtype == dtype
-    # The split product (fp32, one row) sums in another order: fp32 rounding only.
+    assert got.shape == (1, rows, 1792) and got.dtype == dtype and got.is_contiguous()
+    # The split and weight-major products (fp32, up to FEW_ROWS rows) sum in another order:
+    # fp32 rounding only.
     close(got.double(), expected, rel=1e-6 if dtype == torch.float32 else 1e-2)
-    if rows > 1 or dtype != torch.float32:
-        assert torch.equal(got, torch.nn.functional.linear(x, weight))  # no split: F.linear itself
+    if rows > FEW_ROWS or dtype != torch.float32:
+        assert torch.equal(got, torch.nn.functional.linear(x, weight))  # F.linear itself
+    assert torch.equal(matvec(weight, x, split=False, rows=False), torch.nn.functional.linear(x, weight))
+
+
+def test_rows_product_covers_every_weight_block():
+    """Weights of 2.5 blocks of CHUNK_ROWS rows: the last, partial block is written too."""
+    gen = torch.Generator().manual_seed(12)
+    n = 2 * CHUNK_ROWS + CHUNK_ROWS // 2
+    weight, x = torch.randn(n, 96, generator=gen), torch.randn(5, 96, generator=gen)
+    got = rows_product(weight, x)
+    assert got.shape == (5, n) and got.is_contiguous()
+    close(got.double(), x.double() @ weight.double().T, rel=1e-6)
 
 
 def test_fast_lm_linears_keep_their_names(tiny_arch, models):

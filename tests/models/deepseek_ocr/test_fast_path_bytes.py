@@ -7,6 +7,8 @@ the folded attention, whose output layout is the CUDA kernel's (byte_count._fuse
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ from llm_perf_opt.models.deepseek_ocr.analytic import formulas as ocr_fam
 from llm_perf_opt.models.deepseek_ocr.analytic.costs import MODEL_STAGES, stage_costs
 from llm_perf_opt.models.deepseek_ocr import weights
 from llm_perf_opt.models.deepseek_ocr.config import SamConfig
+from llm_perf_opt.models.deepseek_ocr.fast.linear import CHUNK_ROWS, use_fast_linears
 from llm_perf_opt.models.deepseek_ocr.fast.moe import FastMoE
 from llm_perf_opt.models.deepseek_ocr.fast.paths import FastPaths, tile_rows
 from llm_perf_opt.models.deepseek_ocr.fast.sam import FastSamAttention
@@ -40,8 +43,8 @@ def host_bincount(flat: torch.Tensor, n_experts: int) -> list[int]:
     return np.bincount(flat.numpy(), minlength=n_experts).tolist()
 
 
-def paths(sam: str, prefill: str, decode_moe: str, decode: str, tile: int = 1 << 26) -> FastPaths:
-    return FastPaths(sam, prefill, decode_moe, decode, bias_tile_elements=tile)
+def paths(sam: str, prefill: str, decode_moe: str, decode: str, tile: int = 1 << 26, **others) -> FastPaths:
+    return FastPaths(sam, prefill, decode_moe, decode, bias_tile_elements=tile, **others)
 
 
 # -- one module ---------------------------------------------------------------------------------
@@ -71,27 +74,33 @@ def test_sam_attention_paths_match_the_count(dtype, name, grid, window, table_si
 @pytest.mark.parametrize(("dtype", "name"), DTYPES)
 @pytest.mark.parametrize(
     ("routed", "tokens"),
-    [("grouped", 1), ("grouped", 5), ("grouped", 40), ("gathered", 1), ("one_by_one", 1), ("looped", 5)],
+    [("grouped", 1), ("grouped", 5), ("grouped", 40), ("gathered", 1), ("one_by_one", 1), ("one_by_one", 5),
+     ("looped", 5)],
 )
 def test_moe_paths_match_the_count(tiny_arch, dtype, name, routed, tokens):
+    """A few tokens take `moe_batch`'s way, and the shared experts' products (and the one-by-one
+    experts') run weight-major in fp32."""
     lm = tiny_arch.lm
     torch.manual_seed(tokens)
     layer = FastMoE(lm)
-    for tensor in (layer.gate_up_weight, layer.down_weight, layer.gate.weight):
+    use_fast_linears(layer.shared_experts)  # as install_fast_modules does
+    for tensor in (layer.gate_up_weight, layer.down_weight, layer.gate.weight, *layer.shared_experts.parameters()):
         torch.nn.init.normal_(tensor)
     layer = layer.to(dtype)
     layer.tie_experts()
     layer.count_tokens = host_bincount
-    layer.paths = paths("blocked", routed if tokens > 1 else "grouped", routed if tokens == 1 else "grouped", "eager")
+    layer.paths = paths("blocked", "grouped", routed if tokens == 1 else "grouped", "eager",
+                        moe_batch=routed if tokens > 1 else "looped", rows="weight_major")  # fmt: skip
     chosen = []
     layer.on_route = lambda experts: chosen.append(experts.tolist())
     x = torch.randn(1, tokens, lm.hidden_size, dtype=dtype)
     with torch.no_grad(), ByteCounter(weights=layer.parameters()) as counter:
         layer(x)
     touched = len({e for row in chosen[0] for e in row})
+    block = CHUNK_ROWS if tokens > 1 and dtype == torch.float32 else None
     cost = ocr_fam.moe(
         tokens, lm.hidden_size, lm.moe_intermediate_size, lm.n_routed_experts, lm.num_experts_per_tok,
-        lm.shared_intermediate_size, name, experts_touched=touched, routed=routed,
+        lm.shared_intermediate_size, name, experts_touched=touched, routed=routed, weight_major_block=block,
     )  # fmt: skip
     assert byte_fields(counter.total) == byte_fields(cost)
 
@@ -199,3 +208,50 @@ def test_folded_sam_moves_the_analytic_bytes_on_meta(tiny_arch):
         model.sam(pixels)
     analytic = stage_costs(tiny_arch, cfg.mode, dtype="bfloat16", paths=model.paths)
     assert byte_fields(counter.total) == byte_fields(forward_total(analytic.stages[SAM]))
+
+
+@torch.no_grad()
+def test_a_batch_moves_the_analytic_bytes_with_weight_major_rows(tiny_arch):
+    """Two copies of a page in fp32 with the CPU's paths: each decode step runs 2 tokens
+    (weight-major products, lm_head's too, and one-by-one experts over both)."""
+    cfg = load(["model=deepseek_ocr_tiny", "mode=tiny"]).model
+    fixed = paths("blocked", "grouped", "one_by_one", "eager", moe_batch="one_by_one", rows="weight_major")
+    model = fast_model(tiny_arch, torch.float32, fixed)
+    lm = tiny_arch.lm
+    routes: dict[int, list[list[int]]] = {i: [] for i in model.moe_layers()}
+    for i, layer in model.moe_layers().items():
+        layer.on_route = lambda experts, i=i: routes[i].append(host_bincount(experts.flatten(), lm.n_routed_experts))
+    params = list(model.parameters())
+    pixels = torch.randn(1, 3, 512, 512, generator=torch.Generator().manual_seed(0))
+    sam_out = model.sam(pixels)
+    embeds = model.layout(model.project(sam_out, model.clip(sam_out)), None, (1, 1))
+    s, steps, max_new = embeds.shape[0] + 12, 2, 4
+    ids = torch.full((2, s), 100)
+    ids[:, 1 : 1 + embeds.shape[0]] = tiny_arch.image_token_id
+    cache = model.new_cache(s + max_new, batch=2)
+    kv = cache.keys + cache.values
+    model.prefill(ids, torch.cat([embeds, embeds]), cache)
+    tokens = torch.tensor([[100], [7]])  # different tokens: the two rows route apart
+    decode = []
+    for _ in range(steps):
+        with ByteCounter(weights=params, kv=kv) as counter:
+            model.decode_step(tokens, cache)
+        decode.append(counter.total)
+    layers = sorted(routes)
+    routing = RoutingRecord(
+        prefill=tuple(tuple(routes[i][0]) for i in layers),
+        decode=tuple(tuple(tuple(routes[i][1 + j]) for i in layers) for j in range(steps)),
+    )
+    analytic = stage_costs(
+        tiny_arch, cfg.mode, text_tokens=12, decode_steps=steps, dtype="float32", routing=routing,
+        paths=fixed, cache_len=s + max_new, grids=[(1, 1), (1, 1)],
+    )  # fmt: skip
+    assert byte_fields(decode[0]) == pytest.approx(byte_fields(forward_total(analytic.decode_step)), rel=1e-12)
+    plain = stage_costs(
+        tiny_arch, cfg.mode, text_tokens=12, decode_steps=steps, dtype="float32", routing=routing,
+        paths=dataclasses.replace(fixed, rows="plain"), cache_len=s + max_new, grids=[(1, 1), (1, 1)],
+    )  # fmt: skip
+    decode_total = forward_total(analytic.stages[DECODE])
+    assert byte_fields(sum(decode, fam.Cost())) == pytest.approx(byte_fields(decode_total), rel=1e-12)
+    # Weight-major products move more than F.linear's: the transposing copies of their outputs.
+    assert forward_total(analytic.decode_step).bytes > forward_total(plain.decode_step).bytes

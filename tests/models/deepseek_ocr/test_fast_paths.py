@@ -111,7 +111,7 @@ def test_the_session_records_how_it_ran(tiny_arch):
             assert execution.tuned is not None and execution.paths == execution.tuned.paths
             assert record["paths"] == execution.paths.as_dict() and record["kv_cache_positions"] == execution.cache_len
             fields = [c["field"] for c in record["path_choice"]["choices"]]
-            assert sorted(fields) == ["decode", "linear", "moe_decode", "moe_prefill", "sam_attention"]
+            assert sorted(fields) == ["decode", "linear", "moe_batch", "moe_decode", "moe_prefill", "rows", "sam_attention"]
             assert len(record["notes"]) == 1 + len(fields)
             sam_words = {"reference": "with the reference's materialised bias", "blocked": "blocked over query tiles", "folded": "folded"}
             assert f"SAM attention {sam_words[execution.paths.sam_attention]}" in execution.summary()
@@ -133,7 +133,7 @@ def test_the_reference_formulations_of_each_choice_are_the_reference(tiny_arch):
     cfg = load(["model=deepseek_ocr_tiny", "mode=tiny"]).model
     reference = weights.dummy_model(tiny_arch, "cpu", torch.float32, seed=3)
     fast = weights.dummy_model(tiny_arch, "cpu", torch.float32, seed=3, impl="fast")
-    fast.use_paths(FastPaths("reference", "looped", "looped", "eager", "plain"))
+    fast.use_paths(FastPaths("reference", "looped", "looped", "eager", "plain", "plain", "looped"))
     session = DeepSeekOCRSession(cfg, SessionOptions(torch.device("cpu"), torch.float32))
     pixels = session.prepare(None, DEFAULT_PROMPT).views.global_view
     with torch.inference_mode():

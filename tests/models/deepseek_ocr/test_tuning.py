@@ -70,9 +70,9 @@ def test_bf16_on_cpu_has_one_linear_formulation(tiny_arch, tmp_path):
 
 def test_forced_choices_are_kept_untimed(fast_fp32, tmp_path):
     forced = {"linear": "split", "moe_decode": "gathered", "sam_attention": "folded", "decode": "static",
-              "moe_prefill": "looped"}  # fmt: skip
+              "moe_prefill": "looped", "rows": "plain", "moe_batch": "grouped"}  # fmt: skip
     tuned = tuning.tune_paths(fast_fp32, mode(), forced, cache_dir=tmp_path)
-    assert tuned.paths == FastPaths("folded", "looped", "gathered", "static", "split")
+    assert tuned.paths == FastPaths("folded", "looped", "gathered", "static", "split", "plain", "grouped")
     assert all(c.source == "forced" and not c.times_ms for c in tuned.choices)
 
 

@@ -224,8 +224,10 @@ class PathsConfig:
     sam_attention: str = "auto"  # auto | reference | blocked | folded
     moe_prefill: str = "auto"  # auto | grouped | looped
     moe_decode: str = "auto"  # auto | one_by_one | grouped | gathered | looped
+    moe_batch: str = "auto"  # auto | one_by_one | grouped | looped (a decode step of a batch)
     decode: str = "auto"  # auto | eager | static | graph (CUDA)
     linear: str = "auto"  # auto | split | plain
+    rows: str = "auto"  # auto | weight_major | plain (few-row products: a decode step of a batch)
     refresh: bool = False  # measure again instead of reading the cache
 
     def __post_init__(self) -> None:

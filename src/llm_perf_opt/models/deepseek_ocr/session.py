@@ -37,6 +37,7 @@ from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRConfig, DeepSeekO
 from llm_perf_opt.models.deepseek_ocr.decoder import KVCache
 from llm_perf_opt.models.deepseek_ocr.families import module_families
 from llm_perf_opt.models.deepseek_ocr.fast import FastDeepSeekOCR
+from llm_perf_opt.models.deepseek_ocr.fast.linear import FEW_ROWS
 from llm_perf_opt.models.deepseek_ocr.fast.paths import OPTIONS, FastPaths
 from llm_perf_opt.models.deepseek_ocr.fast.tuning import TunedPaths, tune_paths
 from llm_perf_opt.models.deepseek_ocr.model import DeepSeekOCR
@@ -197,9 +198,11 @@ class Execution:
             "as forward hooks do not fire in a replay: its decode busy times are of those steps)",
         }[decode_path]
         linear = {"split": "split into row blocks", "plain": "as F.linear"}[p.linear]
+        rows = {"weight_major": "weight-major", "plain": "as F.linear"}[p.rows]
         return (
             f"model.impl=fast: SAM attention {sam}; routed experts {p.moe_prefill} in prefill, "
             f"{p.routed_for(self.batch).replace('_', ' ')} in decode; decode as {decode}; one-token products {linear}"
+            + (f", a batch's few-row products {rows}" if 1 < self.batch <= FEW_ROWS else "")
         )
 
 

@@ -24,12 +24,17 @@ BATCHES = (2, 8)
 
 #: Path sets of the fast implementation that run on meta tensors, together covering every path
 #: but those that read values a meta tensor does not have, which the tests check on real CPU
-#: tensors: one-by-one decode experts (ids read on the host), a one-token grouped GEMM (which of
-#: its groups get rows) and the CUDA-graph replay, which only exists on CUDA.
+#: tensors: one-by-one experts for one token (ids read on the host), a one-token grouped GEMM
+#: (which of its groups get rows), the CUDA-graph replay, which only exists on CUDA, and the
+#: CPU's split and weight-major products (meta tensors take F.linear).
 META_FAST_PATHS = {
-    "blocked SAM, grouped prefill, gathered decode": FastPaths("blocked", "grouped", "gathered", "eager"),
-    "folded SAM, looped prefill, static decode": FastPaths("folded", "looped", "gathered", "static"),
-    "the reference's formulations": FastPaths("reference", "looped", "looped", "eager", "plain"),
+    "blocked SAM, grouped prefill, gathered decode, batch one by one": FastPaths(
+        "blocked", "grouped", "gathered", "eager", rows="plain", moe_batch="one_by_one"
+    ),
+    "folded SAM, looped prefill, static decode": FastPaths(
+        "folded", "looped", "gathered", "static", rows="plain", moe_batch="looped"
+    ),
+    "the reference's formulations": FastPaths("reference", "looped", "looped", "eager", "plain", "plain", "looped"),
 }
 
 
@@ -56,7 +61,7 @@ def _plain_cases(batched: bool = True) -> list[CheckCase]:
 
 
 def _path_overrides(paths: FastPaths) -> tuple[str, ...]:
-    fields = ("sam_attention", "moe_prefill", "moe_decode", "decode", "linear")
+    fields = ("sam_attention", "moe_prefill", "moe_decode", "moe_batch", "decode", "linear", "rows")
     return ("model.impl=fast", *(f"model.paths.{name}={getattr(paths, name)}" for name in fields))
 
 

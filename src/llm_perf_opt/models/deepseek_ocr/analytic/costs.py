@@ -22,6 +22,7 @@ only the causal lower triangle. See ROOFLINE_FLOPS for the one the roofline uses
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from llm_perf_opt.models.deepseek_ocr.config import (
     LMConfig,
     SamConfig,
 )
+from llm_perf_opt.models.deepseek_ocr.fast.linear import CHUNK_ROWS, FEW_ROWS
 from llm_perf_opt.models.deepseek_ocr.fast.paths import FOLDED_ALIGN, FastPaths, tile_rows
 from llm_perf_opt.models.deepseek_ocr.modes import (
     ModeSpec,
@@ -232,6 +234,7 @@ def lm_costs(
     static_len: int | None = None,
     graph: bool = False,
     batch: int = 1,
+    weight_major: bool = False,
 ) -> Breakdown:
     """One LM forward of `new_tokens` after `cached_tokens` in each of `batch` sequences: prefill
     is (S, 0), a decode step (1, L). Every token-wise family runs over batch * new_tokens rows and
@@ -242,7 +245,9 @@ def lm_costs(
     routed experts per MoE layer (default: the uniform-routing expectation); `routed` is how the
     routed experts run (families.MOE_ROUTED). A decode step with `static_len` is a positioned step
     over a static cache of that many positions (the fast decode), replayed from a CUDA graph
-    with `graph`.
+    with `graph`. With `weight_major` the fast linears' products of 2 to FEW_ROWS rows run
+    weight-major (`ocr_fam.weight_major_rows`, blocks of CHUNK_ROWS weight rows): a decode
+    step of a batch, lm_head over a batch's last positions.
     """
     moe_layers = _moe_layers(lm)
     if experts_touched is not None and len(experts_touched) != len(moe_layers):
@@ -250,6 +255,11 @@ def lm_costs(
     touched = dict(zip(moe_layers, experts_touched)) if experts_touched is not None else {}
     h, t = lm.hidden_size, batch * new_tokens  # t: rows of the token-wise families
     static = static_len is not None
+
+    def few(rows: float) -> int | None:  # the block of a weight-major product of `rows` rows, if any
+        return CHUNK_ROWS if weight_major and 1 < rows <= FEW_ROWS else None
+
+    block = few(t)
     items = [
         ("embedding", fam.embedding(t, h, dtype)),
         ("rope_tables", fam.rope_tables(new_tokens, lm.head_dim, dtype, positions_given=static)),
@@ -259,6 +269,8 @@ def lm_costs(
     heads = lm.num_attention_heads
     for i in range(lm.num_hidden_layers):
         attention = fam.causal_attention(new_tokens, cached_tokens, h, heads, dtype, static_len=static_len, batch=batch)
+        if block is not None:  # q, k, v, o
+            attention += 4 * ocr_fam.weight_major_rows(t, h, heads * lm.head_dim, dtype, block)
         items += [
             ("rmsnorm", 2 * fam.rmsnorm(t, h, dtype)),
             ("causal_attention", attention),
@@ -275,12 +287,19 @@ def lm_costs(
                 dtype,
                 experts_touched=touched.get(i),
                 routed=routed,
+                weight_major_block=block,
             )
             items += [(f"moe_{name}", cost) for name, cost in parts.items()]
         else:
-            items.append(("swiglu_mlp", fam.swiglu_mlp(t, h, lm.intermediate_size, dtype)))
+            mlp = fam.swiglu_mlp(t, h, lm.intermediate_size, dtype)
+            if block is not None:
+                mlp += ocr_fam.weight_major_swiglu(t, h, lm.intermediate_size, dtype, block)
+            items.append(("swiglu_mlp", mlp))
     # The last position of each sequence only.
-    items += [("rmsnorm", fam.rmsnorm(batch, h, dtype)), ("lm_head", fam.lm_head(batch, h, lm.vocab_size, dtype))]
+    head = fam.lm_head(batch, h, lm.vocab_size, dtype)
+    if few(batch) is not None:
+        head += ocr_fam.weight_major_rows(batch, h, lm.vocab_size, dtype, CHUNK_ROWS)
+    items += [("rmsnorm", fam.rmsnorm(batch, h, dtype)), ("lm_head", head)]
     return _accumulate(items)
 
 
@@ -469,8 +488,8 @@ def stage_costs(
 
     `paths` (None: the reference) are the formulations the fast implementation ran: its bytes
     differ where it moves less or more (SAM's bias, the MoE's dispatch, positioned decode
-    steps over a static cache of `cache_len` positions, default S + decode_steps + 1), its FLOPs
-    are the reference's.
+    steps over a static cache of `cache_len` positions, default S + decode_steps + 1, few-row
+    products run weight-major in fp32), its FLOPs are the reference's.
     """
     if text_tokens < 1 or decode_steps < 0:
         raise ValueError("analytic: need text_tokens >= 1 (BOS at least) and decode_steps >= 0")
@@ -509,16 +528,19 @@ def stage_costs(
     scatter = {"image_scatter": ocr_fam.image_scatter(batch * s, sum(image_tokens), lm.hidden_size, dtype)}
     pick = {"greedy_pick": ocr_fam.greedy_pick(lm.vocab_size, batch)}
     prefill_routed, step = "looped", {}
+    weight_major = paths is not None and paths.rows == "weight_major" and fam.dtype_bytes(dtype) == 4
     if paths is not None:
-        prefill_routed = paths.moe_prefill
+        prefill_routed = paths.routed_for(batch * s)
         step = {"routed": paths.routed_for(batch)}
         if paths.decode != "eager":
             cache_len = s + decode_steps + 1 if cache_len is None else cache_len
             step.update(static_len=cache_len, graph=paths.graphs_decode(batch))
-    prefill = _merge(lm_costs(lm, s, 0, dtype, prefill_touched, routed=prefill_routed, batch=batch), scatter)
-    stages[PREFILL] = _merge(prefill, pick)
-    first_step = _merge(lm_costs(lm, 1, s, dtype, step_touched, batch=batch, **step), pick)
-    mean_step = _merge(lm_costs(lm, 1, s + (decode_steps - 1) / 2, dtype, step_touched, batch=batch, **step), pick)
+    prefill = lm_costs(lm, s, 0, dtype, prefill_touched, routed=prefill_routed, batch=batch, weight_major=weight_major)
+    stages[PREFILL] = _merge(_merge(prefill, scatter), pick)
+    step_at = functools.partial(lm_costs, lm, 1, dtype=dtype, experts_touched=step_touched, batch=batch,
+                                weight_major=weight_major, **step)  # fmt: skip
+    first_step = _merge(step_at(s), pick)
+    mean_step = _merge(step_at(s + (decode_steps - 1) / 2), pick)
     stages[DECODE] = {family: decode_steps * cost for family, cost in mean_step.items()}
 
     return StageModel(

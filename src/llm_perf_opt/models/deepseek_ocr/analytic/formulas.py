@@ -289,6 +289,25 @@ def image_layout(grid: tuple[int, int], side: int, tile_side: int, hidden: int, 
     return cost + Cost(weight_bytes=row, act_read_bytes=tokens * row, act_write_bytes=(tokens + 1) * row)
 
 
+def weight_major_rows(rows: float, in_features: int, out_features: int, dtype: object, block_rows: int) -> Cost:
+    """What a product of M few rows computed weight-major (the fast `rows_product`) moves beyond
+    linear(M, K, N): each of the ceil(N/C) blocks of C = block_rows weight rows reads x [M, K]
+    (one of those reads is linear's) and writes its [C, M] result, which is copied transposed
+    into the output (linear's write): (ceil(N/C) - 1)*M*K*b + M*N*b read, M*N*b written."""
+    check_sizes(rows=rows, in_features=in_features, out_features=out_features, block_rows=block_rows)
+    b = dtype_bytes(dtype)
+    blocks = math.ceil(out_features / block_rows)
+    out = rows * out_features * b
+    return Cost(act_read_bytes=(blocks - 1) * rows * in_features * b + out, act_write_bytes=out)
+
+
+def weight_major_swiglu(rows: float, hidden: int, intermediate: int, dtype: object, block_rows: int) -> Cost:
+    """weight_major_rows of a bias-free SwiGLU's three products (gate and up: h -> I; down: I -> h)."""
+    return 2 * weight_major_rows(rows, hidden, intermediate, dtype, block_rows) + weight_major_rows(
+        rows, intermediate, hidden, dtype, block_rows
+    )
+
+
 def greedy_pick(vocab: int, batch: int = 1) -> Cost:
     """The next token of each of B sequences, greedily: argmax over one position's fp32 logits
     per sequence (read 4*B*V), B int64s written."""
@@ -325,6 +344,7 @@ def moe_parts(
     *,
     experts_touched: float | None = None,
     routed: str = "looped",
+    weight_major_block: int | None = None,
 ) -> dict[str, Cost]:
     """DeepSeek-V2 MoE over T tokens, split into its "gate", "routed" and "shared" parts.
 
@@ -355,16 +375,21 @@ def moe_parts(
       gathered (one token): the k experts' weights gathered into [k, ...] copies (the weights
             read, k*8 ids read twice, k*3*h*I*b written) and read again by two batched
             matmuls (x read once, h*b); outputs cast to fp32 and summed by [1, k] x [k, h].
-      one_by_one (one token, ids read on the host): per expert two matrix-vector products
+      one_by_one (ids read on the host): for one token per expert two matrix-vector products
             and SwiGLU; cat of the k outputs (k*h*b -> k*h*b), cast to fp32, [1, k] x [k, h].
+            For more tokens the looped form's dispatch and combine around each expert's
+            gate+up and down products on its rows.
     shared: swiglu_mlp(T, h, I_shared) over all tokens, its output added to the routed sum.
+    With `weight_major_block` (a few tokens on CPU in fp32) the shared experts' products, and
+    the many-token one_by_one experts' (on the P rows: gate+up h -> 2I, down I -> h), run
+    weight-major in blocks of that many weight rows: plus weight_major_rows of each.
     FLOPs are the looped form's whichever `routed`.
     """
     check_sizes(tokens=tokens, expert_intermediate=expert_intermediate, shared_intermediate=shared_intermediate)
     if routed not in MOE_ROUTED:
         raise ValueError(f"moe: routed must be one of {', '.join(MOE_ROUTED)}, not {routed!r}")
-    if routed in ("gathered", "one_by_one") and tokens != 1:
-        raise ValueError(f"moe: the {routed} experts run one token at a time, not {tokens}")
+    if routed == "gathered" and tokens != 1:
+        raise ValueError(f"moe: the gathered experts run one token at a time, not {tokens}")
     touched = experts_touched
     if touched is None:
         touched = expected_distinct_experts(tokens, n_experts, top_k)
@@ -391,6 +416,11 @@ def moe_parts(
     elif routed == "grouped":
         moved = _fused_experts(pairs, hidden, expert_intermediate, b, pairs * hidden * b)
         moved += _grouped_around_experts(tokens, pairs, hidden, n_experts, b)
+    elif tokens != 1:  # one_by_one over several tokens
+        moved = _fused_experts(pairs, hidden, expert_intermediate, b, pairs * hidden * b) + looped
+        if weight_major_block is not None:
+            moved += weight_major_rows(pairs, hidden, 2 * expert_intermediate, dtype, weight_major_block)
+            moved += weight_major_rows(pairs, expert_intermediate, hidden, dtype, weight_major_block)
     else:
         x_read = (1 if routed == "gathered" else top_k) * hidden * b  # a batched matmul reads x once
         moved = _fused_experts(pairs, hidden, expert_intermediate, b, x_read)
@@ -398,6 +428,8 @@ def moe_parts(
     cast_back = cast(tokens * hidden, FP32, b)
     routed_cost = flops_only(experts + looped) + weights + bytes_only(moved) + cast_back
     shared = swiglu_mlp(tokens, hidden, shared_intermediate, dtype) + add(tokens * hidden, dtype)
+    if weight_major_block is not None:
+        shared += weight_major_swiglu(tokens, hidden, shared_intermediate, dtype, weight_major_block)
     return {"gate": gate, "routed": routed_cost, "shared": shared}
 
 
@@ -489,6 +521,7 @@ def moe(
     *,
     experts_touched: float | None = None,
     routed: str = "looped",
+    weight_major_block: int | None = None,
 ) -> Cost:
     """The whole MoE block: sum of moe_parts (gate + routed experts + shared experts)."""
     parts = moe_parts(
@@ -501,5 +534,6 @@ def moe(
         dtype,
         experts_touched=experts_touched,
         routed=routed,
+        weight_major_block=weight_major_block,
     )
     return sum(parts.values(), Cost())

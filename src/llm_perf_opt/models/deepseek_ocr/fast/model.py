@@ -78,6 +78,7 @@ class FastDeepSeekOCR(DeepSeekOCR):
                 module.paths = paths
             elif isinstance(module, FastLinear):
                 module.split = paths is None or paths.linear == "split"
+                module.rows = paths is None or paths.rows == "weight_major"
 
     def to_empty(self, *, device, recurse: bool = True) -> FastDeepSeekOCR:
         """Uninitialised storage on `device`, allocated once: each MoE layer's stacked expert

@@ -18,9 +18,12 @@ Four ways to run the experts (`paths.FastPaths`), picked per call by `paths.choo
 * gathered (one token, CUDA without the grouped kernel): the k chosen experts' weights are
   gathered into [k, ...] tensors and run as two batched matmuls. Sync-free, hence usable in a
   CUDA graph, at the price of writing and re-reading a copy of those weights.
-* one by one (one token on CPU): the k expert ids are read on the host, which on a CPU costs
-  no device sync, and each expert runs as two `linear.matvec` products on its slices of the
-  stacks (CPU's grouped GEMM runs each group as a single-threaded GEMM, half the bandwidth).
+* one by one (a decode step on CPU): the expert ids are read on the host, which on a CPU costs
+  no device sync, and each chosen expert runs as two products on its slices of the stacks
+  (CPU's grouped GEMM runs each group as a single-threaded GEMM, half the bandwidth): for one
+  token two `linear.matvec` products; for a decode step of a batch the reference's dispatch
+  and combine around the experts, each expert's rows through `linear.rows_product` (every
+  expert, even one of a single row, so the bytes moved do not depend on the routing).
 * looped: the reference's per-expert loop, which reads the counts on the host once per layer
   (prefill on CUDA without the grouped kernel, or wherever it measures fastest).
 
@@ -36,7 +39,7 @@ from torch import nn
 
 from ..config import LMConfig
 from ..decoder import MoE
-from .linear import matvec
+from .linear import matvec, rows_product
 from .paths import FastPaths, choose_paths
 
 
@@ -99,17 +102,44 @@ class FastMoE(MoE):
         return weights.float() @ out.float()
 
     def one_by_one(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """One token [1, d] on CPU: the k chosen experts in turn, ids read on the host."""
-        split = (self.paths or choose_paths(x.device, x.dtype)).linear == "split"
+        """The chosen experts in turn, ids read on the host: for one token [1, d] two products
+        each; for more, each expert on its rows between the reference's dispatch and combine."""
+        paths = self.paths or choose_paths(x.device, x.dtype)
+        if x.shape[0] > 1:
+            return self._experts_on_their_rows(x, weights, experts, paths.rows == "weight_major")
+        split = paths.linear == "split"
         outs = [
             matvec(self.down_weight[e], _swiglu(matvec(self.gate_up_weight[e], x, split)), split)
             for e in experts[0].tolist()
         ]  # k x [1, d]
         return weights.float() @ torch.cat(outs).float()
 
+    def _experts_on_their_rows(
+        self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, weight_major: bool
+    ) -> torch.Tensor:
+        """Σ_k w_k · expert_k(x) in fp32 [T, d] as the reference groups it, each expert's gate+up
+        and down as one product each (`rows_product` on CPU in fp32 with `weight_major`)."""
+        product = rows_product if weight_major and x.device.type == "cpu" and x.dtype == torch.float32 else _linear
+        flat = experts.flatten()
+        order = flat.argsort()
+        token_of = order // self.top_k
+        counts = self.count_tokens(flat, self.n_experts)
+        rows = x[token_of]  # [T·k, d], grouped by expert
+        outs = [
+            product(self.down_weight[e], _swiglu(product(self.gate_up_weight[e], chunk)))
+            for e, chunk in enumerate(rows.split(counts))
+            if chunk.shape[0]
+        ]
+        routed = torch.cat(outs).float() * weights.flatten()[order, None]
+        return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token_of, routed)
+
     def looped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """The reference's per-expert loop (counts read on the host)."""
         return super().routed(x, weights, experts)
+
+
+def _linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, weight)
 
 
 def _swiglu(hidden: torch.Tensor) -> torch.Tensor:

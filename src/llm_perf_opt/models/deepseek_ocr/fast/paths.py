@@ -20,18 +20,24 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from .linear import FEW_ROWS
+
 SAM_ATTENTION = ("reference", "blocked", "folded")
 MOE_PREFILL = ("grouped", "looped")
 MOE_DECODE = ("grouped", "gathered", "one_by_one", "looped")
+MOE_BATCH = ("one_by_one", "grouped", "looped")
 DECODE = ("eager", "static", "graph")
 LINEAR = ("split", "plain")
+ROWS = ("weight_major", "plain")
 #: Each choice's options, by FastPaths field.
 OPTIONS = {
     "sam_attention": SAM_ATTENTION,
     "moe_prefill": MOE_PREFILL,
     "moe_decode": MOE_DECODE,
+    "moe_batch": MOE_BATCH,
     "decode": DECODE,
     "linear": LINEAR,
+    "rows": ROWS,
 }
 
 #: Largest bias tile of the blocked SAM attention, in elements (256 MiB in fp32; a third of base
@@ -51,16 +57,19 @@ class FastPaths:
     sam_attention: "reference" (the bias materialised, as released), "blocked" (query tiles of
         at most `bias_tile_elements` bias elements) or "folded" (the bias folded into a widened
         dot product; nothing N x N is written);
-    moe_prefill, moe_decode: how the routed experts run for many tokens and for one (a decode
-        step of a batch feeds many: `moe_prefill`'s way, see `routed_for`):
+    moe_prefill, moe_decode, moe_batch: how the routed experts run for many tokens, for one,
+        and for 2 to `linear.FEW_ROWS` (a decode step of a batch; see `routed_for`):
         "grouped" (two grouped GEMMs over expert-sorted rows), "gathered" (the chosen experts'
-        weights copied, then batched matmuls), "one_by_one" (ids read on the host, one
-        matrix-vector product per expert) or "looped" (the reference's loop);
+        weights copied, then batched matmuls; one token), "one_by_one" (ids read on the host,
+        each chosen expert's two products on its rows; not in prefill) or "looped" (the
+        reference's loop);
     decode: "eager" (the reference's decode step), "static" (positioned steps over a static
         cache, attending over all of it through a mask) or "graph" (those steps replayed from
         a CUDA graph, each returning a copy of the graph's logits);
     linear: the language model's one-token products on CPU in fp32: "split" (row blocks as one
-        bmm, `linear.matvec`) or "plain" (F.linear, as the reference).
+        bmm, `linear.matvec`) or "plain" (F.linear, as the reference);
+    rows: its products of 2 to `linear.FEW_ROWS` rows on CPU in fp32 (a decode step of a batch):
+        "weight_major" (W · xᵀ over blocks of weight rows, `linear.rows_product`) or "plain".
     """
 
     sam_attention: str
@@ -68,6 +77,8 @@ class FastPaths:
     moe_decode: str
     decode: str
     linear: str = "split"
+    rows: str = "weight_major"
+    moe_batch: str = "one_by_one"
     bias_tile_elements: int = BIAS_TILE_ELEMENTS
 
     def __post_init__(self) -> None:
@@ -81,14 +92,17 @@ class FastPaths:
         return asdict(self)
 
     def routed_for(self, tokens: int) -> str:
-        """How the routed experts run for a forward of `tokens` tokens: the one-token ways
-        ("gathered", "one_by_one") only exist for one."""
-        return self.moe_decode if tokens == 1 else self.moe_prefill
+        """How the routed experts run for a forward of `tokens` tokens: `moe_decode` for one,
+        `moe_batch` for a few (up to FEW_ROWS, a decode step of a batch), `moe_prefill` beyond."""
+        if tokens == 1:
+            return self.moe_decode
+        return self.moe_batch if tokens <= FEW_ROWS else self.moe_prefill
 
     def graphs_decode(self, batch: int) -> bool:
         """Whether decode steps of `batch` sequences replay a CUDA graph: the "graph" decode,
-        unless its experts run "looped", whose host-side counts no graph can hold."""
-        return self.decode == "graph" and self.routed_for(batch) != "looped"
+        unless its experts read ids or counts on the host ("looped", "one_by_one"), which no
+        graph can hold."""
+        return self.decode == "graph" and self.routed_for(batch) not in ("looped", "one_by_one")
 
 
 @functools.lru_cache(maxsize=None)
@@ -113,21 +127,24 @@ def grouped_mm_without_sync(device: torch.device, dtype: torch.dtype) -> bool:
 def choose_paths(device: torch.device, dtype: torch.dtype) -> FastPaths:
     """The guess where nothing was measured, from one 2-core Zen 4 CPU and the CUDA kernels'
     constraints. CPU: blocked SAM attention (folding triples QK's multiply-adds, 1.6x slower
-    there), grouped prefill experts, one-by-one decode experts (host reads cost no sync; CPU's
-    grouped GEMM runs each group single-threaded), eager decode, split one-token products.
-    Other CPUs differ (on an Intel Xeon with AMX the split products are 1.8x slower than
-    F.linear), which is why sessions measure (`tuning.tune_paths`). CUDA (and meta, which stands
-    in for it in tests): folded SAM attention, grouped experts where `grouped_mm_without_sync`,
-    otherwise gathered in decode and looped in prefill, and decode replayed from a CUDA graph
-    (static steps on meta, which has no graphs)."""
+    there), grouped prefill experts, one-by-one experts for a decode step of one token or a
+    batch (host reads cost no sync; CPU's grouped GEMM runs each group single-threaded), eager
+    decode, split one-row and weight-major few-row products. Other CPUs differ (on an Intel
+    Xeon with AMX the split products are 1.8x slower than F.linear), which is why sessions
+    measure (`tuning.tune_paths`). CUDA (and meta, which stands in for it in tests): folded SAM
+    attention, grouped experts where `grouped_mm_without_sync`, otherwise gathered for one
+    token and looped for many, and decode replayed from a CUDA graph (static steps on meta,
+    which has no graphs)."""
     if device.type == "cpu":
-        return FastPaths("blocked", "grouped", "one_by_one", "eager", "split")
+        return FastPaths("blocked", "grouped", "one_by_one", "eager", "split", "weight_major", "one_by_one")
     grouped = grouped_mm_without_sync(device, dtype)
     return FastPaths(
         "folded",
         "grouped" if grouped else "looped",
         "grouped" if grouped else "gathered",
         "graph" if device.type == "cuda" else "static",
+        rows="plain",
+        moe_batch="grouped" if grouped else "looped",
     )
 
 

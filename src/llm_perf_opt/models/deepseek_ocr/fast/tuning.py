@@ -8,10 +8,11 @@ formulation among its candidates, and a fast candidate replaces it only when fas
 than `TIE` (a tie goes to the reference: it is the faithful one).
 
 The choices are timed in dependency order, each with the winners before it in place:
-linear (one-token products; only CPU fp32 has two), decode experts, prefill experts, SAM
-attention (its tile size too), decode form (CUDA graphs only where the decode experts take no
-host read). Each candidate runs once untimed, then `REPS` times interleaved with the others;
-its figure is the median. Timed on the whole model's structure where it matters: the linears
+linear (one-token products; only CPU fp32 has two), few-row products (likewise; timed at
+BATCH_ROWS rows, a decode step of a batch), decode experts for one token, then for BATCH_ROWS
+tokens, prefill experts, SAM attention (its tile size too), decode form (CUDA graphs only
+where the decode experts take no host read). Each candidate runs once untimed, then `REPS`
+times interleaved with the others; its figure is the median. Timed on the whole model's structure where it matters: the linears
 of one decoder layer and lm_head; a decode MoE layer per call, in turn over all layers (a
 token's experts are never in cache); SAM attention as one global block plus one windowed
 block, weighted by how many of each the encoder has; decode as whole steps.
@@ -49,13 +50,15 @@ from .paths import BIAS_TILE_ELEMENTS, FastPaths, choose_paths, grouped_mm_witho
 TIE = 0.05
 REPS = 3
 #: The reference's own formulation of each choice.
-REFERENCE = {"linear": "plain", "moe_decode": "looped", "moe_prefill": "looped", "sam_attention": "reference",
-             "decode": "eager"}  # fmt: skip
+REFERENCE = {"linear": "plain", "rows": "plain", "moe_decode": "looped", "moe_batch": "looped",
+             "moe_prefill": "looped", "sam_attention": "reference", "decode": "eager"}  # fmt: skip
+#: Rows of the few-row choices (`rows`, `moe_batch`): a decode step of this many sequences.
+BATCH_ROWS = 8
 #: Bias tiles (elements) tried for the blocked SAM attention besides the default.
 TILES = (24, BIAS_TILE_ELEMENTS.bit_length() - 1)  # as powers of two: "blocked/2^24"
 #: Text tokens assumed beside the image's when sizing prefill (the default prompt has ~10).
 TEXT_TOKENS = 16
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -196,7 +199,9 @@ def _measure(model, mode: ModeSpec, forced: Mapping[str, str]) -> dict[str, Choi
     cpu_fp32 = device.type == "cpu" and dtype == torch.float32
     measured: dict[str, tuple[tuple[str, ...], Callable[[int], Calls]]] = {
         "linear": (("split", "plain") if cpu_fp32 else ("plain",), lambda rep: _linear_calls(model)),
+        "rows": (("weight_major", "plain") if cpu_fp32 else ("plain",), lambda rep: _linear_calls(model, BATCH_ROWS)),
         "moe_decode": (("one_by_one", "looped", *grouped, "gathered"), lambda rep: _moe_calls(model, 1, rep)),
+        "moe_batch": (("one_by_one", "looped", *grouped), lambda rep: _moe_calls(model, BATCH_ROWS, rep)),
         "moe_prefill": ((*grouped, "looped"), lambda rep: _moe_calls(model, prompt, rep)),
         "sam_attention": (("reference", *(f"blocked/2^{t}" for t in TILES), "folded"),
                           lambda rep: _sam_calls(model, mode.global_size)),
@@ -262,11 +267,11 @@ def _timed(device: torch.device, calls: Calls) -> float:
     return total
 
 
-def _linear_calls(model) -> Calls:
-    """One token through every FastLinear of the first MoE layer, and lm_head."""
+def _linear_calls(model, rows: int = 1) -> Calls:
+    """`rows` tokens through every FastLinear of the first MoE layer, and lm_head."""
     layer = model.model.layers[min(model.moe_layers(), default=0)]
     linears = [m for m in (*layer.modules(), model.lm_head) if isinstance(m, FastLinear)]
-    xs = [torch.randn(1, 1, m.in_features, device=model.device, dtype=model.dtype) for m in linears]
+    xs = [torch.randn(1, rows, m.in_features, device=model.device, dtype=model.dtype) for m in linears]
     return Calls([(1.0, lambda m=m, x=x: m(x)) for m, x in zip(linears, xs)])
 
 
