@@ -15,12 +15,12 @@ from llm_perf_opt.models.deepseek_ocr import weights
 from llm_perf_opt.models.deepseek_ocr.decoder import MoE
 from llm_perf_opt.models.deepseek_ocr.fast import FastDeepSeekOCR
 from llm_perf_opt.models.deepseek_ocr.fast.decoder import StaticKVCache
-from llm_perf_opt.models.deepseek_ocr.fast.linear import CHUNK_ROWS, FEW_ROWS, FastLinear, matvec, rows_product
+from llm_perf_opt.models.kernels.blocked_attention import blocked_attention
+from llm_perf_opt.models.kernels.linear import FastLinear
 from llm_perf_opt.models.deepseek_ocr.fast.moe import FastMoE
 from llm_perf_opt.models.deepseek_ocr.fast.paths import grouped_mm_without_sync
 from llm_perf_opt.models.deepseek_ocr.fast.sam import (
     FastSamAttention,
-    blocked_attention,
     folded_attention,
     rel_pos_terms,
 )
@@ -291,33 +291,6 @@ def test_fast_moe_matches_the_reference_moe(tiny_arch, tokens, path):
     close(got, expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 3, FEW_ROWS + 1])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matvec_is_the_linear_product(rows, dtype):
-    gen = torch.Generator().manual_seed(11)
-    weight = torch.randn(1792, 1280, generator=gen).to(dtype)
-    x = torch.randn(1, rows, 1280, generator=gen).to(dtype)
-    expected = x.double() @ weight.double().T  # [1, rows, 1792], in fp64 for reference
-    got = matvec(weight, x)
-    assert got.shape == (1, rows, 1792) and got.dtype == dtype and got.is_contiguous()
-    # The split and weight-major products (fp32, up to FEW_ROWS rows) sum in another order:
-    # fp32 rounding only.
-    close(got.double(), expected, rel=1e-6 if dtype == torch.float32 else 1e-2)
-    if rows > FEW_ROWS or dtype != torch.float32:
-        assert torch.equal(got, torch.nn.functional.linear(x, weight))  # F.linear itself
-    assert torch.equal(matvec(weight, x, split=False, rows=False), torch.nn.functional.linear(x, weight))
-
-
-def test_rows_product_covers_every_weight_block():
-    """Weights of 2.5 blocks of CHUNK_ROWS rows: the last, partial block is written too."""
-    gen = torch.Generator().manual_seed(12)
-    n = 2 * CHUNK_ROWS + CHUNK_ROWS // 2
-    weight, x = torch.randn(n, 96, generator=gen), torch.randn(5, 96, generator=gen)
-    got = rows_product(weight, x)
-    assert got.shape == (5, n) and got.is_contiguous()
-    close(got.double(), x.double() @ weight.double().T, rel=1e-6)
-
-
 def test_fast_lm_linears_keep_their_names(tiny_arch, models):
     _, fast = models
     assert isinstance(fast.lm_head, FastLinear)
@@ -380,24 +353,3 @@ def test_session_with_impl_fast_generates_the_reference_tokens():
         tokens[impl] = session.generate(request, 6).tokens
     assert isinstance(session.model, FastDeepSeekOCR)
     assert tokens["fast"] == tokens["reference"]
-
-
-def test_blocked_attention_allocates_tiles_not_the_whole_bias(monkeypatch):
-    """At a 64×64 grid with 2 heads (N = 4096) and a tile bound of 2^22 elements, a tile holds
-    2^22 // (2·64·4096) = 8 grid rows: its bias buffer has 2·8·64·4096 elements, 1/8 of the
-    2·4096·4096 of the whole bias, and nothing larger is allocated."""
-    gen = torch.Generator().manual_seed(10)
-    q, k, v = (torch.randn(1, 2, 4096, 8, generator=gen) for _ in range(3))
-    rel_h = torch.randn(1, 2, 64, 64, 64, generator=gen)
-    rel_w = torch.randn(1, 2, 64, 64, 64, generator=gen)
-    sizes = []
-    real_new_empty = torch.Tensor.new_empty
-
-    def recording_new_empty(self, *size, **kwargs):
-        out = real_new_empty(self, *size, **kwargs)
-        sizes.append(out.numel())
-        return out
-
-    monkeypatch.setattr(torch.Tensor, "new_empty", recording_new_empty)
-    blocked_attention(q, k, v, rel_h, rel_w, tile_elements=1 << 22)
-    assert max(sizes) == 2 * 8 * 64 * 4096

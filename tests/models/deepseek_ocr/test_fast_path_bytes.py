@@ -20,7 +20,7 @@ from llm_perf_opt.models.deepseek_ocr.analytic import formulas as ocr_fam
 from llm_perf_opt.models.deepseek_ocr.analytic.costs import MODEL_STAGES, stage_costs
 from llm_perf_opt.models.deepseek_ocr import weights
 from llm_perf_opt.models.deepseek_ocr.config import SamConfig
-from llm_perf_opt.models.deepseek_ocr.fast.linear import CHUNK_ROWS, use_fast_linears
+from llm_perf_opt.models.kernels.linear import CHUNK_ROWS, use_fast_linears
 from llm_perf_opt.models.deepseek_ocr.fast.moe import FastMoE
 from llm_perf_opt.models.deepseek_ocr.fast.paths import FastPaths, tile_rows
 from llm_perf_opt.models.deepseek_ocr.fast.sam import FastSamAttention

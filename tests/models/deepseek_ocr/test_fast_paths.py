@@ -11,7 +11,7 @@ from llm_perf_opt.models.deepseek_ocr import weights
 from llm_perf_opt.models.deepseek_ocr.fast import FastDeepSeekOCR
 from llm_perf_opt.models.deepseek_ocr.fast.decoder import StaticKVCache
 from llm_perf_opt.models.deepseek_ocr.fast.moe import FastMoE
-from llm_perf_opt.models.deepseek_ocr.fast.paths import BIAS_TILE_ELEMENTS, FastPaths, choose_paths, tile_rows
+from llm_perf_opt.models.deepseek_ocr.fast.paths import FastPaths, choose_paths
 from llm_perf_opt.models.deepseek_ocr.fast.sam import FastSamAttention
 from llm_perf_opt.models.tokenizer import DEFAULT_PROMPT
 from llm_perf_opt.models.interface import SessionOptions
@@ -45,23 +45,6 @@ def test_an_unknown_path_is_refused(field, value):
     paths = {"sam_attention": "blocked", "moe_prefill": "grouped", "moe_decode": "grouped", "decode": "eager"}
     with pytest.raises(ValueError, match=field):
         FastPaths(**{**paths, field: value})
-
-
-@pytest.mark.parametrize(
-    ("groups", "heads", "side", "tile", "rows"),
-    [
-        # base, global block: 2^26 // (12 heads * 64 * 4096) = 21 rows at most -> 4 tiles of 16
-        (1, 12, 64, BIAS_TILE_ELEMENTS, 16),
-        # base, windowed: 25 windows * 12 heads * 14 * 196 = 823,200 elements per row: all 14 fit
-        (25, 12, 14, BIAS_TILE_ELEMENTS, 14),
-        # a bound below one grid row still makes progress, one row at a time
-        (1, 12, 64, 1000, 1),
-        # 10 rows of a 64-row grid at most -> 7 tiles; equal heights of ceil(64 / 7) = 10
-        (1, 1, 64, 10 * 64 * 4096, 10),
-    ],
-)
-def test_tile_rows(groups, heads, side, tile, rows):
-    assert tile_rows(groups, heads, side, side, tile) == rows
 
 
 def test_fixed_paths_reach_every_fast_module_and_the_cache(tiny_arch):

@@ -81,17 +81,6 @@ def test_eager_attention_keeps_transformers_sam_attention(options):
     assert fast.SAM_ATTENTION not in session.execution().replaced
 
 
-def test_tiles_are_whole_grid_rows_of_at_most_the_budget():
-    # base mode's global block: 12 heads x 4096 x 4096 = 3 x 2^26 elements -> 4 tiles of 16 rows
-    assert fast.tile_rows(1, 12, 64, 64, 1 << 26) == 16
-    # a windowed block (25 windows of 14 x 14, 12 heads, 46 MB in fp32) fits one tile
-    assert fast.tile_rows(25, 12, 14, 14, 1 << 26) == 14
-    # at most the budget, but never less than one grid row
-    assert fast.tile_rows(1, 12, 64, 64, 1) == 1
-    # 64 rows by at most 21 -> 4 tiles, made equal: 16 rows each
-    assert fast.tile_rows(1, 1, 64, 64, 21 * 64 * 4096) == 16
-
-
 def test_fast_counts_the_same_flops_and_fewer_sam_bytes(options):
     request = DeepSeekOCR2Session(tiny("reference"), options).prepare(None, PROMPT)
     ref = DeepSeekOCR2Analytic(tiny("reference")).stage_model(request, 3, "float32", None).stages

@@ -37,7 +37,7 @@ from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRConfig, DeepSeekO
 from llm_perf_opt.models.deepseek_ocr.decoder import KVCache
 from llm_perf_opt.models.deepseek_ocr.families import module_families
 from llm_perf_opt.models.deepseek_ocr.fast import FastDeepSeekOCR
-from llm_perf_opt.models.deepseek_ocr.fast.linear import FEW_ROWS
+from llm_perf_opt.models.kernels.linear import FEW_ROWS
 from llm_perf_opt.models.deepseek_ocr.fast.paths import OPTIONS, FastPaths
 from llm_perf_opt.models.deepseek_ocr.fast.tuning import TunedPaths, tune_paths
 from llm_perf_opt.models.deepseek_ocr.model import DeepSeekOCR

@@ -6,7 +6,7 @@ transformers' SAM attention, SAM MLP and routed-experts modules of an already bu
 (instance attributes, the classes are untouched), nothing else. What changes is what is written to
 memory and how the work is cut into kernels, not what is computed:
 
-* SAM attention (`blocked_sam_attention`). transformers builds the decomposed relative-position
+* SAM attention (`blocked_sam_attention`, on `kernels.blocked_attention`). transformers builds the decomposed relative-position
   bias whole, bias[B·heads, H, W, H, W] = rel_h[.., r, c, r'] + rel_w[.., r, c, c'], reshapes it
   to [B, heads, N, N] (a copy: the broadcast add leaves it in the einsums' permuted layout)
   and hands it to SDPA as an additive mask. In a global block at 1024 pixels (N = 4096, 12
@@ -30,22 +30,22 @@ The FLOPs are the reference's. Outputs match the reference within fp32 rounding:
 kernel may block a shorter query tile differently, which can change the last bits (a test
 compares embeddings, logits and greedy tokens on the tiny model).
 
-Tile size: on DeepSeek-OCR's identical SAM (`models/deepseek_ocr/fast/paths.py`), on a 2-core
-Zen 4 in fp32, tiles of 2^26 elements were the fastest of 2^23..2^26 and the whole bias.
+Tile size: `kernels.blocked_attention.BIAS_TILE_ELEMENTS`, measured on DeepSeek-OCR's identical
+SAM. Unlike DeepSeek-OCR's fast implementation, nothing here is chosen by measuring the device:
+formulations that win on one CPU and lose on another (the split one-row products of
+`kernels.linear`) are left out.
 """
 
 from __future__ import annotations
 
-import math
 import types
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: Largest bias tile of the blocked SAM attention, in elements (256 MiB in fp32): base mode's
-#: global blocks run in 4 tiles of 16 grid rows.
-BIAS_TILE_ELEMENTS = 1 << 26
+from llm_perf_opt.models.kernels.blocked_attention import BIAS_TILE_ELEMENTS, blocked_attention
+
 SAM_ATTENTION = "DeepseekOcr2SamVisionSdpaAttention"
 SAM_MLP = "DeepseekOcr2SamMLPBlock"
 EXPERTS = "DeepseekOcr2TextExperts"
@@ -68,16 +68,10 @@ class Scratch:
         return buffer[:numel]
 
 
-def tile_rows(batch: int, heads: int, h: int, w: int, tile_elements: int) -> int:
-    """Grid rows of queries per tile over [batch, heads, h·w, h·w] bias elements: the fewest
-    tiles of at most `tile_elements` (at least one grid row each), of equal height but the last."""
-    most_rows = max(1, min(h, tile_elements // (batch * heads * w * h * w)))
-    return math.ceil(h / math.ceil(h / most_rows))
-
-
 def blocked_sam_attention(self: nn.Module, hidden_states: torch.Tensor, output_attentions: bool = False):
     """transformers' DeepseekOcr2SamVisionSdpaAttention.forward with the bias written a tile of
-    query rows at a time (module docstring). Returns (output, None) as the reference does."""
+    query rows at a time (`kernels.blocked_attention`, into the shared scratch buffer). Returns
+    (output, None) as the reference does."""
     b, h, w, _ = hidden_states.shape
     heads, n = self.num_attention_heads, h * w
     qkv = self.qkv(hidden_states).reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
@@ -89,17 +83,7 @@ def blocked_sam_attention(self: nn.Module, hidden_states: torch.Tensor, output_a
         rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, self.get_rel_pos(h, h, self.rel_pos_h))
         rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, self.get_rel_pos(w, w, self.rel_pos_w))
         rel_h, rel_w = rel_h.unflatten(0, (b, heads)), rel_w.unflatten(0, (b, heads))
-        rows = tile_rows(b, heads, h, w, BIAS_TILE_ELEMENTS)
-        scratch = self.scratch.get(b * heads * rows * w * n, q)
-        out = q.new_empty(b, n, heads, d).transpose(1, 2)  # token-major, as the caller reshapes it
-        for top in range(0, h, rows):
-            bottom = min(h, top + rows)
-            start, end = top * w, bottom * w
-            bias = scratch[: b * heads * (end - start) * n].view(b, heads, bottom - top, w, h, w)
-            torch.add(rel_h[:, :, top:bottom, :, :, None], rel_w[:, :, top:bottom, :, None, :], out=bias)
-            out[:, :, start:end] = F.scaled_dot_product_attention(
-                q[:, :, start:end], k, v, attn_mask=bias.view(b, heads, end - start, n)
-            )
+        out = blocked_attention(q, k, v, rel_h, rel_w, BIAS_TILE_ELEMENTS, self.scratch.get)
     else:
         out = F.scaled_dot_product_attention(q, k, v)
     return self.proj(out.transpose(1, 2).reshape(b, h, w, -1)), None

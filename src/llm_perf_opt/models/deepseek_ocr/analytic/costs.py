@@ -38,8 +38,9 @@ from llm_perf_opt.models.deepseek_ocr.config import (
     LMConfig,
     SamConfig,
 )
-from llm_perf_opt.models.deepseek_ocr.fast.linear import CHUNK_ROWS, FEW_ROWS
-from llm_perf_opt.models.deepseek_ocr.fast.paths import FOLDED_ALIGN, FastPaths, tile_rows
+from llm_perf_opt.models.kernels.linear import CHUNK_ROWS, FEW_ROWS
+from llm_perf_opt.models.deepseek_ocr.fast.paths import FOLDED_ALIGN, FastPaths
+from llm_perf_opt.models.kernels.blocked_attention import tile_rows
 from llm_perf_opt.models.deepseek_ocr.modes import (
     ModeSpec,
     image_token_count,

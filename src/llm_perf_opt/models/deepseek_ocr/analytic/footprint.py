@@ -18,7 +18,8 @@ from llm_perf_opt.models.deepseek_ocr.config import (
     LMConfig,
     SamConfig,
 )
-from llm_perf_opt.models.deepseek_ocr.fast.paths import FOLDED_ALIGN, FastPaths, tile_rows
+from llm_perf_opt.models.deepseek_ocr.fast.paths import FOLDED_ALIGN, FastPaths
+from llm_perf_opt.models.kernels.blocked_attention import tile_rows
 from llm_perf_opt.models.deepseek_ocr.modes import image_token_count, tokens_per_side
 from llm_perf_opt.models.deepseek_ocr.stages import (
     CLIP,

@@ -5,7 +5,7 @@ Same module tree, parameter names and state dict as `model.DeepSeekOCR`; only fo
 * SAM attention without the N×N bias tensor (`sam.FastSamAttention`), in-place GELU;
 * MoE layers without host synchronisation on CUDA (`moe.FastMoE`);
 * the language model's bias-free Linears (attention, dense and shared MLPs, lm_head) as
-  `linear.FastLinear`: one-token products at the memory bandwidth on CPU in fp32;
+  `kernels.linear.FastLinear`: one-token products at the memory bandwidth on CPU in fp32;
 * on CUDA, decode steps replayed from a CUDA graph over a static KV cache (`decoder`, `graphs`),
   except while something observes the decode modules (a routing hook or forward hooks would
   not fire inside a replay; such steps run the same positioned step eagerly, or the
@@ -25,7 +25,7 @@ from ..decoder import KVCache, MoE, rope_cos_sin
 from ..model import DeepSeekOCR
 from .decoder import FastAttention, PositionedStep, StaticKVCache
 from .graphs import DecodeGraph
-from .linear import FastLinear, use_fast_linears
+from llm_perf_opt.models.kernels.linear import FastLinear, use_fast_linears
 from .moe import FastMoE
 from .paths import FastPaths, choose_paths
 from .sam import FastSamAttention, FastSamMLP

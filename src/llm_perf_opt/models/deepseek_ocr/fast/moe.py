@@ -21,8 +21,8 @@ Four ways to run the experts (`paths.FastPaths`), picked per call by `paths.choo
 * one by one (a decode step on CPU): the expert ids are read on the host, which on a CPU costs
   no device sync, and each chosen expert runs as two products on its slices of the stacks
   (CPU's grouped GEMM runs each group as a single-threaded GEMM, half the bandwidth): for one
-  token two `linear.matvec` products; for a decode step of a batch the reference's dispatch
-  and combine around the experts, each expert's rows through `linear.rows_product` (every
+  token two `kernels.linear.matvec` products; for a decode step of a batch the reference's dispatch
+  and combine around the experts, each expert's rows through `kernels.linear.rows_product` (every
   expert, even one of a single row, so the bytes moved do not depend on the routing).
 * looped: the reference's per-expert loop, which reads the counts on the host once per layer
   (prefill on CUDA without the grouped kernel, or wherever it measures fastest).
@@ -39,7 +39,7 @@ from torch import nn
 
 from ..config import LMConfig
 from ..decoder import MoE
-from .linear import matvec, rows_product
+from llm_perf_opt.models.kernels.linear import matvec, rows_product
 from .paths import FastPaths, choose_paths
 
 

@@ -14,13 +14,13 @@ wins runs the reference's way.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .linear import FEW_ROWS
+from llm_perf_opt.models.kernels.blocked_attention import BIAS_TILE_ELEMENTS
+from llm_perf_opt.models.kernels.linear import FEW_ROWS
 
 SAM_ATTENTION = ("reference", "blocked", "folded")
 MOE_PREFILL = ("grouped", "looped")
@@ -40,11 +40,6 @@ OPTIONS = {
     "rows": ROWS,
 }
 
-#: Largest bias tile of the blocked SAM attention, in elements (256 MiB in fp32; a third of base
-#: mode's global bias). Measured on a 2-core Zen 4 in fp32: tiles of 2^23, 2^24, 2^25, 2^26
-#: elements and the whole bias took 1.95, 1.45, 1.35, 1.17 and 1.48 s per global block (CPU
-#: SDPA gets slower with many short calls; the whole bias pays for fresh, page-faulting memory).
-BIAS_TILE_ELEMENTS = 1 << 26
 #: The folded head dimension is padded to a multiple of this (16-byte rows in bf16/fp16),
 #: the alignment CUDA's fused attention kernels ask for.
 FOLDED_ALIGN = 8
@@ -58,7 +53,7 @@ class FastPaths:
         at most `bias_tile_elements` bias elements) or "folded" (the bias folded into a widened
         dot product; nothing N x N is written);
     moe_prefill, moe_decode, moe_batch: how the routed experts run for many tokens, for one,
-        and for 2 to `linear.FEW_ROWS` (a decode step of a batch; see `routed_for`):
+        and for 2 to `kernels.linear.FEW_ROWS` (a decode step of a batch; see `routed_for`):
         "grouped" (two grouped GEMMs over expert-sorted rows), "gathered" (the chosen experts'
         weights copied, then batched matmuls; one token), "one_by_one" (ids read on the host,
         each chosen expert's two products on its rows; not in prefill) or "looped" (the
@@ -67,9 +62,9 @@ class FastPaths:
         cache, attending over all of it through a mask) or "graph" (those steps replayed from
         a CUDA graph, each returning a copy of the graph's logits);
     linear: the language model's one-token products on CPU in fp32: "split" (row blocks as one
-        bmm, `linear.matvec`) or "plain" (F.linear, as the reference);
-    rows: its products of 2 to `linear.FEW_ROWS` rows on CPU in fp32 (a decode step of a batch):
-        "weight_major" (W · xᵀ over blocks of weight rows, `linear.rows_product`) or "plain".
+        bmm, `kernels.linear.matvec`) or "plain" (F.linear, as the reference);
+    rows: its products of 2 to `kernels.linear.FEW_ROWS` rows on CPU in fp32 (a decode step of a batch):
+        "weight_major" (W · xᵀ over blocks of weight rows, `kernels.linear.rows_product`) or "plain".
     """
 
     sam_attention: str
@@ -146,12 +141,3 @@ def choose_paths(device: torch.device, dtype: torch.dtype) -> FastPaths:
         rows="plain",
         moe_batch="grouped" if grouped else "looped",
     )
-
-
-def tile_rows(batch: int, heads: int, h: int, w: int, tile_elements: int) -> int:
-    """Grid rows of queries per tile of the blocked SAM attention over [batch, heads, h*w, h*w]
-    bias elements: the fewest tiles of at most `tile_elements` (at least one grid row each),
-    of equal height but the last."""
-    n = h * w
-    most_rows = max(1, min(h, tile_elements // (batch * heads * w * n)))
-    return math.ceil(h / math.ceil(h / most_rows))

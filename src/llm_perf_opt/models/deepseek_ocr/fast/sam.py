@@ -8,7 +8,7 @@ permuted layout that the reshape to [B, heads, N, N] cannot view, then read by t
 
 Two formulations of the same attention, picked by device:
 
-* blocked (CPU): queries are processed in tiles of whole grid rows. Each tile's slice of the
+* blocked (CPU; `kernels.blocked_attention`): queries are processed in tiles of whole grid rows. Each tile's slice of the
   bias, [B, heads, rows, N], is written into one reused buffer in SDPA's layout and passed
   with that tile of queries: every query row gets the reference's bias values and kernel, and
   what goes away is the copy of the permuted bias and all but one tile of it. A tile holds at
@@ -30,8 +30,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llm_perf_opt.models.kernels.blocked_attention import blocked_attention
+
 from ..sam import SamAttention, SamMLP, resized_rel_pos
-from .paths import BIAS_TILE_ELEMENTS, FOLDED_ALIGN, FastPaths, choose_paths, tile_rows
+from .paths import FOLDED_ALIGN, FastPaths, choose_paths
 
 
 def rel_pos_terms(
@@ -47,40 +49,6 @@ def rel_pos_terms(
     rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, resized_rel_pos(rel_pos_h, h, h))
     rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, resized_rel_pos(rel_pos_w, w, w))
     return rel_h.unflatten(0, (b, heads)), rel_w.unflatten(0, (b, heads))
-
-
-def blocked_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    rel_h: torch.Tensor,
-    rel_w: torch.Tensor,
-    tile_elements: int = BIAS_TILE_ELEMENTS,
-) -> torch.Tensor:
-    """softmax(q kᵀ/√D + rel_h[i, row_j] + rel_w[i, col_j]) v, a tile of whole grid rows of
-    queries at a time: the fewest tiles of at most `tile_elements` bias elements, of equal
-    height (but the last). q, k, v [B, heads, N, D]; rel_h, rel_w as `rel_pos_terms` gives
-    them; returns [B, heads, N, D]."""
-    b, heads, n, d = q.shape
-    h, w = rel_h.shape[2], rel_h.shape[3]
-    grid_rows = tile_rows(b, heads, h, w, tile_elements)
-    if grid_rows == h:  # one tile: the bias fits, the output needs no reassembly
-        # Written into a contiguous tensor: a plain broadcast add would follow the einsums'
-        # permuted layout, which SDPA's [B, heads, N, N] view cannot take without a copy.
-        bias = torch.add(rel_h[..., :, None], rel_w[..., None, :], out=q.new_empty(b, heads, h, w, h, w))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.view(b, heads, n, n))
-    buffer = q.new_empty(b * heads * grid_rows * w * n)
-    # Tiles are written straight into the token-major layout the caller transposes back to.
-    out = q.new_empty(b, n, heads, d).transpose(1, 2)
-    for top in range(0, h, grid_rows):
-        bottom = min(h, top + grid_rows)
-        start, end = top * w, bottom * w
-        bias = buffer[: b * heads * (end - start) * n].view(b, heads, bottom - top, w, h, w)
-        torch.add(rel_h[:, :, top:bottom, :, :, None], rel_w[:, :, top:bottom, :, None, :], out=bias)
-        out[:, :, start:end] = F.scaled_dot_product_attention(
-            q[:, :, start:end], k, v, attn_mask=bias.view(b, heads, end - start, n)
-        )
-    return out
 
 
 def folded_attention(

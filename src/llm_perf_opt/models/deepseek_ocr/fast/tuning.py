@@ -43,8 +43,10 @@ from llm_perf_opt.atomic import write_json
 from llm_perf_opt.hardware.calibration import default_cache_dir, device_key
 
 from ..modes import ModeSpec, image_token_count
-from .linear import FastLinear
-from .paths import BIAS_TILE_ELEMENTS, FastPaths, choose_paths, grouped_mm_without_sync
+from llm_perf_opt.models.kernels.linear import FastLinear
+from llm_perf_opt.models.kernels.blocked_attention import BIAS_TILE_ELEMENTS
+
+from .paths import FastPaths, choose_paths, grouped_mm_without_sync
 
 #: A fast candidate must beat the reference's formulation by more than this fraction.
 TIE = 0.05
