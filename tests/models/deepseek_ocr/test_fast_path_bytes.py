@@ -22,7 +22,8 @@ from llm_perf_opt.models.deepseek_ocr import weights
 from llm_perf_opt.models.deepseek_ocr.config import SamConfig
 from llm_perf_opt.models.kernels.linear import CHUNK_ROWS, use_fast_linears
 from llm_perf_opt.models.deepseek_ocr.fast.moe import FastMoE
-from llm_perf_opt.models.deepseek_ocr.fast.paths import FastPaths, tile_rows
+from llm_perf_opt.models.deepseek_ocr.fast.paths import FastPaths
+from llm_perf_opt.models.kernels.blocked_attention import tile_rows
 from llm_perf_opt.models.deepseek_ocr.fast.sam import FastSamAttention
 from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord
 from llm_perf_opt.models.deepseek_ocr.sam import window_partition
