@@ -211,16 +211,22 @@ class MoE(nn.Module):
             self.on_route(experts)
         return weights, experts
 
-    def routed(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """Σ_k w_k · expert_k(x) in fp32 [T, d]: tokens grouped by expert, one expert at a time."""
+    def routed(
+        self,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        experts: torch.Tensor,
+        run_expert: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Σ_k w_k · expert_k(x) in fp32 [T, d]: tokens grouped by expert, one expert at a time,
+        each through `run_expert(e, rows)` (default: the expert's own module)."""
+        run_expert = run_expert or (lambda e, rows: self.experts[e](rows))
         flat = experts.flatten()
         order = flat.argsort()
         token_of = order // self.top_k  # token of each (token, slot) pair, grouped by expert
         counts = self.count_tokens(flat, len(self.experts))
         grouped = x[token_of]  # [T·k, d]
-        outs = [
-            self.experts[e](chunk) for e, chunk in enumerate(grouped.split(counts)) if chunk.shape[0]
-        ]
+        outs = [run_expert(e, chunk) for e, chunk in enumerate(grouped.split(counts)) if chunk.shape[0]]
         routed = torch.cat(outs).float() * weights.flatten()[order, None]
         return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token_of, routed)
 

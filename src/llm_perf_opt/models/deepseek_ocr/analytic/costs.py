@@ -38,9 +38,7 @@ from llm_perf_opt.models.deepseek_ocr.config import (
     LMConfig,
     SamConfig,
 )
-from llm_perf_opt.models.kernels.linear import CHUNK_ROWS, FEW_ROWS
 from llm_perf_opt.models.deepseek_ocr.fast.paths import FOLDED_ALIGN, FastPaths
-from llm_perf_opt.models.kernels.blocked_attention import tile_rows
 from llm_perf_opt.models.deepseek_ocr.modes import (
     ModeSpec,
     image_token_count,
@@ -55,6 +53,8 @@ from llm_perf_opt.models.deepseek_ocr.stages import (
     SAM,
 )
 from llm_perf_opt.models.interface import ExpertUsage, FamilyWork, StageCosts
+from llm_perf_opt.models.kernels.blocked_attention import tile_rows
+from llm_perf_opt.models.kernels.linear import CHUNK_ROWS, FEW_ROWS
 
 #: Stages the analytic model covers, in run order (preprocessing runs on the host, no FLOPs here).
 MODEL_STAGES: tuple[str, ...] = (SAM, CLIP, PROJECTOR, PREFILL, DECODE)
@@ -297,9 +297,9 @@ def lm_costs(
                 mlp += ocr_fam.weight_major_swiglu(t, h, lm.intermediate_size, dtype, block)
             items.append(("swiglu_mlp", mlp))
     # The last position of each sequence only.
-    head = fam.lm_head(batch, h, lm.vocab_size, dtype)
-    if few(batch) is not None:
-        head += ocr_fam.weight_major_rows(batch, h, lm.vocab_size, dtype, CHUNK_ROWS)
+    head, head_block = fam.lm_head(batch, h, lm.vocab_size, dtype), few(batch)
+    if head_block is not None:
+        head += ocr_fam.weight_major_rows(batch, h, lm.vocab_size, dtype, head_block)
     items += [("rmsnorm", fam.rmsnorm(batch, h, dtype)), ("lm_head", head)]
     return _accumulate(items)
 

@@ -19,7 +19,6 @@ from llm_perf_opt.models.deepseek_ocr.config import (
     SamConfig,
 )
 from llm_perf_opt.models.deepseek_ocr.fast.paths import FOLDED_ALIGN, FastPaths
-from llm_perf_opt.models.kernels.blocked_attention import tile_rows
 from llm_perf_opt.models.deepseek_ocr.modes import image_token_count, tokens_per_side
 from llm_perf_opt.models.deepseek_ocr.stages import (
     CLIP,
@@ -29,6 +28,7 @@ from llm_perf_opt.models.deepseek_ocr.stages import (
     SAM,
 )
 from llm_perf_opt.models.interface import Footprint, StageMemory
+from llm_perf_opt.models.kernels.blocked_attention import tile_rows
 
 FP32 = 4
 

@@ -20,12 +20,13 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from llm_perf_opt.models.kernels.linear import FastLinear, use_fast_linears
+
 from ..config import DeepSeekOCRConfig
 from ..decoder import KVCache, MoE, rope_cos_sin
 from ..model import DeepSeekOCR
 from .decoder import FastAttention, PositionedStep, StaticKVCache
 from .graphs import DecodeGraph
-from llm_perf_opt.models.kernels.linear import FastLinear, use_fast_linears
 from .moe import FastMoE
 from .paths import FastPaths, choose_paths
 from .sam import FastSamAttention, FastSamMLP

@@ -21,9 +21,10 @@ Four ways to run the experts (`paths.FastPaths`), picked per call by `paths.choo
 * one by one (a decode step on CPU): the expert ids are read on the host, which on a CPU costs
   no device sync, and each chosen expert runs as two products on its slices of the stacks
   (CPU's grouped GEMM runs each group as a single-threaded GEMM, half the bandwidth): for one
-  token two `kernels.linear.matvec` products; for a decode step of a batch the reference's dispatch
-  and combine around the experts, each expert's rows through `kernels.linear.rows_product` (every
-  expert, even one of a single row, so the bytes moved do not depend on the routing).
+  token two `kernels.linear.matvec` products; for a decode step of a batch the reference's
+  dispatch and combine around the experts, each expert's rows through
+  `kernels.linear.rows_product` (every expert, even one of a single row, so the bytes moved do
+  not depend on the routing).
 * looped: the reference's per-expert loop, which reads the counts on the host once per layer
   (prefill on CUDA without the grouped kernel, or wherever it measures fastest).
 
@@ -117,21 +118,15 @@ class FastMoE(MoE):
     def _experts_on_their_rows(
         self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, weight_major: bool
     ) -> torch.Tensor:
-        """Σ_k w_k · expert_k(x) in fp32 [T, d] as the reference groups it, each expert's gate+up
-        and down as one product each (`rows_product` on CPU in fp32 with `weight_major`)."""
+        """Σ_k w_k · expert_k(x) in fp32 [T, d] with the reference's dispatch and combine, each
+        expert's gate+up and down as one product each (`rows_product` on CPU in fp32 with
+        `weight_major`)."""
         product = rows_product if weight_major and x.device.type == "cpu" and x.dtype == torch.float32 else _linear
-        flat = experts.flatten()
-        order = flat.argsort()
-        token_of = order // self.top_k
-        counts = self.count_tokens(flat, self.n_experts)
-        rows = x[token_of]  # [T·k, d], grouped by expert
-        outs = [
-            product(self.down_weight[e], _swiglu(product(self.gate_up_weight[e], chunk)))
-            for e, chunk in enumerate(rows.split(counts))
-            if chunk.shape[0]
-        ]
-        routed = torch.cat(outs).float() * weights.flatten()[order, None]
-        return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token_of, routed)
+
+        def run_expert(e: int, rows: torch.Tensor) -> torch.Tensor:
+            return product(self.down_weight[e], _swiglu(product(self.gate_up_weight[e], rows)))
+
+        return super().routed(x, weights, experts, run_expert)
 
     def looped(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """The reference's per-expert loop (counts read on the host)."""

@@ -63,8 +63,9 @@ class FastPaths:
         a CUDA graph, each returning a copy of the graph's logits);
     linear: the language model's one-token products on CPU in fp32: "split" (row blocks as one
         bmm, `kernels.linear.matvec`) or "plain" (F.linear, as the reference);
-    rows: its products of 2 to `kernels.linear.FEW_ROWS` rows on CPU in fp32 (a decode step of a batch):
-        "weight_major" (W · xᵀ over blocks of weight rows, `kernels.linear.rows_product`) or "plain".
+    rows: its products of 2 to `kernels.linear.FEW_ROWS` rows on CPU in fp32 (a decode step of
+        a batch): "weight_major" (W · xᵀ over blocks of weight rows, `kernels.linear.rows_product`)
+        or "plain".
     """
 
     sam_attention: str

@@ -8,14 +8,14 @@ permuted layout that the reshape to [B, heads, N, N] cannot view, then read by t
 
 Two formulations of the same attention, picked by device:
 
-* blocked (CPU; `kernels.blocked_attention`): queries are processed in tiles of whole grid rows. Each tile's slice of the
-  bias, [B, heads, rows, N], is written into one reused buffer in SDPA's layout and passed
-  with that tile of queries: every query row gets the reference's bias values and kernel, and
-  what goes away is the copy of the permuted bias and all but one tile of it. A tile holds at
-  most BIAS_TILE_ELEMENTS, so a global block of base mode runs in 4 tiles of 16 grid rows,
-  while a windowed block's whole bias (25 windows x 12 heads x 196², 46 MB) fits one tile and
-  is written once. In fp32 the output matched the reference bit for bit in the cases
-  measured; SDPA's CPU kernel may block a shorter query tile differently, which can change
+* blocked (CPU; `kernels.blocked_attention`): queries are processed in tiles of whole grid rows.
+  Each tile's slice of the bias, [B, heads, rows, N], is written into one reused buffer in
+  SDPA's layout and passed with that tile of queries: every query row gets the reference's bias
+  values and kernel, and what goes away is the copy of the permuted bias and all but one tile of
+  it. A tile holds at most BIAS_TILE_ELEMENTS, so a global block of base mode runs in 4 tiles of
+  16 grid rows, while a windowed block's whole bias (25 windows x 12 heads x 196², 46 MB) fits
+  one tile and is written once. In fp32 the output matched the reference bit for bit in the
+  cases measured; SDPA's CPU kernel may block a shorter query tile differently, which can change
   the last bits.
 * folded (CUDA): the bias becomes part of the dot product. With
   q' = [q/√D, rel_h(q_i) (H values), rel_w(q_i) (W values)] and k' = [k, onehot(row_j), onehot(col_j)],

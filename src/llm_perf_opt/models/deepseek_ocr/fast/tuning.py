@@ -12,7 +12,8 @@ linear (one-token products; only CPU fp32 has two), few-row products (likewise; 
 BATCH_ROWS rows, a decode step of a batch), decode experts for one token, then for BATCH_ROWS
 tokens, prefill experts, SAM attention (its tile size too), decode form (CUDA graphs only
 where the decode experts take no host read). Each candidate runs once untimed, then `REPS`
-times interleaved with the others; its figure is the median. Timed on the whole model's structure where it matters: the linears
+times interleaved with the others; its figure is the median. Timed on the whole model's
+structure where it matters: the linears
 of one decoder layer and lm_head; a decode MoE layer per call, in turn over all layers (a
 token's experts are never in cache); SAM attention as one global block plus one windowed
 block, weighted by how many of each the encoder has; decode as whole steps.
@@ -43,8 +44,8 @@ from llm_perf_opt.atomic import write_json
 from llm_perf_opt.hardware.calibration import default_cache_dir, device_key
 
 from ..modes import ModeSpec, image_token_count
-from llm_perf_opt.models.kernels.linear import FastLinear
 from llm_perf_opt.models.kernels.blocked_attention import BIAS_TILE_ELEMENTS
+from llm_perf_opt.models.kernels.linear import FastLinear
 
 from .paths import FastPaths, choose_paths, grouped_mm_without_sync
 
