@@ -8,6 +8,12 @@ prints per job: pages/s and generated tokens/s over the whole request, decode to
 (per step of the batch), TTFT and the timed runs' peak RSS, and for each implementation the
 decode tokens/s at the largest batch over batch 1 against TARGET_SPEEDUP.
 
+Then it prints the ceiling of that ratio on this machine: a step of B sequences does B times
+batch 1's FLOPs (run.json's analytic decode step), so at the rate this machine multiplies B rows
+by a weight that streams from memory (`product_rate`: an lm_head-sized product, the faster of
+F.linear and the fast implementation's weight-major blocks) it takes at least FLOPs / rate; the
+ratio can be no more than B x batch 1's TPOT over that, before any work that is not a product.
+
 Copies of one page route every sequence to the same experts (same tokens, same routing), so the
 batch reads each step's weights once: the best case for batching a mixture of experts. Distinct
 pages touch more experts per step (run.json `analytic.experts` has the counts).
@@ -26,10 +32,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
 from base_run import cpu_line
+
+from llm_perf_opt.models.kernels.linear import rows_product
 
 #: Decode tokens/s at batch 16 over batch 1 that the issue asks of a 2-core CPU.
 TARGET_SPEEDUP = 6.0
+#: lm_head's shape [vocab, hidden]: 662 MB in fp32, far beyond any cache, so it streams from memory.
+PROBE_WEIGHT = (129_280, 1_280)
 DEFAULTS = ("mode=tiny", "max_new_tokens=16", "profiling.repeats=2", "profiling.trace=false")
 
 
@@ -40,6 +52,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--root", type=Path, help="sweep dir (default: outputs/benchmarks/batch_scaling/<time>)")
     parser.add_argument("overrides", nargs="*", help="run overrides after --, replacing the defaults' keys")
     return parser.parse_args(argv)
+
+
+def product_rate(rows: int, dtype: torch.dtype, repeats: int = 3) -> float:
+    """FLOP/s of x [rows, K] · Wᵀ for a PROBE_WEIGHT-sized W on CPU, the best of `repeats` runs of
+    the faster of F.linear and `rows_product`."""
+    weight = torch.randn(PROBE_WEIGHT, dtype=dtype)
+    x = torch.randn(rows, PROBE_WEIGHT[1], dtype=dtype)
+    best = float("inf")
+    for product in (F.linear, rows_product):
+        for _ in range(repeats):
+            start = time.perf_counter()
+            product(x, weight) if product is F.linear else product(weight, x)
+            best = min(best, time.perf_counter() - start)
+    return 2 * rows * weight.numel() / best
+
+
+def step_flops(record: dict) -> float:
+    """The analytic FLOPs of one decode step of the run's batch."""
+    return next(row["flops"] for row in record["analytic"]["stages"] if row["stage"] == "decode" and row["scope"] == "step")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -79,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{head['decode_tokens_per_s']:>12.2f} {head['tpot_ms']:>8.1f} {head['ttft_ms'] / 1e3:>7.2f} "
               f"{rss / 1e9:>11.2f}")  # fmt: skip
     ok = True
+    by_job = {(r["config"]["model"]["impl"], r["batch"]["size"]): r for r in records}
+    rates: dict[int, float] = {}
     for impl, by_batch in decode.items():
         low, high = min(by_batch), max(by_batch)
         speedup = by_batch[high] / by_batch[low]
@@ -87,6 +120,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             ok &= speedup >= TARGET_SPEEDUP
             verdict = f" ({'meets' if speedup >= TARGET_SPEEDUP else 'misses'} the target of {TARGET_SPEEDUP:g}x)"
         print(f"{impl}: decode tokens/s at batch {high} = {speedup:.1f}x batch {low}{verdict}")
+        if low == 1 and high > 1:
+            dtype = getattr(torch, by_job[impl, high]["dtype"])
+            rate = rates.setdefault(high, product_rate(high, dtype))
+            flops, tpot_1 = step_flops(by_job[impl, high]), by_job[impl, 1]["headline"]["tpot_ms"]
+            floor_ms = flops / rate * 1e3
+            cap = high * tpot_1 / floor_ms
+            limit = f"at most {cap:.1f}x, before any other work" if cap < high else f"the ideal {high}x is within reach"
+            print(f"{impl}: ceiling here: {high}-row products with weights from memory run at {rate / 1e9:.1f} "
+                  f"GFLOP/s, so the batch-{high} step's {flops / 1e9:.3g} GFLOP take >= {floor_ms:.0f} ms "
+                  f"against batch 1's {tpot_1:.0f} ms: {limit}")  # fmt: skip
     return 0 if ok else 1
 
 
