@@ -60,10 +60,10 @@ def product_rate(rows: int, dtype: torch.dtype, repeats: int = 3) -> float:
     weight = torch.randn(PROBE_WEIGHT, dtype=dtype)
     x = torch.randn(rows, PROBE_WEIGHT[1], dtype=dtype)
     best = float("inf")
-    for product in (F.linear, rows_product):
+    for product in (lambda: F.linear(x, weight), lambda: rows_product(weight, x)):
         for _ in range(repeats):
             start = time.perf_counter()
-            product(x, weight) if product is F.linear else product(weight, x)
+            product()
             best = min(best, time.perf_counter() - start)
     return 2 * rows * weight.numel() / best
 
@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{rss / 1e9:>11.2f}")  # fmt: skip
     ok = True
     by_job = {(r["config"]["model"]["impl"], r["batch"]["size"]): r for r in records}
-    rates: dict[int, float] = {}
+    rates: dict[tuple[int, torch.dtype], float] = {}
     for impl, by_batch in decode.items():
         low, high = min(by_batch), max(by_batch)
         speedup = by_batch[high] / by_batch[low]
@@ -122,7 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{impl}: decode tokens/s at batch {high} = {speedup:.1f}x batch {low}{verdict}")
         if low == 1 and high > 1:
             dtype = getattr(torch, by_job[impl, high]["dtype"])
-            rate = rates.setdefault(high, product_rate(high, dtype))
+            if (high, dtype) not in rates:
+                rates[high, dtype] = product_rate(high, dtype)
+            rate = rates[high, dtype]
             flops, tpot_1 = step_flops(by_job[impl, high]), by_job[impl, 1]["headline"]["tpot_ms"]
             floor_ms = flops / rate * 1e3
             cap = high * tpot_1 / floor_ms
