@@ -9,7 +9,7 @@ prints per job: pages/s and generated tokens/s over the whole request, decode to
 decode tokens/s at the largest batch over batch 1 against TARGET_SPEEDUP.
 
 Then it prints the ceiling of that ratio on this machine: a step of B sequences does B times
-batch 1's FLOPs (run.json's analytic decode step), so at the rate this machine multiplies B rows
+batch 1's FLOPs (run.json's analytic step, `report.batch_scaling.step_intensity`), so at the rate this machine multiplies B rows
 by a weight that streams from memory (`product_rate`: an lm_head-sized product, the faster of
 F.linear and the fast implementation's weight-major blocks) it takes at least FLOPs / rate; the
 ratio can be no more than B x batch 1's TPOT over that, before any work that is not a product.
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from base_run import cpu_line
 
 from llm_perf_opt.models.kernels.linear import rows_product
+from llm_perf_opt.report.batch_scaling import step_intensity
 
 #: Decode tokens/s at batch 16 over batch 1 that the issue asks of a 2-core CPU.
 TARGET_SPEEDUP = 6.0
@@ -66,11 +67,6 @@ def product_rate(rows: int, dtype: torch.dtype, repeats: int = 3) -> float:
             product()
             best = min(best, time.perf_counter() - start)
     return 2 * rows * weight.numel() / best
-
-
-def step_flops(record: dict) -> float:
-    """The analytic FLOPs of one decode step of the run's batch."""
-    return next(row["flops"] for row in record["analytic"]["stages"] if row["stage"] == "decode" and row["scope"] == "step")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -120,12 +116,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             ok &= speedup >= TARGET_SPEEDUP
             verdict = f" ({'meets' if speedup >= TARGET_SPEEDUP else 'misses'} the target of {TARGET_SPEEDUP:g}x)"
         print(f"{impl}: decode tokens/s at batch {high} = {speedup:.1f}x batch {low}{verdict}")
-        if low == 1 and high > 1:
+        step = step_intensity(by_job[impl, high])
+        if low == 1 and high > 1 and step is not None:
             dtype = getattr(torch, by_job[impl, high]["dtype"])
             if (high, dtype) not in rates:
                 rates[high, dtype] = product_rate(high, dtype)
             rate = rates[high, dtype]
-            flops, tpot_1 = step_flops(by_job[impl, high]), by_job[impl, 1]["headline"]["tpot_ms"]
+            flops, tpot_1 = step.flops, by_job[impl, 1]["headline"]["tpot_ms"]
             floor_ms = flops / rate * 1e3
             cap = high * tpot_1 / floor_ms
             limit = f"at most {cap:.1f}x, before any other work" if cap < high else f"the ideal {high}x is within reach"
