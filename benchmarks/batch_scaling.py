@@ -9,10 +9,11 @@ prints per job: pages/s and generated tokens/s over the whole request, decode to
 decode tokens/s at the largest batch over batch 1 against TARGET_SPEEDUP.
 
 Then it prints the ceiling of that ratio on this machine: a step of B sequences does B times
-batch 1's FLOPs (run.json's analytic step, `report.batch_scaling.step_intensity`), so at the rate this machine multiplies B rows
-by a weight that streams from memory (`product_rate`: an lm_head-sized product, the faster of
-F.linear and the fast implementation's weight-major blocks) it takes at least FLOPs / rate; the
-ratio can be no more than B x batch 1's TPOT over that, before any work that is not a product.
+batch 1's FLOPs (run.json's analytic step, read by `report.batch_scaling.step_intensity`), so at
+the rate this machine multiplies B rows by a weight that streams from memory (`product_rate`: an
+lm_head-sized product, the faster of F.linear and the fast implementation's weight-major blocks)
+it takes at least FLOPs / rate; the ratio can be no more than B x batch 1's TPOT over that,
+before any work that is not a product.
 
 Copies of one page route every sequence to the same experts (same tokens, same routing), so the
 batch reads each step's weights once: the best case for batching a mixture of experts. Distinct
