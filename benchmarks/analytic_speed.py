@@ -30,8 +30,10 @@ def main() -> None:
         return time.perf_counter() - start
 
     seconds = statistics.median(once() for _ in range(repeats))
-    print(f"stage model with totals tables, {len(cases)} cases: median {seconds * 1e3:.1f} ms "
-          f"over {repeats} repeats (target < {TARGET_S:.0f} s)")  # fmt: skip
+    print(
+        f"stage model with totals tables, {len(cases)} cases: median {seconds * 1e3:.1f} ms "
+        f"over {repeats} repeats (target < {TARGET_S:.0f} s)"
+    )
 
 
 if __name__ == "__main__":

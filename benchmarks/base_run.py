@@ -46,16 +46,22 @@ def main() -> None:
     header = [line for line in proc.stderr.splitlines() if "dtype" in line]
     print(f"run dir: {out}")
     print(header[0] if header else "(no dtype line)")
-    print(f"wall {wall:.1f} s (target <= 180 s on a CPU without native bf16); "
-          f"peak RSS {record['memory']['measured']['peak_rss_bytes'] / 1e9:.1f} GB")
+    print(
+        f"wall {wall:.1f} s (target <= 180 s on a CPU without native bf16); "
+        f"peak RSS {record['memory']['measured']['peak_rss_bytes'] / 1e9:.1f} GB"
+    )
     summary = record["timing"]["summary"]
-    print(f"TTFT {summary['ttft_ms']['median'] / 1e3:.2f} s, TPOT {summary['tpot_ms']['median']:.0f} ms, "
-          f"{record['generated_tokens']} tokens, {record['config']['profiling']['repeats']} timed runs")
+    print(
+        f"TTFT {summary['ttft_ms']['median'] / 1e3:.2f} s, TPOT {summary['tpot_ms']['median']:.0f} ms, "
+        f"{record['generated_tokens']} tokens, {record['config']['profiling']['repeats']} timed runs"
+    )
     stages = {}
     for sample in record["timing"]["samples"]:
         for stage, calls in sample["stages"].items():
             stages.setdefault(stage, []).append(sum(calls))
-    print("stage medians: " + ", ".join(f"{s} {sorted(v)[len(v) // 2] / 1e3:.2f} s" for s, v in stages.items()))
+    print(
+        "stage medians: " + ", ".join(f"{s} {sorted(v)[len(v) // 2] / 1e3:.2f} s" for s, v in stages.items())
+    )
 
 
 if __name__ == "__main__":

@@ -51,7 +51,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", default="1,4,16", help="batch sizes, comma-separated")
     parser.add_argument("--impls", default="reference,fast", help="model.impl values, comma-separated")
-    parser.add_argument("--root", type=Path, help="sweep dir (default: outputs/benchmarks/batch_scaling/<time>)")
+    parser.add_argument(
+        "--root", type=Path, help="sweep dir (default: outputs/benchmarks/batch_scaling/<time>)"
+    )
     parser.add_argument("overrides", nargs="*", help="run overrides after --, replacing the defaults' keys")
     return parser.parse_args(argv)
 
@@ -76,16 +78,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     keys = {o.partition("=")[0] for o in args.overrides}
     overrides = [o for o in DEFAULTS if o.partition("=")[0] not in keys] + list(args.overrides)
     print(cpu_line())
-    print("$ python -m llm_perf_opt.run " + " ".join(overrides) + f" model.impl={{{args.impls}}} batch_size={{{args.batches}}}")
+    print(
+        "$ python -m llm_perf_opt.run "
+        + " ".join(overrides)
+        + f" model.impl={{{args.impls}}} batch_size={{{args.batches}}}"
+    )
     start, records, errors = time.perf_counter(), [], []
     # One process per job: in one in-process sweep a finished job's full-size model can still be
     # resident when the next job's memory check runs (two fp32 models do not fit 24 GB).
     jobs = [(impl, batch) for impl in args.impls.split(",") for batch in args.batches.split(",")]
     for n, (impl, batch) in enumerate(jobs):
         out = root / f"{n}_{impl}_b{batch}"
-        command = [sys.executable, "-m", "llm_perf_opt.run", f"model.impl={impl}", f"batch_size={batch}",
-                   *overrides, f"hydra.run.dir={out}"]  # fmt: skip
-        done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
+        command = [
+            sys.executable,
+            "-m",
+            "llm_perf_opt.run",
+            f"model.impl={impl}",
+            f"batch_size={batch}",
+            *overrides,
+            f"hydra.run.dir={out}",
+        ]
+        done = subprocess.run(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False
+        )
         record = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else None
         if done.returncode != 0 or record is None or record["status"] != "ok":
             errors.append(f"{out.name}: {record['error'] if record else done.stderr[-500:]}")
@@ -96,16 +111,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: " + "; ".join(errors))
         return 1
     print(f"dtype {records[0]['dtype']} ({records[0]['dtype_reason']})")
-    print(f"{'impl':>9} {'batch':>5} {'pages/s':>8} {'tokens/s':>9} {'decode tok/s':>12} {'TPOT ms':>8} "
-          f"{'TTFT s':>7} {'peak RSS GB':>11}")  # fmt: skip
+    print(
+        f"{'impl':>9} {'batch':>5} {'pages/s':>8} {'tokens/s':>9} {'decode tok/s':>12} {'TPOT ms':>8} "
+        f"{'TTFT s':>7} {'peak RSS GB':>11}"
+    )
     decode: dict[str, dict[int, float]] = {}
     for record in records:
         impl, batch, head = record["config"]["model"]["impl"], record["batch"]["size"], record["headline"]
-        rss = record["memory"]["measured"].get("timed_rss_peak_bytes") or record["memory"]["measured"]["peak_rss_bytes"]
+        rss = (
+            record["memory"]["measured"].get("timed_rss_peak_bytes")
+            or record["memory"]["measured"]["peak_rss_bytes"]
+        )
         decode.setdefault(impl, {})[batch] = head["decode_tokens_per_s"]
-        print(f"{impl:>9} {batch:>5} {head['pages_per_s']:>8.3f} {head['tokens_per_s']:>9.2f} "
-              f"{head['decode_tokens_per_s']:>12.2f} {head['tpot_ms']:>8.1f} {head['ttft_ms'] / 1e3:>7.2f} "
-              f"{rss / 1e9:>11.2f}")  # fmt: skip
+        print(
+            f"{impl:>9} {batch:>5} {head['pages_per_s']:>8.3f} {head['tokens_per_s']:>9.2f} "
+            f"{head['decode_tokens_per_s']:>12.2f} {head['tpot_ms']:>8.1f} {head['ttft_ms'] / 1e3:>7.2f} "
+            f"{rss / 1e9:>11.2f}"
+        )
     ok = True
     by_job = {(r["config"]["model"]["impl"], r["batch"]["size"]): r for r in records}
     rates: dict[tuple[int, torch.dtype], float] = {}
@@ -115,7 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         verdict = ""
         if (low, high) == (1, 16):
             ok &= speedup >= TARGET_SPEEDUP
-            verdict = f" ({'meets' if speedup >= TARGET_SPEEDUP else 'misses'} the target of {TARGET_SPEEDUP:g}x)"
+            verdict = (
+                f" ({'meets' if speedup >= TARGET_SPEEDUP else 'misses'} the target of {TARGET_SPEEDUP:g}x)"
+            )
         print(f"{impl}: decode tokens/s at batch {high} = {speedup:.1f}x batch {low}{verdict}")
         step = step_intensity(by_job[impl, high])
         if low == 1 and high > 1 and step is not None:
@@ -126,10 +150,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             flops, tpot_1 = step.flops, by_job[impl, 1]["headline"]["tpot_ms"]
             floor_ms = flops / rate * 1e3
             cap = high * tpot_1 / floor_ms
-            limit = f"at most {cap:.1f}x, before any other work" if cap < high else f"the ideal {high}x is within reach"
-            print(f"{impl}: ceiling here: {high}-row products with weights from memory run at {rate / 1e9:.1f} "
-                  f"GFLOP/s, so the batch-{high} step's {flops / 1e9:.3g} GFLOP take >= {floor_ms:.0f} ms "
-                  f"against batch 1's {tpot_1:.0f} ms: {limit}")  # fmt: skip
+            limit = (
+                f"at most {cap:.1f}x, before any other work"
+                if cap < high
+                else f"the ideal {high}x is within reach"
+            )
+            print(
+                f"{impl}: ceiling here: {high}-row products with weights from memory run at {rate / 1e9:.1f} "
+                f"GFLOP/s, so the batch-{high} step's {flops / 1e9:.3g} GFLOP take >= {floor_ms:.0f} ms "
+                f"against batch 1's {tpot_1:.0f} ms: {limit}"
+            )
     return 0 if ok else 1
 
 

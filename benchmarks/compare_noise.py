@@ -47,15 +47,25 @@ from llm_perf_opt.report.noise_floor import (
 )
 from llm_perf_opt.report.run_dirs import load_run_set
 
-DEFAULT_OVERRIDES = ("model=deepseek_ocr_tiny", "mode=tiny", "max_new_tokens=8", "profiling.repeats=5",
-                     "profiling.trace=false", "device=cpu")  # fmt: skip
+DEFAULT_OVERRIDES = (
+    "model=deepseek_ocr_tiny",
+    "mode=tiny",
+    "max_new_tokens=8",
+    "profiling.repeats=5",
+    "profiling.trace=false",
+    "device=cpu",
+)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--warmup-sweeps", type=int, default=1, help="sweeps run first and not used (cold start)")
+    parser.add_argument(
+        "--warmup-sweeps", type=int, default=1, help="sweeps run first and not used (cold start)"
+    )
     parser.add_argument("--calibration", type=int, default=10, help="sweeps that measure the noise floor")
-    parser.add_argument("--noise-floor", type=Path, help="a recorded noise floor instead of calibration sweeps")
+    parser.add_argument(
+        "--noise-floor", type=Path, help="a recorded noise floor instead of calibration sweeps"
+    )
     parser.add_argument("--pairs", type=int, default=10, help="back-to-back pairs of identical sweeps")
     parser.add_argument("--slowdown", type=float, default=0.2, help="injected slowdown (0.2 = 20 %%)")
     parser.add_argument("--warn", type=float, default=5.0)
@@ -90,7 +100,9 @@ def slowed_copy(sweep: Path, target: Path, factor: float) -> Path:
     for record_path in target.glob("*/run.json"):
         record = json.loads(record_path.read_text())
         for sample in record["timing"]["samples"]:
-            sample["stages"] = {stage: [ms * factor for ms in calls] for stage, calls in sample["stages"].items()}
+            sample["stages"] = {
+                stage: [ms * factor for ms in calls] for stage, calls in sample["stages"].items()
+            }
             for key in ("e2e_ms", "ttft_ms", "tpot_ms"):
                 if sample.get(key) is not None:
                     sample[key] *= factor
@@ -98,21 +110,30 @@ def slowed_copy(sweep: Path, target: Path, factor: float) -> Path:
     return target
 
 
-def judged(baselines: Sequence[Path], current: Path, thresholds: Thresholds,
-           floor: NoiseFloor | None) -> tuple[str, str]:  # fmt: skip
+def judged(
+    baselines: Sequence[Path], current: Path, thresholds: Thresholds, floor: NoiseFloor | None
+) -> tuple[str, str]:
     """The comparison's verdict and its flagged rows, with the floor each had."""
-    comparison: Comparison = compare([load_run_set(b) for b in baselines], load_run_set(current), thresholds,
-                                     noise_floor=floor)  # fmt: skip
+    comparison: Comparison = compare(
+        [load_run_set(b) for b in baselines], load_run_set(current), thresholds, noise_floor=floor
+    )
     flagged = [
         f"{row.figure} {row.delta_pct:+.1f}% ({row.verdict}"
-        + (f", floor ±{row.floor_pct:.1f}%" if row.floor_pct is not None else "") + ")"
-        for job in comparison.jobs for row in job.rows if row.verdict in (WARN, FAIL)
+        + (f", floor ±{row.floor_pct:.1f}%" if row.floor_pct is not None else "")
+        + ")"
+        for job in comparison.jobs
+        for row in job.rows
+        if row.verdict in (WARN, FAIL)
     ]
     return comparison.verdict, "; ".join(flagged)
 
 
-def count(title: str, comparisons: Sequence[tuple[str, Sequence[Path], Path]], thresholds: Thresholds,
-          floor: NoiseFloor | None) -> int:  # fmt: skip
+def count(
+    title: str,
+    comparisons: Sequence[tuple[str, Sequence[Path], Path]],
+    thresholds: Thresholds,
+    floor: NoiseFloor | None,
+) -> int:
     print(f"\n{title}")
     clean = 0
     for name, baselines, current in comparisons:
@@ -134,8 +155,10 @@ def print_floor(floor: NoiseFloor, thresholds: Thresholds, slowdown: float) -> N
             print(f"  {figure:18s} spread {spread.pct:7.1f} %  floor run vs run ±{floors[figure]:.1f} %")
         narrowest = min(floors, key=floors.__getitem__)
         if floors[narrowest] >= 100 * slowdown:
-            print(f"  every floor is above the injected {slowdown:.0%} (narrowest: {narrowest} "
-                  f"±{floors[narrowest]:.1f} %): this machine's spread between runs hides such a slowdown")  # fmt: skip
+            print(
+                f"  every floor is above the injected {slowdown:.0%} (narrowest: {narrowest} "
+                f"±{floors[narrowest]:.1f} %): this machine's spread between runs hides such a slowdown"
+            )
     if thresholds.min_ms > 0:
         print(f"  and at least {thresholds.min_ms:g} ms")
 
@@ -146,7 +169,9 @@ def print_medians(folders: Sequence[Path]) -> None:
     for folder in folders:
         for job in load_run_set(folder).jobs:
             values = [s["e2e_ms"] for s in job.record["timing"]["samples"]]
-            print(f"  {folder.name}: {sorted(values)[len(values) // 2]:.0f} [{min(values):.0f}, {max(values):.0f}]")
+            print(
+                f"  {folder.name}: {sorted(values)[len(values) // 2]:.0f} [{min(values):.0f}, {max(values):.0f}]"
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -165,19 +190,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         floor = estimate_noise_floor([load_run_set(c) for c in calibration])
         write_json(root / "noise_floor.json", noise_floor_to_dict(floor))
         floor = load_noise_floor(root / "noise_floor.json")
-    print(f"{len(calibration)} calibration sweeps, then {len(sweeps)} sweeps of identical code, back to back: "
-          f"{' '.join(overrides)}")  # fmt: skip
-    print(f"thresholds: warn {args.warn:g} %, fail {args.fail:g} %, each only if significant and beyond the floor")
+    print(
+        f"{len(calibration)} calibration sweeps, then {len(sweeps)} sweeps of identical code, back to back: "
+        f"{' '.join(overrides)}"
+    )
+    print(
+        f"thresholds: warn {args.warn:g} %, fail {args.fail:g} %, each only if significant and beyond the floor"
+    )
     print_medians([*calibration, *sweeps])
     print_floor(floor, thresholds, args.slowdown)
 
     pairs = [(f"pair {i:2d}", [sweeps[i - 1]], sweeps[i]) for i in range(1, len(sweeps))]
-    count("rank test alone (no floor): each sweep against the one before", pairs, Thresholds(args.warn, args.fail),
-          None)  # fmt: skip
-    clean = count(f"with the noise floor {floor.path}: each sweep against the one before", pairs, thresholds, floor)
+    count(
+        "rank test alone (no floor): each sweep against the one before",
+        pairs,
+        Thresholds(args.warn, args.fail),
+        None,
+    )
+    clean = count(
+        f"with the noise floor {floor.path}: each sweep against the one before", pairs, thresholds, floor
+    )
     if calibration:
         against_all = [(f"sweep {i:2d}", calibration, sweeps[i]) for i in range(1, len(sweeps))]
-        count(f"against the {len(calibration)} calibration sweeps as baselines", against_all, thresholds, None)
+        count(
+            f"against the {len(calibration)} calibration sweeps as baselines", against_all, thresholds, None
+        )
 
     slowed = slowed_copy(sweeps[-1], root / "slowed", 1 + args.slowdown)
     print(f"\ninjected {args.slowdown:.0%} slowdown")
@@ -187,8 +224,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             outcome, flagged = judged(baselines, slowed, thresholds, floor if len(baselines) == 1 else None)
             verdicts.append(outcome)
             print(f"  against the {name}: {outcome}  ({flagged})")
-    print(f"\nsummary: {clean} of {len(pairs)} identical pairs without a warning (with the floor); injected "
-          f"{args.slowdown:.0%} slowdown: {', '.join(verdicts)}")  # fmt: skip
+    print(
+        f"\nsummary: {clean} of {len(pairs)} identical pairs without a warning (with the floor); injected "
+        f"{args.slowdown:.0%} slowdown: {', '.join(verdicts)}"
+    )
     return 0 if all(v == FAILED for v in verdicts) else 1
 
 

@@ -48,8 +48,10 @@ def main() -> None:
     cpu = torch.device("cpu")
     lscpu = lscpu_fields()
     print(f"model name: {lscpu.get('Model name', 'unknown')}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    )
     found = sorted(BF16_FLAGS.intersection(lscpu.get("Flags", "").split()))
     print(f"bf16 flags (avx512_bf16, amx_bf16): {', '.join(found) or 'none'}")
     print(f"/proc/cpuinfo cross-check: {cpu_flags_include(BF16_FLAGS)}")

@@ -1,6 +1,6 @@
 """Time the dummy-weight build of the full-size model (issue target: <= 15 s on a 2-core CPU).
 
-    python benchmarks/dummy_build.py [--device cpu|cuda] [--repeats 1]
+python benchmarks/dummy_build.py [--device cpu|cuda] [--repeats 1]
 """
 
 from __future__ import annotations

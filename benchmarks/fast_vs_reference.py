@@ -50,11 +50,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtypes", nargs="+", default=["auto", "float32"], help="one comparison per dtype")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=1, help="reference/fast pairs, interleaved")
-    parser.add_argument("--sweep-dir", type=Path, help="default: outputs/benchmarks/fast_vs_reference/<time>; "
-                        "one sub-directory per dtype")
-    parser.add_argument("--one-sweep", action="store_true", help="one in-process Hydra sweep (-m) for all jobs")
-    parser.add_argument("--report-only", type=Path, metavar="SWEEP_DIR",
-                        help="print the tables of an existing sweep (one dtype's sub-directory)")
+    parser.add_argument(
+        "--sweep-dir",
+        type=Path,
+        help="default: outputs/benchmarks/fast_vs_reference/<time>; one sub-directory per dtype",
+    )
+    parser.add_argument(
+        "--one-sweep", action="store_true", help="one in-process Hydra sweep (-m) for all jobs"
+    )
+    parser.add_argument(
+        "--report-only",
+        type=Path,
+        metavar="SWEEP_DIR",
+        help="print the tables of an existing sweep (one dtype's sub-directory)",
+    )
     parser.add_argument("overrides", nargs="*", help="more run overrides (after --), e.g. max_new_tokens=8")
     return parser.parse_args(argv)
 
@@ -64,7 +73,9 @@ def cpu_line() -> str:
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     model = re.search(r"^model name\s*:\s*(.*)$", info, re.M)
     flags = set((re.search(r"^flags\s*:\s*(.*)$", info, re.M) or [None, ""])[1].split())
-    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile") if f in flags]
+    shown = [
+        f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile") if f in flags
+    ]
     return f"CPU: {model[1] if model else 'unknown'}; flags: {', '.join(shown) or 'none of note'}"
 
 
@@ -74,11 +85,25 @@ def run_jobs(args: argparse.Namespace, dtype: str, sweep_dir: Path) -> int:
     harness = [sys.executable, "-m", "llm_perf_opt.run"]
     impls = IMPLS * args.rounds
     if args.one_sweep:
-        commands = [[*harness, "-m", *common, f"model.impl={','.join(impls)}", f"hydra.sweep.dir={sweep_dir}",
-                     *args.overrides]]  # fmt: skip
+        commands = [
+            [
+                *harness,
+                "-m",
+                *common,
+                f"model.impl={','.join(impls)}",
+                f"hydra.sweep.dir={sweep_dir}",
+                *args.overrides,
+            ]
+        ]
     else:
         commands = [
-            [*harness, *common, f"model.impl={impl}", f"hydra.run.dir={sweep_dir / f'{n}_{impl}'}", *args.overrides]
+            [
+                *harness,
+                *common,
+                f"model.impl={impl}",
+                f"hydra.run.dir={sweep_dir / f'{n}_{impl}'}",
+                *args.overrides,
+            ]
             for n, impl in enumerate(impls)
         ]
     status = 0
@@ -104,8 +129,10 @@ def job_table(job: Path) -> pd.DataFrame:
     roof = pd.read_csv(job / STAGES_CSV).set_index("stage")["calibrated_pct_roof_wall"]
     rows = []
     for sample in record["timing"]["samples"]:
-        rows += [{"stage": stage, "time_ms": sum(calls), "pct_roof": roof.get(stage, float("nan"))}
-                 for stage, calls in sample["stages"].items()]  # fmt: skip
+        rows += [
+            {"stage": stage, "time_ms": sum(calls), "pct_roof": roof.get(stage, float("nan"))}
+            for stage, calls in sample["stages"].items()
+        ]
         rows.append({"stage": "TTFT", "time_ms": sample["ttft_ms"], "pct_roof": float("nan")})
         if sample.get("tpot_ms") is not None:
             rows.append({"stage": "TPOT", "time_ms": sample["tpot_ms"], "pct_roof": float("nan")})
@@ -127,13 +154,16 @@ def speedup_table(jobs: pd.DataFrame) -> pd.DataFrame:
     for impl in IMPLS:
         out[f"{impl} ms"] = medians[("time_ms", impl)]
         out[f"{impl} % roof"] = medians[("pct_roof", impl)]
-    out["reference min-max"] = [f"{lo:,.4g}-{hi:,.4g}" for lo, hi in zip(spread[("min", "reference")], spread[("max", "reference")])]
+    out["reference min-max"] = [
+        f"{lo:,.4g}-{hi:,.4g}" for lo, hi in zip(spread[("min", "reference")], spread[("max", "reference")])
+    ]
     out["n"] = spread[("count", "fast")].astype(int)
     out["speedup"] = out["reference ms"] / out["fast ms"]
     slower = out["fast ms"] > spread[("max", "reference")]
     faster = out["fast ms"] < spread[("min", "reference")]
-    out["fast vs reference"] = ["SLOWER beyond spread" if s else "faster" if f else "within spread"
-                                for s, f in zip(slower, faster)]  # fmt: skip
+    out["fast vs reference"] = [
+        "SLOWER beyond spread" if s else "faster" if f else "within spread" for s, f in zip(slower, faster)
+    ]
     return out
 
 
@@ -166,7 +196,10 @@ def report(sweep_dir: Path) -> None:
         return
     frame = pd.concat(tables, ignore_index=True)
     found = set(frame["impl"])
-    print(f"\n{sweep_dir}: {len(jobs)} finished job(s): " + ", ".join(f"{j.name} ({t['impl'][0]})" for j, t in zip(jobs, tables)))
+    print(
+        f"\n{sweep_dir}: {len(jobs)} finished job(s): "
+        + ", ".join(f"{j.name} ({t['impl'][0]})" for j, t in zip(jobs, tables))
+    )
     if found != set(IMPLS):
         print(f"only {', '.join(sorted(found))} finished: nothing to compare")
         return

@@ -55,7 +55,9 @@ SECTIONS: list[tuple[str, list[str]]] = [
 ]
 
 TABLE_CAPTION = "Table 1. Key performance indicators, 2022-2024"
-TABLE_NOTE = "Source: utility operating records. Values for 2022 and 2023 restated after the billing migration."
+TABLE_NOTE = (
+    "Source: utility operating records. Values for 2022 and 2023 restated after the billing migration."
+)
 TABLE = [
     ["Indicator", "Unit", "2022", "2023", "2024"],
     ["Water delivered", "million cu. m", "39.6", "40.7", "41.8"],
@@ -113,11 +115,15 @@ class Page:
         if self.y > HEIGHT - MARGIN_BOTTOM:
             sys.exit("page content overflows the bottom margin; shorten the text")
 
-    def text(self, text: str, face: ImageFont.FreeTypeFont, leading: int, bold: bool = False, fill=INK) -> None:
+    def text(
+        self, text: str, face: ImageFont.FreeTypeFont, leading: int, bold: bool = False, fill=INK
+    ) -> None:
         # The bundled font has no bold face; a 1 px stroke in the ink colour stands in for it.
         stroke = 1 if bold else 0
         for line in wrap(self.draw, text, face, self.text_width):
-            self.draw.text((MARGIN_X, self.y), line, font=face, fill=fill, stroke_width=stroke, stroke_fill=fill)
+            self.draw.text(
+                (MARGIN_X, self.y), line, font=face, fill=fill, stroke_width=stroke, stroke_fill=fill
+            )
             self.advance(leading)
 
     def rule(self, width: int = 1) -> None:
@@ -136,11 +142,15 @@ class Page:
                     x = x_edges[c + 1] - 12 - self.draw.textlength(cell, font=face)
                 else:
                     x = x_edges[c] + 12
-                self.draw.text((x, y + 7), cell, font=face, fill=INK, stroke_width=1 if r == 0 else 0, stroke_fill=INK)
+                self.draw.text(
+                    (x, y + 7), cell, font=face, fill=INK, stroke_width=1 if r == 0 else 0, stroke_fill=INK
+                )
         bottom = top + len(rows) * row_height
         for r in range(len(rows) + 1):
             y = top + r * row_height
-            self.draw.line([(x_edges[0], y), (x_edges[-1], y)], fill=RULE, width=2 if r in (0, 1, len(rows)) else 1)
+            self.draw.line(
+                [(x_edges[0], y), (x_edges[-1], y)], fill=RULE, width=2 if r in (0, 1, len(rows)) else 1
+            )
         for x in x_edges:
             self.draw.line([(x, top), (x, bottom)], fill=RULE, width=1)
         self.advance(bottom - top)

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llm_perf_opt.config import load
-from llm_perf_opt.models.tokenizer import DEFAULT_PROMPT
 from llm_perf_opt.models.interface import SessionOptions
+from llm_perf_opt.models.tokenizer import DEFAULT_PROMPT
 from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession
 
 MAX_NEW_TOKENS = 8
@@ -42,7 +42,9 @@ def outputs() -> dict[str, torch.Tensor]:
             out[f"{key}.embeddings"] = embeds.float().contiguous()
             out[f"{key}.prefill_logits"] = logits.float().contiguous()
             out[f"{key}.tokens"] = tokens.cpu().contiguous()
-            print(f"{key}: embeddings {tuple(embeds.shape)}, logits {tuple(logits.shape)}, tokens {tokens.tolist()}")
+            print(
+                f"{key}: embeddings {tuple(embeds.shape)}, logits {tuple(logits.shape)}, tokens {tokens.tolist()}"
+            )
     return out
 
 
@@ -59,8 +61,14 @@ def main() -> int:
         print(f"saved {len(now)} tensors to {args.save}")
         return 0
     before = load_file(args.check)
-    bad = [k for k in sorted(before.keys() | now.keys())
-           if k not in before or k not in now or before[k].dtype != now[k].dtype or not torch.equal(before[k], now[k])]
+    bad = [
+        k
+        for k in sorted(before.keys() | now.keys())
+        if k not in before
+        or k not in now
+        or before[k].dtype != now[k].dtype
+        or not torch.equal(before[k], now[k])
+    ]
     for k in bad:
         print(f"DIFFERS: {k}")
     print(f"{'FAIL' if bad else 'PASS'}: {len(before) - len(bad)} of {len(before)} tensors bit-identical")

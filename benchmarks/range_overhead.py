@@ -90,9 +90,15 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
     parser.add_argument("--granularity", choices=("stage", "module"), default="stage")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads; 1 avoids stalls when other processes share the cores")
-    parser.add_argument("--empty-ranges", type=int, default=200_000, help="iterations of the empty-range loop")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads; 1 avoids stalls when other processes share the cores",
+    )
+    parser.add_argument(
+        "--empty-ranges", type=int, default=200_000, help="iterations of the empty-range loop"
+    )
     args = parser.parse_args()
     runs = args.runs or (20 if args.model == "tiny" else 3)
     if args.threads:
@@ -105,10 +111,16 @@ def main() -> None:
     session = get_class(type(run.model).session)(run.model, SessionOptions(device, dtype.dtype))
     session.load()
     session.fit_dummy_weights(session.prepare(None, run.prompt))
-    print(f"model {run.model.name} (dummy weights), mode {args.mode}, {device}, {dtype.dtype}, "
-          f"granularity {args.granularity}, {args.max_new_tokens} new tokens, {torch.get_num_threads()} threads; "
-          f"built in {time.perf_counter() - t0:.1f} s")
-    modules = ModuleRanges(session.module, session.module_families()) if args.granularity == "module" else nullcontext()
+    print(
+        f"model {run.model.name} (dummy weights), mode {args.mode}, {device}, {dtype.dtype}, "
+        f"granularity {args.granularity}, {args.max_new_tokens} new tokens, {torch.get_num_threads()} threads; "
+        f"built in {time.perf_counter() - t0:.1f} s"
+    )
+    modules = (
+        ModuleRanges(session.module, session.module_families())
+        if args.granularity == "module"
+        else nullcontext()
+    )
     with modules:
         for _ in range(args.warmup):
             timed_run(session, run.prompt, args.max_new_tokens)
@@ -127,18 +139,26 @@ def measure_overhead(session: ModelSession, prompt: str, args, runs: int) -> Non
     spread = statistics.pstdev(off) / med_off * 100 if len(off) > 1 else float("nan")
     print(f"\nend to end, {runs} interleaved pairs:")
     print(f"  ranges on : median {med_on * 1e3:9.2f} ms (min {min(on) * 1e3:.2f})")
-    print(f"  ranges off: median {med_off * 1e3:9.2f} ms (min {min(off) * 1e3:.2f}; run-to-run spread {spread:.1f}%)")
-    print(f"  overhead  : {(med_on - med_off) / med_off * 100:+.3f}% from the medians, "
-          f"{paired / med_off * 100:+.3f}% from the median paired difference ({paired * 1e3:+.3f} ms)")
+    print(
+        f"  ranges off: median {med_off * 1e3:9.2f} ms (min {min(off) * 1e3:.2f}; run-to-run spread {spread:.1f}%)"
+    )
+    print(
+        f"  overhead  : {(med_on - med_off) / med_off * 100:+.3f}% from the medians, "
+        f"{paired / med_off * 100:+.3f}% from the median paired difference ({paired * 1e3:+.3f} ms)"
+    )
 
     count = ranges_per_run(session, prompt, args.max_new_tokens)
     us_on, us_off = empty_range_us(args.empty_ranges)
     per_range = max(us_on - us_off, 0.0)
     estimate_ms = per_range * count / 1e3
     print(f"\nper range ({args.empty_ranges} empty ranges, best of 5):")
-    print(f"  empty block: {us_on:.3f} µs with ranges, {us_off:.3f} µs without -> {per_range:.3f} µs per range")
-    print(f"  {count} ranges per run -> {estimate_ms:.3f} ms per run = {estimate_ms / (med_off * 1e3) * 100:.4f}% "
-          "of the median run")
+    print(
+        f"  empty block: {us_on:.3f} µs with ranges, {us_off:.3f} µs without -> {per_range:.3f} µs per range"
+    )
+    print(
+        f"  {count} ranges per run -> {estimate_ms:.3f} ms per run = {estimate_ms / (med_off * 1e3) * 100:.4f}% "
+        "of the median run"
+    )
 
 
 if __name__ == "__main__":

@@ -84,7 +84,9 @@ class StepFailed(Exception):
     pass
 
 
-def run(cmd: Sequence[str], timeout_s: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run(
+    cmd: Sequence[str], timeout_s: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """A subprocess with its output captured; StepFailed if it fails or times out."""
     try:
         proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=max(timeout_s, 1), env=env)
@@ -127,9 +129,17 @@ def harness_runs(args: argparse.Namespace, check: Check, runs_dir: Path) -> list
     for mode in args.modes:
         for impl in IMPLS:
             job = runs_dir / f"{mode}_{impl}"
-            cmd = [sys.executable, "-m", "llm_perf_opt.run", f"model={args.model}", f"mode={mode}",
-                   f"model.impl={impl}", f"device={args.device}", f"max_new_tokens={args.max_new_tokens}",
-                   f"hydra.run.dir={job}"]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "llm_perf_opt.run",
+                f"model={args.model}",
+                f"mode={mode}",
+                f"model.impl={impl}",
+                f"device={args.device}",
+                f"max_new_tokens={args.max_new_tokens}",
+                f"hydra.run.dir={job}",
+            ]
             try:
                 run(cmd, min(check.left(), args.job_timeout))
             except StepFailed as exc:
@@ -139,9 +149,14 @@ def harness_runs(args: argparse.Namespace, check: Check, runs_dir: Path) -> list
             rows.append(job_row(mode, impl, record))
             lines += [f"### {mode}, model.impl={impl}", "", *stage_rows(job), ""]
             execution = record.get("execution") or {}
-            lines += [f"- {execution.get('summary', 'no execution record')}",
-                      *(f"- {note}" for note in execution.get("notes", [])), ""]  # fmt: skip
-    head = table(rows, ("mode", "impl", "dtype", "TTFT ms", "TPOT ms", "decode tok/s", "coverage %", "hardware"))
+            lines += [
+                f"- {execution.get('summary', 'no execution record')}",
+                *(f"- {note}" for note in execution.get("notes", [])),
+                "",
+            ]
+    head = table(
+        rows, ("mode", "impl", "dtype", "TTFT ms", "TPOT ms", "decode tok/s", "coverage %", "hardware")
+    )
     if problems:
         raise StepFailed("\n".join(problems) + "\n\n" + "\n".join(head + [""] + lines))
     return head + [""] + lines
@@ -152,12 +167,15 @@ def job_row(mode: str, impl: str, record: dict) -> dict:
     trace = record.get("trace") or {}
     tpot = summary.get("tpot_ms") or {}
     return {
-        "mode": mode, "impl": impl, "dtype": record["dtype"],
-        "TTFT ms": summary["ttft_ms"]["median"], "TPOT ms": tpot.get("median"),
+        "mode": mode,
+        "impl": impl,
+        "dtype": record["dtype"],
+        "TTFT ms": summary["ttft_ms"]["median"],
+        "TPOT ms": tpot.get("median"),
         "decode tok/s": (summary.get("decode_tokens_per_s") or {}).get("median"),
         "coverage %": None if trace.get("coverage") is None else 100 * trace["coverage"],
         "hardware": (record.get("hardware") or {}).get("datasheet"),
-    }  # fmt: skip
+    }
 
 
 def stage_rows(job: Path) -> list[str]:
@@ -179,12 +197,16 @@ def graph_attribution(args: argparse.Namespace, runs_dir: Path) -> list[str]:
     record = json.loads((job / "run.json").read_text())
     decode = pd.read_csv(job / "stages.csv").set_index("stage").loc["decode"]
     paths = (record.get("execution") or {}).get("paths") or {}
-    lines = [f"- decode form: {paths.get('decode')}; decode busy {decode['busy_ms']:.2f} ms of "
-             f"{decode['time_ms']:.2f} ms wall, {int(decode['launches'])} launches"]  # fmt: skip
+    lines = [
+        f"- decode form: {paths.get('decode')}; decode busy {decode['busy_ms']:.2f} ms of "
+        f"{decode['time_ms']:.2f} ms wall, {int(decode['launches'])} launches"
+    ]
     if paths.get("decode") == "graph" and not decode["busy_ms"] > 0:
         raise StepFailed("\n".join(lines + ["- graph-replayed decode has no kernel time in decode"]))
     if paths.get("decode") != "graph":
-        lines.append("- the fast paths here did not take CUDA-graph decode: attribution of replays not checked")
+        lines.append(
+            "- the fast paths here did not take CUDA-graph decode: attribution of replays not checked"
+        )
     return lines
 
 
@@ -193,8 +215,8 @@ def parity(args: argparse.Namespace) -> list[str]:
     output, prefill logits and greedy tokens. Off CUDA, the paths meta stands in with."""
     from llm_perf_opt.config import load
     from llm_perf_opt.models.deepseek_ocr.fast.paths import choose_paths
-    from llm_perf_opt.models.tokenizer import DEFAULT_PROMPT
     from llm_perf_opt.models.interface import SessionOptions
+    from llm_perf_opt.models.tokenizer import DEFAULT_PROMPT
     from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession
 
     device = torch.device(args.device)
@@ -211,15 +233,23 @@ def parity(args: argparse.Namespace) -> list[str]:
             session.fit_dummy_weights(request)
             with torch.inference_mode():
                 embeds = session.encode_images(request)
-                logits = session.model.prefill(request.input_ids, embeds, session.model.new_cache(request.prompt_tokens))
+                logits = session.model.prefill(
+                    request.input_ids, embeds, session.model.new_cache(request.prompt_tokens)
+                )
             out[impl] = (embeds.float(), logits.float(), session.generate(request, 8).tokens)
         (re, rl, rt), (fe, fl, ft) = out["reference"], out["fast"]
-        rows.append({
-            "dtype": str(dtype).removeprefix("torch."),
-            "fast paths": ", ".join(f"{k.split('=')[0].removeprefix('model.paths.')} {k.split('=')[1]}" for k in forced),
-            "vision max abs diff": (fe - re).abs().max().item(), "vision max abs": re.abs().max().item(),
-            "prefill logits max abs diff": (fl - rl).abs().max().item(), "greedy tokens equal": ft == rt,
-        })  # fmt: skip
+        rows.append(
+            {
+                "dtype": str(dtype).removeprefix("torch."),
+                "fast paths": ", ".join(
+                    f"{k.split('=')[0].removeprefix('model.paths.')} {k.split('=')[1]}" for k in forced
+                ),
+                "vision max abs diff": (fe - re).abs().max().item(),
+                "vision max abs": re.abs().max().item(),
+                "prefill logits max abs diff": (fl - rl).abs().max().item(),
+                "greedy tokens equal": ft == rt,
+            }
+        )
     lines = table(rows, list(rows[0]))
     if not all(r["greedy tokens equal"] for r in rows if r["dtype"] == "float32"):
         raise StepFailed("\n".join(lines + ["", "fp32 greedy tokens differ"]))
@@ -232,8 +262,19 @@ def nsys_capture(args: argparse.Namespace, check: Check, out_dir: Path) -> list[
     capture = out_dir / "nsys"
     env = {**os.environ, "NSYS_OUT": str(capture), "PYTHON": sys.executable}
     script = Path(__file__).with_name("nsys_profile.sh")
-    run(["bash", str(script), f"model={args.model}", f"mode={args.modes[0]}", "model.impl=fast",
-         f"device={args.device}", "max_new_tokens=8"], check.left(), env=env)  # fmt: skip
+    run(
+        [
+            "bash",
+            str(script),
+            f"model={args.model}",
+            f"mode={args.modes[0]}",
+            "model.impl=fast",
+            f"device={args.device}",
+            "max_new_tokens=8",
+        ],
+        check.left(),
+        env=env,
+    )
     report = capture / "report.md"
     return [f"capture and report in `{capture}`", "", *report.read_text().splitlines()[:40]]
 
@@ -246,7 +287,11 @@ def compare(args: argparse.Namespace, check: Check, runs_dir: Path) -> list[str]
     cmd = [sys.executable, "-m", "llm_perf_opt.compare", str(base), str(fast), "--force"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(check.left(), 1))
     # compare exits non-zero on a regression; the table is the finding either way.
-    return [f"`python -m llm_perf_opt.compare {base} {fast} --force` (exit {proc.returncode})", "", proc.stdout]
+    return [
+        f"`python -m llm_perf_opt.compare {base} {fast} --force` (exit {proc.returncode})",
+        "",
+        proc.stdout,
+    ]
 
 
 # -- the command ------------------------------------------------------------------------------
@@ -254,9 +299,13 @@ def compare(args: argparse.Namespace, check: Check, runs_dir: Path) -> list[str]
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, help="the markdown file (default outputs/gpu-check/<time>/gpu-check.md)")
+    parser.add_argument(
+        "--out", type=Path, help="the markdown file (default outputs/gpu-check/<time>/gpu-check.md)"
+    )
     parser.add_argument("--budget", type=float, default=480, help="seconds for the whole check (default 480)")
-    parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu to try the steps here")
+    parser.add_argument(
+        "--device", default="cuda", help="cuda (default), cuda:N, or cpu to try the steps here"
+    )
     parser.add_argument("--model", default="deepseek_ocr", help="the model of the harness runs")
     parser.add_argument("--modes", nargs="+", default=["base", "gundam"], help="modes of the harness runs")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens per harness run")
@@ -267,27 +316,45 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"gpu-check: no CUDA GPU here (torch {torch.__version__}, CUDA {torch.version.cuda}): nothing to check")
+        print(
+            f"gpu-check: no CUDA GPU here (torch {torch.__version__}, CUDA {torch.version.cuda}): nothing to check"
+        )
         return 0
     out = args.out or Path("outputs/gpu-check") / time.strftime("%Y-%m-%d_%H-%M-%S") / "gpu-check.md"
     out_dir = out.parent
     runs_dir = out_dir / "runs"
     check = Check(out, args.budget)
     name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    check.add(f"# gpu-check · {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · {name}", "",
-              f"- torch {torch.__version__}, CUDA {torch.version.cuda}; code at {commit or 'unknown commit'}",
-              f"- model {args.model}, modes {', '.join(args.modes)}, {args.max_new_tokens} new tokens, "
-              f"budget {args.budget:.0f} s", "")  # fmt: skip
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    check.add(
+        f"# gpu-check · {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · {name}",
+        "",
+        f"- torch {torch.__version__}, CUDA {torch.version.cuda}; code at {commit or 'unknown commit'}",
+        f"- model {args.model}, modes {', '.join(args.modes)}, {args.max_new_tokens} new tokens, "
+        f"budget {args.budget:.0f} s",
+        "",
+    )
     check.step("calibrate and the datasheet match", lambda: calibrate(args, check), needs_s=20)
     check.step("harness runs: both implementations", lambda: harness_runs(args, check, runs_dir), needs_s=60)
     check.step("CUDA-graph decode attributed to decode", lambda: graph_attribution(args, runs_dir))
     check.step("parity of the GPU formulations (tiny model)", lambda: parity(args), needs_s=10)
     check.step("Nsight Systems capture", lambda: nsys_capture(args, check, out_dir), needs_s=60)
     check.step("compare: reference → fast", lambda: compare(args, check, runs_dir), needs_s=5)
-    verdict = ("all steps passed" if not check.failed and not check.skipped else
-               "; ".join(filter(None, [f"failed: {', '.join(check.failed)}" if check.failed else "",
-                                       f"not run (budget): {', '.join(check.skipped)}" if check.skipped else ""])))
+    verdict = (
+        "all steps passed"
+        if not check.failed and not check.skipped
+        else "; ".join(
+            filter(
+                None,
+                [
+                    f"failed: {', '.join(check.failed)}" if check.failed else "",
+                    f"not run (budget): {', '.join(check.skipped)}" if check.skipped else "",
+                ],
+            )
+        )
+    )
     check.add("## verdict", "", verdict)
     print(f"gpu-check: {verdict}\n{out}")
     return 1 if check.failed else 0

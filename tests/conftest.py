@@ -41,4 +41,3 @@ def tiny_model(tiny_arch):
     from llm_perf_opt.models.deepseek_ocr import weights
 
     return weights.dummy_model(tiny_arch, "cpu", torch.float32)
-

@@ -18,7 +18,8 @@ def test_quote_paths_leaves_sweeps_and_quoted_values_alone():
 def test_job_overrides_expand_sweeps_only_in_a_multirun():
     assert job_overrides(False, ["mode=tiny,base"]) == [["mode=tiny,base"]]
     assert job_overrides(True, ["mode=tiny,base", "dtype=float32"]) == [
-        ["mode=tiny", "dtype=float32"], ["mode=base", "dtype=float32"],
+        ["mode=tiny", "dtype=float32"],
+        ["mode=base", "dtype=float32"],
     ]
     assert len(job_overrides(True, ["mode=tiny,base", "max_new_tokens=2,4,8"])) == 6
 

@@ -32,7 +32,9 @@ def test_partition_time_and_account_are_overridable():
         "+hydra.launcher.additional_parameters.mail_type=END",
     )
     assert (cfg.partition, cfg.timeout_min, cfg.account) == ("gpu-h100", 180, "perf_team")
-    assert OmegaConf.to_container(cfg.additional_parameters) == {"mail_type": "END"}  # any other sbatch option
+    assert OmegaConf.to_container(cfg.additional_parameters) == {
+        "mail_type": "END"
+    }  # any other sbatch option
     assert cfg.gpus_per_node == 1
 
 
@@ -47,8 +49,15 @@ def test_without_the_option_jobs_run_one_after_another_in_this_process():
 
 
 def test_the_cli_accepts_the_launcher_and_pairs_jobs_across_launchers(tmp_path):
-    preflight(True, ["hydra/launcher=slurm", "model=deepseek_ocr_tiny", "mode=tiny,base",
-                                f"hydra.sweep.dir={tmp_path / 'sweep'}"])  # fmt: skip
+    preflight(
+        True,
+        [
+            "hydra/launcher=slurm",
+            "model=deepseek_ocr_tiny",
+            "mode=tiny,base",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+    )
     record = {"config": {"model": {"name": "deepseek_ocr_tiny", "mode": {"name": "tiny"}}}}
     on_cluster = job_identity(record, ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "mode=tiny"])
     assert on_cluster == job_identity(record, ["mode=tiny"])

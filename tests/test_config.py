@@ -8,8 +8,8 @@ from typing import ClassVar
 
 import pytest
 from hydra.core.config_store import ConfigStore
-from hydra_plugins.llm_perf_opt_presets.presets import PACKAGED_DIR, is_packaged_conf
 
+from hydra_plugins.llm_perf_opt_presets.presets import PACKAGED_DIR, is_packaged_conf
 from llm_perf_opt.config import ModelConfig, RunConfig, compose, group_options, load, one_line, validate
 from llm_perf_opt.errors import UserError
 from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRConfig, DeepSeekOCRModelConfig
@@ -32,7 +32,12 @@ def test_defaults_are_typed():
 
 def test_config_groups_list_their_options():
     assert group_options("mode") == ["base", "gundam", "large", "small", "tiny"]
-    assert group_options("model") == ["deepseek_ocr", "deepseek_ocr2", "deepseek_ocr2_tiny", "deepseek_ocr_tiny"]
+    assert group_options("model") == [
+        "deepseek_ocr",
+        "deepseek_ocr2",
+        "deepseek_ocr2_tiny",
+        "deepseek_ocr_tiny",
+    ]
 
 
 def test_the_mode_lands_in_the_model_config():
@@ -58,8 +63,16 @@ def test_architecture_fields_are_typed_overrides():
 
 
 def test_quick_profiling_and_overrides():
-    run = load(["profiling=quick", "max_new_tokens=4", "dtype=float32", "profiling.granularity=module",
-                "image=/some/page.png", "ignore_eos=false"])
+    run = load(
+        [
+            "profiling=quick",
+            "max_new_tokens=4",
+            "dtype=float32",
+            "profiling.granularity=module",
+            "image=/some/page.png",
+            "ignore_eos=false",
+        ]
+    )
     assert (run.profiling.warmup, run.profiling.repeats) == (1, 1)
     assert (run.max_new_tokens, run.dtype, run.profiling.granularity) == (4, "float32", "module")
     assert run.image == "/some/page.png"
@@ -150,9 +163,17 @@ def test_the_checkout_presets_are_on_the_search_path(monkeypatch):
     assert (cfg.model.name, cfg.device, cfg.profiling.repeats) == ("deepseek_ocr_tiny", "cpu", 5)
     assert cfg.hydra.sweeper.params == {"mode": "tiny,small,base,large,gundam"}
     gpu = load(["+experiment=gpu", "mode=gundam"])
-    assert (gpu.model.name, gpu.device, gpu.dtype, gpu.model.mode.name) == ("deepseek_ocr", "cuda", "bfloat16", "gundam")
+    assert (gpu.model.name, gpu.device, gpu.dtype, gpu.model.mode.name) == (
+        "deepseek_ocr",
+        "cuda",
+        "bfloat16",
+        "gundam",
+    )
     batches = compose(["+experiment=throughput", "model=deepseek_ocr_tiny"], return_hydra_config=True)
-    assert batches.hydra.sweeper.params == {"mode": "tiny", "batch_size": "1,2,4,8,16,32"} and batches.model.name == "deepseek_ocr_tiny"
+    assert (
+        batches.hydra.sweeper.params == {"mode": "tiny", "batch_size": "1,2,4,8,16,32"}
+        and batches.model.name == "deepseek_ocr_tiny"
+    )
 
 
 def test_without_a_conf_dir_there_are_no_presets_and_no_warning(monkeypatch, tmp_path, recwarn):
@@ -173,4 +194,6 @@ def test_until_cv_needs_room_beyond_the_repeats():
     assert (run.profiling.until_cv, run.profiling.max_repeats) == (0.05, 20)
     with pytest.raises(UserError, match="profiling.max_repeats must be >= 5"):
         load(["profiling.until_cv=0.05", "profiling.repeats=5", "profiling.max_repeats=4"])
-    assert load(["profiling.repeats=5", "profiling.max_repeats=4"]).profiling.until_cv is None  # unused without it
+    assert (
+        load(["profiling.repeats=5", "profiling.max_repeats=4"]).profiling.until_cv is None
+    )  # unused without it

@@ -59,12 +59,26 @@ def test_run_help_shows_the_main_options(monkeypatch, capsys):
     code, out, _ = cli(monkeypatch, capsys, "run", "--help")
     assert code == 0
     documented = dict(re.findall(r"^  (-m|[\w./]+)[= ](\S*)\s", out, re.MULTILINE))
-    for key in ("model", "mode", "image", "device", "dtype", "max_new_tokens", "hardware", "model.impl",
-                "model.weights", "profiling", "hydra/callbacks", "-m"):
+    for key in (
+        "model",
+        "mode",
+        "image",
+        "device",
+        "dtype",
+        "max_new_tokens",
+        "hardware",
+        "model.impl",
+        "model.weights",
+        "profiling",
+        "hydra/callbacks",
+        "-m",
+    ):
         assert key in documented, key
     # Each profiling option with the default the schema gives it.
     for field in fields(ProfilingConfig):
-        default = "null" if field.default is None else str(field.default).lower()  # as YAML and Hydra write it
+        default = (
+            "null" if field.default is None else str(field.default).lower()
+        )  # as YAML and Hydra write it
         assert documented[f"profiling.{field.name}"] == default, field.name
     assert "llm-perf-opt run model=deepseek_ocr_tiny mode=gundam" in out  # an example
     assert "mode: base, gundam, large, small, tiny" in out  # Hydra's listing of the config groups

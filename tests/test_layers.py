@@ -26,8 +26,18 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("measurement", ("llm_perf_opt.profiling",)),
     ("analytic", ("llm_perf_opt.analytic",)),
     ("report", ("llm_perf_opt.report",)),
-    ("entry points", ("llm_perf_opt.cli", "llm_perf_opt.run", "llm_perf_opt.calibrate", "llm_perf_opt.compare",
-                      "llm_perf_opt.summarize", "llm_perf_opt.tree", "llm_perf_opt")),
+    (
+        "entry points",
+        (
+            "llm_perf_opt.cli",
+            "llm_perf_opt.run",
+            "llm_perf_opt.calibrate",
+            "llm_perf_opt.compare",
+            "llm_perf_opt.summarize",
+            "llm_perf_opt.tree",
+            "llm_perf_opt",
+        ),
+    ),
 ]
 
 
@@ -94,8 +104,10 @@ def test_no_import_runs_back_up():
         source = module_name(path)
         for target in file_imports(path):
             if layer_of(target) > layer_of(source):
-                back_edges.append(f"{source} ({LAYERS[layer_of(source)][0]}) imports {target} "
-                                  f"({LAYERS[layer_of(target)][0]})")
+                back_edges.append(
+                    f"{source} ({LAYERS[layer_of(source)][0]}) imports {target} "
+                    f"({LAYERS[layer_of(target)][0]})"
+                )
     assert back_edges == []
 
 

@@ -29,10 +29,29 @@ from llm_perf_opt.profiling.attribution import KERNEL_COLUMNS
 
 TINY = ("model=deepseek_ocr_tiny", "device=cpu", "profiling=quick", "dtype=float32")
 STAGES = ["preprocess", "sam", "clip", "projector", "prefill", "decode"]
-MEASURED = ["stage", "calls", "repeats", "time_ms", "time_ms_min", "time_ms_max", "time_ms_stdev", "time_ms_cv_pct",
-            "time_ms_p90", "outlier_runs", "busy_ms", "busy_share_pct", "launches"]
+MEASURED = [
+    "stage",
+    "calls",
+    "repeats",
+    "time_ms",
+    "time_ms_min",
+    "time_ms_max",
+    "time_ms_stdev",
+    "time_ms_cv_pct",
+    "time_ms_p90",
+    "outlier_runs",
+    "busy_ms",
+    "busy_share_pct",
+    "launches",
+]
 ANALYTIC = ["flops", "bytes", "weight_bytes", "act_bytes", "kv_bytes"]
-RATES = ["intensity", "achieved_tflop_s_wall", "achieved_gbyte_s_wall", "achieved_tflop_s_busy", "achieved_gbyte_s_busy"]
+RATES = [
+    "intensity",
+    "achieved_tflop_s_wall",
+    "achieved_gbyte_s_wall",
+    "achieved_tflop_s_busy",
+    "achieved_gbyte_s_busy",
+]
 ROOF = ["ridge", "attainable_tflop_s", "roofline_ms", "pct_roof_wall", "pct_roof_busy", "bound"]
 SPLIT = ["split_roofline_ms", "above_roof_ms", "host_ms", "unsplit_ms", "overlap_ms"]
 DOCUMENTED_KERNEL_COLUMNS = ["stage", "name", "calls", "total_ms"]
@@ -59,7 +78,15 @@ def small_page(tmp_path_factory) -> Path:
 
 
 # -- one full job, in-process --------------------------------------------------------------------
-ARTIFACTS = ("run.json", "stages.csv", "stages.json", "kernels.csv", "trace.pt.trace.json", "report.md", "roofline.png")
+ARTIFACTS = (
+    "run.json",
+    "stages.csv",
+    "stages.json",
+    "kernels.csv",
+    "trace.pt.trace.json",
+    "report.md",
+    "roofline.png",
+)
 
 
 def run_in(out: Path, *overrides: str) -> tuple[Path, dict]:
@@ -84,13 +111,17 @@ def test_job_writes_every_artifact(gundam_run):
 def test_stages_csv_joins_measured_time_with_the_analytic_work(gundam_run):
     out, record = gundam_run
     stages = pd.read_csv(out / "stages.csv")
-    expected = MEASURED + ANALYTIC + RATES + [f"calibrated_{c}" for c in ROOF] + ["verdict"] + SPLIT + ["batch_size"]
+    expected = (
+        MEASURED + ANALYTIC + RATES + [f"calibrated_{c}" for c in ROOF] + ["verdict"] + SPLIT + ["batch_size"]
+    )
     assert list(stages.columns) == expected  # a CPU run has calibrated ceilings only
     assert list(stages["stage"]) == STAGES and set(stages["batch_size"]) == {1}
     calls = dict(zip(stages["stage"], stages["calls"]))
     assert calls == {"preprocess": 1, "sam": 1, "clip": 1, "projector": 1, "prefill": 1, "decode": 3}
     assert (stages["time_ms"] > 0).all() and (stages["busy_ms"] > 0).all() and (stages["launches"] > 0).all()
-    assert (stages["time_ms_min"] <= stages["time_ms"]).all() and (stages["time_ms"] <= stages["time_ms_max"]).all()
+    assert (stages["time_ms_min"] <= stages["time_ms"]).all() and (
+        stages["time_ms"] <= stages["time_ms_max"]
+    ).all()
     assert stages["busy_share_pct"].between(0, 100).all()
     assert stages["busy_share_pct"].sum() == pytest.approx(100 * record["trace"]["coverage"], abs=1e-4)
     assert (stages["repeats"] == 1).all() and (stages["outlier_runs"] == 0).all()  # profiling=quick: one run
@@ -109,7 +140,9 @@ def test_stages_csv_joins_measured_time_with_the_analytic_work(gundam_run):
             assert math.isfinite(row[column]) and row[column] > 0, (stage, column)
         assert row["calibrated_bound"] in ("compute", "memory", "balanced")
         # Same work over a shorter time is a higher rate.
-        assert (row["achieved_tflop_s_busy"] > row["achieved_tflop_s_wall"]) == (row["busy_ms"] < row["time_ms"])
+        assert (row["achieved_tflop_s_busy"] > row["achieved_tflop_s_wall"]) == (
+            row["busy_ms"] < row["time_ms"]
+        )
         # The split adds up to the stage's time.
         parts = row["split_roofline_ms"] + row["above_roof_ms"] + row["host_ms"]
         assert parts == pytest.approx(row["time_ms"])
@@ -132,10 +165,12 @@ def test_stages_json_and_the_headline(gundam_run):
     # Every group is judged against the roof that binds it, named, as in report.md.
     assert set(headline["roof_utilisation_pct"]) == {"vision", "prefill", "decode"}
     report = (out / "report.md").read_text()
-    for group, roofs in headline["roof_utilisation_pct"].items():
+    for roofs in headline["roof_utilisation_pct"].values():
         binding = roofs["calibrated"]
         assert binding["bound"] in ("compute", "memory", "balanced")
-        roof = {"compute": "FLOP/s roof", "memory": "bandwidth roof", "balanced": "roofline"}[binding["bound"]]
+        roof = {"compute": "FLOP/s roof", "memory": "bandwidth roof", "balanced": "roofline"}[
+            binding["bound"]
+        ]
         assert f"{binding['bound']}" in report and f"{binding['wall']:.1f}%" in report and roof in report
     hardware = record["hardware"]
     assert hardware["datasheet"] is None and hardware["matched"] == "cpu"
@@ -197,7 +232,9 @@ def test_run_json(gundam_run):
 def test_run_json_names_the_commit_of_the_code_that_ran(gundam_run):
     _, record = gundam_run
     repo = Path(run_module.__file__).parent
-    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+    head = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+    )
     if head.returncode != 0:
         pytest.skip("the package is not in a git checkout here")
     assert record["versions"]["git_commit"] == head.stdout.strip()
@@ -227,7 +264,9 @@ def test_run_json_keeps_raw_samples_memory_routing_and_trace(gundam_run):
     routing = record["routing"]
     k = record["config"]["model"]["arch"]["lm"]["num_experts_per_tok"]
     assert routing["prefill"]["calls"] == 1 and routing["decode"]["calls"] == 3
-    assert all(sum(layer) == record["tokens"]["prompt"] * k for layer in routing["prefill"]["tokens_per_expert"])
+    assert all(
+        sum(layer) == record["tokens"]["prompt"] * k for layer in routing["prefill"]["tokens_per_expert"]
+    )
     assert all(sum(layer) == 3 * k for layer in routing["decode"]["tokens_per_expert"])
 
     trace = record["trace"]
@@ -259,13 +298,20 @@ def test_report_md(gundam_run):
     assert "dtype float32 (requested)" in text
     assert "memory, measured: peak rss" in text and "KV cache" in text
     assert "calibrated ceilings: " in text and "datasheet: none (cpu)" in text
-    for section in ("## Headline", "## Stages against the roofline", "## Where each stage's time goes",
-                    "## Verdicts", "## Top ops per stage"):
+    for section in (
+        "## Headline",
+        "## Stages against the roofline",
+        "## Where each stage's time goes",
+        "## Verdicts",
+        "## Top ops per stage",
+    ):
         assert section in text
     assert "![roofline](roofline.png)" in text
     assert "`achieved_*_busy`" in text  # the time bases are explained
     verdicts = text.split("## Verdicts")[1].split("##")[0]
-    assert [line.split(":")[0] for line in verdicts.split("\n") if line.startswith("- ")] == [f"- {s}" for s in STAGES]
+    assert [line.split(":")[0] for line in verdicts.split("\n") if line.startswith("- ")] == [
+        f"- {s}" for s in STAGES
+    ]
 
 
 def test_a_fast_job_records_its_paths_and_reports_their_bytes(tmp_path, gundam_run):
@@ -283,7 +329,9 @@ def test_a_fast_job_records_its_paths_and_reports_their_bytes(tmp_path, gundam_r
     assert "implementation: model.impl=fast: SAM attention blocked" in (out / "report.md").read_text()
 
     def analytic(rec: dict, stage: str) -> dict:
-        return next(row for row in rec["analytic"]["stages"] if row["stage"] == stage and row["scope"] == "run")
+        return next(
+            row for row in rec["analytic"]["stages"] if row["stage"] == stage and row["scope"] == "run"
+        )
 
     # Same page, same work: the FLOPs agree and the bias copy is gone from SAM's bytes.
     fast_sam, ref_sam = analytic(record, "sam"), analytic(reference, "sam")
@@ -296,8 +344,16 @@ def test_a_fast_job_records_its_paths_and_reports_their_bytes(tmp_path, gundam_r
 # -- the CLI, in-process -------------------------------------------------------------------------
 def test_cli_runs_a_job_and_prints_where(monkeypatch, capsys, tmp_path, small_page):
     out = tmp_path / "run"
-    code, stdout, stderr = main(monkeypatch, capsys, *TINY, "mode=tiny", "max_new_tokens=2",
-                                "profiling.trace=false", f"image={small_page}", f"hydra.run.dir={out}")
+    code, stdout, stderr = main(
+        monkeypatch,
+        capsys,
+        *TINY,
+        "mode=tiny",
+        "max_new_tokens=2",
+        "profiling.trace=false",
+        f"image={small_page}",
+        f"hydra.run.dir={out}",
+    )
     assert code == 0, stderr
     assert str(out) in stdout and "TPOT ms" in stdout
     assert "dtype float32 (requested)" in stderr
@@ -310,8 +366,17 @@ def test_cli_runs_a_job_and_prints_where(monkeypatch, capsys, tmp_path, small_pa
 
 def test_profiler_options_reach_the_trace(monkeypatch, capsys, tmp_path, small_page):
     out = tmp_path / "run"
-    code, _, stderr = main(monkeypatch, capsys, *TINY, "mode=tiny", "max_new_tokens=2", f"image={small_page}",
-                           "profiling.record_shapes=true", "profiling.with_stack=true", f"hydra.run.dir={out}")
+    code, _, stderr = main(
+        monkeypatch,
+        capsys,
+        *TINY,
+        "mode=tiny",
+        "max_new_tokens=2",
+        f"image={small_page}",
+        "profiling.record_shapes=true",
+        "profiling.with_stack=true",
+        f"hydra.run.dir={out}",
+    )
     assert code == 0, stderr
     events = json.loads((out / "trace.pt.trace.json").read_text())["traceEvents"]
     assert any("Input Dims" in e.get("args", {}) for e in events if e.get("cat") == "cpu_op")
@@ -327,8 +392,16 @@ def test_image_paths_with_spaces_and_non_ascii_work_as_typed(monkeypatch, capsys
     page.write_bytes(small_page.read_bytes())
     for n, image in enumerate((f"image={page}", f"image='{page}'")):  # as typed, and quoted for Hydra
         out = tmp_path / f"run{n}"
-        code, _, stderr = main(monkeypatch, capsys, *TINY, "mode=tiny", "max_new_tokens=1", "profiling.trace=false",
-                               image, f"hydra.run.dir={out}")
+        code, _, stderr = main(
+            monkeypatch,
+            capsys,
+            *TINY,
+            "mode=tiny",
+            "max_new_tokens=1",
+            "profiling.trace=false",
+            image,
+            f"hydra.run.dir={out}",
+        )
         assert code == 0, stderr
         assert json.loads((out / "run.json").read_text())["image"]["path"] == str(page)
 
@@ -361,8 +434,15 @@ def test_missing_image_is_one_line_and_recorded(monkeypatch, capsys, tmp_path):
 )
 def test_config_mistakes_are_one_line_before_anything_runs(monkeypatch, capsys, tmp_path, args, fragments):
     flags, overrides = [a for a in args if a == "-m"], [a for a in args if a != "-m"]
-    code, _, stderr = main(monkeypatch, capsys, *flags, *TINY, *overrides, f"hydra.run.dir={tmp_path / 'run'}",
-                           f"hydra.sweep.dir={tmp_path / 'multi'}")
+    code, _, stderr = main(
+        monkeypatch,
+        capsys,
+        *flags,
+        *TINY,
+        *overrides,
+        f"hydra.run.dir={tmp_path / 'run'}",
+        f"hydra.sweep.dir={tmp_path / 'multi'}",
+    )
     line = one_error(code, stderr)
     for fragment in fragments:
         assert fragment in line
@@ -384,7 +464,9 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(monkeypatch, capsys):
 
 def test_too_many_new_tokens_is_one_line_before_the_model_is_built(monkeypatch, capsys, tmp_path):
     out = tmp_path / "run"
-    code, _, stderr = main(monkeypatch, capsys, *TINY, "mode=tiny", "max_new_tokens=9000", f"hydra.run.dir={out}")
+    code, _, stderr = main(
+        monkeypatch, capsys, *TINY, "mode=tiny", "max_new_tokens=9000", f"hydra.run.dir={out}"
+    )
     line = one_error(code, stderr)
     # tiny mode: 73 image tokens + the prompt's text tokens; 8192 positions in all.
     assert "context window of 8192" in line and "max_new_tokens <= " in line
@@ -394,8 +476,14 @@ def test_too_many_new_tokens_is_one_line_before_the_model_is_built(monkeypatch, 
 
 def test_not_enough_memory_is_one_line_naming_the_figures(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(run_module, "available_memory_bytes", lambda device: 2 * 10**9)
-    code, _, stderr = main(monkeypatch, capsys, "device=cpu", "dtype=float32", "profiling=quick",
-                           f"hydra.run.dir={tmp_path / 'run'}")
+    code, _, stderr = main(
+        monkeypatch,
+        capsys,
+        "device=cpu",
+        "dtype=float32",
+        "profiling=quick",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     line = one_error(code, stderr)
     # The full model in fp32: 3,336,106,240 parameters × 4 bytes = 13.3 GB of weights.
     assert "not enough memory for deepseek_ocr in float32" in line
@@ -404,8 +492,14 @@ def test_not_enough_memory_is_one_line_naming_the_figures(monkeypatch, capsys, t
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
 def test_cuda_without_a_gpu_is_one_line(monkeypatch, capsys, tmp_path):
-    code, _, stderr = main(monkeypatch, capsys, "model=deepseek_ocr_tiny", "profiling=quick", "device=cuda",
-                           f"hydra.run.dir={tmp_path / 'run'}")
+    code, _, stderr = main(
+        monkeypatch,
+        capsys,
+        "model=deepseek_ocr_tiny",
+        "profiling=quick",
+        "device=cuda",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     assert "no CUDA GPU" in one_error(code, stderr)
 
 
@@ -423,15 +517,33 @@ def _env() -> dict:
 def test_multirun_over_modes_records_a_failed_job_and_runs_the_others(tmp_path, small_page):
     sweep, missing = tmp_path / "multi", tmp_path / "missing.png"
     proc = subprocess.run(
-        [sys.executable, "-m", "llm_perf_opt.run", "-m", *TINY, "mode=tiny,base", "max_new_tokens=2",
-         "profiling.trace=false", f"image={small_page},{missing}", f"hydra.sweep.dir={sweep}"],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "llm_perf_opt.run",
+            "-m",
+            *TINY,
+            "mode=tiny,base",
+            "max_new_tokens=2",
+            "profiling.trace=false",
+            f"image={small_page},{missing}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr, proc.stderr
     jobs = sorted((p for p in sweep.iterdir() if p.is_dir()), key=lambda p: int(p.name.split("_")[0]))
-    assert [p.name for p in jobs] == ["0_deepseek_ocr_tiny_tiny", "1_deepseek_ocr_tiny_tiny",
-                                      "2_deepseek_ocr_tiny_base", "3_deepseek_ocr_tiny_base"]
+    assert [p.name for p in jobs] == [
+        "0_deepseek_ocr_tiny_tiny",
+        "1_deepseek_ocr_tiny_tiny",
+        "2_deepseek_ocr_tiny_base",
+        "3_deepseek_ocr_tiny_base",
+    ]
     records = [json.loads((job / "run.json").read_text()) for job in jobs]
     assert [r["status"] for r in records] == ["ok", "failed", "ok", "failed"]
     assert [r["mode"]["name"] for r in records[::2]] == ["tiny", "base"]
@@ -464,16 +576,32 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float) -> None:
 def test_interrupt_records_the_job_and_leaves_no_partial_artifacts(tmp_path, small_page):
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llm_perf_opt.run", *TINY, "mode=tiny", "max_new_tokens=2",
-         "profiling.repeats=1000", f"image={small_page}", f"hydra.run.dir={out}"],
-        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "llm_perf_opt.run",
+            *TINY,
+            "mode=tiny",
+            "max_new_tokens=2",
+            "profiling.repeats=1000",
+            f"image={small_page}",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         preexec_fn=_default_sigint,
     )
     try:
         # Hydra writes .hydra/ and opens run.log just before it calls the job; give the job
         # time to reach the timed repeats (model built, routing recorded), then press Ctrl-C.
-        _wait_for(lambda: (out / ".hydra" / "overrides.yaml").is_file() and (out / "run.log").is_file(),
-                  proc, timeout=180)
+        _wait_for(
+            lambda: (out / ".hydra" / "overrides.yaml").is_file() and (out / "run.log").is_file(),
+            proc,
+            timeout=180,
+        )
         time.sleep(3)
         assert proc.poll() is None, "1000 repeats should still be running"
         proc.send_signal(signal.SIGINT)
@@ -488,7 +616,14 @@ def test_interrupt_records_the_job_and_leaves_no_partial_artifacts(tmp_path, sma
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "interrupted"
     assert "\n" not in record["error"]
-    for name in ("stages.csv", "stages.json", "kernels.csv", "trace.pt.trace.json", "report.md", "roofline.png"):
+    for name in (
+        "stages.csv",
+        "stages.json",
+        "kernels.csv",
+        "trace.pt.trace.json",
+        "report.md",
+        "roofline.png",
+    ):
         assert not (out / name).exists(), name
     assert temp_files(tmp_path) == []
 
@@ -528,8 +663,12 @@ def test_a_batch_job_writes_every_artifact_with_per_page_tokens(batch_run):
     image = [p["tokens"]["image"] for p in pages]
     assert len(set(image)) == 4 and record["tokens"]["image_per_page"] == image
     longest = max(p["tokens"]["prompt"] for p in pages)
-    assert record["batch"] == {"size": 4, "padding": "left", "pads": [longest - p["tokens"]["prompt"] for p in pages],
-                               "padded_prompt_tokens": longest}
+    assert record["batch"] == {
+        "size": 4,
+        "padding": "left",
+        "pads": [longest - p["tokens"]["prompt"] for p in pages],
+        "padded_prompt_tokens": longest,
+    }
     assert record["generated_tokens"] == 4 * 3  # dummy weights: no sequence stops early
 
 
@@ -544,7 +683,11 @@ def test_a_batch_job_reports_its_throughput(batch_run):
     assert head["decode_tokens_per_s"] == pytest.approx(8e3 / (head["e2e_ms"] - head["ttft_ms"]))
     assert set(pd.read_csv(out / "stages.csv")["batch_size"]) == {4}
     report = (out / "report.md").read_text()
-    assert "batch of 4 pages" in report and "pages/s" in report and "FLOP/B against the calibrated ridge" in report
+    assert (
+        "batch of 4 pages" in report
+        and "pages/s" in report
+        and "FLOP/B against the calibrated ridge" in report
+    )
 
 
 def test_a_batch_job_counts_every_sequence_but_reads_weights_once(batch_run, gundam_run):
@@ -552,8 +695,11 @@ def test_a_batch_job_counts_every_sequence_but_reads_weights_once(batch_run, gun
     _, single = gundam_run
 
     def lm_head(record):
-        return next(f for f in record["analytic"]["families"]
-                    if (f["stage"], f["scope"], f["family"]) == ("prefill", "run", "lm_head"))  # fmt: skip
+        return next(
+            f
+            for f in record["analytic"]["families"]
+            if (f["stage"], f["scope"], f["family"]) == ("prefill", "run", "lm_head")
+        )
 
     # One lm_head row per sequence's last position; its weights read once.
     assert lm_head(batch)["matmul_flops"] == 4 * lm_head(single)["matmul_flops"]
@@ -575,7 +721,9 @@ def test_a_batch_job_counts_every_sequence_but_reads_weights_once(batch_run, gun
         (["images={pages}/*.jpg"], "no file matches"),
     ],
 )
-def test_bad_batch_input_is_one_line_and_leaves_nothing(monkeypatch, capsys, tmp_path, page_dir, args, fragment):
+def test_bad_batch_input_is_one_line_and_leaves_nothing(
+    monkeypatch, capsys, tmp_path, page_dir, args, fragment
+):
     empty, mixed = tmp_path / "empty", tmp_path / "mixed"
     empty.mkdir(), mixed.mkdir()
     (mixed / "page.png").write_bytes((page_dir / "page0.png").read_bytes())
@@ -589,7 +737,9 @@ def test_bad_batch_input_is_one_line_and_leaves_nothing(monkeypatch, capsys, tmp
 
 def test_a_batch_that_cannot_fit_names_the_largest_that_would(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(run_module, "available_memory_bytes", lambda device: 10**9)
-    code, _, stderr = main(monkeypatch, capsys, *TINY, "mode=gundam", "batch_size=64", f"hydra.run.dir={tmp_path / 'r'}")
+    code, _, stderr = main(
+        monkeypatch, capsys, *TINY, "mode=gundam", "batch_size=64", f"hydra.run.dir={tmp_path / 'r'}"
+    )
     line = one_error(code, stderr)
     assert "not enough memory for deepseek_ocr_tiny at batch 64" in line and "KV cache" in line
     largest = int(line.split("batch_size<=")[1].split()[0])
@@ -607,9 +757,23 @@ def test_largest_batch_fits_and_one_more_does_not():
 def test_a_batch_sweep_plots_throughput_against_latency(tmp_path):
     sweep = tmp_path / "multi"
     proc = subprocess.run(
-        [sys.executable, "-m", "llm_perf_opt.run", "-m", *TINY, "mode=tiny", "batch_size=1,2", "max_new_tokens=3",
-         "profiling.trace=false", f"hydra.sweep.dir={sweep}"],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "llm_perf_opt.run",
+            "-m",
+            *TINY,
+            "mode=tiny",
+            "batch_size=1,2",
+            "max_new_tokens=3",
+            "profiling.trace=false",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     summary = (sweep / "sweep_summary.md").read_text()

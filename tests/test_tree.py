@@ -49,7 +49,10 @@ def test_full_size_modules(full_tree):
     assert nodes["model.sam_model"].params_total == SAM
     # 12 decoder layers; 11 MoE layers of 64 experts each.
     assert [f"model.layers.{i}" in nodes for i in (0, 11, 12)] == [True, True, False]
-    assert sum(name.startswith("model.layers.1.mlp.experts.") and n.depth == 6 for name, n in nodes.items()) == 64
+    assert (
+        sum(name.startswith("model.layers.1.mlp.experts.") and n.depth == 6 for name, n in nodes.items())
+        == 64
+    )
 
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
@@ -63,8 +66,15 @@ def test_cli_prints_the_tree_and_writes_module_tree_json(monkeypatch, capsys, tm
     record = json.loads((tmp_path / "module_tree.json").read_text())
     modules = {m["name"]: m for m in record["modules"]}
     assert all(set(m) == MODULE_FIELDS for m in record["modules"])
-    assert modules["lm_head"] == {"name": "lm_head", "class": "Linear", "stage": "language_model", "leaf": True,
-                                  "params": TINY_LM_HEAD, "params_total": TINY_LM_HEAD, "depth": 1}  # fmt: skip
+    assert modules["lm_head"] == {
+        "name": "lm_head",
+        "class": "Linear",
+        "stage": "language_model",
+        "leaf": True,
+        "params": TINY_LM_HEAD,
+        "params_total": TINY_LM_HEAD,
+        "depth": 1,
+    }
     assert modules["model.projector"]["params_total"] == TINY_PROJECTOR_LINEAR
     assert record["stage_params"]["projector"] == TINY_PROJECTOR_LINEAR + 2 * 128
     assert sum(record["stage_params"].values()) == record["params_total"] == modules[""]["params_total"]
@@ -72,7 +82,12 @@ def test_cli_prints_the_tree_and_writes_module_tree_json(monkeypatch, capsys, tm
     tree_text, _, totals_text = out.partition("\n\n")
     printed = tree_text.splitlines()
     assert len(printed) == sum(m["depth"] <= 2 for m in record["modules"])
-    assert printed[1].split()[:4] == ["model", "DeepSeekOCRModel", "-", f"{modules['model']['params_total']:,}"]
+    assert printed[1].split()[:4] == [
+        "model",
+        "DeepSeekOCRModel",
+        "-",
+        f"{modules['model']['params_total']:,}",
+    ]
     rows = [line.split() for line in totals_text.splitlines()[1:]]
     assert [name for name, _ in rows] == ["sam", "clip", "projector", "language_model", "total"]
     assert rows[2] == ["projector", f"{TINY_PROJECTOR_LINEAR + 2 * 128:,}"]  # = 33,152
@@ -105,8 +120,13 @@ def test_cli_user_errors_are_one_line(monkeypatch, capsys, tmp_path, args):
 
 def test_cli_missing_checkpoint_is_a_user_error(monkeypatch, capsys, tmp_path):
     missing = tmp_path / "no-checkpoint"
-    code, _, err = run_cli(monkeypatch, capsys, "model=deepseek_ocr_tiny", f"model.weights={missing}",
-                           f"hydra.run.dir={tmp_path / 'out'}")  # fmt: skip
+    code, _, err = run_cli(
+        monkeypatch,
+        capsys,
+        "model=deepseek_ocr_tiny",
+        f"model.weights={missing}",
+        f"hydra.run.dir={tmp_path / 'out'}",
+    )
     assert code == 2
     assert err.strip().splitlines()[-1].startswith(f"error: checkpoint: {missing}")
     assert not (tmp_path / "out" / "module_tree.json").exists()

@@ -26,8 +26,19 @@ def venv_python(tmp_path_factory) -> Path:
     """A fresh virtual environment with the wheel installed. It sees the machine's site-packages
     for torch and friends (no network here), but llm_perf_opt comes from the wheel alone."""
     tmp = tmp_path_factory.mktemp("wheel")
-    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp / "dist"),
-         str(REPO), cwd=tmp)
+    _run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        str(tmp / "dist"),
+        str(REPO),
+        cwd=tmp,
+    )
     (wheel,) = (tmp / "dist").glob("llm_perf_opt-*.whl")
     _run(sys.executable, "-m", "venv", "--system-site-packages", str(tmp / "venv"), cwd=tmp)
     python = tmp / "venv" / "bin" / "python"
@@ -55,9 +66,20 @@ def test_cfg_job_composes_from_the_installed_package(venv_python, tmp_path):
 
 def test_a_tiny_run_from_the_installed_package(venv_python, tmp_path):
     out = tmp_path / "run"
-    _run(str(venv_python), "-m", "llm_perf_opt.run", "model=deepseek_ocr_tiny", "mode=tiny", "device=cpu",
-         "dtype=float32", "profiling=quick", "profiling.trace=false", "max_new_tokens=2",
-         f"hydra.run.dir={out}", cwd=tmp_path)
+    _run(
+        str(venv_python),
+        "-m",
+        "llm_perf_opt.run",
+        "model=deepseek_ocr_tiny",
+        "mode=tiny",
+        "device=cpu",
+        "dtype=float32",
+        "profiling=quick",
+        "profiling.trace=false",
+        "max_new_tokens=2",
+        f"hydra.run.dir={out}",
+        cwd=tmp_path,
+    )
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "ok" and record["generated_tokens"] == 2
     assert record["schema_version"] == 1

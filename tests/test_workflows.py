@@ -46,8 +46,12 @@ def actionlint_binary() -> str:
 def actionlint(*paths: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [actionlint_binary(), "-no-color", "-config-file", str(ACTIONLINT_CONFIG), *map(str, paths)],
-        check=False, capture_output=True, text=True, cwd=REPO, timeout=120,
-    )  # fmt: skip
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
 
 
 def workflow(name: str) -> dict:
@@ -85,7 +89,9 @@ def missing_commands(text: str) -> list[str]:
 
 def called_text() -> str:
     """The run steps of every workflow, then the scripts and Makefile recipes they call."""
-    steps = "\n".join(step for path in sorted(WORKFLOWS.glob("*.yml")) for step in run_steps(workflow(path.name)))
+    steps = "\n".join(
+        step for path in sorted(WORKFLOWS.glob("*.yml")) for step in run_steps(workflow(path.name))
+    )
     scripts = "\n".join((REPO / s).read_text() for s in sorted(set(_SCRIPT.findall(steps))))
     return "\n".join([steps, scripts, (REPO / "Makefile").read_text()])
 
@@ -141,7 +147,10 @@ def test_nightly_workflow_sweeps_compares_publishes_and_keeps_the_runs():
         assert publish["if"] == "always()" and "comparison.md" in publish["run"]
         upload = next(s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact@"))
         assert upload["if"] == "always()"
-        assert upload["with"]["path"] == "${{ env.NIGHTLY_OUT }}" and upload["with"]["include-hidden-files"] is True
+        assert (
+            upload["with"]["path"] == "${{ env.NIGHTLY_OUT }}"
+            and upload["with"]["include-hidden-files"] is True
+        )
         assert job["env"]["NIGHTLY_OUT"] == f"outputs/nightly/{kind}"
 
 
@@ -190,13 +199,23 @@ def test_runner_scripts_pass_shellcheck():
 
 def test_nsight_runners_use_the_documented_flags():
     nsys = (RUNNERS / "nsys_profile.sh").read_text()
-    for flag in ("--trace=cuda,nvtx", "--cuda-graph-trace=node", "profiling.trace=false",
-                 "-f csv --force-export=true -r nvtx_sum,cuda_gpu_kern_sum,nvtx_kern_sum,nvtx_gpu_proj_sum",
-                 '-o "$out/nsys"', 'llm_perf_opt.report --from-nsys "$out"'):  # fmt: skip
+    for flag in (
+        "--trace=cuda,nvtx",
+        "--cuda-graph-trace=node",
+        "profiling.trace=false",
+        "-f csv --force-export=true -r nvtx_sum,cuda_gpu_kern_sum,nvtx_kern_sum,nvtx_gpu_proj_sum",
+        '-o "$out/nsys"',
+        'llm_perf_opt.report --from-nsys "$out"',
+    ):
         assert flag in nsys, flag
     ncu = (RUNNERS / "ncu_stages.sh").read_text()
-    for flag in ('--nvtx --nvtx-include "llm_perf_opt@$stage/"', "--section SpeedOfLight_RooflineChart",
-                 '--launch-count "$launch_count"', '--export "$out/$stage"', "--csv --page raw"):  # fmt: skip
+    for flag in (
+        '--nvtx --nvtx-include "llm_perf_opt@$stage/"',
+        "--section SpeedOfLight_RooflineChart",
+        '--launch-count "$launch_count"',
+        '--export "$out/$stage"',
+        "--csv --page raw",
+    ):
         assert flag in ncu, flag
 
 
@@ -220,7 +239,9 @@ def fake_sweep(folder: Path, slowdown: float = 1.0) -> Path:
     """A one-job sweep dir from the fixture run.json, every timing sample times ``slowdown``."""
     record = json.loads(RUN_JSON.read_text())
     for sample in record["timing"]["samples"]:
-        sample["stages"] = {stage: [ms * slowdown for ms in calls] for stage, calls in sample["stages"].items()}
+        sample["stages"] = {
+            stage: [ms * slowdown for ms in calls] for stage, calls in sample["stages"].items()
+        }
         for key in ("e2e_ms", "ttft_ms", "tpot_ms"):
             sample[key] *= slowdown
     job = folder / "0_deepseek_ocr_tiny_tiny"
@@ -228,7 +249,9 @@ def fake_sweep(folder: Path, slowdown: float = 1.0) -> Path:
     (job / "run.json").write_text(json.dumps(record))
     (job / "trace.json").write_text("{}")
     (job / "stages.csv").write_text("stage\n")
-    (job / ".hydra" / "overrides.yaml").write_text("- model=deepseek_ocr_tiny\n- mode=tiny\n- profiling.repeats=5\n")
+    (job / ".hydra" / "overrides.yaml").write_text(
+        "- model=deepseek_ocr_tiny\n- mode=tiny\n- profiling.repeats=5\n"
+    )
     return folder
 
 
@@ -251,13 +274,17 @@ def nightly(tmp_path: Path, sweep: Path, *args: str) -> subprocess.CompletedProc
 
 
 def hardware_key() -> str:
-    result = subprocess.run([str(NIGHTLY), "cpu", "--hardware-key"], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [str(NIGHTLY), "cpu", "--hardware-key"], capture_output=True, text=True, check=True
+    )
     return result.stdout.strip()
 
 
 def test_hardware_key_names_the_cpu_model_and_its_bf16_support():
     cpuinfo = Path("/proc/cpuinfo").read_text()
-    model = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name"))
+    model = next(
+        line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")
+    )
     bf16 = "avx512bf16" if re.search(r"\bavx512_bf16\b", cpuinfo) else "no-avx512bf16"
     # e.g. "AMD EPYC 7763 64-Core Processor" -> cpu-amd-epyc-7763-64-core-processor-no-avx512bf16
     expected = "cpu-" + "-".join(re.findall(r"[a-z0-9]+", model.lower())) + "-" + bf16
@@ -275,8 +302,12 @@ def test_without_a_baseline_the_sweep_becomes_the_candidate(tmp_path):
     out, key = tmp_path / "out", hardware_key()
     args = (out / "args.txt").read_text().splitlines()
     assert args[:3] == ["-m", "llm_perf_opt.run", "-m"]
-    assert {"model=deepseek_ocr_tiny", "device=cpu", "mode=tiny,small,base,large,gundam",
-            f"hydra.sweep.dir={out}"} <= set(args)  # fmt: skip
+    assert {
+        "model=deepseek_ocr_tiny",
+        "device=cpu",
+        "mode=tiny,small,base,large,gundam",
+        f"hydra.sweep.dir={out}",
+    } <= set(args)
     summary = (out / "comparison.md").read_text()
     assert summary.startswith(f"**NO BASELINE** for hardware `{key}`")
     assert f"cp -r {out}/baseline-candidate/{key} {tmp_path}/baselines/" in summary

@@ -15,9 +15,9 @@ import pandas as pd
 import torch
 
 from llm_perf_opt.errors import OneLineParser, UserError
-from llm_perf_opt.hardware.device import resolve_device
 from llm_perf_opt.hardware.calibration import Calibration, cache_path, cached_calibration, calibrate
 from llm_perf_opt.hardware.ceilings import Roof, Selection, select
+from llm_perf_opt.hardware.device import resolve_device
 
 
 def parse_device(name: str) -> torch.device:
@@ -75,8 +75,12 @@ def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="python -m llm_perf_opt.calibrate", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda if available)")
     parser.add_argument("--refresh", action="store_true", help="measure again even if cached")
-    parser.add_argument("--cache-dir", default=None, help="cache folder (default: $LLM_PERF_OPT_CACHE, "
-                        "else $XDG_CACHE_HOME/llm_perf_opt, else ~/.cache/llm_perf_opt)")
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="cache folder (default: $LLM_PERF_OPT_CACHE, "
+        "else $XDG_CACHE_HOME/llm_perf_opt, else ~/.cache/llm_perf_opt)",
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes, rough figures, no cache")
     return parser
 

@@ -18,8 +18,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 
 from llm_perf_opt.config import compose, validate
-from llm_perf_opt.models.pages import batch_pages
 from llm_perf_opt.errors import UserError
+from llm_perf_opt.models.pages import batch_pages
 
 
 def quote_paths(argv: Sequence[str]) -> list[str]:
@@ -78,7 +78,9 @@ def check_callbacks(callbacks: Mapping[str, Any]) -> None:
             extras = metadata("llm-perf-opt").get_all("Provides-Extra") or []
             hint = f': pip install "llm-perf-opt[{name}]"' if name in extras else ""
             package = (exc.name or module).partition(".")[0]
-            raise UserError(f"hydra.callbacks.{name} needs the package {package}, which is not installed{hint}") from None
+            raise UserError(
+                f"hydra.callbacks.{name} needs the package {package}, which is not installed{hint}"
+            ) from None
 
 
 def check_creatable(folder: Path) -> None:
@@ -100,7 +102,9 @@ def _probe(folder: Path, parent: Path) -> None:
     try:
         probe.mkdir()
     except OSError as exc:
-        raise UserError(f"output folder {folder} cannot be created in {parent}: {exc.strerror or exc}") from None
+        raise UserError(
+            f"output folder {folder} cannot be created in {parent}: {exc.strerror or exc}"
+        ) from None
     os.rmdir(probe)
 
 

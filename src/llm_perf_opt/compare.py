@@ -31,26 +31,61 @@ def build_parser() -> OneLineParser:
         prog="python -m llm_perf_opt.compare",
         description="Compare runs or sweeps against a baseline; exit 1 on a regression.",
     )
-    parser.add_argument("baseline", type=Path, nargs="+",
-                        help="baseline run dir, sweep dir or run.json; several: runs of one code version, "
-                             "each its own process, whose spread is the noise floor")
+    parser.add_argument(
+        "baseline",
+        type=Path,
+        nargs="+",
+        help="baseline run dir, sweep dir or run.json; several: runs of one code version, "
+        "each its own process, whose spread is the noise floor",
+    )
     parser.add_argument("current", type=Path, help="current run dir, sweep dir or run.json")
-    parser.add_argument("--warn", type=float, default=5.0, metavar="PCT",
-                        help="warn when a figure is worse by more than PCT %% (default 5)")
-    parser.add_argument("--fail", type=float, default=10.0, metavar="PCT",
-                        help="fail when a figure is worse by more than PCT %% (default 10)")
-    parser.add_argument("--min-ms", type=float, default=0.0, metavar="MS",
-                        help="a change of a median by at most MS ms is noise (default 0: none)")
-    parser.add_argument("--noise-floor", type=Path, metavar="FILE",
-                        help="noise-floor file recorded with --noise-floor-out on this machine")
-    parser.add_argument("--noise-floor-out", type=Path, metavar="FILE",
-                        help="write the noise floor measured on the BASELINEs (2 or more) to FILE")
-    parser.add_argument("--force", action="store_true",
-                        help="compare even if device, model, mode, dtype, weights or batch size differ")
-    parser.add_argument("--shared-only", action="store_true",
-                        help="compare only the jobs both sides have (a job missing from CURRENT does not fail)")
+    parser.add_argument(
+        "--warn",
+        type=float,
+        default=5.0,
+        metavar="PCT",
+        help="warn when a figure is worse by more than PCT %% (default 5)",
+    )
+    parser.add_argument(
+        "--fail",
+        type=float,
+        default=10.0,
+        metavar="PCT",
+        help="fail when a figure is worse by more than PCT %% (default 10)",
+    )
+    parser.add_argument(
+        "--min-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="a change of a median by at most MS ms is noise (default 0: none)",
+    )
+    parser.add_argument(
+        "--noise-floor",
+        type=Path,
+        metavar="FILE",
+        help="noise-floor file recorded with --noise-floor-out on this machine",
+    )
+    parser.add_argument(
+        "--noise-floor-out",
+        type=Path,
+        metavar="FILE",
+        help="write the noise floor measured on the BASELINEs (2 or more) to FILE",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="compare even if device, model, mode, dtype, weights or batch size differ",
+    )
+    parser.add_argument(
+        "--shared-only",
+        action="store_true",
+        help="compare only the jobs both sides have (a job missing from CURRENT does not fail)",
+    )
     parser.add_argument("--markdown-out", type=Path, metavar="FILE", help="also write the Markdown to FILE")
-    parser.add_argument("--json-out", type=Path, metavar="FILE", help="also write the comparison as JSON to FILE")
+    parser.add_argument(
+        "--json-out", type=Path, metavar="FILE", help="also write the comparison as JSON to FILE"
+    )
     return parser
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from importlib.metadata import entry_points
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_module
@@ -66,7 +66,7 @@ class ProfilingConfig:
     with_stack: bool = False  # the Python source line of each op
     # Timed runs beyond `repeats`, one at a time, until the spread (stdev / mean) of the end-to-end
     # time and of every stage over 5 % of it is at most until_cv; at most max_repeats runs in all.
-    until_cv: Optional[float] = None  # e.g. 0.05; null = exactly `repeats` runs
+    until_cv: float | None = None  # e.g. 0.05; null = exactly `repeats` runs
     max_repeats: int = 20
 
     def __post_init__(self) -> None:
@@ -75,13 +75,18 @@ class ProfilingConfig:
         _check_at_least("profiling.warmup", self.warmup, 0)
         if self.until_cv is not None:
             if not 0 < self.until_cv < 1:
-                raise UserError(f"config: profiling.until_cv must be between 0 and 1 (0.05 = 5 %), got {self.until_cv}")
+                raise UserError(
+                    f"config: profiling.until_cv must be between 0 and 1 (0.05 = 5 %), got {self.until_cv}"
+                )
             _check_at_least("profiling.max_repeats", self.max_repeats, self.repeats)
 
     def profiler_options(self) -> dict[str, bool]:
         """The keyword arguments of torch.profiler.profile that these options set."""
-        return {"record_shapes": self.record_shapes, "profile_memory": self.profile_memory,
-                "with_stack": self.with_stack}  # fmt: skip
+        return {
+            "record_shapes": self.record_shapes,
+            "profile_memory": self.profile_memory,
+            "with_stack": self.with_stack,
+        }
 
 
 @dataclass
@@ -89,24 +94,26 @@ class RunConfig:
     model: Any = MISSING  # the model's own ModelConfig subclass
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
-    image: Optional[str] = None  # None = the model's bundled sample input
+    image: str | None = None  # None = the model's bundled sample input
     # The pages of a batch: a list of files, a directory or a glob; the first batch_size of them
     # (repeated when fewer). None = `image` (or the bundled page) batch_size times.
-    images: Optional[Any] = None
+    images: Any | None = None
     batch_size: int = 1  # pages per request, run together
     prompt: str = MISSING
     max_new_tokens: int = 32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     seed: int = 0
-    ignore_eos: Optional[bool] = None  # None = true with dummy weights (every run decodes max_new_tokens)
+    ignore_eos: bool | None = None  # None = true with dummy weights (every run decodes max_new_tokens)
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_at_least("max_new_tokens", self.max_new_tokens, 1)
         _check_at_least("batch_size", self.batch_size, 1)
         if self.image is not None and self.images is not None:
-            raise UserError("config: give image= (one page) or images= (a list, a directory or a glob), not both")
+            raise UserError(
+                "config: give image= (one page) or images= (a list, a directory or a glob), not both"
+            )
 
     @property
     def stops_at_eos(self) -> bool:
@@ -193,7 +200,9 @@ def one_line(exc: BaseException) -> str:
     key = getattr(exc, "full_key", None)
     if key:
         text += f" (at {key})"
-    if exc.__cause__ is not None:  # Hydra's "Error merging override x=y" names the override, the cause says why
+    if (
+        exc.__cause__ is not None
+    ):  # Hydra's "Error merging override x=y" names the override, the cause says why
         text = text.rstrip(".") + ": " + one_line(exc.__cause__)
     header = next((i for i, line in enumerate(lines) if line.startswith("Available options")), None)
     if header is not None:

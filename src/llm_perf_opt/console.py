@@ -15,13 +15,19 @@ from llm_perf_opt.errors import OneLineParser
 
 #: command -> (module whose main() runs it, what it does)
 COMMANDS = {
-    "run": ("llm_perf_opt.run", "profile the model stage by stage and write the run's report (Hydra overrides)"),
+    "run": (
+        "llm_perf_opt.run",
+        "profile the model stage by stage and write the run's report (Hydra overrides)",
+    ),
     "calibrate": ("llm_perf_opt.calibrate", "measure this device's matmul FLOP/s and copy GB/s, cached"),
     "tree": ("llm_perf_opt.tree", "print the model's stage-tagged module tree, write module_tree.json"),
     "compare": ("llm_perf_opt.compare", "compare runs or sweeps against a baseline; exit 1 on a regression"),
     "summarize": ("llm_perf_opt.summarize", "rebuild a sweep's sweep_summary.md/.csv and sweep.png"),
     "report": ("llm_perf_opt.report.__main__", "rebuild a run's report from Nsight Systems stats CSVs"),
-    "validate": ("llm_perf_opt.analytic.validate", "check the analytic FLOPs (or bytes) against a count on the meta model"),
+    "validate": (
+        "llm_perf_opt.analytic.validate",
+        "check the analytic FLOPs (or bytes) against a count on the meta model",
+    ),
 }
 
 

@@ -78,8 +78,20 @@ def run_job(run: RunConfig, config: dict, out_dir: Path) -> None:
     execution = session.execution()
     stage_model = analytic.stage_model(m.request, m.decode_steps, _dtype_name(dtype), m.routing, execution)
     footprint = analytic.footprint(m.request, inputs.max_new_tokens, _dtype_name(dtype), execution)
-    job = Job(run, config, m, stage_model, footprint, device, dtype, hardware,
-              type(session).compute_groups, type(session).bandwidth_groups, execution, session.op_notes())  # fmt: skip
+    job = Job(
+        run,
+        config,
+        m,
+        stage_model,
+        footprint,
+        device,
+        dtype,
+        hardware,
+        type(session).compute_groups,
+        type(session).bandwidth_groups,
+        execution,
+        session.op_notes(),
+    )
     written = write_artifacts(out_dir, job)
     results.info(f"[{run.model.name}] {out_dir}")
     results.info(compact_table(written["stages"], m, hardware.roofs[0].label))
@@ -99,11 +111,18 @@ def check_memory(run: RunConfig, footprint: Footprint, dtype: DtypeChoice, devic
         return
     suggestions = (["dtype=bfloat16"] if dtype.dtype.itemsize > 2 else []) + ["a smaller model= option"]
     if run.batch_size > 1:
-        fits = largest_batch(run.batch_size, parts["weights"], sum(parts.values()) - parts["weights"], available)
+        fits = largest_batch(
+            run.batch_size, parts["weights"], sum(parts.values()) - parts["weights"], available
+        )
         suggestions.insert(0, f"batch_size<={fits}" if fits else "batch_size=1")
-    check_fits(int(sum(parts.values())), available, what=f"{run.model.name} at batch {run.batch_size}"
-               if run.batch_size > 1 else run.model.name, dtype_name=_dtype_name(dtype), breakdown=parts,
-               suggestions=suggestions)  # fmt: skip
+    check_fits(
+        int(sum(parts.values())),
+        available,
+        what=f"{run.model.name} at batch {run.batch_size}" if run.batch_size > 1 else run.model.name,
+        dtype_name=_dtype_name(dtype),
+        breakdown=parts,
+        suggestions=suggestions,
+    )
 
 
 def largest_batch(batch: int, fixed_bytes: int, batch_bytes: int, available: int) -> int:

@@ -63,8 +63,15 @@ def tree_record(model_name: str, nodes: list[TreeNode], prefixes: dict[str, str]
         "stage_params": ordered_totals(nodes, prefixes),
         "params_total": nodes[0].params_total,
         "modules": [
-            {"name": n.name, "class": n.cls, "stage": n.stage, "leaf": n.leaf,
-             "params": n.params, "params_total": n.params_total, "depth": n.depth}  # fmt: skip
+            {
+                "name": n.name,
+                "class": n.cls,
+                "stage": n.stage,
+                "leaf": n.leaf,
+                "params": n.params,
+                "params_total": n.params_total,
+                "depth": n.depth,
+            }
             for n in nodes
         ],
     }
@@ -75,7 +82,9 @@ def totals_text(totals: dict[str, int]) -> str:
     rows = [*totals.items(), ("total", sum(totals.values()))]
     name_width = max(len(name) for name, _ in rows)
     count_width = max(len(f"{count:,}") for _, count in rows)
-    lines = ["parameters by stage:"] + [f"  {name:<{name_width}}  {count:>{count_width},}" for name, count in rows]
+    lines = ["parameters by stage:"] + [
+        f"  {name:<{name_width}}  {count:>{count_width},}" for name, count in rows
+    ]
     return "\n".join(lines)
 
 
@@ -104,8 +113,12 @@ def build_parser() -> OneLineParser:
         "see its --help); hydra.run.dir=DIR names the output folder (default outputs/trees/<time>_<model>).",
         allow_abbrev=False,  # a prefix must not swallow one of Hydra's flags
     )
-    parser.add_argument("--depth", type=int, metavar="N",
-                        help="print modules down to depth N below the root (default: all); module_tree.json has all")
+    parser.add_argument(
+        "--depth",
+        type=int,
+        metavar="N",
+        help="print modules down to depth N below the root (default: all); module_tree.json has all",
+    )
     return parser
 
 

@@ -3,12 +3,12 @@ tiny architecture."""
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from model_costs import forward_total, meta_model
 from torch import nn
-
-import pandas as pd
 
 from llm_perf_opt.analytic import counted, validate
 from llm_perf_opt.analytic import families as fam
@@ -26,7 +26,6 @@ from llm_perf_opt.models.deepseek_ocr.sam import (
     SamAttention,
     window_partition,
 )
-from model_costs import forward_total, meta_model
 
 SAM, CLIP, PROJECTOR, PREFILL, DECODE = MODEL_STAGES
 BF16 = torch.bfloat16
@@ -188,7 +187,9 @@ def test_a_grouped_gemm_reads_the_weights_of_groups_with_rows():
     assert counter.total == fam.Cost(weight_bytes=256, act_read_bytes=208, act_write_bytes=96)
     # On meta the ends have no values: every group counts as read (bf16 [4, 8, 8]: 512 bytes).
     on_meta = meta(4, 8, 8, dtype=BF16)
-    counter = count(lambda: F.grouped_mm(meta(6, 8, dtype=BF16), on_meta, offs=ends.to("meta")), weights=[on_meta])
+    counter = count(
+        lambda: F.grouped_mm(meta(6, 8, dtype=BF16), on_meta, offs=ends.to("meta")), weights=[on_meta]
+    )
     assert counter.total.weight_bytes == 512
 
 
@@ -266,9 +267,15 @@ def test_moe_matches_the_count(tiny_arch, tokens):
     # On meta the T*k assignments are spread evenly: min(E, T*k) experts are fed.
     touched = min(lm.n_routed_experts, tokens * lm.num_experts_per_tok)
     cost = ocr_fam.moe(
-        tokens, lm.hidden_size, lm.moe_intermediate_size, lm.n_routed_experts, lm.num_experts_per_tok,
-        lm.shared_intermediate_size, "bfloat16", experts_touched=touched,
-    )  # fmt: skip
+        tokens,
+        lm.hidden_size,
+        lm.moe_intermediate_size,
+        lm.n_routed_experts,
+        lm.num_experts_per_tok,
+        lm.shared_intermediate_size,
+        "bfloat16",
+        experts_touched=touched,
+    )
     assert counted == as_bytes(cost)
 
 
@@ -303,7 +310,9 @@ def test_image_layout_matches_the_count(tiny_arch, dtype, name, grid):
     global_feats = torch.randn(1, q * q, c, dtype=dtype)
     tiles = torch.randn(cols * rows, qt * qt, c, dtype=dtype) if cols * rows > 1 else None
     with torch.no_grad():
-        counter = count(lambda: layout_image_embeds(global_feats, tiles, grid, newline, separator), [newline, separator])
+        counter = count(
+            lambda: layout_image_embeds(global_feats, tiles, grid, newline, separator), [newline, separator]
+        )
     assert counter.total == as_bytes(ocr_fam.image_layout(grid, q, qt, c, name))
 
 
@@ -377,9 +386,7 @@ def test_a_real_cpu_run_moves_the_analytic_bytes(tiny_arch, tiny_model):
     finally:
         experts.close()
     routing = RoutingRecord(prefill=prefill_rows, decode=(step_rows,))
-    model = stage_costs(
-        tiny_arch, tiny, text_tokens=12, decode_steps=1, dtype="float32", routing=routing
-    )
+    model = stage_costs(tiny_arch, tiny, text_tokens=12, decode_steps=1, dtype="float32", routing=routing)
     # The model's calls alone: the session's layout and greedy picks are left out here.
     for stage, moved in ((SAM, sam), (CLIP, clip), (PROJECTOR, projector)):
         assert moved == as_bytes(forward_total(model.stages[stage]))

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm_perf_opt.analytic import families as fam
-from llm_perf_opt.models.deepseek_ocr.analytic import formulas as ocr_fam
-from llm_perf_opt.analytic.families import Cost
 from llm_perf_opt.analytic.counted import flop_counter
+from llm_perf_opt.analytic.families import Cost
+from llm_perf_opt.models.deepseek_ocr.analytic import formulas as ocr_fam
 from llm_perf_opt.models.deepseek_ocr.clip import ClipAttention
 from llm_perf_opt.models.deepseek_ocr.config import ClipConfig, LMConfig, SamConfig
 from llm_perf_opt.models.deepseek_ocr.decoder import Attention, KVCache, MoE, RMSNorm, SwiGLU, rope_cos_sin
@@ -270,4 +270,5 @@ def test_grouped_query_attention_shares_each_kv_head_between_query_heads():
     assert (mha.kv_write_bytes, mha.kv_read_bytes) == (192, 192)
     # Softmax work is per query head, whatever the sharing.
     assert gqa.other_flops - mha.other_flops == pytest.approx(
-        fam.rope(3, 4, 2, "float32").other_flops - fam.rope(3, 8, 2, "float32").other_flops)
+        fam.rope(3, 4, 2, "float32").other_flops - fam.rope(3, 8, 2, "float32").other_flops
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_costs import meta_model
 
 from llm_perf_opt.analytic import counted, validate
 from llm_perf_opt.analytic import families as fam
@@ -13,7 +14,6 @@ from llm_perf_opt.models.deepseek_ocr.analytic import checks
 from llm_perf_opt.models.deepseek_ocr.analytic.costs import MODEL_STAGES
 from llm_perf_opt.models.interface import even_split
 from llm_perf_opt.runners.ranges import listening, stage_range
-from model_costs import meta_model
 
 TINY = "deepseek_ocr_tiny"
 
@@ -23,7 +23,9 @@ def test_validate_passes_and_lists_every_case(capsys):
     out = capsys.readouterr().out
     names = {case.name for case in validate.cases()}
     single = {"tiny", "small", "base", "large", "gundam 1x2", "gundam 2x2", "gundam 2x3", "gundam 3x3"}
-    batches = {f"{mode}, batch {n}" for mode in ("tiny", "small", "base", "large", "gundam 2x2") for n in (2, 8)}
+    batches = {
+        f"{mode}, batch {n}" for mode in ("tiny", "small", "base", "large", "gundam 2x2") for n in (2, 8)
+    }
     assert names == single | batches
     for name in names:
         assert name in out
@@ -122,7 +124,9 @@ def test_count_run_counts_the_sessions_own_stages_on_meta(tmp_path):
     k = lm.num_experts_per_tok
     assert [sum(layer) for layer in result.routing["prefill"][0]] == [request.prompt_tokens * k] * 2
     assert len(result.routing["decode"]) == 3
-    costs = validate.analytic_model(run).stage_model(request, 3, "bfloat16", result.routing, session.execution())
+    costs = validate.analytic_model(run).stage_model(
+        request, 3, "bfloat16", result.routing, session.execution()
+    )
     for stage in MODEL_STAGES:
         assert result.total(stage).flops == costs.stages[stage].matmul_flops, stage
 
@@ -131,7 +135,9 @@ def test_count_run_needs_the_meta_device():
     from llm_perf_opt.models.interface import SessionOptions
     from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession
 
-    session = DeepSeekOCRSession(load([f"model={TINY}"]).model, SessionOptions(torch.device("cpu"), torch.float32))
+    session = DeepSeekOCRSession(
+        load([f"model={TINY}"]).model, SessionOptions(torch.device("cpu"), torch.float32)
+    )
     with pytest.raises(ValueError, match="meta"):
         counted.count_run(session, None, 2)
 

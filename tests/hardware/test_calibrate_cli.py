@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
+from llm_perf_opt.atomic import write_json
 from llm_perf_opt.calibrate import comparison_table, main
 from llm_perf_opt.hardware.calibration import cache_path
 from llm_perf_opt.hardware.ceilings import datasheet_roof
-from llm_perf_opt.atomic import write_json
 
 
 def _exit_code_and_stderr(argv, capsys) -> tuple[int, str]:

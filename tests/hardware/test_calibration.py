@@ -163,4 +163,3 @@ def test_quick_cpu_calibration_gives_finite_positive_figures():
 def test_unknown_dtype_is_rejected():
     with pytest.raises(ValueError, match="int8"):
         calibrate("cpu", ("int8",), quick=True)
-

@@ -131,11 +131,27 @@ def test_kernel_without_a_recorded_launch_is_unattributed():
     events = [
         _op("decode", 0.0, 10.0, cat="user_annotation"),
         _op("cudaLaunchKernel", 1.0, 1.0, cat="cuda_runtime", args={"correlation": 1}),
-        {"ph": "X", "cat": "kernel", "name": "k", "pid": 0, "tid": 7, "ts": 2.0, "dur": 4.0,
-         "args": {"correlation": 1}},
+        {
+            "ph": "X",
+            "cat": "kernel",
+            "name": "k",
+            "pid": 0,
+            "tid": 7,
+            "ts": 2.0,
+            "dur": 4.0,
+            "args": {"correlation": 1},
+        },
         {"ph": "X", "cat": "kernel", "name": "k", "pid": 0, "tid": 7, "ts": 6.0, "dur": 1.0},
-        {"ph": "X", "cat": "kernel", "name": "k", "pid": 0, "tid": 7, "ts": 7.0, "dur": 3.0,
-         "args": {"correlation": 99}},
+        {
+            "ph": "X",
+            "cat": "kernel",
+            "name": "k",
+            "pid": 0,
+            "tid": 7,
+            "ts": 7.0,
+            "dur": 3.0,
+            "args": {"correlation": 99},
+        },
     ]
     a = attribute_trace(events, STAGES)
     assert a.unattributed_ms == pytest.approx(0.004)
@@ -143,8 +159,12 @@ def test_kernel_without_a_recorded_launch_is_unattributed():
 
 
 def test_only_the_given_stages_count_as_ranges():
-    events = [_op("vision", 0, 10, cat="user_annotation"), _op("prefill", 20, 10, cat="user_annotation"),
-              _op("aten::a", 1, 4), _op("aten::b", 21, 6)]
+    events = [
+        _op("vision", 0, 10, cat="user_annotation"),
+        _op("prefill", 20, 10, cat="user_annotation"),
+        _op("aten::a", 1, 4),
+        _op("aten::b", 21, 6),
+    ]
     a = attribute_trace(events, stages=("vision",))
     assert list(a.stages["stage"]) == ["vision"]
     assert a.coverage == pytest.approx(0.4)
@@ -178,8 +198,16 @@ def test_large_trace_is_attributed_exactly():
             _op("decode", t, 8.0, cat="user_annotation"),
             _op("aten::mm", t + 1, 5.0),
             _op("cudaLaunchKernel", t + 2, 1.0, cat="cuda_runtime", args={"correlation": i}),
-            {"ph": "X", "cat": "kernel", "name": "gemv", "pid": 0, "tid": 7, "ts": t + 5, "dur": 3.0,
-             "args": {"correlation": i}},
+            {
+                "ph": "X",
+                "cat": "kernel",
+                "name": "gemv",
+                "pid": 0,
+                "tid": 7,
+                "ts": t + 5,
+                "dur": 3.0,
+                "args": {"correlation": i},
+            },
         ]
     a = attribute_trace(events, STAGES)
     assert _rows(a.stages)["decode"]["range_calls"] == 25_000

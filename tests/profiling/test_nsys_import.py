@@ -39,9 +39,7 @@ from llm_perf_opt.profiling.nsys_import import (
 FIXTURES = Path(__file__).parent / "fixtures" / "nsys"
 PREFIX = "dsocr"
 STAGES = ("preprocess", "sam", "clip", "projector", "prefill", "decode")
-GEMM = (
-    "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__5x_cublas"
-)
+GEMM = "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__5x_cublas"
 
 
 def kernel(prefix: str) -> str:
@@ -75,7 +73,14 @@ def test_stage_table_counts_nested_kernels_once(attribution):
     assert list(attribution.stages.columns) == list(STAGE_COLUMNS)
     # ":run" and ":load_weights" are not stage ranges; stages in run order, families after their stage.
     assert list(attribution.stages["stage"]) == [
-        "preprocess", "sam", "clip", "projector", "prefill", "prefill/attn", "prefill/moe", "decode",
+        "preprocess",
+        "sam",
+        "clip",
+        "projector",
+        "prefill",
+        "prefill/attn",
+        "prefill/moe",
+        "decode",
     ]
     expected = {
         # stage: (range_calls, range_ms from nvtx_sum, busy_ms inclusive, self_busy_ms)
@@ -181,7 +186,9 @@ def test_the_stage_list_is_an_argument():
 
 
 def test_notice_lines_before_the_header_are_skipped(tmp_path, attribution):
-    noisy = copy_fixtures(tmp_path, lambda _, text: "NOTICE: Existing SQLite export found: report.sqlite\n" + text)
+    noisy = copy_fixtures(
+        tmp_path, lambda _, text: "NOTICE: Existing SQLite export found: report.sqlite\n" + text
+    )
     assert load_nsys_attribution(noisy, STAGES).stages.equals(attribution.stages)
 
 
@@ -197,7 +204,11 @@ def test_gpu_projection():
     assert list(projection.columns) == list(PROJECTION_COLUMNS)
     rows = by_stage(projection)
     assert set(rows) == {"sam", "clip", "projector", "prefill", "prefill/attn", "prefill/moe", "decode"}
-    assert (rows["decode"]["range_calls"], rows["decode"]["projected_ms"], rows["decode"]["gpu_ops"]) == (3, 1.65, 15)
+    assert (rows["decode"]["range_calls"], rows["decode"]["projected_ms"], rows["decode"]["gpu_ops"]) == (
+        3,
+        1.65,
+        15,
+    )
     assert rows["sam"]["projected_ms"] == pytest.approx(5.4)
 
 
@@ -214,6 +225,7 @@ def _replace_in(file: str, old: str, new: str):
             return text
         assert old in text
         return text.replace(old, new, 1)
+
     return edit
 
 
@@ -221,15 +233,28 @@ def _replace_in(file: str, old: str, new: str):
     ("edit", "message"),
     [
         (_replace_in("nvtx_kern_sum", "Kern Inst,", "Kernels,"), "no header with columns"),
-        (_replace_in("cuda_gpu_kern_sum", "63.7,7900000,49,", "63.7,7900000,many,"),
-         "line 2, column 'Instances': not a number"),
-        (_replace_in("nvtx_sum", "PushPop,:run", "PushPop,:run,extra"), "line 2 has 11 fields, the header 10"),
+        (
+            _replace_in("cuda_gpu_kern_sum", "63.7,7900000,49,", "63.7,7900000,many,"),
+            "line 2, column 'Instances': not a number",
+        ),
+        (
+            _replace_in("nvtx_sum", "PushPop,:run", "PushPop,:run,extra"),
+            "line 2 has 11 fields, the header 10",
+        ),
         # prefill/attn now claims 20 gemm launches, more than the 16 its enclosing prefill lists.
-        (_replace_in("nvtx_kern_sum", "llm_perf_opt:prefill/attn,PushPop,48213,48213,3,6,",
-                     "llm_perf_opt:prefill/attn,PushPop,48213,48213,3,20,"),
-         "expected each kernel under every enclosing range"),
+        (
+            _replace_in(
+                "nvtx_kern_sum",
+                "llm_perf_opt:prefill/attn,PushPop,48213,48213,3,6,",
+                "llm_perf_opt:prefill/attn,PushPop,48213,48213,3,20,",
+            ),
+            "expected each kernel under every enclosing range",
+        ),
         # The 49 gemm launches of the whole run shrink to 40: fewer than the ranges credit.
-        (_replace_in("cuda_gpu_kern_sum", "63.7,7900000,49,", "63.7,7900000,40,"), "reports of different captures?"),
+        (
+            _replace_in("cuda_gpu_kern_sum", "63.7,7900000,49,", "63.7,7900000,40,"),
+            "reports of different captures?",
+        ),
     ],
 )
 def test_malformed_reports_are_one_line_user_errors(tmp_path, edit, message):

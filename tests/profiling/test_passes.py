@@ -62,8 +62,13 @@ class FakeSession(ModelSession):
 
     def generate(self, request, max_new_tokens):
         hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in self.net.modules())
-        self.runs.append({"hooks": hooks, "routed": self.net[1].on_route is not None,
-                          "profiling": torch.autograd.profiler._is_profiler_enabled})
+        self.runs.append(
+            {
+                "hooks": hooks,
+                "routed": self.net[1].on_route is not None,
+                "profiling": torch.autograd.profiler._is_profiler_enabled,
+            }
+        )
         x = torch.ones(1, 4)
         for _ in range(max_new_tokens - 1):
             with stage_range("step"):
@@ -83,8 +88,14 @@ class FakeSession(ModelSession):
 
 def test_each_pass_runs_with_only_what_it_needs(tmp_path):
     session = FakeSession()
-    measure(session, RunInputs((None,), "p", 4), warmup=2, repeats=3, trace_path=tmp_path / "trace.json",
-            module_ranges=True)
+    measure(
+        session,
+        RunInputs((None,), "p", 4),
+        warmup=2,
+        repeats=3,
+        trace_path=tmp_path / "trace.json",
+        module_ranges=True,
+    )
     assert [r["routed"] for r in session.runs] == [True, False, False, False, False, False]
     # Module hooks only in the trace run (the last one): the timed runs carry stage ranges only.
     assert [r["hooks"] > 0 for r in session.runs] == [False] * 5 + [True]
@@ -94,8 +105,14 @@ def test_each_pass_runs_with_only_what_it_needs(tmp_path):
 
 def test_the_figures_of_the_passes(tmp_path):
     session = FakeSession()
-    m = measure(session, RunInputs((None,), "p", 4), warmup=1, repeats=2, trace_path=tmp_path / "trace.json",
-                module_ranges=True)
+    m = measure(
+        session,
+        RunInputs((None,), "p", 4),
+        warmup=1,
+        repeats=2,
+        trace_path=tmp_path / "trace.json",
+        module_ranges=True,
+    )
     assert len(m.runs) == 2 and m.decode_steps == 3
     for run in m.runs:
         assert set(run.stages) == {"prep", "step"} and len(run.stages["step"]) == 3
@@ -156,8 +173,15 @@ class CudaCalls:
 
 def test_a_cuda_session_on_the_second_gpu_is_measured_there(monkeypatch):
     fake = CudaCalls()
-    for name in ("device", "Event", "current_stream", "synchronize", "reset_peak_memory_stats",
-                 "max_memory_allocated", "max_memory_reserved"):
+    for name in (
+        "device",
+        "Event",
+        "current_stream",
+        "synchronize",
+        "reset_peak_memory_stats",
+        "max_memory_allocated",
+        "max_memory_reserved",
+    ):
         monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
     session = FakeSession()
     gpu = torch.device("cuda", 1)
@@ -170,7 +194,6 @@ def test_a_cuda_session_on_the_second_gpu_is_measured_there(monkeypatch):
     assert m.memory.peak_allocated_bytes == 1 and m.memory.peak_reserved_bytes == 2
     assert m.runs[0].stages == {"prep": [1.0], "step": [1.0, 1.0]}
     assert passes.E2E not in m.runs[0].stages
-
 
 
 #: The real timer, before a test replaces it with one on a scripted clock.
@@ -212,8 +235,15 @@ def test_until_cv_times_more_runs_until_the_spread_is_small(monkeypatch):
     # Warm-up 1 s, then runs of 1.0, 1.4, 1.0 s (sample stdev 0.231 of mean 1.133: 20.4 %), then
     # 1.0 s each. Each added run narrows the spread: 15 runs 10.06 %, 16 runs 9.76 % <= 10 %.
     session = _scripted(monkeypatch, [1.0, 1.0, 1.4] + [1.0] * 30)
-    m = measure(session, RunInputs((None,), "p", 3), warmup=1, repeats=3, trace_path=None, until_cv=0.1,
-                max_repeats=20)
+    m = measure(
+        session,
+        RunInputs((None,), "p", 3),
+        warmup=1,
+        repeats=3,
+        trace_path=None,
+        until_cv=0.1,
+        max_repeats=20,
+    )
     assert len(m.runs) == 16
     assert m.until_cv["reached"] is True and m.until_cv["runs"] == 16
     assert m.until_cv["cv"] == pytest.approx(0.0975610, abs=1e-6)
@@ -222,8 +252,15 @@ def test_until_cv_times_more_runs_until_the_spread_is_small(monkeypatch):
 def test_until_cv_stops_at_max_repeats(monkeypatch):
     # 1, 2, 1, 2, 1, 2 s: stdev 0.548 of mean 1.5 (36.5 %), far from 5 %, so it stops at 6 runs.
     session = _scripted(monkeypatch, [1.0] + [1.0, 2.0] * 20)
-    m = measure(session, RunInputs((None,), "p", 3), warmup=1, repeats=3, trace_path=None, until_cv=0.05,
-                max_repeats=6)
+    m = measure(
+        session,
+        RunInputs((None,), "p", 3),
+        warmup=1,
+        repeats=3,
+        trace_path=None,
+        until_cv=0.05,
+        max_repeats=6,
+    )
     assert len(m.runs) == 6
     assert m.until_cv["reached"] is False and m.until_cv["max_repeats"] == 6
     assert m.until_cv["cv"] == pytest.approx(0.365148, abs=1e-6)

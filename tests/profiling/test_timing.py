@@ -100,8 +100,10 @@ def test_cuda_events_use_the_model_device_stream_and_sync_that_device():
     assert ("synchronize", device) not in cuda.log  # nothing waits between stages
     assert timer.samples() == {"prefill": [pytest.approx(1.5)]}
     assert cuda.log == [
-        ("current_stream", device), ("record", "stream-of-cuda:1"),
-        ("current_stream", device), ("record", "stream-of-cuda:1"),
+        ("current_stream", device),
+        ("record", "stream-of-cuda:1"),
+        ("current_stream", device),
+        ("record", "stream-of-cuda:1"),
         ("synchronize", device),
     ]
 
@@ -138,8 +140,17 @@ def test_summarize_gives_no_p90_below_ten_samples():
 
 
 def test_summarize_single_sample():
-    assert summarize([2.5]) == {"n": 1, "median": 2.5, "mean": 2.5, "min": 2.5, "max": 2.5,
-                                "stdev": 0.0, "cv": 0.0, "p90": None, "outliers": []}
+    assert summarize([2.5]) == {
+        "n": 1,
+        "median": 2.5,
+        "mean": 2.5,
+        "min": 2.5,
+        "max": 2.5,
+        "stdev": 0.0,
+        "cv": 0.0,
+        "p90": None,
+        "outliers": [],
+    }
 
 
 def test_outliers_are_runs_above_one_and_a_half_medians():

@@ -12,7 +12,6 @@ import torch
 from llm_perf_opt.errors import UserError
 from llm_perf_opt.profiling.trace import load_trace, record_trace, trace_events
 
-
 # Kineto prints from C++ straight to file descriptor 2 and reads its level once per process: a fresh one.
 TRACE_ONCE = (
     "import sys, torch; from llm_perf_opt.profiling.trace import record_trace; "
@@ -22,8 +21,14 @@ TRACE_ONCE = (
 
 def _trace_stderr(tmp_path, **env: str) -> str:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("KINETO_")}
-    proc = subprocess.run([sys.executable, "-c", TRACE_ONCE, str(tmp_path / "t.json")], env={**clean, **env},
-                          capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", TRACE_ONCE, str(tmp_path / "t.json")],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     return proc.stderr
 
 
@@ -35,7 +40,9 @@ def test_the_profiler_prints_nothing_unless_the_user_asks(tmp_path):
 
 def test_profiler_options_add_shapes_memory_and_stacks(tmp_path):
     def events(name: str, **options: bool) -> list[dict]:
-        return load_trace(record_trace(lambda: torch.ones(8).sum(), tmp_path / name, torch.device("cpu"), **options))
+        return load_trace(
+            record_trace(lambda: torch.ones(8).sum(), tmp_path / name, torch.device("cpu"), **options)
+        )
 
     plain = events("plain.json")
     full = events("full.json", record_shapes=True, profile_memory=True, with_stack=True)

@@ -54,10 +54,15 @@ def test_module_ranges_attach_name_the_running_stage_and_detach(model):
             model.lm_head(torch.randn(1, 7))
     assert heard.log == [
         ("enter", "decode"),
-        ("enter", "decode/moe"), ("exit", "decode/moe"),
-        ("enter", "decode/lm_head"), ("exit", "decode/lm_head"),
+        ("enter", "decode/moe"),
+        ("exit", "decode/moe"),
+        ("enter", "decode/lm_head"),
+        ("exit", "decode/lm_head"),
         ("exit", "decode"),
-        ("enter", "decode"), ("enter", "decode/lm_head"), ("exit", "decode/lm_head"), ("exit", "decode"),
+        ("enter", "decode"),
+        ("enter", "decode/lm_head"),
+        ("exit", "decode/lm_head"),
+        ("exit", "decode"),
     ]
     assert hook_count(model) == 0
 

@@ -20,8 +20,13 @@ from llm_perf_opt.report.batch_scaling import (
 
 def record(batch: int, flops: float, weight_bytes: float, other_bytes: float, tpot: float) -> dict:
     """A run.json with what the batch analysis reads: a ridge of 5 FLOP/B (10 TFLOP/s, 2 TB/s)."""
-    step = {"stage": "decode", "scope": "step", "useful_flops": flops, "weight_bytes": weight_bytes,
-            "bytes": weight_bytes + other_bytes}  # fmt: skip
+    step = {
+        "stage": "decode",
+        "scope": "step",
+        "useful_flops": flops,
+        "weight_bytes": weight_bytes,
+        "bytes": weight_bytes + other_bytes,
+    }
     prefill = {"stage": "prefill", "scope": "step", "useful_flops": 1e12, "weight_bytes": 1.0, "bytes": 2.0}
     return {
         "status": "ok",
@@ -29,9 +34,15 @@ def record(batch: int, flops: float, weight_bytes: float, other_bytes: float, tp
         "batch": {"size": batch},
         "stage_layout": {"per_step": ["decode"]},
         "analytic": {"stages": [step, prefill]},
-        "hardware": {"roofs": [{"label": "datasheet", "flop_s": {"bfloat16": 10e12}, "byte_s": 2e12, "source": "x"}]},
-        "headline": {"tpot_ms": tpot, "decode_tokens_per_s": batch * 1e3 / tpot, "tokens_per_s": 1.0,
-                     "pages_per_s": 0.1},  # fmt: skip
+        "hardware": {
+            "roofs": [{"label": "datasheet", "flop_s": {"bfloat16": 10e12}, "byte_s": 2e12, "source": "x"}]
+        },
+        "headline": {
+            "tpot_ms": tpot,
+            "decode_tokens_per_s": batch * 1e3 / tpot,
+            "tokens_per_s": 1.0,
+            "pages_per_s": 0.1,
+        },
     }
 
 
@@ -47,7 +58,9 @@ def test_the_crossing_is_where_the_intensity_meets_the_ridge():
 
 def test_a_step_whose_per_sequence_bytes_bind_it_never_crosses():
     # f / a = 4 FLOP/B, below the ridge of 5, whatever the batch.
-    step = StepIntensity(batch=4, flops=160.0, weight_bytes=1000.0, other_bytes=40.0, ridge=5.0, roof="datasheet")
+    step = StepIntensity(
+        batch=4, flops=160.0, weight_bytes=1000.0, other_bytes=40.0, ridge=5.0, roof="datasheet"
+    )
     assert step.crossing() is None
     assert "memory-bound at any batch" in crossing_text(step)
 
@@ -66,8 +79,12 @@ def test_tpot_stops_being_flat_at_the_first_batch_above_the_limit():
 
 
 def test_sweeps_group_runs_by_all_but_the_batch_and_predict_from_the_largest(tmp_path):
-    records = [record(1, 100.0, 1000.0, 10.0, 50.0), record(8, 800.0, 3000.0, 80.0, 55.0),
-               record(1, 100.0, 1000.0, 10.0, 60.0), {"status": "failed"}]  # fmt: skip
+    records = [
+        record(1, 100.0, 1000.0, 10.0, 50.0),
+        record(8, 800.0, 3000.0, 80.0, 55.0),
+        record(1, 100.0, 1000.0, 10.0, 60.0),
+        {"status": "failed"},
+    ]
     sweeps = batch_sweeps(records, ["ref", "ref", "fast", "ref"])
     assert [s.label for s in sweeps] == ["ref"]  # "fast" has one batch only
     ref = sweeps[0]

@@ -19,8 +19,8 @@ from llm_perf_opt.compare import main
 from llm_perf_opt.errors import UserError
 from llm_perf_opt.report.compare import FAIL, IMPROVED, NOISE, OK, WARN, Thresholds, compare, judge
 from llm_perf_opt.report.noise_floor import Spread, floor_pct, load_noise_floor, pooled
-from llm_perf_opt.report.run_figures import DECODE_TPS, stage_figure
 from llm_perf_opt.report.run_dirs import load_run_set
+from llm_perf_opt.report.run_figures import DECODE_TPS, stage_figure
 
 SPREAD = (0.99, 1.00, 1.01)
 STAGE_MS = {"preprocess": 10.0, "sam": 100.0, "clip": 20.0, "projector": 1.0, "prefill": 50.0}
@@ -42,12 +42,14 @@ def make_record(
     for f in factors:
         stages = {name: [ms * f] for name, ms in STAGE_MS.items()}
         stages["decode"] = [DECODE_STEP_MS * f] * DECODE_STEPS
-        samples.append({
-            "stages": stages,
-            "ttft_ms": 181.0 * f,
-            "tpot_ms": DECODE_STEP_MS * f,
-            "e2e_ms": 201.0 * f,
-        })
+        samples.append(
+            {
+                "stages": stages,
+                "ttft_ms": 181.0 * f,
+                "tpot_ms": DECODE_STEP_MS * f,
+                "e2e_ms": 201.0 * f,
+            }
+        )
     return {
         "status": status,
         "error": None if status == "ok" else "CUDA out of memory",
@@ -127,7 +129,8 @@ def test_overlapping_ranges_are_noise_even_beyond_the_fail_threshold():
     # 3 against 3 repeats: the rank test cannot reach p <= 0.05, so the ranges decide. Baseline 90..110 (median 100), current 105..118 (median 112): +12% > 10%, but 105..110
     # lies inside both spreads.
     assert judge([90, 100, 110], [105, 112, 118], higher_is_better=False, thresholds=DEFAULT)[:2] == (
-        pytest.approx(12.0), NOISE
+        pytest.approx(12.0),
+        NOISE,
     )
     # Same medians with tight spreads (99..101 vs 111..113): no overlap, a failure.
     assert judge([99, 100, 101], [111, 112, 113], higher_is_better=False, thresholds=DEFAULT)[1] == FAIL
@@ -139,7 +142,9 @@ def test_noise_in_a_whole_run(tmp_path):
     for sample, new in zip(current["timing"]["samples"], (52.5, 56.0, 59.0)):
         sample["stages"]["prefill"] = [new]
     comparison = compare(
-        load_run_set(write_run(tmp_path / "base", wide)), load_run_set(write_run(tmp_path / "cur", current)), DEFAULT
+        load_run_set(write_run(tmp_path / "base", wide)),
+        load_run_set(write_run(tmp_path / "cur", current)),
+        DEFAULT,
     )
     # prefill: baseline [45, 50, 55], current [52.5, 56, 59]: +12%, overlapping.
     row = rows(comparison)[stage_figure("prefill")]
@@ -165,7 +170,9 @@ def test_decode_tokens_per_s_dropping_is_a_regression(tmp_path):
     for sample in slow["timing"]["samples"]:
         sample["tpot_ms"] *= 1.25
     comparison = compare(
-        load_run_set(write_run(tmp_path / "base", base)), load_run_set(write_run(tmp_path / "cur", slow)), DEFAULT
+        load_run_set(write_run(tmp_path / "base", base)),
+        load_run_set(write_run(tmp_path / "cur", slow)),
+        DEFAULT,
     )
     # TPOT 5 ms -> 6.25 ms: 1000/5 = 200 -> 1000/6.25 = 160 tokens/s, delta -20%.
     row = rows(comparison)[DECODE_TPS]
@@ -173,7 +180,8 @@ def test_decode_tokens_per_s_dropping_is_a_regression(tmp_path):
     assert row.verdict == FAIL
     # The other direction is an improvement, not a regression.
     assert judge([99, 100, 101], [119, 120, 121], higher_is_better=True, thresholds=DEFAULT)[:2] == (
-        pytest.approx(20.0), IMPROVED
+        pytest.approx(20.0),
+        IMPROVED,
     )
 
 
@@ -229,18 +237,36 @@ def _sweep(root: Path, jobs: list[tuple[str, dict, tuple[str, ...]]]) -> Path:
 
 def test_sweeps_pair_jobs_by_identity_not_by_order(tmp_path):
     tiny, small = make_record(mode="tiny"), make_record(mode="small")
-    baseline = _sweep(tmp_path / "base", [
-        ("0_deepseek_ocr_tiny_tiny", tiny, ("model=deepseek_ocr_tiny", "mode=tiny", "max_new_tokens=16")),
-        ("1_deepseek_ocr_tiny_tiny", tiny, ("model=deepseek_ocr_tiny", "mode=tiny", "max_new_tokens=32")),
-        ("2_deepseek_ocr_tiny_small", small, ("model=deepseek_ocr_tiny", "mode=small", "max_new_tokens=16")),
-    ])
+    baseline = _sweep(
+        tmp_path / "base",
+        [
+            ("0_deepseek_ocr_tiny_tiny", tiny, ("model=deepseek_ocr_tiny", "mode=tiny", "max_new_tokens=16")),
+            ("1_deepseek_ocr_tiny_tiny", tiny, ("model=deepseek_ocr_tiny", "mode=tiny", "max_new_tokens=32")),
+            (
+                "2_deepseek_ocr_tiny_small",
+                small,
+                ("model=deepseek_ocr_tiny", "mode=small", "max_new_tokens=16"),
+            ),
+        ],
+    )
     # Launched in another order, into another sweep dir; only (small, 16 tokens) got slower.
-    current = _sweep(tmp_path / "cur", [
-        ("0_deepseek_ocr_tiny_small", scale_stage(small, "sam", 1.2),
-         ("model=deepseek_ocr_tiny", "mode=small", "max_new_tokens=16", f"hydra.sweep.dir={tmp_path / 'cur'}")),
-        ("1_deepseek_ocr_tiny_tiny", tiny, ("model=deepseek_ocr_tiny", "mode=tiny", "max_new_tokens=32")),
-        ("2_deepseek_ocr_tiny_tiny", tiny, ("mode=tiny", "max_new_tokens=16")),
-    ])
+    current = _sweep(
+        tmp_path / "cur",
+        [
+            (
+                "0_deepseek_ocr_tiny_small",
+                scale_stage(small, "sam", 1.2),
+                (
+                    "model=deepseek_ocr_tiny",
+                    "mode=small",
+                    "max_new_tokens=16",
+                    f"hydra.sweep.dir={tmp_path / 'cur'}",
+                ),
+            ),
+            ("1_deepseek_ocr_tiny_tiny", tiny, ("model=deepseek_ocr_tiny", "mode=tiny", "max_new_tokens=32")),
+            ("2_deepseek_ocr_tiny_tiny", tiny, ("mode=tiny", "max_new_tokens=16")),
+        ],
+    )
     comparison = compare(load_run_set(baseline), load_run_set(current), DEFAULT)
     verdicts = {job.label: job.verdict for job in comparison.jobs}
     assert verdicts == {
@@ -258,12 +284,21 @@ def test_sweeps_pair_jobs_by_identity_not_by_order(tmp_path):
 
 def test_a_job_missing_or_failed_in_current_fails(tmp_path, capsys):
     tiny, small, base = make_record(mode="tiny"), make_record(mode="small"), make_record(mode="base")
-    baseline = _sweep(tmp_path / "base", [
-        ("0_m_tiny", tiny, ("mode=tiny",)), ("1_m_small", small, ("mode=small",)), ("2_m_base", base, ("mode=base",)),
-    ])
-    current = _sweep(tmp_path / "cur", [
-        ("0_m_tiny", tiny, ("mode=tiny",)), ("1_m_small", make_record(mode="small", status="failed"), ("mode=small",)),
-    ])
+    baseline = _sweep(
+        tmp_path / "base",
+        [
+            ("0_m_tiny", tiny, ("mode=tiny",)),
+            ("1_m_small", small, ("mode=small",)),
+            ("2_m_base", base, ("mode=base",)),
+        ],
+    )
+    current = _sweep(
+        tmp_path / "cur",
+        [
+            ("0_m_tiny", tiny, ("mode=tiny",)),
+            ("1_m_small", make_record(mode="small", status="failed"), ("mode=small",)),
+        ],
+    )
     assert main([str(baseline), str(current)]) == 1
     out = capsys.readouterr().out
     headline = out.splitlines()[0]
@@ -285,13 +320,18 @@ def test_a_job_dir_without_run_json_is_reported_missing(tmp_path):
 
 def test_a_new_job_or_a_failed_baseline_is_not_a_regression(tmp_path):
     baseline = _sweep(tmp_path / "base", [("0_m_tiny", make_record(status="failed"), ("mode=tiny",))])
-    current = _sweep(tmp_path / "cur", [
-        ("0_m_tiny", make_record(), ("mode=tiny",)), ("1_m_small", make_record(mode="small"), ("mode=small",)),
-    ])
+    current = _sweep(
+        tmp_path / "cur",
+        [
+            ("0_m_tiny", make_record(), ("mode=tiny",)),
+            ("1_m_small", make_record(mode="small"), ("mode=small",)),
+        ],
+    )
     comparison = compare(load_run_set(baseline), load_run_set(current), DEFAULT)
     assert [job.verdict for job in comparison.jobs] == [OK, OK]
     assert [job.problem for job in comparison.jobs] == [
-        "baseline run failed: nothing to compare with", "new job: no baseline to compare with",
+        "baseline run failed: nothing to compare with",
+        "new job: no baseline to compare with",
     ]
 
 
@@ -331,8 +371,12 @@ def test_identical_distributions_give_no_warning_in_95_percent_of_seeds():
     warned = 0
     for seed in range(200):
         rng = np.random.default_rng(seed)
-        verdict = judge(lognormal_samples(rng, 5, 100), lognormal_samples(rng, 5, 100),
-                        higher_is_better=False, thresholds=DEFAULT)[1]  # fmt: skip
+        verdict = judge(
+            lognormal_samples(rng, 5, 100),
+            lognormal_samples(rng, 5, 100),
+            higher_is_better=False,
+            thresholds=DEFAULT,
+        )[1]
         warned += verdict in (WARN, FAIL)
     assert warned <= 10  # <= 5 % of 200
 
@@ -341,20 +385,29 @@ def test_a_20_percent_slowdown_with_5_repeats_is_detected():
     detected = 0
     for seed in range(200):
         rng = np.random.default_rng(seed)
-        verdict = judge(lognormal_samples(rng, 5, 100), lognormal_samples(rng, 5, 120),
-                        higher_is_better=False, thresholds=DEFAULT)[1]  # fmt: skip
+        verdict = judge(
+            lognormal_samples(rng, 5, 100),
+            lognormal_samples(rng, 5, 120),
+            higher_is_better=False,
+            thresholds=DEFAULT,
+        )[1]
         detected += verdict in (WARN, FAIL)
     assert detected >= 190
 
 
 def test_the_rank_test_decides_with_enough_repeats():
     # 5 against 5, fully apart: U = 0, exact two-sided p = 2 / C(10, 5) = 2 / 252.
-    delta, verdict, p = judge([99, 100, 100.5, 101, 102], [111, 112, 113, 114, 115],
-                              higher_is_better=False, thresholds=DEFAULT)  # fmt: skip
+    delta, verdict, p = judge(
+        [99, 100, 100.5, 101, 102], [111, 112, 113, 114, 115], higher_is_better=False, thresholds=DEFAULT
+    )
     assert (verdict, p) == (FAIL, pytest.approx(2 / 252))
     # Interleaved repeats: a large median change, but not a significant one.
-    assert judge([90, 120, 95, 125, 100], [105, 130, 110, 135, 112], higher_is_better=False,
-                 thresholds=DEFAULT)[1] == NOISE  # fmt: skip
+    assert (
+        judge([90, 120, 95, 125, 100], [105, 130, 110, 135, 112], higher_is_better=False, thresholds=DEFAULT)[
+            1
+        ]
+        == NOISE
+    )
 
 
 def test_too_few_repeats_for_the_test_are_said(tmp_path):
@@ -370,8 +423,14 @@ def test_too_few_repeats_for_the_test_are_said(tmp_path):
 def test_json_out_holds_every_row(tmp_path):
     base = make_record()
     out = tmp_path / "cmp.json"
-    status = main([str(write_run(tmp_path / "base", base)),
-                       str(write_run(tmp_path / "cur", scale_stage(base, "sam", 1.3))), "--json-out", str(out)])  # fmt: skip
+    status = main(
+        [
+            str(write_run(tmp_path / "base", base)),
+            str(write_run(tmp_path / "cur", scale_stage(base, "sam", 1.3))),
+            "--json-out",
+            str(out),
+        ]
+    )
     data = json.loads(out.read_text())
     assert status == 1 and data["verdict"] == "FAIL"
     sam = next(r for r in data["jobs"][0]["rows"] if r["figure"] == stage_figure("sam"))
@@ -381,7 +440,9 @@ def test_json_out_holds_every_row(tmp_path):
 
 def test_shared_only_compares_the_jobs_both_sides_have(tmp_path, capsys):
     tiny, small = make_record(mode="tiny"), make_record(mode="small")
-    baseline = _sweep(tmp_path / "base", [("0_m_tiny", tiny, ("mode=tiny",)), ("1_m_small", small, ("mode=small",))])
+    baseline = _sweep(
+        tmp_path / "base", [("0_m_tiny", tiny, ("mode=tiny",)), ("1_m_small", small, ("mode=small",))]
+    )
     current = _sweep(tmp_path / "cur", [("0_m_tiny", tiny, ("mode=tiny",))])
     assert main([str(baseline), str(current)]) == 1  # small is missing: a failure by default
     capsys.readouterr()
@@ -411,27 +472,35 @@ def scaled(factor: float) -> dict:
 
 
 def runs_of_one_version(root: Path) -> list[Path]:
-    return [_sweep(root / f"cal_{i}", [("0_m_tiny", scaled(f), ("max_new_tokens=8",))])
-            for i, f in enumerate(PROCESS_FACTORS)]  # fmt: skip
+    return [
+        _sweep(root / f"cal_{i}", [("0_m_tiny", scaled(f), ("max_new_tokens=8",))])
+        for i, f in enumerate(PROCESS_FACTORS)
+    ]
 
 
 def test_floor_quantiles_match_closed_forms_and_tables():
     # 1 degree of freedom: Student t is Cauchy, quantile tan(π (q − 1/2)).
     q = 1 - 0.05 / (2 * 10)
     assert floor_pct(Spread(0.01, 1, "x"), baseline_runs=1, figures=10) == pytest.approx(
-        100 * np.expm1(np.tan(np.pi * (q - 0.5)) * 0.01 * np.sqrt(2)))
+        100 * np.expm1(np.tan(np.pi * (q - 0.5)) * 0.01 * np.sqrt(2))
+    )
     # 9 degrees of freedom, one-tailed 0.0025: 3.690 in t tables.
     assert floor_pct(Spread(LOG_SD_10, 9, "x"), baseline_runs=10, figures=10) == pytest.approx(8.50, abs=0.01)
     assert floor_pct(Spread(LOG_SD_10, 9, "x"), baseline_runs=1, figures=10) == pytest.approx(11.63, abs=0.01)
     # Many degrees of freedom, one figure: the normal quantile 1.960.
     assert floor_pct(Spread(0.01, 10**6, "x"), baseline_runs=10**9, figures=1) == pytest.approx(
-        100 * np.expm1(1.960 * 0.01), rel=1e-3)
+        100 * np.expm1(1.960 * 0.01), rel=1e-3
+    )
 
 
 def test_pooled_spreads_weigh_by_degrees_of_freedom():
     # Variances 0.01² (dof 9) and 0.04² (dof 1): (9 · 1e-4 + 16e-4) / 10 = 2.5e-4.
     both = pooled(Spread(0.01, 9, "file"), None, Spread(0.04, 1, "2 baseline runs"))
-    assert (both.log_sd, both.dof, both.source) == (pytest.approx(0.025 ** 0.5 / 10), 10, "file + 2 baseline runs")
+    assert (both.log_sd, both.dof, both.source) == (
+        pytest.approx(0.025**0.5 / 10),
+        10,
+        "file + 2 baseline runs",
+    )
     assert pooled(None) is None
 
 
@@ -439,7 +508,10 @@ def test_a_change_within_the_floor_is_noise_beyond_it_fails():
     base = [99, 99.5, 100, 100.5, 101]
     plus_7 = [107 * f for f in (0.99, 0.995, 1.0, 1.005, 1.01)]
     # Fully apart (p = 2/252): a warning on the rank test alone, noise within an 8 % floor.
-    assert judge(base, plus_7, higher_is_better=False, thresholds=DEFAULT)[1:] == (WARN, pytest.approx(2 / 252))
+    assert judge(base, plus_7, higher_is_better=False, thresholds=DEFAULT)[1:] == (
+        WARN,
+        pytest.approx(2 / 252),
+    )
     assert judge(base, plus_7, higher_is_better=False, thresholds=DEFAULT, floor_pct=8.0)[1:] == (NOISE, None)
     plus_20 = [120 * f for f in (0.99, 0.995, 1.0, 1.005, 1.01)]
     assert judge(base, plus_20, higher_is_better=False, thresholds=DEFAULT, floor_pct=8.0)[1] == FAIL
@@ -474,12 +546,17 @@ def test_several_baseline_runs_give_the_floor(tmp_path, capsys):
     assert main([*map(str, cal), str(shifted), "--json-out", str(json_out)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("**PASS**")
-    assert "| sam (ms) | 100.0 [97.0, 103.0] | 107.0 [105.9, 108.1] | +7.0% | - | ±8.5% (10 baseline runs) " \
-           "| noise (floor) |" in out
+    assert (
+        "| sam (ms) | 100.0 [97.0, 103.0] | 107.0 [105.9, 108.1] | +7.0% | - | ±8.5% (10 baseline runs) "
+        "| noise (floor) |" in out
+    )
     assert "repeats 3+3+3+3+3+3+3+3+3+3 baseline (10 runs), 3 current" in out
     sam = next(r for r in json.loads(json_out.read_text())["jobs"][0]["rows"] if r["figure"] == "sam (ms)")
     assert (sam["floor_pct"], sam["floor_source"], sam["floor_decided"]) == (
-        pytest.approx(8.50, abs=0.01), "10 baseline runs", "floor")
+        pytest.approx(8.50, abs=0.01),
+        "10 baseline runs",
+        "floor",
+    )
     assert sam["baseline_median"] == pytest.approx(100.0)
     # +20 % is beyond it.
     slow = _sweep(tmp_path / "slow", [("0_m_tiny", scaled(1.2), ("max_new_tokens=8",))])
@@ -490,7 +567,9 @@ def test_several_baseline_runs_give_the_floor(tmp_path, capsys):
 def test_a_recorded_noise_floor_judges_one_run_against_another(tmp_path, capsys):
     cal = runs_of_one_version(tmp_path)
     floor_file = tmp_path / "noise_floor.json"
-    assert main([*map(str, cal), str(cal[0]), "--noise-floor-out", str(floor_file)]) == 2  # CURRENT is a BASELINE
+    assert (
+        main([*map(str, cal), str(cal[0]), "--noise-floor-out", str(floor_file)]) == 2
+    )  # CURRENT is a BASELINE
     assert "also one of the BASELINEs" in capsys.readouterr().err and not floor_file.exists()
     extra = _sweep(tmp_path / "extra", [("0_m_tiny", scaled(1.0), ("max_new_tokens=8",))])
     assert main([*map(str, cal), str(extra), "--noise-floor-out", str(floor_file)]) == 0
@@ -574,8 +653,13 @@ def _job_flagged(rng, *, between: float, shift: float, floor: bool, figures: int
     log_sd = np.std(np.log(np.median(runs[:, :10], axis=2)), axis=1, ddof=1)
     for figure in range(figures):
         pct = floor_pct(Spread(float(log_sd[figure]), 9, "calibration"), baseline_runs=1, figures=figures)
-        verdict = judge(list(runs[figure, 10]), list(runs[figure, 11]), higher_is_better=False,
-                        thresholds=DEFAULT, floor_pct=pct if floor else None)[1]  # fmt: skip
+        verdict = judge(
+            list(runs[figure, 10]),
+            list(runs[figure, 11]),
+            higher_is_better=False,
+            thresholds=DEFAULT,
+            floor_pct=pct if floor else None,
+        )[1]
         if verdict in (WARN, FAIL):
             return True
     return False

@@ -53,18 +53,29 @@ def test_rebuild_takes_busy_time_and_kernels_from_nsys(run_dir):
     table = pd.read_csv(run_dir / "stages.csv").set_index("stage")
     # The nested ranges of the capture follow their stage, with their own (exclusive) kernel time.
     assert list(table.index) == [*STAGES[:5], "prefill/attn", "prefill/moe", "decode"]
-    assert table.loc["prefill/attn", "busy_ms"] + table.loc["prefill/moe", "busy_ms"] <= table.loc["prefill", "busy_ms"]
+    assert (
+        table.loc["prefill/attn", "busy_ms"] + table.loc["prefill/moe", "busy_ms"]
+        <= table.loc["prefill", "busy_ms"]
+    )
     stages = table.loc[STAGES]
     busy = stages["busy_ms"].to_dict()
-    assert busy == pytest.approx({"preprocess": 0.0, "sam": 5.0, "clip": 2.0, "projector": 0.2,
-                                  "prefill": 3.4, "decode": 1.5})  # fmt: skip
+    assert busy == pytest.approx(
+        {"preprocess": 0.0, "sam": 5.0, "clip": 2.0, "projector": 0.2, "prefill": 3.4, "decode": 1.5}
+    )
     # Kernels per stage, nested ranges included: prefill 16 gemm + 3 flash + 10 add + 3 topk.
-    assert stages.loc["sam":, "launches"].to_dict() == {"sam": 28, "clip": 14, "projector": 1, "prefill": 32,
-                                                        "decode": 15}  # fmt: skip
+    assert stages.loc["sam":, "launches"].to_dict() == {
+        "sam": 28,
+        "clip": 14,
+        "projector": 1,
+        "prefill": 32,
+        "decode": 15,
+    }
     assert pd.isna(stages.loc["preprocess", "launches"])  # a range without kernels
     # time_ms still comes from the timed runs of run.json.
     assert stages.loc["sam", "time_ms"] == pytest.approx(2439.647)
-    assert (stages.loc["sam", "time_ms_min"], stages.loc["sam", "time_ms_max"]) == pytest.approx((662.011, 2523.555))
+    assert (stages.loc["sam", "time_ms_min"], stages.loc["sam", "time_ms_max"]) == pytest.approx(
+        (662.011, 2523.555)
+    )
     assert stages.loc["decode", "time_ms"] == pytest.approx(982.98)
     assert stages.loc["decode", "calls"] == 3
     # decode moves 105,627,672 bytes (analytic, run.json): over 1.5 ms busy that is
@@ -77,7 +88,9 @@ def test_rebuild_takes_busy_time_and_kernels_from_nsys(run_dir):
     sam = kernels[kernels["stage"] == "sam"].set_index("name")
     assert sam["calls"].sum() == 28 and sam["total_ms"].sum() == pytest.approx(5.0)
     outside = kernels[kernels["stage"] == UNATTRIBUTED]
-    assert outside["total_ms"].sum() == pytest.approx(0.1 + 0.2)  # 2 x 50 µs outside, 1 x 200 µs in load_weights
+    assert outside["total_ms"].sum() == pytest.approx(
+        0.1 + 0.2
+    )  # 2 x 50 µs outside, 1 x 200 µs in load_weights
 
 
 def test_rebuild_records_the_nsys_basis_and_a_new_headline(run_dir):
@@ -99,8 +112,10 @@ def test_rebuild_records_the_nsys_basis_and_a_new_headline(run_dir):
     assert "## Top kernels per stage (Nsight Systems)" in text
     assert "`sm90_xmma_gemm" in text
     # decode's runs 1,678.619 / 982.980 / 475.795 ms: the first is above 1.5 x the median (1,474.47).
-    assert ("- **spread warning**: decode: 1 of 3 timed runs above 1.5x the median (worst 1,678.62 ms, "
-            "median 982.98 ms)") in text
+    assert (
+        "- **spread warning**: decode: 1 of 3 timed runs above 1.5x the median (worst 1,678.62 ms, "
+        "median 982.98 ms)"
+    ) in text
     assert "sam: 1 of 3" not in text  # 2,523.555 is not above 1.5 x 2,439.647
     for name in ("roofline.png", "stages.json", "kernels.csv"):
         assert (run_dir / name).stat().st_size > 0
@@ -127,8 +142,9 @@ def test_per_run_scales_a_capture_of_several_runs_to_one():
     assert gemv[["calls", "total_ms"]].iloc[0].tolist() == pytest.approx([12 / 3, 1.2 / 3])
     # Kernels outside the stages are not per run: they keep the capture's figures.
     outside = kernels[kernels["stage"] == UNATTRIBUTED]
-    pd.testing.assert_frame_equal(outside, capture.kernels[capture.kernels["stage"] == UNATTRIBUTED].astype(
-        {"calls": "float64"}))
+    pd.testing.assert_frame_equal(
+        outside, capture.kernels[capture.kernels["stage"] == UNATTRIBUTED].astype({"calls": "float64"})
+    )
     assert one.total_busy_ms == capture.total_busy_ms and one.coverage == capture.coverage
 
 
@@ -154,11 +170,14 @@ def test_reports_elsewhere_are_found_with_reports(tmp_path):
     assert record["trace"]["path"] == str(NSYS_CSVS / "dsocr_*.csv")
 
 
-@pytest.mark.parametrize("edit, fragment", [
-    (lambda record: None, "no run.json"),
-    (lambda record: {**record, "status": "failed"}, "did not finish (status 'failed')"),
-    (lambda record: {k: v for k, v in record.items() if k != "stage_layout"}, "lacks stage_layout"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (lambda record: None, "no run.json"),
+        (lambda record: {**record, "status": "failed"}, "did not finish (status 'failed')"),
+        (lambda record: {k: v for k, v in record.items() if k != "stage_layout"}, "lacks stage_layout"),
+    ],
+)
 def test_unusable_run_json_is_one_line(run_dir, capsys, edit, fragment):
     record = edit(json.loads(RUN_JSON.read_text()))
     if record is None:

@@ -15,15 +15,29 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from llm_perf_opt import run as run_module  # noqa: E402
 
-TINY = ("model=deepseek_ocr_tiny", "mode=tiny", "device=cpu", "profiling=quick", "dtype=float32", "max_new_tokens=2")
+TINY = (
+    "model=deepseek_ocr_tiny",
+    "mode=tiny",
+    "device=cpu",
+    "profiling=quick",
+    "dtype=float32",
+    "max_new_tokens=2",
+)
 
 
 def run_logged(monkeypatch, capsys, tmp_path, *args: str) -> tuple[int, str, str]:
     # The callback allows MLflow's file store for its own folder; the variable is put back after the test.
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
-    return call_main(monkeypatch, capsys, run_module.main, "llm_perf_opt.run", *args, "hydra/callbacks=mlflow",
-                     f"hydra.callbacks.mlflow.tracking_uri={tmp_path / 'mlruns'}",
-                     "hydra.callbacks.mlflow.experiment=tests")  # fmt: skip
+    return call_main(
+        monkeypatch,
+        capsys,
+        run_module.main,
+        "llm_perf_opt.run",
+        *args,
+        "hydra/callbacks=mlflow",
+        f"hydra.callbacks.mlflow.tracking_uri={tmp_path / 'mlruns'}",
+        "hydra.callbacks.mlflow.experiment=tests",
+    )
 
 
 def logged_runs(tmp_path) -> tuple[MlflowClient, list]:
@@ -43,7 +57,9 @@ def test_a_tiny_run_logs_params_metrics_and_artifacts(monkeypatch, capsys, tmp_p
 
     params = run.data.params
     assert params["model.name"] == "deepseek_ocr_tiny" and params["model.mode.name"] == "tiny"
-    assert params["max_new_tokens"] == "2" and params["profiling.repeats"] == "1" and params["image"] == "null"
+    assert (
+        params["max_new_tokens"] == "2" and params["profiling.repeats"] == "1" and params["image"] == "null"
+    )
 
     metrics = run.data.metrics
     (sample,) = record["timing"]["samples"]  # one timed run: its figures are the medians
@@ -52,7 +68,9 @@ def test_a_tiny_run_logs_params_metrics_and_artifacts(monkeypatch, capsys, tmp_p
     assert metrics["tpot_ms"] == pytest.approx(sample["e2e_ms"] - sample["ttft_ms"])  # one decode step
     stages = pd.read_csv(out / "stages.csv").set_index("stage")
     for stage, row in stages.iterrows():
-        assert metrics[f"stage.{stage}.time_ms"] == pytest.approx(statistics.median([sum(sample["stages"][stage])]))
+        assert metrics[f"stage.{stage}.time_ms"] == pytest.approx(
+            statistics.median([sum(sample["stages"][stage])])
+        )
         assert metrics[f"stage.{stage}.busy_ms"] == pytest.approx(row["busy_ms"])
     assert "stage.preprocess.flops" not in metrics  # host work has no FLOPs: nothing is logged for it
 
@@ -65,8 +83,9 @@ def test_a_tiny_run_logs_params_metrics_and_artifacts(monkeypatch, capsys, tmp_p
 
 def test_a_failed_job_is_a_failed_run_with_its_reason(monkeypatch, capsys, tmp_path):
     out = tmp_path / "run"
-    code, _, _ = run_logged(monkeypatch, capsys, tmp_path, *TINY, f"image={tmp_path / 'nope.png'}",
-                            f"hydra.run.dir={out}")  # fmt: skip
+    code, _, _ = run_logged(
+        monkeypatch, capsys, tmp_path, *TINY, f"image={tmp_path / 'nope.png'}", f"hydra.run.dir={out}"
+    )
     assert code == 1
     client, (run,) = logged_runs(tmp_path)
     assert run.info.status == "FAILED" and run.data.tags["status"] == "failed"
@@ -79,8 +98,16 @@ def test_a_store_that_cannot_be_written_is_one_line_and_the_job_stands(monkeypat
     blocker.write_text("not a folder")
     out = tmp_path / "run"
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
-    code, _, stderr = call_main(monkeypatch, capsys, run_module.main, "llm_perf_opt.run", *TINY, "hydra/callbacks=mlflow",
-                                f"hydra.callbacks.mlflow.tracking_uri={blocker / 'mlruns'}", f"hydra.run.dir={out}")  # fmt: skip
+    code, _, stderr = call_main(
+        monkeypatch,
+        capsys,
+        run_module.main,
+        "llm_perf_opt.run",
+        *TINY,
+        "hydra/callbacks=mlflow",
+        f"hydra.callbacks.mlflow.tracking_uri={blocker / 'mlruns'}",
+        f"hydra.run.dir={out}",
+    )
     assert code == 0
     (line,) = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert line.startswith("error: mlflow: run not logged to ")
@@ -94,6 +121,8 @@ def test_without_mlflow_the_callback_is_one_line_before_anything_runs(monkeypatc
     monkeypatch.delitem(sys.modules, "llm_perf_opt.report.mlflow_callback", raising=False)
     code, _, stderr = run_logged(monkeypatch, capsys, tmp_path, *TINY, f"hydra.run.dir={tmp_path / 'run'}")
     assert code == 2
-    assert stderr == ('error: hydra.callbacks.mlflow needs the package mlflow, which is not installed: '
-                      'pip install "llm-perf-opt[mlflow]"\n')  # fmt: skip
+    assert stderr == (
+        "error: hydra.callbacks.mlflow needs the package mlflow, which is not installed: "
+        'pip install "llm-perf-opt[mlflow]"\n'
+    )
     assert not (tmp_path / "run").exists()

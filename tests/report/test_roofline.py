@@ -102,8 +102,14 @@ def test_degenerate_rows_give_nan_or_zero_never_inf():
     assert not np.isinf(_numeric(table)).any()
 
     zt = table.loc["zero_time"]
-    for col in ("achieved_tflop_s_wall", "achieved_tflop_s_busy", "achieved_gbyte_s_wall",
-                "achieved_gbyte_s_busy", "datasheet_pct_roof_wall", "datasheet_pct_roof_busy"):
+    for col in (
+        "achieved_tflop_s_wall",
+        "achieved_tflop_s_busy",
+        "achieved_gbyte_s_wall",
+        "achieved_gbyte_s_busy",
+        "datasheet_pct_roof_wall",
+        "datasheet_pct_roof_busy",
+    ):
         assert math.isnan(zt[col]), col
     assert zt["datasheet_roofline_ms"] == pytest.approx(2.0)
 
@@ -141,7 +147,9 @@ def test_degenerate_rows_give_nan_or_zero_never_inf():
 
 
 def test_input_order_index_and_columns_are_kept():
-    work = _work(_row("b", 2.0, 1.0, 1e9, 1e6, weight_bytes=5e5), _row("a", 2.0, 1.0, 1e9, 1e6, weight_bytes=1e5))
+    work = _work(
+        _row("b", 2.0, 1.0, 1e9, 1e6, weight_bytes=5e5), _row("a", 2.0, 1.0, 1e9, 1e6, weight_bytes=1e5)
+    )
     work.index = [7, 3]
     table = roofline_table(work, [DATASHEET], "bf16")
     assert table.index.tolist() == [7, 3]
@@ -155,8 +163,11 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="negative"):
         roofline_table(_work(_row("x", -1.0, 1.0, 1.0, 1.0)), [DATASHEET], "bf16")
     with pytest.raises(ValueError, match="same column prefix"):
-        roofline_table(_work(_row("x", 1.0, 1.0, 1.0, 1.0)), [DATASHEET, make_roof("Datasheet!", {"bf16": 1.0}, 1.0)],
-                       "bf16")
+        roofline_table(
+            _work(_row("x", 1.0, 1.0, 1.0, 1.0)),
+            [DATASHEET, make_roof("Datasheet!", {"bf16": 1.0}, 1.0)],
+            "bf16",
+        )
     with pytest.raises(ValueError, match="must be positive"):
         roofline_table(_work(_row("x", 1.0, 1.0, 1.0, 1.0)), [make_roof("zero", {"bf16": 0.0}, 1.0)], "bf16")
 
@@ -172,11 +183,11 @@ def _split_case() -> pd.DataFrame:
     # datasheet roofline times, worked out as max(F / 1e15, B / 2e12):
     return roofline_table(
         _work(
-            _row("normal", 10.0, 8.0, 2e12, 1e9),        # 2 ms
-            _row("no_trace", 10.0, NAN, 2e12, 1e9),      # 2 ms
-            _row("overlap", 10.0, 12.0, 2e12, 1e9),      # 2 ms
-            _row("faster", 10.0, 1.0, 2e12, 1e9),        # 2 ms > busy 1 ms
-            _row("no_cost", 10.0, 2.0, NAN, NAN),        # unknown
+            _row("normal", 10.0, 8.0, 2e12, 1e9),  # 2 ms
+            _row("no_trace", 10.0, NAN, 2e12, 1e9),  # 2 ms
+            _row("overlap", 10.0, 12.0, 2e12, 1e9),  # 2 ms
+            _row("faster", 10.0, 1.0, 2e12, 1e9),  # 2 ms > busy 1 ms
+            _row("no_cost", 10.0, 2.0, NAN, NAN),  # unknown
             _row("no_wall", NAN, 2.0, 2e12, 1e9),
             _row("zero", 0.0, 0.0, 2e12, 1e9),
             _row("untraced_uncosted", 10.0, NAN, NAN, NAN),
@@ -238,8 +249,10 @@ def test_verdict_host_bound_decode():
     # = 17%: host 451.5 ms > half the wall. 12,710 launches / 31 = 410 per step.
     row, split = _one(_row("decode", 545.0, 93.5, 31 * 1.166e9, 31 * 1.177e9), H100_CALIBRATED)
     text = verdict(row, split, "calibrated", "bf16", launches=12_710, steps=31)
-    assert text == ("decode: host-bound: the GPU is busy 17% of the step; 410 kernel launches per step; "
-                    "at the calibrated bandwidth roof a step would take 0.392 ms")
+    assert text == (
+        "decode: host-bound: the GPU is busy 17% of the step; 410 kernel launches per step; "
+        "at the calibrated bandwidth roof a step would take 0.392 ms"
+    )
 
 
 def test_verdict_compute_bound_with_top_op():
@@ -249,9 +262,11 @@ def test_verdict_compute_bound_with_top_op():
     # more than half the op time on its own, so it is the only op named.
     row, split = _one(_row("sam", 11.0, 10.0, 4e12, 2e9), H100_CALIBRATED)
     text = verdict(row, split, "calibrated", "bf16", top_ops=[("aten::add", 3.0), ("aten::mm", 6.5)])
-    assert text == ("sam: compute-bound (2,000 FLOP/B, ridge 267): 45% of the calibrated bf16 compute roof "
-                    "(5 ms at the roof); 50% of its kernel time is above the roof; "
-                    "longest kernels: aten::mm 65% of 10 ms kernel time")
+    assert text == (
+        "sam: compute-bound (2,000 FLOP/B, ridge 267): 45% of the calibrated bf16 compute roof "
+        "(5 ms at the roof); 50% of its kernel time is above the roof; "
+        "longest kernels: aten::mm 65% of 10 ms kernel time"
+    )
 
 
 def test_verdict_memory_bound_on_cpu():
@@ -259,10 +274,14 @@ def test_verdict_memory_bound_on_cpu():
     cpu = make_roof("calibrated", {"fp32": 1e12}, 3e10)
     row, split = _one(_row("clip", 4.0, 3.5, 1e9, 6e7), cpu, "fp32")
     # Intensity 1e9 / 6e7 = 17 FLOP/B, ridge 1e12 / 3e10 = 33; busy 3.5 ms, 2 at the roof: 43% above.
-    text = verdict(row, split, "calibrated", "fp32", launches=120, top_ops=[("aten::copy_", 1.4)], device_kind="cpu")
-    assert text == ("clip: memory-bound (17 FLOP/B, ridge 33): 50% of the calibrated bandwidth roof (2 ms at the "
-                    "roof); 120 op calls; 43% of its op time is above the roof; longest ops: aten::copy_ 40% of "
-                    "3.5 ms op time")
+    text = verdict(
+        row, split, "calibrated", "fp32", launches=120, top_ops=[("aten::copy_", 1.4)], device_kind="cpu"
+    )
+    assert text == (
+        "clip: memory-bound (17 FLOP/B, ridge 33): 50% of the calibrated bandwidth roof (2 ms at the "
+        "roof); 120 op calls; 43% of its op time is above the roof; longest ops: aten::copy_ 40% of "
+        "3.5 ms op time"
+    )
 
 
 def test_verdict_above_the_roof_says_the_roof_is_too_low():
@@ -271,8 +290,10 @@ def test_verdict_above_the_roof_says_the_roof_is_too_low():
     cpu = make_roof("calibrated", {"fp32": 1e12}, 3e10)
     row, split = _one(_row("decode", 1.6, 1.5, 1e6, 6e7), cpu, "fp32")
     text = verdict(row, split, "calibrated", "fp32", device_kind="cpu")
-    assert text.startswith("decode: memory-bound (0.017 FLOP/B, ridge 33): 125% of the calibrated bandwidth roof "
-                           "(2 ms at the roof); ")
+    assert text.startswith(
+        "decode: memory-bound (0.017 FLOP/B, ridge 33): 125% of the calibrated bandwidth roof "
+        "(2 ms at the roof); "
+    )
     assert "above the roof: the ceiling is too low" in text and "calibrate --refresh" in text
     row, split = _one(_row("decode", 2.05, 2.0, 1e6, 6e7), cpu, "fp32")
     assert "above the roof" not in verdict(row, split, "calibrated", "fp32", device_kind="cpu")
@@ -281,10 +302,12 @@ def test_verdict_above_the_roof_says_the_roof_is_too_low():
 def test_verdict_other_cases():
     row, split = _one(_row("prefill", 10.0, 2.0, 1e9, 6e7), H100_CALIBRATED, "bf16")
     assert verdict(row, split, "calibrated", "bf16", device_kind="cpu").startswith(
-        "prefill: host-bound: op time is 20% of the stage;")
+        "prefill: host-bound: op time is 20% of the stage;"
+    )
     row, split = _one(_row("preprocess", 3.0, 0.6, 0.0, 0.0), H100_CALIBRATED)
     assert verdict(row, split, "calibrated", "bf16") == (
-        "preprocess: no modelled work; 3 ms; the GPU is busy 20% of the stage")
+        "preprocess: no modelled work; 3 ms; the GPU is busy 20% of the stage"
+    )
     row, split = _one(_row("sam", 11.0, NAN, 4e12, 2e9), H100_CALIBRATED)
     assert verdict(row, split, "calibrated", "bf16").endswith("; no trace, so GPU idle time unknown")
     row, split = _one(_row("clip", NAN, NAN, 4e12, 2e9), H100_CALIBRATED)
@@ -312,9 +335,13 @@ def test_headline_utilisation():
         [DATASHEET, CALIBRATED],
         "bf16",
     )
-    h = headline(table, [DATASHEET, CALIBRATED], "bf16",
-                 compute_stages={"prefill": ["prefill"], "vision": ["sam", "clip"]},
-                 bandwidth_stages={"decode": ["decode"]})
+    h = headline(
+        table,
+        [DATASHEET, CALIBRATED],
+        "bf16",
+        compute_stages={"prefill": ["prefill"], "vision": ["sam", "clip"]},
+        bandwidth_stages={"decode": ["decode"]},
+    )
     flop, bw = h["flop_utilisation_pct"], h["bandwidth_utilisation_pct"]
     # prefill (the prefill/moe row is not a stage): 2e12 / 10 ms = 2e14 FLOP/s = 20% of 1e15,
     # over 8 ms 25%; of the calibrated 5e14: 40% and 50%.
@@ -328,19 +355,30 @@ def test_headline_utilisation():
 
 def test_headline_absent_and_partial_groups():
     table = roofline_table(_work(_row("decode", 5.0, NAN, 1e9, 1e9)), [DATASHEET], "bf16")
-    h = headline(table, [DATASHEET], "bf16", compute_stages={"vision": ["sam", "clip"]},
-                 bandwidth_stages={"decode": ["decode"]})
+    h = headline(
+        table,
+        [DATASHEET],
+        "bf16",
+        compute_stages={"vision": ["sam", "clip"]},
+        bandwidth_stages={"decode": ["decode"]},
+    )
     assert all(math.isnan(v) for v in h["flop_utilisation_pct"]["vision"]["datasheet"].values())
     assert math.isnan(h["bandwidth_utilisation_pct"]["decode"]["datasheet"]["busy"])
     assert h["bandwidth_utilisation_pct"]["decode"]["datasheet"]["wall"] == pytest.approx(10.0)
     with pytest.raises(ValueError, match="not"):
-        headline(table, [DATASHEET], "bf16", compute_stages={}, bandwidth_stages={"lm": ["decode", "prefill"]})
+        headline(
+            table, [DATASHEET], "bf16", compute_stages={}, bandwidth_stages={"lm": ["decode", "prefill"]}
+        )
 
 
 def test_a_stage_within_fifteen_percent_of_the_ridge_is_balanced():
     # H100-like calibrated roof: ridge 8e14 / 3e12 = 266.7 FLOP/B; 15 % of it is 40.0.
-    work = _work(*(_row(name, 10.0, 9.0, intensity * 1e9, 1e9) for name, intensity in
-                   (("above", 310.0), ("high", 300.0), ("low", 230.0), ("below", 225.0))))  # fmt: skip
+    work = _work(
+        *(
+            _row(name, 10.0, 9.0, intensity * 1e9, 1e9)
+            for name, intensity in (("above", 310.0), ("high", 300.0), ("low", 230.0), ("below", 225.0))
+        )
+    )
     bound = roofline_table(work, [H100_CALIBRATED], "bf16").set_index("stage")["calibrated_bound"]
     # 310 is 43.3 above the ridge, 300 is 33.3 above, 230 is 36.7 below, 225 is 41.7 below.
     assert bound.to_dict() == {"above": "compute", "high": "balanced", "low": "balanced", "below": "memory"}
@@ -351,7 +389,8 @@ def test_verdict_of_a_balanced_stage():
     # 300e9 / 8e14 = 0.375 ms compute, 1e9 / 3e12 = 0.333 ms memory: 0.375 / 11 = 3.4 %.
     assert verdict(row, split, "calibrated", "bf16").startswith(
         "sam: balanced (300 FLOP/B, within 15% of the ridge 267: compute and bandwidth bind alike): 3.4% of the "
-        "calibrated roofline (0.375 ms at the roof)")
+        "calibrated roofline (0.375 ms at the roof)"
+    )
 
 
 def test_verdict_quotes_the_models_note_on_the_ops_that_hold_the_time():
@@ -360,8 +399,10 @@ def test_verdict_quotes_the_models_note_on_the_ops_that_hold_the_time():
     ops = [("aten::mm", 2.0), ("aten::copy_", 4.9), ("aten::add", 2.2)]
     note = (("aten::copy_", "aten::add"), "the materialised bias; model.impl=fast avoids it")
     text = verdict(row, split, "calibrated", "bf16", top_ops=ops, op_notes=[note], device_kind="cpu")
-    assert text.endswith("; longest ops: aten::copy_ 49%, aten::add 22% of 10 ms op time; "
-                         "aten::copy_ and aten::add (71%): the materialised bias; model.impl=fast avoids it")
+    assert text.endswith(
+        "; longest ops: aten::copy_ 49%, aten::add 22% of 10 ms op time; "
+        "aten::copy_ and aten::add (71%): the materialised bias; model.impl=fast avoids it"
+    )
     # A note on ops that are not among the longest is not quoted.
     other = (("aten::cat",), "the projector's concatenation")
     assert "concatenation" not in verdict(row, split, "calibrated", "bf16", top_ops=ops, op_notes=[other])
@@ -374,15 +415,27 @@ def test_headline_names_the_roof_that_binds_each_group():
     # 4e12 / 8e14 = 5 ms over 10 ms = 50 %. decode: 280e9 / 1e9 = 280, within 15 %: balanced,
     # max(0.35, 0.333) = 0.35 ms over 1 ms = 35 %.
     table = roofline_table(
-        _work(_row("prefill", 10.0, 8.0, 1e12, 1e10), _row("sam", 4.0, 3.0, 2e12, 1e9),
-              _row("clip", 6.0, 5.0, 2e12, 1e9), _row("decode", 1.0, 0.5, 280e9, 1e9)),
-        [H100_CALIBRATED], "bf16",
-    )  # fmt: skip
-    h = headline(table, [H100_CALIBRATED], "bf16", compute_stages={"vision": ["sam", "clip"], "prefill": ["prefill"]},
-                 bandwidth_stages={"decode": ["decode"]})  # fmt: skip
+        _work(
+            _row("prefill", 10.0, 8.0, 1e12, 1e10),
+            _row("sam", 4.0, 3.0, 2e12, 1e9),
+            _row("clip", 6.0, 5.0, 2e12, 1e9),
+            _row("decode", 1.0, 0.5, 280e9, 1e9),
+        ),
+        [H100_CALIBRATED],
+        "bf16",
+    )
+    h = headline(
+        table,
+        [H100_CALIBRATED],
+        "bf16",
+        compute_stages={"vision": ["sam", "clip"], "prefill": ["prefill"]},
+        bandwidth_stages={"decode": ["decode"]},
+    )
     binding = {group: roofs["calibrated"] for group, roofs in h["roof_utilisation_pct"].items()}
     assert binding["prefill"]["bound"] == "memory"
-    assert (binding["prefill"]["wall"], binding["prefill"]["busy"]) == pytest.approx((33.333, 41.667), abs=1e-3)
+    assert (binding["prefill"]["wall"], binding["prefill"]["busy"]) == pytest.approx(
+        (33.333, 41.667), abs=1e-3
+    )
     assert h["flop_utilisation_pct"]["prefill"]["calibrated"]["wall"] == pytest.approx(12.5)
     assert binding["vision"]["bound"] == "compute" and binding["vision"]["wall"] == pytest.approx(50.0)
     assert binding["decode"]["bound"] == "balanced" and binding["decode"]["wall"] == pytest.approx(35.0)

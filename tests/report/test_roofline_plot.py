@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pandas as pd
 from PIL import Image
@@ -16,7 +15,10 @@ def make_roof(label: str, flop_s: dict, byte_s: float) -> Roof:
     return Roof(label, flop_s, byte_s, source="test figures")
 
 
-ROOFS = [make_roof("datasheet", {"bf16": 989.4e12}, 3.35e12), make_roof("calibrated", {"bf16": 800e12}, 3.0e12)]
+ROOFS = [
+    make_roof("datasheet", {"bf16": 989.4e12}, 3.35e12),
+    make_roof("calibrated", {"bf16": 800e12}, 3.0e12),
+]
 # The figure is 10 × 6.2 inches at 110 dpi.
 WIDTH, HEIGHT = 1100, 682
 # tab10's first colour, the first stage's, as 8-bit RGB.
@@ -76,8 +78,9 @@ def test_module_rows_and_unplottable_rows(tmp_path):
 
 
 def test_roofs_alone_when_no_row_can_be_placed(tmp_path):
-    path = roofline_plot(_table([("preprocess", 3.0, 0.2, 0.0, 0.0)]), ROOFS, "bf16", tmp_path / "r.png", title="t")
+    path = roofline_plot(
+        _table([("preprocess", 3.0, 0.2, 0.0, 0.0)]), ROOFS, "bf16", tmp_path / "r.png", title="t"
+    )
     px = _pixels(path)
     assert (px < 235).any(axis=2).mean() > 0.01
     assert _has_colour(px, FIRST_STAGE_RGB) == 0
-

@@ -16,8 +16,9 @@ pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
 def git(folder: Path, *args: str) -> str:
     env = ["-c", "user.name=t", "-c", "user.email=t@example.com"]
-    return subprocess.run(["git", "-C", str(folder), *env, *args], capture_output=True, text=True,
-                          check=True).stdout.strip()  # fmt: skip
+    return subprocess.run(
+        ["git", "-C", str(folder), *env, *args], capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def package_in(monkeypatch, folder: Path) -> Path:

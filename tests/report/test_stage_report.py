@@ -21,8 +21,17 @@ ROOF = Roof("calibrated", {"bfloat16": 1e14}, 1e12, source="test figures")
 
 
 def _runs(sam: list[float]) -> list[dict[str, list[float]]]:
-    return [{"preprocess": [1.0], "sam": [ms], "clip": [2.0], "projector": [0.5], "prefill": [4.0],
-             "decode": [1.0, 1.0, 1.0]} for ms in sam]  # fmt: skip
+    return [
+        {
+            "preprocess": [1.0],
+            "sam": [ms],
+            "clip": [2.0],
+            "projector": [0.5],
+            "prefill": [4.0],
+            "decode": [1.0, 1.0, 1.0],
+        }
+        for ms in sam
+    ]
 
 
 def test_spread_of_the_timed_runs_and_the_outlier_rule():
@@ -54,23 +63,47 @@ def test_counts_are_whole_numbers():
 
 def _work() -> pd.DataFrame:
     # prefill/attn: 3e11 FLOP and 1e8 B: 3 ms at 1e14 FLOP/s, 0.1 ms at 1e12 B/s; busy 1.5 ms.
-    rows = [("sam", 5e11, 1e9), ("clip", 1e11, 1e8), ("projector", 1e9, 1e7), ("prefill", 4e11, 1e9),
-            ("prefill/attn", 1e11, 1e8), ("prefill/moe", 1e10, 1e9), ("decode", 1e9, 3e9)]  # fmt: skip
-    return pd.DataFrame({"stage": [r[0] for r in rows], "flops": [r[1] for r in rows], "bytes": [r[2] for r in rows],
-                         "weight_bytes": 0.0, "act_bytes": 0.0, "kv_bytes": 0.0})  # fmt: skip
+    rows = [
+        ("sam", 5e11, 1e9),
+        ("clip", 1e11, 1e8),
+        ("projector", 1e9, 1e7),
+        ("prefill", 4e11, 1e9),
+        ("prefill/attn", 1e11, 1e8),
+        ("prefill/moe", 1e10, 1e9),
+        ("decode", 1e9, 3e9),
+    ]
+    return pd.DataFrame(
+        {
+            "stage": [r[0] for r in rows],
+            "flops": [r[1] for r in rows],
+            "bytes": [r[2] for r in rows],
+            "weight_bytes": 0.0,
+            "act_bytes": 0.0,
+            "kv_bytes": 0.0,
+        }
+    )
 
 
 def test_nested_ranges_get_a_split_and_a_verdict_over_their_op_time():
     attribution = load_nsys_attribution(NSYS_CSVS, STAGES)
-    table = stage_table_from(measured_table(STAGES, _runs([10.0] * 3), attribution), _work(), attribution,
-                             [ROOF], "bfloat16", "cuda", {"decode": 3}).set_index("stage")  # fmt: skip
+    table = stage_table_from(
+        measured_table(STAGES, _runs([10.0] * 3), attribution),
+        _work(),
+        attribution,
+        [ROOF],
+        "bfloat16",
+        "cuda",
+        {"decode": 3},
+    ).set_index("stage")
     attn = table.loc["prefill/attn"]
     # 1e11 / 1e14 = 1 ms at the roof (compute: 1e8 / 1e12 = 0.1 ms), busy 1.5 ms: 0.5 ms above it.
     assert pd.isna(attn["time_ms"]) and attn["busy_ms"] == pytest.approx(1.5)
     assert attn["split_roofline_ms"] == pytest.approx(1.0) and attn["above_roof_ms"] == pytest.approx(0.5)
     assert pd.isna(attn["host_ms"])
-    assert attn["verdict"].startswith("prefill/attn: compute-bound (1,000 FLOP/B, ridge 100): 67% of the "
-                                      "calibrated bfloat16 compute roof (1 ms at the roof)")
+    assert attn["verdict"].startswith(
+        "prefill/attn: compute-bound (1,000 FLOP/B, ridge 100): 67% of the "
+        "calibrated bfloat16 compute roof (1 ms at the roof)"
+    )
     assert attn["verdict"].endswith("(over op time: a nested range is timed by the trace pass only)")
 
 
@@ -78,7 +111,15 @@ def test_the_verdict_quotes_the_models_op_notes_for_its_stage():
     attribution = load_nsys_attribution(NSYS_CSVS, STAGES)
     top = attribution.kernels[attribution.kernels["stage"] == "sam"].sort_values("total_ms").iloc[-1]["name"]
     notes = [OpNote("sam", (top,), "what the model says"), OpNote("clip", (top,), "said of another stage")]
-    table = stage_table_from(measured_table(STAGES, _runs([10.0] * 3), attribution), _work(), attribution,
-                             [ROOF], "bfloat16", "cuda", {"decode": 3}, notes).set_index("stage")  # fmt: skip
+    table = stage_table_from(
+        measured_table(STAGES, _runs([10.0] * 3), attribution),
+        _work(),
+        attribution,
+        [ROOF],
+        "bfloat16",
+        "cuda",
+        {"decode": 3},
+        notes,
+    ).set_index("stage")
     assert "what the model says" in table.loc["sam", "verdict"]
     assert "said of another stage" not in table.loc["sam", "verdict"]

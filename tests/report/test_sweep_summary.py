@@ -40,8 +40,12 @@ def ok_record(mode: str, image_tokens: int, ttft: float, tpot: float) -> dict:
         "dtype": "bfloat16",
         "tokens": {"image": image_tokens, "text": 10, "prompt": image_tokens + 10},
         # decode tokens/s = 1000 / TPOT; end-to-end = TTFT + 3 decode steps · TPOT
-        "headline": {"ttft_ms": ttft, "tpot_ms": tpot, "decode_tokens_per_s": 1000 / tpot,
-                     "e2e_ms": ttft + 3 * tpot},
+        "headline": {
+            "ttft_ms": ttft,
+            "tpot_ms": tpot,
+            "decode_tokens_per_s": 1000 / tpot,
+            "e2e_ms": ttft + 3 * tpot,
+        },
     }
 
 
@@ -50,11 +54,13 @@ def stages_csv(times: dict[str, float], pct: dict[str, tuple[float, float]]) -> 
     lines = ["stage,calls,time_ms,calibrated_pct_roof_wall,datasheet_pct_roof_wall,verdict"]
     for stage, ms in times.items():
         cal, sheet = pct.get(stage, ("", ""))
-        lines.append(f"{stage},1,{ms},{cal},{sheet},\"{stage}: fine, really\"")
+        lines.append(f'{stage},1,{ms},{cal},{sheet},"{stage}: fine, really"')
     return "\n".join(lines) + "\n"
 
 
-def write_job(root: Path, name: str, overrides: list[str], record: dict | None, stages: str | None = None) -> Path:
+def write_job(
+    root: Path, name: str, overrides: list[str], record: dict | None, stages: str | None = None
+) -> Path:
     """A job dir as Hydra and run.py leave it: .hydra/ always, run.json and stages.csv if given."""
     job = root / name
     (job / ".hydra").mkdir(parents=True)
@@ -70,16 +76,33 @@ def write_job(root: Path, name: str, overrides: list[str], record: dict | None, 
 
 def make_sweep(root: Path) -> Path:
     """Four jobs: two finished, one failed, one killed after its stages.csv but before run.json."""
-    write_job(root, "0_toy_tiny", ["mode=tiny", *COMMON], ok_record("tiny", 64, 120.0, 20.0),
-              stages_csv({"load": 10.0, "encode": 60.5, "decode": 50.0},
-                         {"encode": (12.5, 5.0), "decode": (40.0, 20.0)}))  # fmt: skip
-    write_job(root, "1_toy_base", ["mode=base", *COMMON], ok_record("base", 256, 480.0, 25.0),
-              stages_csv({"load": 20.0, "encode": 1234.5, "decode": 75.0},
-                         {"encode": (30.0, 15.0), "decode": (35.0, 17.5)}))  # fmt: skip
-    failed = {"status": "failed", "error": "ValueError: bad shape\n  in layer 3 | head 2",
-              "config": {"model": {"name": "toy"}, "mode": {"name": "large"}}}  # fmt: skip
+    write_job(
+        root,
+        "0_toy_tiny",
+        ["mode=tiny", *COMMON],
+        ok_record("tiny", 64, 120.0, 20.0),
+        stages_csv(
+            {"load": 10.0, "encode": 60.5, "decode": 50.0}, {"encode": (12.5, 5.0), "decode": (40.0, 20.0)}
+        ),
+    )
+    write_job(
+        root,
+        "1_toy_base",
+        ["mode=base", *COMMON],
+        ok_record("base", 256, 480.0, 25.0),
+        stages_csv(
+            {"load": 20.0, "encode": 1234.5, "decode": 75.0}, {"encode": (30.0, 15.0), "decode": (35.0, 17.5)}
+        ),
+    )
+    failed = {
+        "status": "failed",
+        "error": "ValueError: bad shape\n  in layer 3 | head 2",
+        "config": {"model": {"name": "toy"}, "mode": {"name": "large"}},
+    }
     write_job(root, "2_toy_large", ["mode=large", *COMMON], failed)
-    write_job(root, "3_toy_gundam", ["mode=gundam", *COMMON], None, stages_csv({"load": 1.0, "encode": 2.0}, {}))
+    write_job(
+        root, "3_toy_gundam", ["mode=gundam", *COMMON], None, stages_csv({"load": 1.0, "encode": 2.0}, {})
+    )
     (root / "multirun.yaml").write_text("hydra: {}\n")
     return root
 
@@ -93,20 +116,48 @@ def test_one_row_per_job_with_headline_stage_and_roof_columns(tmp_path):
     assert summary.stages == ("load", "encode", "decode")
     assert summary.roofs == ("calibrated", "datasheet")
     assert list(summary.table.columns) == [
-        "job", "overrides", "model", "mode", "batch_size", "image_tokens", "dtype",
-        "ttft_ms", "tpot_ms", "decode_tokens_per_s", "e2e_ms", "tokens_per_s", "pages_per_s",
-        "load_ms", "encode_ms", "decode_ms",
-        "load_pct_calibrated_roof", "encode_pct_calibrated_roof", "decode_pct_calibrated_roof",
-        "load_pct_datasheet_roof", "encode_pct_datasheet_roof", "decode_pct_datasheet_roof",
-        "status", "error",
-    ]  # fmt: skip
+        "job",
+        "overrides",
+        "model",
+        "mode",
+        "batch_size",
+        "image_tokens",
+        "dtype",
+        "ttft_ms",
+        "tpot_ms",
+        "decode_tokens_per_s",
+        "e2e_ms",
+        "tokens_per_s",
+        "pages_per_s",
+        "load_ms",
+        "encode_ms",
+        "decode_ms",
+        "load_pct_calibrated_roof",
+        "encode_pct_calibrated_roof",
+        "decode_pct_calibrated_roof",
+        "load_pct_datasheet_roof",
+        "encode_pct_datasheet_roof",
+        "decode_pct_datasheet_roof",
+        "status",
+        "error",
+    ]
     assert list(summary.table["job"]) == ["0_toy_tiny", "1_toy_base", "2_toy_large", "3_toy_gundam"]
     base = summary.table.set_index("job").loc["1_toy_base"]
     # Hydra's own overrides are left out, the others kept in launch order.
     assert base["overrides"] == "mode=base model=toy device=cpu"
-    assert (base["model"], base["mode"], base["image_tokens"], base["dtype"]) == ("toy", "base", 256, "bfloat16")
+    assert (base["model"], base["mode"], base["image_tokens"], base["dtype"]) == (
+        "toy",
+        "base",
+        256,
+        "bfloat16",
+    )
     # 1000 / 25 ms = 40 tokens/s; 480 + 3 · 25 = 555 ms
-    assert (base["ttft_ms"], base["tpot_ms"], base["decode_tokens_per_s"], base["e2e_ms"]) == (480.0, 25.0, 40.0, 555.0)
+    assert (base["ttft_ms"], base["tpot_ms"], base["decode_tokens_per_s"], base["e2e_ms"]) == (
+        480.0,
+        25.0,
+        40.0,
+        555.0,
+    )
     assert (base["load_ms"], base["encode_ms"], base["decode_ms"]) == (20.0, 1234.5, 75.0)
     assert (base["encode_pct_calibrated_roof"], base["encode_pct_datasheet_roof"]) == (30.0, 15.0)
     assert np.isnan(base["load_pct_calibrated_roof"])  # no analytic work for "load"
@@ -128,8 +179,14 @@ def test_failed_and_missing_jobs_have_a_row_with_their_status_and_one_line_error
 def test_headline_falls_back_to_the_timing_summary(tmp_path):
     record = ok_record("tiny", 64, 0.0, 1.0)
     del record["headline"]
-    record["timing"] = {"summary": {"ttft_ms": {"median": 111.0, "min": 100.0}, "tpot_ms": {"median": 8.0},
-                                    "decode_tokens_per_s": {"median": 125.0}, "e2e_ms": None}}  # fmt: skip
+    record["timing"] = {
+        "summary": {
+            "ttft_ms": {"median": 111.0, "min": 100.0},
+            "tpot_ms": {"median": 8.0},
+            "decode_tokens_per_s": {"median": 125.0},
+            "e2e_ms": None,
+        }
+    }
     write_job(tmp_path, "0_toy_tiny", ["mode=tiny"], record, stages_csv({"load": 1.0}, {}))
     row = rows_by_job(tmp_path)["0_toy_tiny"]
     assert (row["ttft_ms"], row["tpot_ms"], row["decode_tokens_per_s"]) == (111.0, 8.0, 125.0)
@@ -137,10 +194,20 @@ def test_headline_falls_back_to_the_timing_summary(tmp_path):
 
 
 def test_stage_order_comes_from_the_data_and_nested_rows_are_left_out(tmp_path):
-    write_job(tmp_path, "0_a", ["mode=a"], ok_record("a", 1, 1.0, 1.0),
-              stages_csv({"zeta": 5.0, "zeta/attn": 4.0, "alpha": 2.0}, {}))  # fmt: skip
-    write_job(tmp_path, "1_b", ["mode=b"], ok_record("b", 1, 1.0, 1.0),
-              stages_csv({"zeta": 6.0, "mid": 1.0, "alpha": 3.0}, {}))  # fmt: skip
+    write_job(
+        tmp_path,
+        "0_a",
+        ["mode=a"],
+        ok_record("a", 1, 1.0, 1.0),
+        stages_csv({"zeta": 5.0, "zeta/attn": 4.0, "alpha": 2.0}, {}),
+    )
+    write_job(
+        tmp_path,
+        "1_b",
+        ["mode=b"],
+        ok_record("b", 1, 1.0, 1.0),
+        stages_csv({"zeta": 6.0, "mid": 1.0, "alpha": 3.0}, {}),
+    )
     summary = summarize(load_sweep(tmp_path))
     assert summary.stages == ("zeta", "mid", "alpha")
     assert "zeta/attn_ms" not in summary.table.columns
@@ -154,7 +221,12 @@ def test_merge_order_keeps_each_sequence_order():
 
 
 def test_job_labels_name_the_number_and_what_differs(tmp_path):
-    assert job_labels(summarize(load_sweep(make_sweep(tmp_path)))) == ["0 tiny", "1 base", "2 large", "3 gundam"]
+    assert job_labels(summarize(load_sweep(make_sweep(tmp_path)))) == [
+        "0 tiny",
+        "1 base",
+        "2 large",
+        "3 gundam",
+    ]
 
 
 def test_markdown_lists_jobs_problems_stage_times_and_roofs(tmp_path):
@@ -165,7 +237,10 @@ def test_markdown_lists_jobs_problems_stage_times_and_roofs(tmp_path):
     # Overrides every job shares are listed once; the table keeps the one that differs.
     assert "Overrides of every job: `model=toy` `device=cpu`." in md
     # Batch 1 where run.json names none (a record from before batches); no throughput recorded: "-".
-    assert "| 1_toy_base | `mode=base` | toy | base | 1 | 256 | bfloat16 | 480.00 | 25.00 | 40.00 | 555.00 | - | - | ok |" in md
+    assert (
+        "| 1_toy_base | `mode=base` | toy | base | 1 | 256 | bfloat16 | 480.00 | 25.00 | 40.00 | 555.00 | - | - | ok |"
+        in md
+    )
     # A list item, not a table cell: the error's line break is gone, its "|" stays as it is.
     assert "- **2_toy_large** (failed): ValueError: bad shape in layer 3 | head 2" in md
     assert "| job | load | encode | decode |" in md
@@ -179,11 +254,17 @@ def test_markdown_lists_jobs_problems_stage_times_and_roofs(tmp_path):
 
 
 def test_markdown_cells_escape_the_pipe(tmp_path):
-    write_job(tmp_path, "0_a", ["mode=a", "prompt='x | y'"], ok_record("a", 1, 1.0, 1.0), stages_csv({"s": 1.0}, {}))
-    write_job(tmp_path, "1_b", ["mode=b", "prompt='x | y'"], ok_record("b", 1, 1.0, 1.0), stages_csv({"s": 1.0}, {}))
+    write_job(
+        tmp_path, "0_a", ["mode=a", "prompt='x | y'"], ok_record("a", 1, 1.0, 1.0), stages_csv({"s": 1.0}, {})
+    )
+    write_job(
+        tmp_path, "1_b", ["mode=b", "prompt='x | y'"], ok_record("b", 1, 1.0, 1.0), stages_csv({"s": 1.0}, {})
+    )
     md = summary_markdown(summarize(load_sweep(tmp_path)), "t")
     assert "Overrides of every job: `prompt='x | y'`." in md  # outside the table, as it is
-    write_job(tmp_path, "2_c", ["mode=c", "prompt='a|b'"], ok_record("c", 1, 1.0, 1.0), stages_csv({"s": 1.0}, {}))
+    write_job(
+        tmp_path, "2_c", ["mode=c", "prompt='a|b'"], ok_record("c", 1, 1.0, 1.0), stages_csv({"s": 1.0}, {})
+    )
     md = summary_markdown(summarize(load_sweep(tmp_path)), "t")
     assert "`prompt='a\\|b'`" in md  # inside a table cell
 
@@ -198,14 +279,22 @@ def _png(path: Path) -> np.ndarray:
 
 def test_write_summary_writes_three_files_atomically_and_a_readable_png(tmp_path):
     written = write_summary(make_sweep(tmp_path))
-    assert written == {"csv": tmp_path / "sweep_summary.csv", "png": tmp_path / "sweep.png",
-                       "md": tmp_path / "sweep_summary.md"}  # fmt: skip
+    assert written == {
+        "csv": tmp_path / "sweep_summary.csv",
+        "png": tmp_path / "sweep.png",
+        "md": tmp_path / "sweep_summary.md",
+    }
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-")]
     csv = pd.read_csv(tmp_path / "sweep_summary.csv")
     assert list(csv["status"]) == ["ok", "ok", "failed", "missing"]
     assert list(csv["encode_ms"].iloc[:2]) == [60.5, 1234.5]
-    assert (tmp_path / "sweep_summary.csv").read_text().splitlines()[1].startswith(
-        "0_toy_tiny,mode=tiny model=toy device=cpu,toy,tiny,1,64,bfloat16,120.0,20.0,50.0,180.0,,,10.0,60.5,50.0,"
+    assert (
+        (tmp_path / "sweep_summary.csv")
+        .read_text()
+        .splitlines()[1]
+        .startswith(
+            "0_toy_tiny,mode=tiny model=toy device=cpu,toy,tiny,1,64,bfloat16,120.0,20.0,50.0,180.0,,,10.0,60.5,50.0,"
+        )
     )
     px = _png(tmp_path / "sweep.png")
     ink = (px < 235).any(axis=2).mean()
@@ -224,7 +313,11 @@ def test_rewriting_replaces_the_files_and_ignores_them_as_jobs(tmp_path):
 
 
 def test_a_sweep_where_every_job_failed_still_gets_its_summary(tmp_path):
-    failed = {"status": "interrupted", "error": "interrupted by the user", "config": {"model": {"name": "toy"}}}
+    failed = {
+        "status": "interrupted",
+        "error": "interrupted by the user",
+        "config": {"model": {"name": "toy"}},
+    }
     write_job(tmp_path, "0_toy_tiny", ["mode=tiny"], failed)
     write_job(tmp_path, "1_toy_base", ["mode=base"], None)
     write_summary(tmp_path)

@@ -13,9 +13,9 @@ from torch.profiler import ProfilerActivity, profile
 from llm_perf_opt.config import load
 from llm_perf_opt.errors import UserError
 from llm_perf_opt.models.deepseek_ocr.stages import DECODE
-from llm_perf_opt.models.tokenizer import DEFAULT_PROMPT
 from llm_perf_opt.models.deepseek_ocr.weights import save_checkpoint
 from llm_perf_opt.models.interface import SessionOptions
+from llm_perf_opt.models.tokenizer import DEFAULT_PROMPT
 from llm_perf_opt.profiling.trackers import ModuleRanges, RoutingRecorder
 from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession
 from llm_perf_opt.runners.ranges import is_range_name, stage_of
@@ -73,7 +73,7 @@ def test_prepare_needs_no_weights_and_checks_the_context_window():
 def test_the_model_is_built_only_by_load():
     s = DeepSeekOCRSession(tiny_config(), CPU_FP32)
     with pytest.raises(RuntimeError, match="load"):
-        s.module
+        _ = s.module
 
 
 def traced_ranges(fn, tmp_path) -> list[dict]:
@@ -85,8 +85,11 @@ def traced_ranges(fn, tmp_path) -> list[dict]:
     prof.export_chrome_trace(str(path))
     events = json.loads(path.read_text())["traceEvents"]
     ranges = [
-        e for e in events
-        if e.get("ph") == "X" and e.get("cat") == "user_annotation" and is_range_name(e.get("name", ""), NAMES)
+        e
+        for e in events
+        if e.get("ph") == "X"
+        and e.get("cat") == "user_annotation"
+        and is_range_name(e.get("name", ""), NAMES)
     ]
     return sorted(ranges, key=lambda e: (float(e["ts"]), -float(e["dur"])))
 

@@ -50,8 +50,15 @@ def test_module_range_names():
 
 @pytest.mark.parametrize(
     ("name", "expected"),
-    [("prefill", True), ("prefill/attn", True), ("prefill/", False), ("prefill/a/b", False),
-     ("prefil", False), ("ProfilerStep#1", False), ("attn/prefill", False)],
+    [
+        ("prefill", True),
+        ("prefill/attn", True),
+        ("prefill/", False),
+        ("prefill/a/b", False),
+        ("prefil", False),
+        ("ProfilerStep#1", False),
+        ("attn/prefill", False),
+    ],
 )
 def test_is_range_name(name, expected):
     assert is_range_name(name, STAGES) is expected
@@ -113,8 +120,11 @@ def test_nested_ranges_appear_in_a_real_trace(tmp_path):
     assert set(by_name) == {"prefill", "prefill/attn", "prefill/mlp", "decode"}
 
     def inside(inner, outer):
-        return (inner["tid"] == outer["tid"] and outer["ts"] <= inner["ts"]
-                and inner["ts"] + inner["dur"] <= outer["ts"] + outer["dur"])
+        return (
+            inner["tid"] == outer["tid"]
+            and outer["ts"] <= inner["ts"]
+            and inner["ts"] + inner["dur"] <= outer["ts"] + outer["dur"]
+        )
 
     assert inside(by_name["prefill/attn"], by_name["prefill"])
     assert inside(by_name["prefill/mlp"], by_name["prefill"])

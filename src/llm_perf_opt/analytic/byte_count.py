@@ -220,7 +220,9 @@ class ByteCounter:
             return
         buffers = self._kv_source()
         # The same buffers as last time (compared by identity): their storages are known.
-        if len(buffers) != len(self._kv_buffers) or any(a is not b for a, b in zip(buffers, self._kv_buffers)):
+        if len(buffers) != len(self._kv_buffers) or any(
+            a is not b for a, b in zip(buffers, self._kv_buffers)
+        ):
             self._kv_buffers = list(buffers)
             self._kv = {_storage(t) for t in buffers}
 
@@ -273,6 +275,11 @@ class ByteCounter:
                 kv_write += size
             else:
                 act_write += size
-        count = Cost(weight_bytes=weight, act_read_bytes=act_read, act_write_bytes=act_write,
-                     kv_read_bytes=kv_read, kv_write_bytes=kv_write)
+        count = Cost(
+            weight_bytes=weight,
+            act_read_bytes=act_read,
+            act_write_bytes=act_write,
+            kv_read_bytes=kv_read,
+            kv_write_bytes=kv_write,
+        )
         self.by_op[name] = self.by_op.get(name, Cost()) + count

@@ -126,7 +126,9 @@ class StageCounter:
         self._open = None
         moved.__exit__(None, None, None)
         flops.__exit__(None, None, None)
-        self.calls.setdefault(name, []).append(StageCount(flops.get_total_flops(), moved.total, _by_op(flops, moved)))
+        self.calls.setdefault(name, []).append(
+            StageCount(flops.get_total_flops(), moved.total, _by_op(flops, moved))
+        )
 
 
 @dataclass(frozen=True)

@@ -450,7 +450,9 @@ def rope_tables(tokens: float, head_dim: int, dtype: object, *, positions_given:
     b = dtype_bytes(dtype)
     t, d = tokens, head_dim
     arange = 0 if positions_given else 8 * t
-    tables = Cost(act_read_bytes=12 * t + 14 * d + 12 * t * d, act_write_bytes=arange + 4 * t + 14 * d + 14 * t * d)
+    tables = Cost(
+        act_read_bytes=12 * t + 14 * d + 12 * t * d, act_write_bytes=arange + 4 * t + 14 * d + 14 * t * d
+    )
     return tables + 2 * cast(t * d, FP32, b)
 
 
@@ -493,14 +495,18 @@ def causal_attention(
     kv_hidden = hidden if kv_heads is None else kv_heads * head_dim
     b = dtype_bytes(dtype)
     keys = cached_tokens + new_tokens
-    core = attention_core(batch, heads, new_tokens, keys, head_dim, dtype, kv_from_cache=True, kv_heads=kv_heads)
+    core = attention_core(
+        batch, heads, new_tokens, keys, head_dim, dtype, kv_from_cache=True, kv_heads=kv_heads
+    )
     kept = new_tokens * cached_tokens + new_tokens * (new_tokens + 1) / 2  # scores per head
     masked = batch * heads * (new_tokens * keys - kept)
     rows = batch * new_tokens
     append = Cost(act_read_bytes=2 * rows * kv_hidden * b, kv_write_bytes=2 * rows * kv_hidden * b)
     if static_len is not None:
         if new_tokens != 1 or static_len < keys:
-            raise ValueError(f"attention: a static step feeds 1 token into {keys} <= static_len, not {static_len}")
+            raise ValueError(
+                f"attention: a static step feeds 1 token into {keys} <= static_len, not {static_len}"
+            )
         core = replace(core, kv_read_bytes=2 * batch * static_len * kv_hidden * b)
         core += Cost(act_read_bytes=static_len * BOOL_BYTES + 2 * INDEX_BYTES)
     return (

@@ -81,7 +81,9 @@ def cases(model: str = "deepseek_ocr", impl: str = "reference") -> list[CheckCas
 
 def meta_session(run: RunConfig) -> ModelSession:
     """The run's session with its model built on the meta device, in bf16."""
-    session: ModelSession = get_class(type(run.model).session)(run.model, SessionOptions(torch.device("meta"), DTYPE))
+    session: ModelSession = get_class(type(run.model).session)(
+        run.model, SessionOptions(torch.device("meta"), DTYPE)
+    )
     session.load()
     return session
 
@@ -124,23 +126,34 @@ def _rel(analytic: float, counted: float) -> float:
     return abs(analytic - counted) / abs(counted) if counted else abs(analytic)
 
 
-def flop_rows(case: CheckCase, prompt_tokens: int, costs: StageCosts, counted: CountedRun, session) -> list[dict]:
+def flop_rows(
+    case: CheckCase, prompt_tokens: int, costs: StageCosts, counted: CountedRun, session
+) -> list[dict]:
     """Analytic executed matmul GFLOPs against the count, per stage and scope."""
     rows = []
     for stage, scope, work, count in _pairs(costs, counted, session):
         analytic = float("nan") if work is None else work.matmul_flops
         flops = float("nan") if count is None else count.flops
         err = _rel(analytic, flops)
-        rows.append({
-            "case": case.name, "S": prompt_tokens, "stage": stage, "scope": scope,
-            "analytic": analytic / GIGA, "flopcounter": flops / GIGA,
-            "useful": float("nan") if work is None else work.useful_matmul_flops / GIGA,
-            "rel_err": err, "ok": err <= TOLERANCE,
-        })  # fmt: skip
+        rows.append(
+            {
+                "case": case.name,
+                "S": prompt_tokens,
+                "stage": stage,
+                "scope": scope,
+                "analytic": analytic / GIGA,
+                "flopcounter": flops / GIGA,
+                "useful": float("nan") if work is None else work.useful_matmul_flops / GIGA,
+                "rel_err": err,
+                "ok": err <= TOLERANCE,
+            }
+        )
     return rows
 
 
-def byte_rows(case: CheckCase, prompt_tokens: int, costs: StageCosts, counted: CountedRun, session) -> list[dict]:
+def byte_rows(
+    case: CheckCase, prompt_tokens: int, costs: StageCosts, counted: CountedRun, session
+) -> list[dict]:
     """Analytic bytes against the count per stage and scope (GB; weights in MB): total and
     activation bytes within BYTES_TOLERANCE, weight and KV bytes equal."""
     rows = []
@@ -150,16 +163,27 @@ def byte_rows(case: CheckCase, prompt_tokens: int, costs: StageCosts, counted: C
             continue
         moved = count.bytes
         err = _rel(work.bytes, moved.bytes)
-        act_err = max(_rel(work.act_read_bytes, moved.act_read_bytes), _rel(work.act_write_bytes, moved.act_write_bytes))
+        act_err = max(
+            _rel(work.act_read_bytes, moved.act_read_bytes), _rel(work.act_write_bytes, moved.act_write_bytes)
+        )
         weights = work.weight_bytes == moved.weight_bytes
         kv = (work.kv_read_bytes, work.kv_write_bytes) == (moved.kv_read_bytes, moved.kv_write_bytes)
-        rows.append({
-            "case": case.name, "S": prompt_tokens, "stage": stage, "scope": scope,
-            "analytic_GB": work.bytes / GIGA, "counted_GB": moved.bytes / GIGA,
-            "rel_err": err, "act_err": act_err, "weight_MB": moved.weight_bytes / 1e6,
-            "weights_equal": weights, "kv_equal": kv,
-            "ok": err <= BYTES_TOLERANCE and act_err <= BYTES_TOLERANCE and weights and kv,
-        })  # fmt: skip
+        rows.append(
+            {
+                "case": case.name,
+                "S": prompt_tokens,
+                "stage": stage,
+                "scope": scope,
+                "analytic_GB": work.bytes / GIGA,
+                "counted_GB": moved.bytes / GIGA,
+                "rel_err": err,
+                "act_err": act_err,
+                "weight_MB": moved.weight_bytes / 1e6,
+                "weights_equal": weights,
+                "kv_equal": kv,
+                "ok": err <= BYTES_TOLERANCE and act_err <= BYTES_TOLERANCE and weights and kv,
+            }
+        )
     return rows
 
 
@@ -187,22 +211,36 @@ def references(model: str) -> pd.DataFrame:
     analytic = analytic_model(load([f"model={model}"]))
     checks = analytic.reference_checks() if hasattr(analytic, "reference_checks") else []
     return pd.DataFrame(
-        [{"check": what, "analytic": a, "reference": r, "rel_err": _rel(a, r), "ok": _rel(a, r) <= TOLERANCE}
-         for what, a, r in checks],
+        [
+            {
+                "check": what,
+                "analytic": a,
+                "reference": r,
+                "rel_err": _rel(a, r),
+                "ok": _rel(a, r) <= TOLERANCE,
+            }
+            for what, a, r in checks
+        ],
         columns=["check", "analytic", "reference", "rel_err", "ok"],
-    )  # fmt: skip
+    )
 
 
 def build_parser() -> OneLineParser:
-    parser = OneLineParser(prog="python -m llm_perf_opt.analytic.validate", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="deepseek_ocr", help="the model, a `model` config option (default: deepseek_ocr)")
+    parser = OneLineParser(
+        prog="python -m llm_perf_opt.analytic.validate", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--model", default="deepseek_ocr", help="the model, a `model` config option (default: deepseek_ocr)"
+    )
     parser.add_argument(
         "--bytes", action="store_true", help="check the analytic bytes (ByteCounter) instead of the FLOPs"
     )
     parser.add_argument(
-        "--impl", choices=("reference", "fast"), default="reference",
+        "--impl",
+        choices=("reference", "fast"),
+        default="reference",
         help="with --bytes: the implementation whose bytes to check (fast: its check cases, every path set that runs on meta)",
-    )  # fmt: skip
+    )
     return parser
 
 
@@ -210,9 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.model not in group_options("model"):
-            raise UserError(f"validate: --model {args.model!r} is not one of {', '.join(group_options('model'))}")
+            raise UserError(
+                f"validate: --model {args.model!r} is not one of {', '.join(group_options('model'))}"
+            )
         if args.impl != "reference" and not args.bytes:
-            raise UserError("validate: --impl fast checks bytes only (add --bytes); the FLOPs are the reference's")
+            raise UserError(
+                "validate: --impl fast checks bytes only (add --bytes); the FLOPs are the reference's"
+            )
         start = time.perf_counter()
         table = compare(args.model, args.impl, args.bytes)
         seconds = time.perf_counter() - start
@@ -223,10 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     display = ("display.width", 200, "display.max_rows", None, "display.float_format", "{:.4g}".format)
     with pd.option_context(*display):
         if args.bytes:
-            print(f"Bytes per stage: analytic vs ByteCounter on the meta model ({args.model}, model.impl={args.impl})")
+            print(
+                f"Bytes per stage: analytic vs ByteCounter on the meta model ({args.model}, model.impl={args.impl})"
+            )
             print(BYTES_NOTE)
         else:
-            print(f"Matmul GFLOPs per stage: analytic (executed) vs FlopCounterMode on the meta model ({args.model})")
+            print(
+                f"Matmul GFLOPs per stage: analytic (executed) vs FlopCounterMode on the meta model ({args.model})"
+            )
             print("useful = what a causal mask keeps")
         print(table.to_string(index=False))
         if refs is not None and len(refs):
@@ -234,7 +280,11 @@ def main(argv: list[str] | None = None) -> int:
             print(refs.to_string(index=False))
     bad = int((~table["ok"]).sum()) + (0 if refs is None else int((~refs["ok"]).sum()))
     print(f"\n{len(table)} stage rows of {table['case'].nunique()} cases counted on meta in {seconds:.1f} s")
-    limit = f"beyond {BYTES_TOLERANCE:g} relative, or weight or KV bytes not equal" if args.bytes else f"above {TOLERANCE:.0%}"
+    limit = (
+        f"beyond {BYTES_TOLERANCE:g} relative, or weight or KV bytes not equal"
+        if args.bytes
+        else f"above {TOLERANCE:.0%}"
+    )
     print(f"{'FAIL' if bad else 'PASS'}: {bad} disagreement(s) {limit}")
     return 1 if bad else 0
 

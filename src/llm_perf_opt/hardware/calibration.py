@@ -42,8 +42,8 @@ from typing import Any
 
 import torch
 
-from llm_perf_opt.hardware.ceilings import DTYPE_NAMES, Roof, cpu_flags, device_name, gpu_properties
 from llm_perf_opt.atomic import write_json
+from llm_perf_opt.hardware.ceilings import DTYPE_NAMES, Roof, cpu_flags, device_name, gpu_properties
 
 #: A dtype whose matmul rate is below this fraction of float32's is reported as emulated.
 EMULATION_RATIO = 0.25

@@ -25,7 +25,7 @@ import platform
 import re
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from omegaconf import MISSING, OmegaConf
@@ -54,10 +54,10 @@ class HardwareConfig:
     name: str = MISSING
     gpu_names: list[str] = field(default_factory=list)
     peak_tflops: dict[str, float] = field(default_factory=dict)
-    memory_gbps: Optional[float] = None
-    l2_mb: Optional[float] = None
-    memory_gb: Optional[float] = None
-    sm_count: Optional[int] = None
+    memory_gbps: float | None = None
+    l2_mb: float | None = None
+    memory_gb: float | None = None
+    sm_count: int | None = None
     source: str = ""
 
 

@@ -10,7 +10,11 @@ from llm_perf_opt.errors import UserError
 def resolve_device(name: str) -> torch.device:
     """auto = the current CUDA device if there is one, else the CPU."""
     if name == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        return (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
     try:
         device = torch.device(name)
     except RuntimeError:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any

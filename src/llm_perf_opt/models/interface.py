@@ -109,7 +109,11 @@ class Work:
     @property
     def bytes(self) -> float:
         return (
-            self.weight_bytes + self.act_read_bytes + self.act_write_bytes + self.kv_read_bytes + self.kv_write_bytes
+            self.weight_bytes
+            + self.act_read_bytes
+            + self.act_write_bytes
+            + self.kv_read_bytes
+            + self.kv_write_bytes
         )
 
     @property

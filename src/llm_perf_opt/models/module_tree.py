@@ -78,8 +78,16 @@ def module_tree(root: nn.Module, stage_prefixes: dict[str, str]) -> list[TreeNod
         for index in open_ancestors:
             totals[index] += count
     return [
-        TreeNode(name, type(module).__name__, stage_of(name, stage_prefixes), leaf,
-                 sum(own.values()), total, depth, own)  # fmt: skip
+        TreeNode(
+            name,
+            type(module).__name__,
+            stage_of(name, stage_prefixes),
+            leaf,
+            sum(own.values()),
+            total,
+            depth,
+            own,
+        )
         for (name, module, depth, leaf, own), total in zip(rows, totals, strict=True)
     ]
 

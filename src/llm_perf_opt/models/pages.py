@@ -139,14 +139,19 @@ def list_pages(images: str | Sequence[str]) -> list[Path]:
     files = sorted(p for p in path.iterdir() if not p.name.startswith("."))
     others = [p.name for p in files if p.is_dir() or p.suffix.lower() not in image_suffixes()]
     if others:
-        raise UserError(f"images={images}: {others[0]} is not an image file" + (
-            f" (and {len(others) - 1} more)" if len(others) > 1 else "") + "; give a directory of pages only")
+        raise UserError(
+            f"images={images}: {others[0]} is not an image file"
+            + (f" (and {len(others) - 1} more)" if len(others) > 1 else "")
+            + "; give a directory of pages only"
+        )
     if not files:
         raise UserError(f"images={images}: the directory holds no image")
     return files
 
 
-def batch_pages(images: str | Sequence[str] | None, image: str | None, batch_size: int) -> tuple[Path | None, ...]:
+def batch_pages(
+    images: str | Sequence[str] | None, image: str | None, batch_size: int
+) -> tuple[Path | None, ...]:
     """The batch_size pages of one request: the first of `images`, repeated in order when it
     names fewer; without `images`, `image` (None: the model's bundled page) batch_size times."""
     if images is None:

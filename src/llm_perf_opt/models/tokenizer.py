@@ -138,7 +138,9 @@ class HFTokenizer:
         try:
             self._tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file))
         except Exception as exc:  # tokenizers raises its own (non-OSError) types for bad JSON
-            raise UserError(f"tokenizer: cannot load {tokenizer_file}: {' '.join(str(exc).split())}") from None
+            raise UserError(
+                f"tokenizer: cannot load {tokenizer_file}: {' '.join(str(exc).split())}"
+            ) from None
         self._check_special_ids(tokenizer_file)
 
     def _check_special_ids(self, tokenizer_file: Path) -> None:

@@ -35,8 +35,8 @@ from typing import Any
 
 import pandas as pd
 
-from llm_perf_opt.runners.ranges import SEPARATOR, is_range_name, stage_of
 from llm_perf_opt.profiling.trace import trace_events
+from llm_perf_opt.runners.ranges import SEPARATOR, is_range_name, stage_of
 
 #: Stage label of time outside every stage range.
 UNATTRIBUTED = "(unattributed)"
@@ -246,7 +246,9 @@ def _stage_table(
     for i, (name, parent, dur) in enumerate(zip(sweep.range_names, sweep.range_parents, sweep.range_durs)):
         outer = chains[parent] if parent != _NO_RANGE else ()
         chains.append(outer if name in outer else (*outer, name))
-        row = rows.setdefault(name, dict.fromkeys(("calls", "host", "self_cpu", "self_dev", "cpu", "dev"), 0.0))
+        row = rows.setdefault(
+            name, dict.fromkeys(("calls", "host", "self_cpu", "self_dev", "cpu", "dev"), 0.0)
+        )
         row["calls"] += 1
         if name not in outer:  # a range inside a same-named range would count its host time twice
             row["host"] += dur

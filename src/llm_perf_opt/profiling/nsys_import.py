@@ -50,12 +50,15 @@ from pathlib import Path
 import pandas as pd
 
 from llm_perf_opt.errors import UserError
-
-from .attribution import KERNEL_COLUMNS, STAGE_COLUMNS, UNATTRIBUTED, Attribution, range_order
 from llm_perf_opt.runners.ranges import NVTX_DOMAIN, SEPARATOR, is_range_name, stage_of
 
+from .attribution import KERNEL_COLUMNS, STAGE_COLUMNS, UNATTRIBUTED, Attribution, range_order
+
 KERNEL_SUM, RANGE_SUM, RANGE_KERNEL_SUM, PROJECTION_SUM = (
-    "cuda_gpu_kern_sum", "nvtx_sum", "nvtx_kern_sum", "nvtx_gpu_proj_sum",
+    "cuda_gpu_kern_sum",
+    "nvtx_sum",
+    "nvtx_kern_sum",
+    "nvtx_gpu_proj_sum",
 )
 REQUIRED_REPORTS = (KERNEL_SUM, RANGE_SUM, RANGE_KERNEL_SUM)
 #: Columns of :func:`gpu_projection`.
@@ -88,7 +91,9 @@ _LAYOUTS = {
     KERNEL_SUM: _Layout(("Name",), ("Instances",), ("Total Time",)),
     RANGE_SUM: _Layout(("Range",), ("Instances",), ("Total Time",)),
     RANGE_KERNEL_SUM: _Layout(("NVTX Range", "Kernel Name"), ("Kern Inst",), ("Total Time",)),
-    PROJECTION_SUM: _Layout(("Range",), ("Range Instances", "Total GPU Ops"), ("Total Proj Time", "Total Range Time")),
+    PROJECTION_SUM: _Layout(
+        ("Range",), ("Range Instances", "Total GPU Ops"), ("Total Proj Time", "Total Range Time")
+    ),
 }
 
 
@@ -137,7 +142,9 @@ def read_report(path: str | Path, report: str) -> pd.DataFrame:
         raise UserError(f"{path}: cannot read it ({exc})") from None
     header_at, header = _find_header(lines, layout.required)
     if header_at is None:
-        raise UserError(f"{path}: not an nsys stats {report} CSV (no header with columns {', '.join(layout.required)})")
+        raise UserError(
+            f"{path}: not an nsys stats {report} CSV (no header with columns {', '.join(layout.required)})"
+        )
     names, units = zip(*(_split_unit(cell) for cell in header))
     index = {name: names.index(name) for name in layout.required}
     scale = {}
@@ -147,7 +154,7 @@ def read_report(path: str | Path, report: str) -> pd.DataFrame:
             raise UserError(f"{path}: column {name!r} has unknown time unit {unit!r}")
         scale[name] = _UNIT_MS[unit]
     columns: dict[str, list] = {name: [] for name in layout.required}
-    for number, row in enumerate(csv.reader(lines[header_at + 1:]), start=header_at + 2):
+    for number, row in enumerate(csv.reader(lines[header_at + 1 :]), start=header_at + 2):
         if not row:
             continue
         if len(row) != len(header):
@@ -183,7 +190,8 @@ def attribute_nsys(
     host = _per_range(ranges, "Range", known, domain).groupby("stage")[["Instances", "Total Time"]].sum()
     listed_table = (
         _per_range(range_kernels, "NVTX Range", known, domain)
-        .groupby(["stage", "Kernel Name"])[["Kern Inst", "Total Time"]].sum()
+        .groupby(["stage", "Kernel Name"])[["Kern Inst", "Total Time"]]
+        .sum()
     )
     listed = _calls_and_ms(listed_table)
     unknown = sorted({rng for rng, _ in listed} - set(host.index))
@@ -233,9 +241,7 @@ def gpu_projection(
     return pd.DataFrame.from_records(records, columns=list(PROJECTION_COLUMNS))
 
 
-def load_nsys_attribution(
-    path: str | Path, stages: Sequence[str], domain: str = NVTX_DOMAIN
-) -> Attribution:
+def load_nsys_attribution(path: str | Path, stages: Sequence[str], domain: str = NVTX_DOMAIN) -> Attribution:
     """:func:`attribute_nsys` of the reports at ``path`` (see :func:`find_reports`)."""
     files = find_reports(path)
     return attribute_nsys(
@@ -381,5 +387,3 @@ def _kernel_table(per_name: dict[tuple[str, str], tuple[int, float]], known: tup
         )
     ]
     return pd.DataFrame.from_records(records, columns=list(KERNEL_COLUMNS))
-
-

@@ -76,8 +76,15 @@ class RunSample:
         return 1e3 * self.pages / self.e2e_ms
 
     def as_dict(self) -> dict:
-        return {"stages": self.stages, "e2e_ms": self.e2e_ms, "ttft_ms": self.ttft_ms, "tpot_ms": self.tpot_ms,
-                "pages": self.pages, "generated_tokens": self.generated_tokens, "decode_tokens": self.decode_tokens}  # fmt: skip
+        return {
+            "stages": self.stages,
+            "e2e_ms": self.e2e_ms,
+            "ttft_ms": self.ttft_ms,
+            "tpot_ms": self.tpot_ms,
+            "pages": self.pages,
+            "generated_tokens": self.generated_tokens,
+            "decode_tokens": self.decode_tokens,
+        }
 
 
 @dataclass
@@ -118,7 +125,9 @@ class Measurement:
             totals = self.stage_totals(stage.name)
             if statistics.median(totals) >= floor:
                 figures[stage.name] = totals
-        return max(((name, summarize(values)["cv"]) for name, values in figures.items()), key=lambda item: item[1])
+        return max(
+            ((name, summarize(values)["cv"]) for name, values in figures.items()), key=lambda item: item[1]
+        )
 
     def stage_totals(self, stage: str) -> list[float]:
         """Per run, the total time of a stage (all its calls), in ms."""
@@ -163,8 +172,14 @@ def measure(
     session.fit_dummy_weights(request)  # before anything is measured
     m = Measurement(stages, request)
     # The bar counts decode steps (a StepCounter ticks it), or whole runs when nothing is decoded.
-    bar = tqdm(total=passes * steps if steps else passes, desc="warm-up", unit="tok" if steps else "run",
-               file=sys.stderr, disable=None, leave=False)
+    bar = tqdm(
+        total=passes * steps if steps else passes,
+        desc="warm-up",
+        unit="tok" if steps else "run",
+        file=sys.stderr,
+        disable=None,
+        leave=False,
+    )
 
     def one_run() -> tuple[Request, Result]:
         request = session.prepare_batch(inputs.images, inputs.prompt)
@@ -206,16 +221,33 @@ def measure(
                 ttft = sum(sum(samples.get(s, [])) for s in first_token)
                 n_steps = sum(len(samples.get(s, [])) for s in per_step)
                 result = m.result  # its lengths are read on the host now, after the timed region
-                m.runs.append(RunSample(samples, e2e, ttft, n_steps, result.batch_size, result.generated_tokens,
-                                        result.decode_tokens))  # fmt: skip
+                m.runs.append(
+                    RunSample(
+                        samples,
+                        e2e,
+                        ttft,
+                        n_steps,
+                        result.batch_size,
+                        result.generated_tokens,
+                        result.decode_tokens,
+                    )
+                )
         if until_cv is not None:
             figure, cv = m.spread()
-            m.until_cv = {"target": until_cv, "max_repeats": limit, "runs": len(m.runs), "reached": cv <= until_cv,
-                          "widest": figure, "cv": cv}  # fmt: skip
+            m.until_cv = {
+                "target": until_cv,
+                "max_repeats": limit,
+                "runs": len(m.runs),
+                "reached": cv <= until_cv,
+                "widest": figure,
+                "cv": cv,
+            }
         m.memory = MemoryFigures.collect(rss=rss, cuda=cuda_peaks if device.type == "cuda" else None)
         if trace_path is not None:
             bar.set_description("trace")
-            ranges = ModuleRanges(session.module, session.module_families()) if module_ranges else nullcontext()
+            ranges = (
+                ModuleRanges(session.module, session.module_families()) if module_ranges else nullcontext()
+            )
             with ranges:
                 m.trace_path = record_trace(one_run, trace_path, device, **(profiler_options or {}))
             m.attribution = attribute_trace(load_trace(m.trace_path), session.stage_names())

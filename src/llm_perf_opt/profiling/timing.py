@@ -33,7 +33,9 @@ class StageTimer:
     ``torch.cuda`` module; tests replace it with a recording fake.
     """
 
-    def __init__(self, device: torch.device, *, clock: Callable[[], float] = time.perf_counter, cuda=torch.cuda):
+    def __init__(
+        self, device: torch.device, *, clock: Callable[[], float] = time.perf_counter, cuda=torch.cuda
+    ):
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"stage timing supports cpu and cuda devices, not {device.type!r}")
         self._device = device

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from llm_perf_opt.errors import UserError
 from llm_perf_opt.atomic import atomic_path
+from llm_perf_opt.errors import UserError
 
 #: One past Kineto's highest level (VERBOSE 0, INFO 1, WARNING 2, STAGE 3, ERROR 4, USDT 5).
 KINETO_SILENT = "6"
@@ -71,7 +71,9 @@ def load_trace(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return trace_events(data, source=str(path))
 
 
-def trace_events(trace: dict[str, Any] | list[dict[str, Any]], *, source: str = "trace") -> list[dict[str, Any]]:
+def trace_events(
+    trace: dict[str, Any] | list[dict[str, Any]], *, source: str = "trace"
+) -> list[dict[str, Any]]:
     """The event list of a parsed Chrome trace: a ``{"traceEvents": [...]}`` object or a bare list."""
     events = trace.get("traceEvents") if isinstance(trace, dict) else trace
     if not isinstance(events, list):

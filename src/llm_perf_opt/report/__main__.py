@@ -24,10 +24,19 @@ def build_parser() -> OneLineParser:
         prog="python -m llm_perf_opt.report",
         description="Rebuild a run's report with busy times and kernels from Nsight Systems.",
     )
-    parser.add_argument("--from-nsys", type=Path, required=True, metavar="RUN_DIR",
-                        help="run dir of a finished job (its run.json has status ok)")
-    parser.add_argument("--reports", type=Path, metavar="PATH",
-                        help="nsys stats CSVs: a folder holding one set or a prefix (default: RUN_DIR)")
+    parser.add_argument(
+        "--from-nsys",
+        type=Path,
+        required=True,
+        metavar="RUN_DIR",
+        help="run dir of a finished job (its run.json has status ok)",
+    )
+    parser.add_argument(
+        "--reports",
+        type=Path,
+        metavar="PATH",
+        help="nsys stats CSVs: a folder holding one set or a prefix (default: RUN_DIR)",
+    )
     return parser
 
 

@@ -69,8 +69,11 @@ class StepIntensity:
 def step_intensity(record: dict) -> StepIntensity | None:
     """The run's per-step stages (summed) from run.json, or None without them or a FLOP roof."""
     per_step = set((record.get("stage_layout") or {}).get("per_step") or [])
-    rows = [row for row in (record.get("analytic") or {}).get("stages") or []
-            if row["scope"] == "step" and row["stage"] in per_step]  # fmt: skip
+    rows = [
+        row
+        for row in (record.get("analytic") or {}).get("stages") or []
+        if row["scope"] == "step" and row["stage"] in per_step
+    ]
     roofs = record_roofs(record) if (record.get("hardware") or {}).get("roofs") else []
     peak = roofs[0].flop_s.get(record.get("dtype")) if roofs else None
     if not rows or not peak:
@@ -85,15 +88,24 @@ def step_intensity(record: dict) -> StepIntensity | None:
 def crossing_text(step: StepIntensity, what: str = "decode") -> str:
     """One line: the step's intensity against the ridge and the predicted crossing batch."""
     crossing = step.crossing()
-    head = (f"{what} step at batch {step.batch}: {step.intensity:.2f} FLOP/B against the {step.roof} ridge of "
-            f"{step.ridge:.2f}")  # fmt: skip
+    head = (
+        f"{what} step at batch {step.batch}: {step.intensity:.2f} FLOP/B against the {step.roof} ridge of "
+        f"{step.ridge:.2f}"
+    )
     if crossing is None:
-        return head + "; it stays memory-bound at any batch (the KV cache and activations of each sequence alone " \
-                      "are below the ridge)"
+        return (
+            head
+            + "; it stays memory-bound at any batch (the KV cache and activations of each sequence alone "
+            "are below the ridge)"
+        )
     if crossing <= step.batch:
-        return head + f"; compute-bound from batch ≈ {crossing:.1f} on (predicted, analytic step and ceilings)"
-    return head + f"; predicted compute-bound from batch ≈ {crossing:.1f} (analytic step and ceilings, weights " \
-                  "as read at this batch)"
+        return (
+            head + f"; compute-bound from batch ≈ {crossing:.1f} on (predicted, analytic step and ceilings)"
+        )
+    return (
+        head + f"; predicted compute-bound from batch ≈ {crossing:.1f} (analytic step and ceilings, weights "
+        "as read at this batch)"
+    )
 
 
 @dataclass(frozen=True)
@@ -132,10 +144,17 @@ def batch_sweeps(records: list[dict], keys: list[str]) -> list[BatchSweep]:
         rows = []
         for record in group:
             step, head = step_intensity(record), record["headline"]
-            rows.append({"batch": (record.get("batch") or {}).get("size", 1), "tpot_ms": head.get("tpot_ms"),
-                         "decode_tokens_per_s": head.get("decode_tokens_per_s"),
-                         "tokens_per_s": head.get("tokens_per_s"), "pages_per_s": head.get("pages_per_s"),
-                         "intensity": None if step is None else step.intensity, "step": step})  # fmt: skip
+            rows.append(
+                {
+                    "batch": (record.get("batch") or {}).get("size", 1),
+                    "tpot_ms": head.get("tpot_ms"),
+                    "decode_tokens_per_s": head.get("decode_tokens_per_s"),
+                    "tokens_per_s": head.get("tokens_per_s"),
+                    "pages_per_s": head.get("pages_per_s"),
+                    "intensity": None if step is None else step.intensity,
+                    "step": step,
+                }
+            )
         points = pd.DataFrame(rows).sort_values("batch").drop_duplicates("batch", keep="last")
         if len(points) < 2:
             continue
@@ -149,8 +168,11 @@ def sweep_lines(sweep: BatchSweep) -> list[str]:
     """Markdown for one batch sweep: its table, then the predicted and measured crossing."""
     p = sweep.points
     header = "| batch | TPOT ms | decode tok/s | tokens/s | pages/s | decode FLOP/B |"
-    rows = [f"| {int(r.batch)} | {_num(r.tpot_ms, 1)} | {_num(r.decode_tokens_per_s)} | {_num(r.tokens_per_s)} | "
-            f"{_num(r.pages_per_s, 3)} | {_num(r.intensity)} |" for r in p.itertuples()]  # fmt: skip
+    rows = [
+        f"| {int(r.batch)} | {_num(r.tpot_ms, 1)} | {_num(r.decode_tokens_per_s)} | {_num(r.tokens_per_s)} | "
+        f"{_num(r.pages_per_s, 3)} | {_num(r.intensity)} |"
+        for r in p.itertuples()
+    ]
     lines = [f"### {sweep.label}", "", header, "|---|---|---|---|---|---|", *rows, ""]
     if sweep.largest is not None:
         lines.append("- predicted: " + crossing_text(sweep.largest))
@@ -181,8 +203,14 @@ def throughput_plot(sweeps: list[BatchSweep], path: str | Path, *, title: str) -
         colour = f"C{i}"
         left.plot(p["tpot_ms"], p["decode_tokens_per_s"], "o-", color=colour, label=sweep.label)
         for row in p.itertuples():
-            left.annotate(f"B={int(row.batch)}", (row.tpot_ms, row.decode_tokens_per_s), xytext=(5, -10),
-                          textcoords="offset points", fontsize=8, color=colour)  # fmt: skip
+            left.annotate(
+                f"B={int(row.batch)}",
+                (row.tpot_ms, row.decode_tokens_per_s),
+                xytext=(5, -10),
+                textcoords="offset points",
+                fontsize=8,
+                color=colour,
+            )
         q = sweep.points.dropna(subset=["intensity"])
         if q.empty:
             continue
@@ -190,12 +218,24 @@ def throughput_plot(sweeps: list[BatchSweep], path: str | Path, *, title: str) -
         if sweep.largest is not None:
             top = max(q["batch"].max(), sweep.predicted or 0) * 2
             grid = [2 ** (k / 4) for k in range(0, int(4 * math.log2(top)) + 1)]
-            right.plot(grid, [sweep.largest.at(b) for b in grid], "--", color=colour, alpha=0.6,
-                       label=f"{sweep.label}: B·f / (W + B·a), W as read at batch {sweep.largest.batch}")  # fmt: skip
+            right.plot(
+                grid,
+                [sweep.largest.at(b) for b in grid],
+                "--",
+                color=colour,
+                alpha=0.6,
+                label=f"{sweep.label}: B·f / (W + B·a), W as read at batch {sweep.largest.batch}",
+            )
             if sweep.predicted is not None:
                 right.axvline(sweep.predicted, color=colour, linestyle=":", alpha=0.8)
-                right.annotate(f"B* ≈ {sweep.predicted:.1f}", (sweep.predicted, sweep.ridge), xytext=(4, 6),
-                               textcoords="offset points", fontsize=8, color=colour)  # fmt: skip
+                right.annotate(
+                    f"B* ≈ {sweep.predicted:.1f}",
+                    (sweep.predicted, sweep.ridge),
+                    xytext=(4, 6),
+                    textcoords="offset points",
+                    fontsize=8,
+                    color=colour,
+                )
     ridges = {s.ridge for s in sweeps if s.ridge is not None}
     for ridge in ridges:
         right.axhline(ridge, color="black", linewidth=1, label=f"ridge {ridge:.2f} FLOP/B")

@@ -90,7 +90,9 @@ class Thresholds:
 
     def __post_init__(self) -> None:
         if not 0 <= self.warn_pct <= self.fail_pct:
-            raise UserError(f"thresholds need 0 <= warn <= fail, got warn {self.warn_pct}%, fail {self.fail_pct}%")
+            raise UserError(
+                f"thresholds need 0 <= warn <= fail, got warn {self.warn_pct}%, fail {self.fail_pct}%"
+            )
         if not self.min_ms >= 0:
             raise UserError(f"--min-ms must be >= 0, got {self.min_ms}")
 
@@ -162,8 +164,11 @@ class Comparison:
     @property
     def uses_floor(self) -> bool:
         """Whether any row may have a floor: a floor file, several baseline runs or ``min_ms``."""
-        return (self.noise_floor is not None or self.thresholds.min_ms > 0
-                or any(len(job.baselines) > 1 for job in self.jobs))  # fmt: skip
+        return (
+            self.noise_floor is not None
+            or self.thresholds.min_ms > 0
+            or any(len(job.baselines) > 1 for job in self.jobs)
+        )
 
 
 def judge(
@@ -187,7 +192,9 @@ def judge(
     worse = -delta if higher_is_better else delta
     if abs(worse) <= thresholds.warn_pct:
         return delta, OK, None
-    if within_floor(base, cur, higher_is_better=higher_is_better, floor_pct=floor_pct, min_ms=thresholds.min_ms):
+    if within_floor(
+        base, cur, higher_is_better=higher_is_better, floor_pct=floor_pct, min_ms=thresholds.min_ms
+    ):
         return delta, NOISE, None
     p = None
     if min(len(baseline), len(current)) >= 2:
@@ -250,10 +257,15 @@ def compare(
     differences = []
     for (group, cur), floor in zip(pairs, floors):
         where = f" {group[0].identity}" if sweep and group else ""
-        diffs = [(f"baseline {b.path}: {describe_mismatches(d)}", d) for b in group[1:]
-                 if (d := mismatches(group[0].record, b.record))]  # fmt: skip
+        diffs = [
+            (f"baseline {b.path}: {describe_mismatches(d)}", d)
+            for b in group[1:]
+            if (d := mismatches(group[0].record, b.record))
+        ]
         if cur is not None:
-            diffs += [(describe_mismatches(d), d) for b in group[:1] if (d := mismatches(b.record, cur.record))]
+            diffs += [
+                (describe_mismatches(d), d) for b in group[:1] if (d := mismatches(b.record, cur.record))
+            ]
             if floor is not None and (d := field_mismatches(floor.fields, run_fields(cur.record))):
                 diffs.append((f"noise floor {noise_floor_name(noise_floor)}: {describe_mismatches(d)}", d))
         if diffs and not force:
@@ -285,17 +297,22 @@ def compare_jobs(
     if first is None:
         return JobResult(label, None, current, problem="new job: no baseline to compare with")
     if current is None:
-        return JobResult(label, first, None, problem="missing in current", problem_fails=bool(ok_runs),
-                         baselines=ok_runs)  # fmt: skip
+        return JobResult(
+            label, first, None, problem="missing in current", problem_fails=bool(ok_runs), baselines=ok_runs
+        )
     if current.status != OK_STATUS:
         return JobResult(
-            label, first, current,
+            label,
+            first,
+            current,
             problem=f"current run {current.status}: {current.error}",
             problem_fails=bool(ok_runs),
             baselines=ok_runs,
         )
     if not ok_runs:
-        return JobResult(label, first, current, problem=f"baseline run {first.status}: nothing to compare with")
+        return JobResult(
+            label, first, current, problem=f"baseline run {first.status}: nothing to compare with"
+        )
 
     per_run = [sample_figures(job.record) for job in ok_runs]
     base_spreads, base_medians = run_spreads(ok_runs, f"{len(ok_runs)} baseline runs")
@@ -310,18 +327,43 @@ def compare_jobs(
             continue
         pooled_repeats = [value for figures in per_run for value in figures.get(figure, [])]
         medians = base_medians[figure]
-        centre = _geometric_mean(medians) if len(medians) > 1 and min(medians) > 0 else statistics.median(medians)
+        centre = (
+            _geometric_mean(medians) if len(medians) > 1 and min(medians) > 0 else statistics.median(medians)
+        )
         spread = pooled(floor.figures.get(figure) if floor else None, base_spreads.get(figure))
         pct = None if spread is None else floor_pct(spread, baseline_runs=len(medians), figures=len(shared))
         higher = figure in HIGHER_IS_BETTER
-        delta, verdict, p = judge(pooled_repeats, cur_figures[figure], higher_is_better=higher,
-                                  thresholds=thresholds, floor_pct=pct, baseline_centre=centre)  # fmt: skip
+        delta, verdict, p = judge(
+            pooled_repeats,
+            cur_figures[figure],
+            higher_is_better=higher,
+            thresholds=thresholds,
+            floor_pct=pct,
+            baseline_centre=centre,
+        )
         decided = None
         if verdict == NOISE and p is None and centre > 0:
-            decided = within_floor(centre, statistics.median(cur_figures[figure]), higher_is_better=higher,
-                                   floor_pct=pct, min_ms=thresholds.min_ms)  # fmt: skip
-        rows.append(Row(figure, tuple(pooled_repeats), tuple(cur_figures[figure]), delta, verdict, p,
-                        centre, pct, None if spread is None else spread.source, decided))  # fmt: skip
+            decided = within_floor(
+                centre,
+                statistics.median(cur_figures[figure]),
+                higher_is_better=higher,
+                floor_pct=pct,
+                min_ms=thresholds.min_ms,
+            )
+        rows.append(
+            Row(
+                figure,
+                tuple(pooled_repeats),
+                tuple(cur_figures[figure]),
+                delta,
+                verdict,
+                p,
+                centre,
+                pct,
+                None if spread is None else spread.source,
+                decided,
+            )
+        )
     notes += _sample_notes([job.record for job in ok_runs], current.record)
     notes += floor_notes(floor, floor_name, len(ok_runs), current.record)
     notes += _wide_floor_notes(rows, thresholds)
@@ -340,9 +382,11 @@ def _wide_floor_notes(rows: Sequence[Row], thresholds: Thresholds) -> list[str]:
     if not wide:
         return []
     widest = max(wide, key=lambda row: row.floor_pct or 0)
-    return [f"the noise floor is above the fail threshold ({thresholds.fail_pct:g}%) on {len(wide)} of {len(rows)} "
-            f"figures (widest: {widest.figure} {floor_width(widest.floor_pct or 0)}): a smaller regression there "
-            "cannot be told from the spread between runs"]  # fmt: skip
+    return [
+        f"the noise floor is above the fail threshold ({thresholds.fail_pct:g}%) on {len(wide)} of {len(rows)} "
+        f"figures (widest: {widest.figure} {floor_width(widest.floor_pct or 0)}): a smaller regression there "
+        "cannot be told from the spread between runs"
+    ]
 
 
 def _geometric_mean(values: Sequence[float]) -> float:
@@ -360,11 +404,15 @@ def _sample_notes(baselines: Sequence[dict[str, Any]], current: dict[str, Any]) 
     n_base, n_cur = sum(repeats(r) for r in baselines), repeats(current)
     single = [side for side, n in (("baseline", n_base), ("current", n_cur)) if n == 1]
     if single:
-        return [f"{' and '.join(single)}: a single repeat has no spread, so the thresholds alone decide (no noise)"]
+        return [
+            f"{' and '.join(single)}: a single repeat has no spread, so the thresholds alone decide (no noise)"
+        ]
     if n_base and n_cur and not test_can_decide(n_base, n_cur):
         smallest = 2 / math.comb(n_base + n_cur, n_base)
-        return [f"{n_base} against {n_cur} repeats: the rank test cannot reach p <= {ALPHA} (smallest p "
-                f"{smallest:.2g}), so overlapping [min, max] ranges decide; profiling.repeats=5 gives it power"]
+        return [
+            f"{n_base} against {n_cur} repeats: the rank test cannot reach p <= {ALPHA} (smallest p "
+            f"{smallest:.2g}), so overlapping [min, max] ranges decide; profiling.repeats=5 gives it power"
+        ]
     return []
 
 

@@ -34,11 +34,15 @@ def to_markdown(comparison: Comparison) -> str:
             " It must also exceed the row's noise floor (column floor): the change between separate processes "
             f"that identical code shows except with probability {ALPHA:g} per job, from the spread of runs' "
             "medians (several baseline runs or a noise-floor file)"
-            + (f", and at least {t.min_ms:g} ms" if t.min_ms > 0 else "") + "."
+            + (f", and at least {t.min_ms:g} ms" if t.min_ms > 0 else "")
+            + "."
         )
     if comparison.left_out:
-        lines += ["", f"--shared-only left out {len(comparison.left_out)} job(s) only one side has: "
-                  + ", ".join(f"`{_cell(label)}`" for label in comparison.left_out)]
+        lines += [
+            "",
+            f"--shared-only left out {len(comparison.left_out)} job(s) only one side has: "
+            + ", ".join(f"`{_cell(label)}`" for label in comparison.left_out),
+        ]
     for job in comparison.jobs:
         lines += ["", f"### {_cell(job.label)}: {job.verdict}", ""]
         run = (job.current or job.baseline).record
@@ -54,8 +58,7 @@ def to_markdown(comparison: Comparison) -> str:
             f"{repeats(job.current.record)} current",
             "",
             f"| figure | baseline {'centre' if runs > 1 else 'median'} [min, max] | current median [min, max] "
-            "| delta | p |"
-            + (" floor |" if floors else "") + " verdict |",
+            "| delta | p |" + (" floor |" if floors else "") + " verdict |",
             "|---|---:|---:|---:|---:|" + ("---|" if floors else "") + "---|",
         ]
         lines += [
@@ -80,9 +83,14 @@ def to_dict(comparison: Comparison) -> dict[str, Any]:
         "baseline": str(comparison.baseline.path),
         "baselines": [str(b.path) for b in comparison.baselines or (comparison.baseline,)],
         "current": str(comparison.current.path),
-        "thresholds": {"warn_pct": t.warn_pct, "fail_pct": t.fail_pct, "alpha": ALPHA, "min_ms": t.min_ms,
-                       "test": "two-sided Mann-Whitney U on the repeats",
-                       "floor": "ln(1 + floor_pct/100) = t(1 - alpha/(2m), dof) * log_sd * sqrt(1 + 1/k)"},  # fmt: skip
+        "thresholds": {
+            "warn_pct": t.warn_pct,
+            "fail_pct": t.fail_pct,
+            "alpha": ALPHA,
+            "min_ms": t.min_ms,
+            "test": "two-sided Mann-Whitney U on the repeats",
+            "floor": "ln(1 + floor_pct/100) = t(1 - alpha/(2m), dof) * log_sd * sqrt(1 + 1/k)",
+        },
         "noise_floor_file": None if floor is None else noise_floor_name(floor),
         "left_out": list(comparison.left_out),
         "jobs": [
@@ -118,8 +126,11 @@ def _sides(comparison: Comparison) -> str:
     baselines = comparison.baselines or (comparison.baseline,)
     base = ", ".join(f"`{b.path}`" for b in baselines)
     floor = comparison.noise_floor
-    return (f"Baseline{'s' if len(baselines) > 1 else ''} {base}, current `{comparison.current.path}`"
-            + (f", noise floor `{noise_floor_name(floor)}`" if floor is not None else "") + ".")  # fmt: skip
+    return (
+        f"Baseline{'s' if len(baselines) > 1 else ''} {base}, current `{comparison.current.path}`"
+        + (f", noise floor `{noise_floor_name(floor)}`" if floor is not None else "")
+        + "."
+    )
 
 
 def _floor_text(row: Row, thresholds: Thresholds) -> str:

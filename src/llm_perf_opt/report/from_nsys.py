@@ -48,8 +48,19 @@ RUN_JSON = "run.json"
 #: Range columns of :attr:`Attribution.stages` that are sums over the capture.
 _SCALED_RANGE_COLUMNS = ("range_calls", "range_ms", "cpu_self_ms", "device_ms", "busy_ms", "self_busy_ms")
 #: Fields of run.json the rebuild reads (older run.json files lack ``stage_layout`` and ``request``).
-_NEEDED = ("config", "device", "hardware", "dtype", "dtype_reason", "request", "stage_layout", "timing",
-           "analytic", "memory", "versions")  # fmt: skip
+_NEEDED = (
+    "config",
+    "device",
+    "hardware",
+    "dtype",
+    "dtype_reason",
+    "request",
+    "stage_layout",
+    "timing",
+    "analytic",
+    "memory",
+    "versions",
+)
 
 
 def calls_per_run(runs: Sequence[Mapping[str, Sequence[float]]]) -> dict[str, int]:
@@ -97,7 +108,9 @@ def read_record(run_dir: Path) -> dict:
         raise UserError(f"{path}: the run did not finish (status {status!r}); nothing to rebuild")
     missing = [key for key in _NEEDED if key not in record]
     if missing:
-        raise UserError(f"{path}: lacks {', '.join(missing)} (written by an older llm_perf_opt?); rerun the job")
+        raise UserError(
+            f"{path}: lacks {', '.join(missing)} (written by an older llm_perf_opt?); rerun the job"
+        )
     return record
 
 
@@ -112,8 +125,10 @@ def rebuild(run_dir: str | Path, reports: str | Path | None = None) -> pd.DataFr
     attribution = per_run(load_nsys_attribution(source, layout["order"]), calls_per_run(runs))
     table = stage_table_from(
         measured_table(layout["order"], runs, attribution),
-        work_table(pd.DataFrame.from_records(record["analytic"]["stages"]),
-                   pd.DataFrame.from_records(record["analytic"].get("ranges", []))),
+        work_table(
+            pd.DataFrame.from_records(record["analytic"]["stages"]),
+            pd.DataFrame.from_records(record["analytic"].get("ranges", [])),
+        ),
         attribution,
         record_roofs(record),
         record["dtype"],

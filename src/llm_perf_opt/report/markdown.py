@@ -11,7 +11,6 @@ import torch
 from llm_perf_opt.hardware.precision import DtypeChoice, header_text
 from llm_perf_opt.profiling.attribution import Attribution
 from llm_perf_opt.profiling.passes import Measurement
-
 from llm_perf_opt.profiling.timing import OUTLIER_FACTOR
 
 from .batch_scaling import crossing_text, step_intensity
@@ -73,7 +72,7 @@ def _pct_of_roof(table: pd.DataFrame, prefix: str) -> list[str]:
 
 
 def _spread(summary: dict | None) -> str:
-    """"median [min, max], n=3" of a figure's summary."""
+    """ "median [min, max], n=3" of a figure's summary."""
     if not summary:
         return "-"
     return f"{summary['median']:,.2f} [{summary['min']:,.2f}, {summary['max']:,.2f}], n={summary['n']}"
@@ -82,23 +81,33 @@ def _spread(summary: dict | None) -> str:
 def compact_table(table: pd.DataFrame, m: Measurement, roof_label: str) -> str:
     """The table printed at the end of a run: time, busy time, work, rate and % of the first roof."""
     p = roof_prefix(roof_label)
-    view = pd.DataFrame({
-        **_time_and_work(table),
-        "TFLOP/s": table["achieved_tflop_s_wall"].map(lambda v: _num(v, 3)),
-        "GB/s": table["achieved_gbyte_s_wall"].map(_num),
-        f"% {roof_label} roof": _pct_of_roof(table, p),
-        "bound": table[p + "bound"].replace({"unknown": "-"}),
-    })
+    view = pd.DataFrame(
+        {
+            **_time_and_work(table),
+            "TFLOP/s": table["achieved_tflop_s_wall"].map(lambda v: _num(v, 3)),
+            "GB/s": table["achieved_gbyte_s_wall"].map(_num),
+            f"% {roof_label} roof": _pct_of_roof(table, p),
+            "bound": table[p + "bound"].replace({"unknown": "-"}),
+        }
+    )
     lines = [view.to_string(index=False)]
     s = m.summary()
     lines.append(f"{'':>14}  median [min, max] over the timed runs")
-    for key, label in (("ttft_ms", "TTFT ms"), ("tpot_ms", "TPOT ms"), ("decode_tokens_per_s", "decode tok/s"),
-                       ("e2e_ms", "end-to-end ms"), ("tokens_per_s", "tokens/s"), ("pages_per_s", "pages/s")):
+    for key, label in (
+        ("ttft_ms", "TTFT ms"),
+        ("tpot_ms", "TPOT ms"),
+        ("decode_tokens_per_s", "decode tok/s"),
+        ("e2e_ms", "end-to-end ms"),
+        ("tokens_per_s", "tokens/s"),
+        ("pages_per_s", "pages/s"),
+    ):
         if s.get(key):
             lines.append(f"{label:>14}: {_spread(s[key])}")
     lines += [f"{'warning':>14}: {line}" for line in spread_warnings(table, s, m.until_cv)]
     if m.attribution is not None:
-        lines.append(f"{'coverage':>14}: {100 * m.attribution.coverage:.2f}% of {m.attribution.basis} time in stages")
+        lines.append(
+            f"{'coverage':>14}: {100 * m.attribution.coverage:.2f}% of {m.attribution.basis} time in stages"
+        )
     return "\n".join(lines)
 
 
@@ -122,7 +131,9 @@ def _roof_lines(record: dict) -> list[str]:
         lines.append(f"- {roof.label} ceilings: {flops}, {roof.byte_s / 1e9:,.1f} GB/s ({roof.source})")
     emulated = [d for d, slow in hardware["calibration"]["emulated"].items() if slow]
     if emulated:
-        lines.append(f"- emulated here (calibrated matmul rate under a quarter of float32's): {', '.join(emulated)}")
+        lines.append(
+            f"- emulated here (calibrated matmul rate under a quarter of float32's): {', '.join(emulated)}"
+        )
     lines.append(f"- datasheet: {hardware['datasheet'] or 'none'} ({hardware['matched']})")
     return lines
 
@@ -132,8 +143,10 @@ def _batch_lines(record: dict) -> list[str]:
     batch = (record.get("batch") or {}).get("size", 1)
     lines = []
     if batch > 1:
-        lines.append(f"- batch of {batch}: TTFT is the whole batch's first token, TPOT one decode step of all "
-                     f"{batch} sequences, tokens/s the real tokens of all of them")  # fmt: skip
+        lines.append(
+            f"- batch of {batch}: TTFT is the whole batch's first token, TPOT one decode step of all "
+            f"{batch} sequences, tokens/s the real tokens of all of them"
+        )
     step = step_intensity(record)
     per_step = (record.get("stage_layout") or {}).get("per_step") or []
     if step is not None and per_step:
@@ -143,15 +156,22 @@ def _batch_lines(record: dict) -> list[str]:
 
 def _headline_lines(headline_: dict, summary: dict, groups: dict[str, list[str]]) -> list[str]:
     lines = []
-    for key, label, unit in (("ttft_ms", "TTFT", "ms"), ("tpot_ms", "TPOT", "ms"),
-                             ("decode_tokens_per_s", "decode", "tokens/s"),
-                             ("tokens_per_s", "throughput, whole request", "generated tokens/s"),
-                             ("pages_per_s", "throughput, whole request", "pages/s")):  # fmt: skip
+    for key, label, unit in (
+        ("ttft_ms", "TTFT", "ms"),
+        ("tpot_ms", "TPOT", "ms"),
+        ("decode_tokens_per_s", "decode", "tokens/s"),
+        ("tokens_per_s", "throughput, whole request", "generated tokens/s"),
+        ("pages_per_s", "throughput, whole request", "pages/s"),
+    ):
         if headline_.get(key) is not None:
             spread = summary.get(key)
-            detail = "" if not spread or spread["n"] < 2 else (
-                f" (median of {spread['n']} runs; min {spread['min']:,.2f}, max {spread['max']:,.2f}, "
-                f"stdev {100 * spread['stdev'] / spread['mean']:.1f}% of the mean)"
+            detail = (
+                ""
+                if not spread or spread["n"] < 2
+                else (
+                    f" (median of {spread['n']} runs; min {spread['min']:,.2f}, max {spread['max']:,.2f}, "
+                    f"stdev {100 * spread['stdev'] / spread['mean']:.1f}% of the mean)"
+                )
             )
             lines.append(f"- {label}: {headline_[key]:,.2f} {unit}{detail}")
     for group, per_roof in (headline_.get("roof_utilisation_pct") or {}).items():
@@ -162,10 +182,12 @@ def _headline_lines(headline_: dict, summary: dict, groups: dict[str, list[str]]
 
 
 def _binding_text(roof: str, figures: dict) -> str:
-    """"memory-bound: 35.1% of the calibrated bandwidth roof (busy 40.2%)" for one group and roof."""
+    """ "memory-bound: 35.1% of the calibrated bandwidth roof (busy 40.2%)" for one group and roof."""
     bound = figures["bound"]
     busy = figures["busy"]
-    utilisation = f"{_num(figures['wall'], 1)}%" + ("" if busy is None or math.isnan(busy) else f" (busy {_num(busy, 1)}%)")
+    utilisation = f"{_num(figures['wall'], 1)}%" + (
+        "" if busy is None or math.isnan(busy) else f" (busy {_num(busy, 1)}%)"
+    )
     if bound == "compute":
         return f"compute-bound: {utilisation} of the {roof} FLOP/s roof"
     if bound == "memory":
@@ -179,11 +201,16 @@ def spread_warnings(table: pd.DataFrame, summary: dict, until_cv: dict | None) -
     """One line per stage or headline figure with an outlier run, and one if profiling.until_cv
     ran out of repeats: the median stands, the spread says how far to trust it."""
     lines = []
-    figures = [(row.stage, "ms", row.time_ms, row.time_ms_max, row.outlier_runs, row.repeats)
-               for row in table.itertuples() if not pd.isna(row.outlier_runs) and row.outlier_runs > 0]
-    figures += [(label, "ms", s["median"], s["max"], len(s["outliers"]), s["n"])
-                for key, label in (("ttft_ms", "TTFT"), ("e2e_ms", "end-to-end"))
-                if (s := summary.get(key)) and s.get("outliers")]  # fmt: skip
+    figures = [
+        (row.stage, "ms", row.time_ms, row.time_ms_max, row.outlier_runs, row.repeats)
+        for row in table.itertuples()
+        if not pd.isna(row.outlier_runs) and row.outlier_runs > 0
+    ]
+    figures += [
+        (label, "ms", s["median"], s["max"], len(s["outliers"]), s["n"])
+        for key, label in (("ttft_ms", "TTFT"), ("e2e_ms", "end-to-end"))
+        if (s := summary.get(key)) and s.get("outliers")
+    ]
     for name, unit, median, worst, count, n in figures:
         lines.append(
             f"{name}: {count} of {n} timed runs above {OUTLIER_FACTOR:g}x the median (worst {worst:,.2f} {unit}, "
@@ -219,36 +246,51 @@ def report_markdown(record: dict, table: pd.DataFrame, attribution: Attribution 
     largest = max(analytic_memory["stages"], key=lambda row: row["transient_bytes"])
     dtype = DtypeChoice(getattr(torch, record["dtype"]), record["dtype_reason"])
     nsys = trace is not None and trace["basis"] == NSYS_BASIS
-    roof_view = pd.DataFrame({
-        **_time_and_work(table),
-        "FLOP/B": table["intensity"].map(lambda v: _num(v, 1)),
-        "TFLOP/s (time / busy)": [f"{_num(a, 3)} / {_num(b, 3)}" for a, b in
-                                  zip(table["achieved_tflop_s_wall"], table["achieved_tflop_s_busy"])],
-        "GB/s (time / busy)": [f"{_num(a, 1)} / {_num(b, 1)}" for a, b in
-                               zip(table["achieved_gbyte_s_wall"], table["achieved_gbyte_s_busy"])],
-        **{f"% {r.label} roof": _pct_of_roof(table, roof_prefix(r.label)) for r in roofs},
-        "bound": table[p + "bound"].replace({"unknown": "-"}),
-    })  # fmt: skip
+    roof_view = pd.DataFrame(
+        {
+            **_time_and_work(table),
+            "FLOP/B": table["intensity"].map(lambda v: _num(v, 1)),
+            "TFLOP/s (time / busy)": [
+                f"{_num(a, 3)} / {_num(b, 3)}"
+                for a, b in zip(table["achieved_tflop_s_wall"], table["achieved_tflop_s_busy"])
+            ],
+            "GB/s (time / busy)": [
+                f"{_num(a, 1)} / {_num(b, 1)}"
+                for a, b in zip(table["achieved_gbyte_s_wall"], table["achieved_gbyte_s_busy"])
+            ],
+            **{f"% {r.label} roof": _pct_of_roof(table, roof_prefix(r.label)) for r in roofs},
+            "bound": table[p + "bound"].replace({"unknown": "-"}),
+        }
+    )
     nested = table["time_ms"].isna() & table["busy_ms"].notna()
-    split_view = pd.DataFrame({
-        "stage": table["stage"],
-        "time ms": [f"{_num(b)} (busy)" if n else _num(t) for t, b, n in zip(table["time_ms"], table["busy_ms"], nested)],
-        "roofline ms": table["split_roofline_ms"].map(lambda v: _num(v, 3)),
-        "above roof ms": table["above_roof_ms"].map(_num),
-        "host ms": table["host_ms"].map(_num),
-        "launches": table["launches"].map(lambda v: "-" if pd.isna(v) else f"{int(v):,}"),
-    })  # fmt: skip
+    split_view = pd.DataFrame(
+        {
+            "stage": table["stage"],
+            "time ms": [
+                f"{_num(b)} (busy)" if n else _num(t)
+                for t, b, n in zip(table["time_ms"], table["busy_ms"], nested)
+            ],
+            "roofline ms": table["split_roofline_ms"].map(lambda v: _num(v, 3)),
+            "above roof ms": table["above_roof_ms"].map(_num),
+            "host ms": table["host_ms"].map(_num),
+            "launches": table["launches"].map(lambda v: "-" if pd.isna(v) else f"{int(v):,}"),
+        }
+    )
     timed = table[table["time_ms"].notna()]
-    spread_view = pd.DataFrame({
-        "stage": timed["stage"],
-        "runs": timed["repeats"].map(lambda v: "-" if pd.isna(v) else str(v)),
-        "median ms": timed["time_ms"].map(_num),
-        "min ms": timed["time_ms_min"].map(_num),
-        "max ms": timed["time_ms_max"].map(_num),
-        "stdev % of mean": timed["time_ms_cv_pct"].map(lambda v: _num(v, 1)),
-        "p90 ms": timed["time_ms_p90"].map(_num),
-        f"runs > {OUTLIER_FACTOR:g}x median": timed["outlier_runs"].map(lambda v: "-" if pd.isna(v) else str(v)),
-    })
+    spread_view = pd.DataFrame(
+        {
+            "stage": timed["stage"],
+            "runs": timed["repeats"].map(lambda v: "-" if pd.isna(v) else str(v)),
+            "median ms": timed["time_ms"].map(_num),
+            "min ms": timed["time_ms_min"].map(_num),
+            "max ms": timed["time_ms_max"].map(_num),
+            "stdev % of mean": timed["time_ms_cv_pct"].map(lambda v: _num(v, 1)),
+            "p90 ms": timed["time_ms_p90"].map(_num),
+            f"runs > {OUTLIER_FACTOR:g}x median": timed["outlier_runs"].map(
+                lambda v: "-" if pd.isna(v) else str(v)
+            ),
+        }
+    )
     warnings = spread_warnings(table, record["timing"]["summary"], record["timing"].get("until_cv"))
     layout = record["stage_layout"]
     top_lines = []
@@ -258,70 +300,77 @@ def report_markdown(record: dict, table: pd.DataFrame, attribution: Attribution 
         if ops:
             listed = "; ".join(f"`{name[:60]}` {ms:.2f} ms ×{_calls(calls)}" for name, ms, calls in ops)
             top_lines.append(f"- **{stage}**: {listed}")
-    return "\n".join([
-        f"# {config['model']['name']} · {record['device']['name']}",
-        "",
-        "## Run",
-        "",
-        f"- request: {record['request']}; generated {record['generated_tokens']} tokens",
-        *_execution_lines(record),
-        f"- weights: {record['weights']}; {header_text(dtype)}; torch {record['versions']['torch']}, "
-        f"CUDA {record['versions']['cuda'] or 'none'}",
-        f"- {config['profiling']['warmup']} warm-up, {_timed_runs(record)}, {_busy_source(record)}",
-        *_roof_lines(record),
-        "- memory, measured: " + ", ".join(
-            f"{key.removesuffix('_bytes').replace('_', ' ')} {_gb(value)}"
-            for key, value in measured.items() if key.endswith("_bytes") and value is not None
-        ),
-        f"- memory, analytic: weights {_gb(analytic_memory['total_weight_bytes'])}, "
-        f"KV cache {_gb(analytic_memory['kv_cache_bytes'])}, "
-        f"largest transient {_gb(largest['transient_bytes'])} ({largest['stage']}: {largest['transient']})",
-        "",
-        "## Headline",
-        "",
-        *_headline_lines(record["headline"], record["timing"]["summary"],
-                         {**layout["compute_groups"], **layout["bandwidth_groups"]}),
-        *_batch_lines(record),
-        *[f"- **spread warning**: {line}" for line in warnings],
-        "",
-        "## Stages against the roofline",
-        "",
-        _markdown_table(roof_view),
-        "",
-        TIME_BASES + " " + (record["analytic"]["note"] or ""),
-        *(["", NSYS_NOTE] if nsys else []),
-        "",
-        "![roofline](roofline.png)",
-        "",
-        "## Where each stage's time goes",
-        "",
-        SPLIT_NOTE.format(roof=roof),
-        "",
-        _markdown_table(split_view),
-        *_overlap_lines(table, record["device"]["type"] == "cuda" or nsys),
-        "",
-        "## Timing spread",
-        "",
-        "Each stage's time per run over the timed runs (the tables above show the median). "
-        "p90 needs 10 runs or more.",
-        "",
-        _markdown_table(spread_view),
-        "",
-        *([f"- {line}" for line in warnings] or ["- no run above 1.5x the median"]),
-        "",
-        "## Verdicts",
-        "",
-        *[f"- {v}" for v in table["verdict"]],
-        "",
-        f"## Top {work} per stage ({'Nsight Systems' if nsys else 'trace pass'})",
-        "",
-        *(top_lines or ["- no trace"]),
-        "",
-    ])
+    return "\n".join(
+        [
+            f"# {config['model']['name']} · {record['device']['name']}",
+            "",
+            "## Run",
+            "",
+            f"- request: {record['request']}; generated {record['generated_tokens']} tokens",
+            *_execution_lines(record),
+            f"- weights: {record['weights']}; {header_text(dtype)}; torch {record['versions']['torch']}, "
+            f"CUDA {record['versions']['cuda'] or 'none'}",
+            f"- {config['profiling']['warmup']} warm-up, {_timed_runs(record)}, {_busy_source(record)}",
+            *_roof_lines(record),
+            "- memory, measured: "
+            + ", ".join(
+                f"{key.removesuffix('_bytes').replace('_', ' ')} {_gb(value)}"
+                for key, value in measured.items()
+                if key.endswith("_bytes") and value is not None
+            ),
+            f"- memory, analytic: weights {_gb(analytic_memory['total_weight_bytes'])}, "
+            f"KV cache {_gb(analytic_memory['kv_cache_bytes'])}, "
+            f"largest transient {_gb(largest['transient_bytes'])} ({largest['stage']}: {largest['transient']})",
+            "",
+            "## Headline",
+            "",
+            *_headline_lines(
+                record["headline"],
+                record["timing"]["summary"],
+                {**layout["compute_groups"], **layout["bandwidth_groups"]},
+            ),
+            *_batch_lines(record),
+            *[f"- **spread warning**: {line}" for line in warnings],
+            "",
+            "## Stages against the roofline",
+            "",
+            _markdown_table(roof_view),
+            "",
+            TIME_BASES + " " + (record["analytic"]["note"] or ""),
+            *(["", NSYS_NOTE] if nsys else []),
+            "",
+            "![roofline](roofline.png)",
+            "",
+            "## Where each stage's time goes",
+            "",
+            SPLIT_NOTE.format(roof=roof),
+            "",
+            _markdown_table(split_view),
+            *_overlap_lines(table, record["device"]["type"] == "cuda" or nsys),
+            "",
+            "## Timing spread",
+            "",
+            "Each stage's time per run over the timed runs (the tables above show the median). "
+            "p90 needs 10 runs or more.",
+            "",
+            _markdown_table(spread_view),
+            "",
+            *([f"- {line}" for line in warnings] or ["- no run above 1.5x the median"]),
+            "",
+            "## Verdicts",
+            "",
+            *[f"- {v}" for v in table["verdict"]],
+            "",
+            f"## Top {work} per stage ({'Nsight Systems' if nsys else 'trace pass'})",
+            "",
+            *(top_lines or ["- no trace"]),
+            "",
+        ]
+    )
 
 
 def _timed_runs(record: dict) -> str:
-    """"3 timed runs", or how profiling.until_cv ended."""
+    """ "3 timed runs", or how profiling.until_cv ended."""
     until_cv = record["timing"].get("until_cv")
     runs = len(record["timing"]["samples"])
     if not until_cv:
@@ -333,14 +382,22 @@ def _timed_runs(record: dict) -> str:
 def _overlap_lines(table: pd.DataFrame, gpu: bool) -> list[str]:
     """A line per stage whose busy time exceeds its measured time (host time shows 0 there)."""
     rows = table[table["overlap_ms"].fillna(0) > 0]
-    why = ("its kernels ran on after its range closed (launches are asynchronous), so some of them overlap "
-           "the next stage, whose host time may include them" if gpu else
-           "the trace run, whose profiler adds time to every op, was slower than the timed runs")  # fmt: skip
-    return [""] + [
-        f"- {row.stage}: busy {_num(row.busy_ms)} ms is {_num(row.overlap_ms)} ms above its time "
-        f"{_num(row.time_ms)} ms: {why}; its host time is shown as 0"
-        for row in rows.itertuples()
-    ] if len(rows) else []
+    why = (
+        "its kernels ran on after its range closed (launches are asynchronous), so some of them overlap "
+        "the next stage, whose host time may include them"
+        if gpu
+        else "the trace run, whose profiler adds time to every op, was slower than the timed runs"
+    )
+    return (
+        [""]
+        + [
+            f"- {row.stage}: busy {_num(row.busy_ms)} ms is {_num(row.overlap_ms)} ms above its time "
+            f"{_num(row.time_ms)} ms: {why}; its host time is shown as 0"
+            for row in rows.itertuples()
+        ]
+        if len(rows)
+        else []
+    )
 
 
 def _execution_lines(record: dict) -> list[str]:

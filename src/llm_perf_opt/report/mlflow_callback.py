@@ -62,7 +62,9 @@ class MLflowLogger(Callback):
             return
         record = json.loads(record_path.read_text(encoding="utf-8"))
         stages_path = out_dir / "stages.json"
-        stages = json.loads(stages_path.read_text(encoding="utf-8"))["stages"] if stages_path.is_file() else []
+        stages = (
+            json.loads(stages_path.read_text(encoding="utf-8"))["stages"] if stages_path.is_file() else []
+        )
         try:
             run_id = self._log(out_dir, record, stages, list(config.hydra.overrides.task))
         except (MlflowException, OSError) as exc:
@@ -83,7 +85,9 @@ class MLflowLogger(Callback):
             client.log_batch(run_id, params=batch)
         for batch in _batches(metrics, MAX_METRICS):
             client.log_batch(run_id, metrics=batch)
-        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags_of(record, out_dir, overrides).items()])
+        client.log_batch(
+            run_id, tags=[RunTag(k, str(v)) for k, v in tags_of(record, out_dir, overrides).items()]
+        )
         client.log_artifacts(run_id, str(out_dir))
         client.set_terminated(run_id, RUN_STATUS.get(record.get("status"), "FAILED"))
         return run_id
@@ -103,7 +107,9 @@ def metrics_of(record: dict, stages: list[dict]) -> list[tuple[str, float]]:
     without analytic work has no rates: those are null in stages.json and left out here)."""
     pairs = list(flatten(record.get("headline") or {}))
     for row in stages:
-        pairs += [(f"stage.{row['stage']}.{column}", value) for column, value in row.items() if column != "stage"]
+        pairs += [
+            (f"stage.{row['stage']}.{column}", value) for column, value in row.items() if column != "stage"
+        ]
     return [(key, float(value)) for key, value in pairs if _is_number(value)]
 
 

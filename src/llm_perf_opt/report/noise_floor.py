@@ -45,7 +45,15 @@ from scipy.stats import t as student_t
 from llm_perf_opt.errors import UserError
 
 from .run_dirs import Job, RunSet
-from .run_figures import OK_STATUS, describe_mismatches, group_runs, mismatches, repeats, run_fields, sample_figures
+from .run_figures import (
+    OK_STATUS,
+    describe_mismatches,
+    group_runs,
+    mismatches,
+    repeats,
+    run_fields,
+    sample_figures,
+)
 
 #: Largest p-value of the rank test at which a change counts as significant; also the chance,
 #: over a whole job, that identical code exceeds the noise floor.
@@ -173,7 +181,9 @@ def estimate_noise_floor(run_sets: Sequence[RunSet]) -> NoiseFloor:
                 raise UserError(f"noise floor of {label}: {job.path}: {describe_mismatches(diffs)}")
         spreads, medians = run_spreads(ok_runs, f"floor of {len(ok_runs)} runs")
         runs_repeats = round(statistics.median(repeats(job.record) for job in ok_runs))
-        jobs[label] = JobFloor(label, run_fields(ok_runs[0].record), len(ok_runs), runs_repeats, spreads, medians)
+        jobs[label] = JobFloor(
+            label, run_fields(ok_runs[0].record), len(ok_runs), runs_repeats, spreads, medians
+        )
     if not jobs:
         raise UserError("a noise floor needs at least 2 runs of the same job that ran ok")
     return NoiseFloor(jobs, tuple(str(run_set.path) for run_set in run_sets))
@@ -185,7 +195,7 @@ def noise_floor_to_dict(floor: NoiseFloor) -> dict[str, Any]:
         "kind": NOISE_FLOOR_KIND,
         "schema_version": NOISE_FLOOR_SCHEMA,
         "what": "per job and figure, the standard deviation of ln(median) over runs of identical code, "
-                "each its own process (log_sd, with dof = runs - 1)",
+        "each its own process (log_sd, with dof = runs - 1)",
         "sources": list(floor.sources),
         "jobs": [
             {
@@ -194,8 +204,12 @@ def noise_floor_to_dict(floor: NoiseFloor) -> dict[str, Any]:
                 "runs": job.runs,
                 "repeats": job.repeats,
                 "figures": {
-                    figure: {"log_sd": spread.log_sd, "dof": spread.dof, "spread_pct": spread.pct,
-                             "medians": list(job.medians.get(figure, ()))}  # fmt: skip
+                    figure: {
+                        "log_sd": spread.log_sd,
+                        "dof": spread.dof,
+                        "spread_pct": spread.pct,
+                        "medians": list(job.medians.get(figure, ())),
+                    }
                     for figure, spread in job.figures.items()
                 },
             }
@@ -216,19 +230,24 @@ def load_noise_floor(path: str | Path) -> NoiseFloor:
     if not isinstance(data, dict) or data.get("kind") != NOISE_FLOOR_KIND:
         raise UserError(f"{path}: not a noise-floor file (kind is not {NOISE_FLOOR_KIND!r})")
     if data.get("schema_version") != NOISE_FLOOR_SCHEMA:
-        raise UserError(f"{path}: noise-floor schema {data.get('schema_version')!r}, this version reads "
-                        f"{NOISE_FLOOR_SCHEMA}")  # fmt: skip
+        raise UserError(
+            f"{path}: noise-floor schema {data.get('schema_version')!r}, this version reads "
+            f"{NOISE_FLOOR_SCHEMA}"
+        )
     try:
         jobs = {}
         for job in data["jobs"]:
             runs = int(job["runs"])
-            figures = {name: Spread(float(f["log_sd"]), int(f["dof"]), f"floor file, {runs} runs")
-                       for name, f in job["figures"].items()}  # fmt: skip
+            figures = {
+                name: Spread(float(f["log_sd"]), int(f["dof"]), f"floor file, {runs} runs")
+                for name, f in job["figures"].items()
+            }
             if any(s.dof < 1 or not s.log_sd >= 0 for s in figures.values()):
                 raise ValueError("a spread needs dof >= 1 and log_sd >= 0")
             medians = {name: tuple(f.get("medians", ())) for name, f in job["figures"].items()}
-            jobs[job["label"]] = JobFloor(job["label"], dict(job["fields"]), runs, int(job["repeats"]), figures,
-                                          medians)  # fmt: skip
+            jobs[job["label"]] = JobFloor(
+                job["label"], dict(job["fields"]), runs, int(job["repeats"]), figures, medians
+            )
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{path}: malformed noise-floor file ({type(exc).__name__}: {exc})") from None
     return NoiseFloor(jobs, tuple(data.get("sources") or ()), path)
@@ -258,9 +277,13 @@ def floor_notes(floor: JobFloor | None, name: str, runs: int, current: dict[str,
     if name and floor is None:
         notes.append(f"no noise floor recorded for this job in {name}")
     if floor is not None and floor.repeats != repeats(current):
-        notes.append(f"the noise floor was measured with {floor.repeats} repeats per run, the current run has "
-                     f"{repeats(current)}")  # fmt: skip
+        notes.append(
+            f"the noise floor was measured with {floor.repeats} repeats per run, the current run has "
+            f"{repeats(current)}"
+        )
     if 1 < runs < _FEW_RUNS and floor is None:
-        notes.append(f"a floor from {runs} baseline runs is wide (Student t with {runs - 1} degrees of freedom); "
-                     f"{_FEW_RUNS}-10 runs or a recorded noise floor narrow it")  # fmt: skip
+        notes.append(
+            f"a floor from {runs} baseline runs is wide (Student t with {runs - 1} degrees of freedom); "
+            f"{_FEW_RUNS}-10 runs or a recorded noise floor narrow it"
+        )
     return notes

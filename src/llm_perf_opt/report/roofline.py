@@ -39,7 +39,16 @@ import pandas as pd
 
 REQUIRED_COLUMNS = ("stage", "wall_ms", "busy_ms", "flops", "bytes")
 PER_ROOF_COLUMNS = ("ridge", "attainable_tflop_s", "roofline_ms", "pct_roof_wall", "pct_roof_busy", "bound")
-SPLIT_COLUMNS = ("stage", "wall_ms", "busy_ms", "roofline_ms", "above_roof_ms", "host_ms", "unsplit_ms", "overlap_ms")
+SPLIT_COLUMNS = (
+    "stage",
+    "wall_ms",
+    "busy_ms",
+    "roofline_ms",
+    "above_roof_ms",
+    "host_ms",
+    "unsplit_ms",
+    "overlap_ms",
+)
 
 # Above this % of a roof over wall time, timing noise cannot explain it: the roof is too low.
 ABOVE_ROOF_PCT = 105.0
@@ -101,7 +110,9 @@ def roofline_table(work: pd.DataFrame, roofs: Sequence[RoofLike], dtype: str) ->
         raise ValueError(f"roofline_table: work lacks columns {missing}")
     prefixes = [roof_prefix(r.label) for r in roofs]
     if len(set(prefixes)) != len(prefixes):
-        raise ValueError(f"roofline_table: roof labels {[r.label for r in roofs]} give the same column prefix twice")
+        raise ValueError(
+            f"roofline_table: roof labels {[r.label for r in roofs]} give the same column prefix twice"
+        )
 
     flops = _column(work, "flops")
     nbytes = _column(work, "bytes")
@@ -132,7 +143,12 @@ def roofline_table(work: pd.DataFrame, roofs: Sequence[RoofLike], dtype: str) ->
         out[prefix + "pct_roof_busy"] = _ratio(roofline_ms, times["busy"]) * 100
         balanced = np.abs(out["intensity"].to_numpy() - ridge) <= BALANCED_BAND * ridge
         out[prefix + "bound"] = np.select(
-            [np.isnan(flops) | np.isnan(nbytes), (flops == 0) & (nbytes == 0), balanced, compute_s >= memory_s],
+            [
+                np.isnan(flops) | np.isnan(nbytes),
+                (flops == 0) & (nbytes == 0),
+                balanced,
+                compute_s >= memory_s,
+            ],
             ["unknown", "none", "balanced", "compute"],
             "memory",
         )
@@ -258,7 +274,9 @@ def verdict(
     else:
         pct = _float(row[prefix + "pct_roof_wall"])
         each = " a step" if per_step else ""
-        parts.append(f"{_bound_phrase(row, prefix, bound, roof_label, dtype)} ({_ms(roof_ms)} ms{each} at the roof)")
+        parts.append(
+            f"{_bound_phrase(row, prefix, bound, roof_label, dtype)} ({_ms(roof_ms)} ms{each} at the roof)"
+        )
         if pct > ABOVE_ROOF_PCT:
             parts.append(
                 "above the roof: the ceiling is too low for this stage (a calibration on a busy machine: "
@@ -285,18 +303,23 @@ def verdict(
 
 
 def _bound_phrase(row: Mapping[str, object], prefix: str, bound: object, roof_label: str, dtype: str) -> str:
-    """"compute-bound (8.6 FLOP/B, ridge 4.2): 10% of the calibrated float32 compute roof" and the like."""
+    """ "compute-bound (8.6 FLOP/B, ridge 4.2): 10% of the calibrated float32 compute roof" and the like."""
     intensity, ridge = _float(row.get("intensity")), _float(row[prefix + "ridge"])
     pct = _pct(_float(row[prefix + "pct_roof_wall"]))
     if bound == "balanced":
-        return (f"balanced ({_intensity(intensity)} FLOP/B, within {BALANCED_BAND:.0%} of the ridge "
-                f"{_intensity(ridge)}: compute and bandwidth bind alike): {pct} of the {roof_label} roofline")  # fmt: skip
+        return (
+            f"balanced ({_intensity(intensity)} FLOP/B, within {BALANCED_BAND:.0%} of the ridge "
+            f"{_intensity(ridge)}: compute and bandwidth bind alike): {pct} of the {roof_label} roofline"
+        )
     roof_name = f"{roof_label} {dtype} compute" if bound == "compute" else f"{roof_label} bandwidth"
     return f"{bound}-bound ({_intensity(intensity)} FLOP/B, ridge {_intensity(ridge)}): {pct} of the {roof_name} roof"
 
 
 def _ops_phrases(
-    top_ops: Sequence[tuple[str, float]], op_notes: Sequence[tuple[Sequence[str], str]], busy: float, work: str
+    top_ops: Sequence[tuple[str, float]],
+    op_notes: Sequence[tuple[Sequence[str], str]],
+    busy: float,
+    work: str,
 ) -> list[str]:
     """The longest ops with their share of the busy time, and the model's notes on them."""
     ranked = sorted(((name, float(ms)) for name, ms in top_ops), key=lambda pair: -pair[1])
@@ -357,7 +380,9 @@ def headline(
             amount, times = _group_sum(table, group, stages, metric)
             result[key][group] = {
                 roof.label: {
-                    basis: _safe_div(amount, ms * 1e-3) / (roof.peak(dtype) if metric == "flops" else roof.byte_s) * 100
+                    basis: _safe_div(amount, ms * 1e-3)
+                    / (roof.peak(dtype) if metric == "flops" else roof.byte_s)
+                    * 100
                     for basis, ms in times.items()
                 }
                 for roof in roofs
@@ -392,7 +417,9 @@ def _binding(flops: float, nbytes: float, times: Mapping[str, float], peak: floa
     }
 
 
-def _group_sum(table: pd.DataFrame, group: str, stages: Sequence[str], metric: str) -> tuple[float, dict[str, float]]:
+def _group_sum(
+    table: pd.DataFrame, group: str, stages: Sequence[str], metric: str
+) -> tuple[float, dict[str, float]]:
     """ΣF or ΣB and the summed wall and busy times of the named stages (NaN if any is NaN)."""
     if isinstance(stages, str):
         raise TypeError(f"headline: group {group!r} must list stage names, not the string {stages!r}")

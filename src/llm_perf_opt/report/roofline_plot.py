@@ -38,10 +38,22 @@ _FAMILY_MARKERS = ("s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p", "8")
 _STAGE_MARKER = "o"
 # Label positions tried around a point, in points from it: beside, above, below, then further out.
 _LABEL_OFFSETS = (
-    (7, 0, "left", "center"), (-7, 0, "right", "center"), (0, 7, "center", "bottom"), (0, -7, "center", "top"),
-    (7, 9, "left", "bottom"), (7, -9, "left", "top"), (-7, 9, "right", "bottom"), (-7, -9, "right", "top"),
-    (10, 20, "left", "bottom"), (10, -20, "left", "top"), (-10, 20, "right", "bottom"), (-10, -20, "right", "top"),
-    (14, 34, "left", "bottom"), (14, -34, "left", "top"), (-14, 34, "right", "bottom"), (-14, -34, "right", "top"),
+    (7, 0, "left", "center"),
+    (-7, 0, "right", "center"),
+    (0, 7, "center", "bottom"),
+    (0, -7, "center", "top"),
+    (7, 9, "left", "bottom"),
+    (7, -9, "left", "top"),
+    (-7, 9, "right", "bottom"),
+    (-7, -9, "right", "top"),
+    (10, 20, "left", "bottom"),
+    (10, -20, "left", "top"),
+    (-10, 20, "right", "bottom"),
+    (-10, -20, "right", "top"),
+    (14, 34, "left", "bottom"),
+    (14, -34, "left", "top"),
+    (-14, 34, "right", "bottom"),
+    (-14, -34, "right", "top"),
 )
 _MARKER_PX = 6.0
 # The x axis reaches at least this factor beyond the highest ridge.
@@ -97,11 +109,25 @@ def roofline_plot(
     if markers:
         handles += [Line2D([], [], linestyle="", marker="o", color=c, label=s) for s, c in colours.items()]
         handles += [Line2D([], [], linestyle="", marker=m, color="0.35", label=f) for f, m in markers.items()]
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8,
-              frameon=False)
+    ax.legend(
+        handles=handles,
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+        borderaxespad=0.0,
+        fontsize=8,
+        frameon=False,
+    )
     if skipped:
-        fig.text(0.08, 0.015, "not plotted: " + "; ".join(skipped), fontsize=7.5, color="0.3", ha="left",
-                 va="bottom", wrap=True)
+        fig.text(
+            0.08,
+            0.015,
+            "not plotted: " + "; ".join(skipped),
+            fontsize=7.5,
+            color="0.3",
+            ha="left",
+            va="bottom",
+            wrap=True,
+        )
 
     with atomic_path(path) as tmp:
         canvas.print_png(tmp)
@@ -111,8 +137,14 @@ def roofline_plot(
 def _points(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """Plottable rows (x, y over busy, y over wall, parent stage, family or "") and why the others are not."""
     rows, skipped = [], []
-    for stage, flops, nbytes, x, busy, wall in zip(table["stage"], table["flops"], table["bytes"], table["intensity"],
-                                                   table["achieved_tflop_s_busy"], table["achieved_tflop_s_wall"]):
+    for stage, flops, nbytes, x, busy, wall in zip(
+        table["stage"],
+        table["flops"],
+        table["bytes"],
+        table["intensity"],
+        table["achieved_tflop_s_busy"],
+        table["achieved_tflop_s_wall"],
+    ):
         y_busy, y_wall = (_positive(v) for v in (busy, wall))
         x = _positive(x)
         if x is None:
@@ -121,8 +153,16 @@ def _points(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
             skipped.append(f"{stage} (no time)")
         else:
             parent, _, family = str(stage).partition("/")
-            rows.append({"stage": stage, "x": x, "y_busy": y_busy, "y_wall": y_wall, "parent": parent,
-                         "family": family})
+            rows.append(
+                {
+                    "stage": stage,
+                    "x": x,
+                    "y_busy": y_busy,
+                    "y_wall": y_wall,
+                    "parent": parent,
+                    "family": family,
+                }
+            )
     columns = ["stage", "x", "y_busy", "y_wall", "parent", "family"]
     return pd.DataFrame(rows, columns=columns).astype({"x": float, "y_busy": float, "y_wall": float}), skipped
 
@@ -140,7 +180,9 @@ def _positive(value: object) -> float | None:
     return v if v > 0 and math.isfinite(v) else None
 
 
-def _limits(values: Sequence[float], below: float, above: float, *, right: float = 0.0) -> tuple[float, float]:
+def _limits(
+    values: Sequence[float], below: float, above: float, *, right: float = 0.0
+) -> tuple[float, float]:
     """(min / below, max(max × above, right)) of the positive values: margins on a log axis."""
     positive = [v for v in values if v > 0 and math.isfinite(v)]
     return min(positive) / below, max(max(positive) * above, right)
@@ -155,15 +197,30 @@ def _draw_roofs(ax, roofs: Sequence[RoofLike], dtype: str) -> list[Line2D]:
     for i, roof in enumerate(roofs):
         peak, bandwidth = roof.peak(dtype), roof.byte_s
         style, colour = _ROOF_STYLES[i % len(_ROOF_STYLES)], _ROOF_COLOURS[i % len(_ROOF_COLOURS)]
-        (line,) = ax.plot(x, np.minimum(peak, x * bandwidth) / 1e12, linestyle=style, color=colour, linewidth=1.4,
-                          label=textwrap.fill(f"{roof.label}: {_rate(peak / 1e12)} TFLOP/s {dtype}, "
-                                              f"{_rate(bandwidth / 1e9)} GB/s", _LEGEND_CHARS))
+        (line,) = ax.plot(
+            x,
+            np.minimum(peak, x * bandwidth) / 1e12,
+            linestyle=style,
+            color=colour,
+            linewidth=1.4,
+            label=textwrap.fill(
+                f"{roof.label}: {_rate(peak / 1e12)} TFLOP/s {dtype}, {_rate(bandwidth / 1e9)} GB/s",
+                _LEGEND_CHARS,
+            ),
+        )
         handles.append(line)
         # The highest roof's text sits above its line and the others' below theirs, so that two
         # close peaks (datasheet and calibrated) do not write over each other.
         above = order[0] == i
-        ax.text(hi / 1.2, peak / 1e12 * (1.12 if above else 1 / 1.12), f"{roof.label} {_rate(peak / 1e12)} TFLOP/s",
-                ha="right", va="bottom" if above else "top", fontsize=8, color=colour)
+        ax.text(
+            hi / 1.2,
+            peak / 1e12 * (1.12 if above else 1 / 1.12),
+            f"{roof.label} {_rate(peak / 1e12)} TFLOP/s",
+            ha="right",
+            va="bottom" if above else "top",
+            fontsize=8,
+            color=colour,
+        )
     return handles
 
 
@@ -185,15 +242,30 @@ def _draw_points(ax, points: pd.DataFrame, colours: dict[str, tuple], markers: d
             # Filled markers above hollow ones: where two stages' points overlap, both busy points show.
             ax.scatter([p.x], [p.y_busy], s=size, marker=marker, color=colour, edgecolors=colour, zorder=5)
         if not math.isnan(p.y_wall):
-            ax.scatter([p.x], [p.y_wall], s=size, marker=marker, facecolors="white", edgecolors=colour,
-                       linewidths=1.3, zorder=4)
+            ax.scatter(
+                [p.x],
+                [p.y_wall],
+                s=size,
+                marker=marker,
+                facecolors="white",
+                edgecolors=colour,
+                linewidths=1.3,
+                zorder=4,
+            )
 
 
 def _basis_handles() -> list[Line2D]:
     return [
         Line2D([], [], linestyle="", marker="o", color="0.35", label="over busy time (kernels/ops)"),
-        Line2D([], [], linestyle="", marker="o", markerfacecolor="white", markeredgecolor="0.35",
-               label="over wall time"),
+        Line2D(
+            [],
+            [],
+            linestyle="",
+            marker="o",
+            markerfacecolor="white",
+            markeredgecolor="0.35",
+            label="over wall time",
+        ),
     ]
 
 
@@ -209,15 +281,26 @@ def _place_labels(
     """
     renderer = canvas.get_renderer()
     to_px = ax.transData.transform
-    obstacles = [_box(xy, _MARKER_PX / 2) for line in ax.get_lines() for xy in _dense(to_px(line.get_xydata()))]
+    obstacles = [
+        _box(xy, _MARKER_PX / 2) for line in ax.get_lines() for xy in _dense(to_px(line.get_xydata()))
+    ]
     obstacles += [_box(xy, _MARKER_PX) for c in ax.collections for xy in to_px(c.get_offsets())]
     obstacles += [t.get_window_extent(renderer) for t in ax.texts]
     frame = ax.get_window_extent(renderer)
-    anchored = labelled.assign(y=labelled["y_busy"].fillna(labelled["y_wall"])).sort_values("y", ascending=False)
+    anchored = labelled.assign(y=labelled["y_busy"].fillna(labelled["y_wall"])).sort_values(
+        "y", ascending=False
+    )
     for p in anchored.itertuples(index=False):
-        text = ax.annotate(p.family if small else p.stage, (p.x, p.y), xytext=(0, 0), textcoords="offset points",
-                           fontsize=7 if small else 9, color=colours[p.parent],
-                           fontweight="normal" if small else "bold", zorder=6)  # fmt: skip
+        text = ax.annotate(
+            p.family if small else p.stage,
+            (p.x, p.y),
+            xytext=(0, 0),
+            textcoords="offset points",
+            fontsize=7 if small else 9,
+            color=colours[p.parent],
+            fontweight="normal" if small else "bold",
+            zorder=6,
+        )
         chosen = None
         for offset in _LABEL_OFFSETS[:8] if small else _LABEL_OFFSETS:
             _move(text, offset)
@@ -232,9 +315,20 @@ def _place_labels(
         _move(text, chosen)
         dx, dy = chosen[:2]
         if abs(dy) > 10:
-            ax.annotate("", (p.x, p.y), xytext=(dx, dy), textcoords="offset points",
-                        arrowprops={"arrowstyle": "-", "color": colours[p.parent], "linewidth": 0.6,
-                                    "shrinkA": 0, "shrinkB": 4}, zorder=2)
+            ax.annotate(
+                "",
+                (p.x, p.y),
+                xytext=(dx, dy),
+                textcoords="offset points",
+                arrowprops={
+                    "arrowstyle": "-",
+                    "color": colours[p.parent],
+                    "linewidth": 0.6,
+                    "shrinkA": 0,
+                    "shrinkB": 4,
+                },
+                zorder=2,
+            )
         obstacles.append(text.get_window_extent(renderer))
 
 

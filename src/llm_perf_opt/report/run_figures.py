@@ -31,7 +31,9 @@ def sample_figures(record: dict[str, Any]) -> dict[str, list[float]]:
     }
     # Stages in the order the runs recorded them, which is the order they ran.
     for stage in dict.fromkeys(stage for s in samples for stage in s.get("stages", {})):
-        figures[stage_figure(stage)] = [sum(s["stages"][stage]) for s in samples if stage in s.get("stages", {})]
+        figures[stage_figure(stage)] = [
+            sum(s["stages"][stage]) for s in samples if stage in s.get("stages", {})
+        ]
     return {name: values for name, values in figures.items() if values}
 
 

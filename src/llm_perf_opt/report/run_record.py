@@ -152,8 +152,10 @@ def analytic_record(costs: StageCosts) -> dict:
     return {
         "note": costs.note or None,
         "stages": stages,
-        "families": [{"stage": f.stage, "scope": f.scope, "family": f.family, **f.work.as_dict()}
-                     for f in costs.families],  # fmt: skip
+        "families": [
+            {"stage": f.stage, "scope": f.scope, "family": f.family, **f.work.as_dict()}
+            for f in costs.families
+        ],
         "ranges": [{"stage": name, **work.as_dict()} for name, work in costs.ranges.items()],
         "experts": [dataclasses.asdict(row) for row in costs.experts or ()],
     }
@@ -162,13 +164,18 @@ def analytic_record(costs: StageCosts) -> dict:
 def headline_figures(summary: dict, table: pd.DataFrame, record: dict) -> dict:
     """TTFT, TPOT, decode tokens/s (medians of the timing ``summary``), and the utilisation of the
     model's stage groups (``stage_layout`` of ``record``) against the record's roofs."""
-    figures = {key: None if summary.get(key) is None else summary[key]["median"]
-               for key in ("ttft_ms", "tpot_ms", "decode_tokens_per_s", "e2e_ms", "tokens_per_s", "pages_per_s")}  # fmt: skip
+    figures = {
+        key: None if summary.get(key) is None else summary[key]["median"]
+        for key in ("ttft_ms", "tpot_ms", "decode_tokens_per_s", "e2e_ms", "tokens_per_s", "pages_per_s")
+    }
     layout = record["stage_layout"]
     utilisation = headline(
-        table.rename(columns={"time_ms": "wall_ms"}), record_roofs(record), record["dtype"],
-        compute_stages=layout["compute_groups"], bandwidth_stages=layout["bandwidth_groups"],
-    )  # fmt: skip
+        table.rename(columns={"time_ms": "wall_ms"}),
+        record_roofs(record),
+        record["dtype"],
+        compute_stages=layout["compute_groups"],
+        bandwidth_stages=layout["bandwidth_groups"],
+    )
     return {**figures, **utilisation}
 
 
@@ -222,9 +229,9 @@ def run_record(job: Job, table: pd.DataFrame, status: str = "ok", error: str | N
         "batch": {"size": job.run.batch_size, "padding": None},  # a batched request's describe() replaces it
         **m.request.describe(),
         "request": m.request.summary(),
-        "execution": None if job.execution is None else {
-            **job.execution.as_dict(), "summary": job.execution.summary()
-        },
+        "execution": None
+        if job.execution is None
+        else {**job.execution.as_dict(), "summary": job.execution.summary()},
         "generated_tokens": m.result.generated_tokens if m.result else None,
         "op_notes": [note.as_dict() for note in job.op_notes],
         "headline": None,  # below: it needs the roofs and stage layout of this record
@@ -232,9 +239,9 @@ def run_record(job: Job, table: pd.DataFrame, status: str = "ok", error: str | N
         "timing": {
             "unit": "ms",
             "tpot": "(e2e - ttft) / decode steps; ttft = the once-per-request stages; a batch steps all its "
-                    "sequences at once, so TPOT is per step of the batch",
+            "sequences at once, so TPOT is per step of the batch",
             "throughput": "tokens_per_s = real generated tokens of the batch / e2e; decode_tokens_per_s = real "
-                          "tokens of the decode steps / (e2e - ttft); pages_per_s = pages / e2e",
+            "tokens of the decode steps / (e2e - ttft); pages_per_s = pages / e2e",
             "summary": m.summary(),
             "stages": {s.name: summarize(m.stage_totals(s.name)) for s in m.stages if m.runs},
             "outlier_factor": OUTLIER_FACTOR,
@@ -245,8 +252,11 @@ def run_record(job: Job, table: pd.DataFrame, status: str = "ok", error: str | N
             "measured": None if m.memory is None else m.memory.as_dict(),
             "analytic": footprint_record(job.footprint),
         },
-        "routing": None if m.routing is None else {
-            stage: {"calls": len(calls), "tokens_per_expert": _sum_calls(calls)} for stage, calls in m.routing.items()
+        "routing": None
+        if m.routing is None
+        else {
+            stage: {"calls": len(calls), "tokens_per_expert": _sum_calls(calls)}
+            for stage, calls in m.routing.items()
         },
         "analytic": analytic_record(job.stage_model),
         "trace": None if m.attribution is None else trace_record(m.attribution, m.trace_path.name),

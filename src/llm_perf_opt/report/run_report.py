@@ -25,7 +25,9 @@ def write_artifacts(out_dir: Path, job: Job) -> dict:
     return {"stages": table, "record": record}
 
 
-def write_report_files(out_dir: Path, record: dict, table: pd.DataFrame, attribution: Attribution | None) -> None:
+def write_report_files(
+    out_dir: Path, record: dict, table: pd.DataFrame, attribution: Attribution | None
+) -> None:
     """stages.csv, stages.json, kernels.csv, roofline.png and report.md first, run.json last: a
     run.json with status ok means every artifact is there."""
     kernels = attribution.kernels if attribution is not None else pd.DataFrame(columns=KERNEL_COLUMNS)
@@ -33,23 +35,37 @@ def write_report_files(out_dir: Path, record: dict, table: pd.DataFrame, attribu
     # The batch on every row: stage times are the whole batch's, and CSVs of several runs get concatenated.
     batch = (record.get("batch") or {}).get("size", 1)
     write_csv(out_dir / "stages.csv", table.assign(batch_size=batch))
-    write_json(out_dir / "stages.json", {
-        "dtype": record["dtype"],
-        "batch_size": batch,
-        "roofs": record["hardware"]["roofs"],
-        "headline": record["headline"],
-        "stages": table.to_dict("records"),
-    })
+    write_json(
+        out_dir / "stages.json",
+        {
+            "dtype": record["dtype"],
+            "batch_size": batch,
+            "roofs": record["hardware"]["roofs"],
+            "headline": record["headline"],
+            "stages": table.to_dict("records"),
+        },
+    )
     write_csv(out_dir / "kernels.csv", kernels[list(KERNEL_COLUMNS)])
     request = record["request"].split(",")[0]
     roofline_plot(
-        table.rename(columns={"time_ms": "wall_ms"}), roofs, record["dtype"], out_dir / "roofline.png",
+        table.rename(columns={"time_ms": "wall_ms"}),
+        roofs,
+        record["dtype"],
+        out_dir / "roofline.png",
         title=f"{record['config']['model']['name']} · {request} · {record['device']['name']} · {record['dtype']}",
-    )  # fmt: skip
+    )
     write_text(out_dir / "report.md", report_markdown(record, table, attribution))
     write_json(out_dir / "run.json", record)
 
 
 def write_failure(out_dir: Path, config: dict, status: str, error: str) -> None:
-    write_json(out_dir / "run.json", {"schema_version": SCHEMA_VERSION, "status": status, "error": error,
-                                      "config": config, "versions": versions()})  # fmt: skip
+    write_json(
+        out_dir / "run.json",
+        {
+            "schema_version": SCHEMA_VERSION,
+            "status": status,
+            "error": error,
+            "config": config,
+            "versions": versions(),
+        },
+    )

@@ -44,8 +44,21 @@ from .roofline import RoofLike, roof_prefix, roofline_table, time_split, verdict
 #: Ops or kernels listed per stage in report.md.
 TOP_OPS = 5
 #: Columns of :func:`measured_table`.
-MEASURED_COLUMNS = ("stage", "calls", "repeats", "time_ms", "time_ms_min", "time_ms_max", "time_ms_stdev",
-                    "time_ms_cv_pct", "time_ms_p90", "outlier_runs", "busy_ms", "busy_share_pct", "launches")
+MEASURED_COLUMNS = (
+    "stage",
+    "calls",
+    "repeats",
+    "time_ms",
+    "time_ms_min",
+    "time_ms_max",
+    "time_ms_stdev",
+    "time_ms_cv_pct",
+    "time_ms_p90",
+    "outlier_runs",
+    "busy_ms",
+    "busy_share_pct",
+    "launches",
+)
 #: Columns of whole counts (nullable: a range without runs or kernels has none).
 COUNT_COLUMNS = ("calls", "repeats", "outlier_runs", "launches")
 
@@ -69,24 +82,26 @@ def measured_table(
             if name != stage_of(name):
                 families.setdefault(stage_of(name), []).append(name)
     rows = []
-    for stage in (row for stage in stages for row in (stage, *families.get(stage, []))):
+    for stage in (row for top in stages for row in (top, *families.get(top, []))):
         spread = summarize([sum(run.get(stage, [])) for run in runs]) if stage in stages and runs else {}
         share = busy.get(stage, {}).get("share")
-        rows.append({
-            "stage": stage,
-            "calls": len(runs[0].get(stage, [])) if runs else 0,
-            "repeats": spread.get("n"),
-            "time_ms": spread.get("median"),
-            "time_ms_min": spread.get("min"),
-            "time_ms_max": spread.get("max"),
-            "time_ms_stdev": spread.get("stdev"),
-            "time_ms_cv_pct": None if not spread else spread["cv"] * 100,
-            "time_ms_p90": spread.get("p90"),
-            "outlier_runs": None if not spread else len(spread["outliers"]),
-            "busy_ms": busy.get(stage, {}).get("busy_ms"),
-            "busy_share_pct": None if share is None else share * 100,
-            "launches": launches.get(stage),
-        })
+        rows.append(
+            {
+                "stage": stage,
+                "calls": len(runs[0].get(stage, [])) if runs else 0,
+                "repeats": spread.get("n"),
+                "time_ms": spread.get("median"),
+                "time_ms_min": spread.get("min"),
+                "time_ms_max": spread.get("max"),
+                "time_ms_stdev": spread.get("stdev"),
+                "time_ms_cv_pct": None if not spread else spread["cv"] * 100,
+                "time_ms_p90": spread.get("p90"),
+                "outlier_runs": None if not spread else len(spread["outliers"]),
+                "busy_ms": busy.get(stage, {}).get("busy_ms"),
+                "busy_share_pct": None if share is None else share * 100,
+                "launches": launches.get(stage),
+            }
+        )
     # Missing figures (no trace, no runs) are NaN (<NA> for counts), so every column stays numeric.
     numeric = [c for c in MEASURED_COLUMNS if c != "stage" and c not in COUNT_COLUMNS]
     table = pd.DataFrame(rows, columns=list(MEASURED_COLUMNS)).astype({c: "float64" for c in numeric})
@@ -117,14 +132,16 @@ def work_table(totals: pd.DataFrame, ranges: pd.DataFrame | None = None) -> pd.D
     run = totals[totals["scope"] == "run"]
     if ranges is not None and len(ranges):
         run = pd.concat([run, ranges], ignore_index=True)
-    return pd.DataFrame({
-        "stage": run["stage"],
-        "flops": run["useful_flops"],
-        "bytes": run["bytes"],
-        "weight_bytes": run["weight_bytes"],
-        "act_bytes": run["act_read_bytes"] + run["act_write_bytes"],
-        "kv_bytes": run["kv_read_bytes"] + run["kv_write_bytes"],
-    })
+    return pd.DataFrame(
+        {
+            "stage": run["stage"],
+            "flops": run["useful_flops"],
+            "bytes": run["bytes"],
+            "weight_bytes": run["weight_bytes"],
+            "act_bytes": run["act_read_bytes"] + run["act_write_bytes"],
+            "kv_bytes": run["kv_read_bytes"] + run["kv_write_bytes"],
+        }
+    )
 
 
 def top_ops(
@@ -145,14 +162,16 @@ def top_ops(
 def work_of(costs: StageCosts) -> pd.DataFrame:
     """:func:`work_table` of a live run's typed analytic costs: its stages, then its nested ranges."""
     rows = [*costs.stages.items(), *costs.ranges.items()]
-    return pd.DataFrame({
-        "stage": [name for name, _ in rows],
-        "flops": [w.useful_flops for _, w in rows],
-        "bytes": [w.bytes for _, w in rows],
-        "weight_bytes": [w.weight_bytes for _, w in rows],
-        "act_bytes": [w.act_bytes for _, w in rows],
-        "kv_bytes": [w.kv_bytes for _, w in rows],
-    })
+    return pd.DataFrame(
+        {
+            "stage": [name for name, _ in rows],
+            "flops": [w.useful_flops for _, w in rows],
+            "bytes": [w.bytes for _, w in rows],
+            "weight_bytes": [w.weight_bytes for _, w in rows],
+            "act_bytes": [w.act_bytes for _, w in rows],
+            "kv_bytes": [w.kv_bytes for _, w in rows],
+        }
+    )
 
 
 def stage_table(
@@ -168,10 +187,13 @@ def stage_table(
     return stage_table_from(
         measured_table([s.name for s in m.stages], runs, m.attribution),
         work_of(costs),
-        m.attribution, roofs, dtype, device_kind,
+        m.attribution,
+        roofs,
+        dtype,
+        device_kind,
         steps_per_stage([s.name for s in m.stages if s.per_step], runs),
         op_notes,
-    )  # fmt: skip
+    )
 
 
 def stage_table_from(
@@ -195,23 +217,29 @@ def stage_table_from(
     nested = table["stage"] != table["stage"].map(stage_of)
     # Over op time for nested ranges: "wall" is their busy time for the split and the verdict.
     basis = table.assign(wall_ms=table["wall_ms"].where(~nested, table["busy_ms"]))
-    basis[roof_prefix(roofs[0].label) + "pct_roof_wall"] = table[roof_prefix(roofs[0].label) + "pct_roof_wall"].where(
-        ~nested, table[roof_prefix(roofs[0].label) + "pct_roof_busy"]
-    )
+    basis[roof_prefix(roofs[0].label) + "pct_roof_wall"] = table[
+        roof_prefix(roofs[0].label) + "pct_roof_wall"
+    ].where(~nested, table[roof_prefix(roofs[0].label) + "pct_roof_busy"])
     split = time_split(basis, roofs[0].label)
     split.loc[nested, "host_ms"] = float("nan")
     split.loc[nested, "overlap_ms"] = float("nan")
     table["verdict"] = [
         verdict(
-            row, split.loc[i], roofs[0].label, dtype,
+            row,
+            split.loc[i],
+            roofs[0].label,
+            dtype,
             launches=None if pd.isna(row["launches"]) else int(row["launches"]),
             steps=steps.get(row["stage"]) or None,
-            top_ops=[(name, ms) for name, ms, _ in top_ops(attribution, row["stage"], TOP_OPS, exact=nested[i])],
+            top_ops=[
+                (name, ms) for name, ms, _ in top_ops(attribution, row["stage"], TOP_OPS, exact=nested[i])
+            ],
             op_notes=[(note.ops, note.note) for note in op_notes if note.stage == stage_of(row["stage"])],
             device_kind=device_kind,
-        ) + (" (over op time: a nested range is timed by the trace pass only)" if nested[i] else "")
+        )
+        + (" (over op time: a nested range is timed by the trace pass only)" if nested[i] else "")
         for i, row in basis.iterrows()
-    ]  # fmt: skip
+    ]
     table = table.rename(columns={"wall_ms": "time_ms"})
     parts = split[["roofline_ms", "above_roof_ms", "host_ms", "unsplit_ms", "overlap_ms"]].rename(
         columns={"roofline_ms": "split_roofline_ms"}

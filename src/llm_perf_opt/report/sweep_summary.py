@@ -97,7 +97,10 @@ def load_sweep(sweep_dir: str | Path) -> list[JobResult]:
     run_set = load_run_set(sweep_dir, distinct=False)
     if not run_set.sweep:
         raise UserError(f"{sweep_dir}: a single run, not a sweep dir of job dirs")
-    return [JobResult(job, read_stages(job.dir / STAGES_CSV) if job.status == OK else None) for job in run_set.jobs]
+    return [
+        JobResult(job, read_stages(job.dir / STAGES_CSV) if job.status == OK else None)
+        for job in run_set.jobs
+    ]
 
 
 def read_stages(path: Path) -> pd.DataFrame | None:
@@ -126,7 +129,7 @@ def merge_order(sequences: Iterable[Sequence[str]]) -> list[str]:
         sequence = list(sequence)
         for i, name in enumerate(sequence):
             if name not in order:
-                after = next((n for n in sequence[i + 1:] if n in order), None)
+                after = next((n for n in sequence[i + 1 :] if n in order), None)
                 order.insert(len(order) if after is None else order.index(after), name)
     return order
 
@@ -135,18 +138,34 @@ def summarize(results: Sequence[JobResult]) -> Summary:
     """The summary table of ``results``: one row per job (see the module docstring)."""
     per_job = [_top_level(r.stages) for r in results]
     stages = tuple(merge_order(list(s["stage"]) for s in per_job if s is not None))
-    roofs = tuple(merge_order([c.removesuffix(_PCT_SUFFIX) for c in s.columns if c.endswith(_PCT_SUFFIX)]
-                              for s in per_job if s is not None))  # fmt: skip
+    roofs = tuple(
+        merge_order(
+            [c.removesuffix(_PCT_SUFFIX) for c in s.columns if c.endswith(_PCT_SUFFIX)]
+            for s in per_job
+            if s is not None
+        )
+    )
     rows = [_row(r.job, s, stages, roofs) for r, s in zip(results, per_job)]
     columns = [
-        "job", "overrides", "model", "mode", "batch_size", "image_tokens", "dtype", *(c for c, _, _ in HEADLINE),
-        *(stage_column(s) for s in stages), *(roof_column(s, r) for r in roofs for s in stages),
-        "status", "error",
-    ]  # fmt: skip
+        "job",
+        "overrides",
+        "model",
+        "mode",
+        "batch_size",
+        "image_tokens",
+        "dtype",
+        *(c for c, _, _ in HEADLINE),
+        *(stage_column(s) for s in stages),
+        *(roof_column(s, r) for r in roofs for s in stages),
+        "status",
+        "error",
+    ]
     table = pd.DataFrame(rows, columns=columns)
     text = ("job", "overrides", "model", "mode", "dtype", "status", "error")
     # Int64 keeps token counts whole next to the missing ones of failed jobs.
-    types = {c: "Int64" if c in ("image_tokens", "batch_size") else "float64" for c in columns if c not in text}
+    types = {
+        c: "Int64" if c in ("image_tokens", "batch_size") else "float64" for c in columns if c not in text
+    }
     overrides = tuple(r.job.overrides for r in results)
     return Summary(table.astype(types), stages, roofs, overrides)
 
@@ -233,17 +252,19 @@ def summary_markdown(summary: Summary, title: str, batches: Sequence[BatchSweep]
     then each batch sweep's throughput against latency."""
     table = summary.table
     common, varying = varying_overrides(summary.overrides)
-    jobs = pd.DataFrame({
-        "job": table["job"],
-        "overrides": [" ".join(f"`{o}`" for o in v) or "-" for v in varying],
-        "model": table["model"].map(_text),
-        "mode": table["mode"].map(_text),
-        "batch": table["batch_size"].map(lambda v: _num(v, 0)),
-        "image tokens": table["image_tokens"].map(lambda v: _num(v, 0)),
-        "dtype": table["dtype"].map(_text),
-        **{header: table[column].map(_num) for column, _, header in HEADLINE},
-        "status": table["status"],
-    })  # fmt: skip
+    jobs = pd.DataFrame(
+        {
+            "job": table["job"],
+            "overrides": [" ".join(f"`{o}`" for o in v) or "-" for v in varying],
+            "model": table["model"].map(_text),
+            "mode": table["mode"].map(_text),
+            "batch": table["batch_size"].map(lambda v: _num(v, 0)),
+            "image tokens": table["image_tokens"].map(lambda v: _num(v, 0)),
+            "dtype": table["dtype"].map(_text),
+            **{header: table[column].map(_num) for column, _, header in HEADLINE},
+            "status": table["status"],
+        }
+    )
     lines = [f"# Sweep summary: {title}", ""]
     lines.append(f"{len(table)} jobs; {_status_counts(table['status'])}.")
     if common:
@@ -252,8 +273,10 @@ def summary_markdown(summary: Summary, title: str, batches: Sequence[BatchSweep]
     problems = table[table["status"] != OK]
     if len(problems):
         lines += ["## Jobs that did not finish", ""]
-        lines += [f"- **{job}** ({status}): {_text(error)}"
-                  for job, status, error in zip(problems["job"], problems["status"], problems["error"])]  # fmt: skip
+        lines += [
+            f"- **{job}** ({status}): {_text(error)}"
+            for job, status, error in zip(problems["job"], problems["status"], problems["error"])
+        ]
         lines.append("")
     if summary.stages:
         lines += [
@@ -266,17 +289,24 @@ def summary_markdown(summary: Summary, title: str, batches: Sequence[BatchSweep]
             lines += [
                 f"## % of the {roof} roof (analytic work over the stage's time)",
                 "",
-                _markdown_table(_stage_view(table, summary.stages, lambda s, r=roof: roof_column(s, r),
-                                            lambda v: _num(v, 1))),
+                _markdown_table(
+                    _stage_view(
+                        table, summary.stages, lambda s, r=roof: roof_column(s, r), lambda v: _num(v, 1)
+                    )
+                ),
                 "",
             ]
         lines += [f"![stage time per job]({SUMMARY_PNG})", ""]
     if batches:
-        lines += ["## Batch: throughput against latency", "",
-                  "Per batch size: TPOT (per decode step of the whole batch), real tokens per second, and the "
-                  "analytic intensity of the decode step against the ridge of the run's first roof; the predicted "
-                  "batch where decode turns compute-bound comes from the largest batch's analytic step "
-                  "(report/batch_scaling.py gives the formula).", ""]  # fmt: skip
+        lines += [
+            "## Batch: throughput against latency",
+            "",
+            "Per batch size: TPOT (per decode step of the whole batch), real tokens per second, and the "
+            "analytic intensity of the decode step against the ridge of the run's first roof; the predicted "
+            "batch where decode turns compute-bound comes from the largest batch's analytic step "
+            "(report/batch_scaling.py gives the formula).",
+            "",
+        ]
         for sweep in batches:
             lines += sweep_lines(sweep)
         lines += [f"![throughput against latency]({THROUGHPUT_PNG})", ""]
@@ -337,16 +367,30 @@ def sweep_plot(summary: Summary, path: str | Path, *, title: str) -> Path:
     ax.set_xlim(0, (left.max() if left.max() > 0 else 1.0) * 1.14)
     for row, total, timed, status, error in zip(rows, left, has_times, table["status"], table["error"]):
         if timed:
-            ax.annotate(f"{total:,.0f} ms", (total, row), xytext=(4, 0), textcoords="offset points",
-                        va="center", fontsize=8)  # fmt: skip
+            ax.annotate(
+                f"{total:,.0f} ms",
+                (total, row),
+                xytext=(4, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=8,
+            )
         else:
             # An empty, outlined box in place of the bar: a full-length bar would read as a long time.
             shown = status if status != OK else "no stage times"
             if isinstance(error, str):
                 shown = f"{shown}: {error}"
-            ax.annotate(_shorten(shown, _NOTE_CHARS), (0, row), xytext=(6, 0), textcoords="offset points",
-                        va="center", fontsize=9, style="italic", color="dimgray",
-                        bbox=_EMPTY_BAR)  # fmt: skip
+            ax.annotate(
+                _shorten(shown, _NOTE_CHARS),
+                (0, row),
+                xytext=(6, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=9,
+                style="italic",
+                color="dimgray",
+                bbox=_EMPTY_BAR,
+            )
     ax.set_yticks(list(rows), labels)
     ax.invert_yaxis()
     ax.set_ylabel("job (number, what differs)")
@@ -370,13 +414,17 @@ def write_summary(sweep_dir: str | Path) -> dict[str, Path]:
     summary = summarize(results)
     title = sweep_dir.resolve().name
     _, varying = varying_overrides([r.job.overrides for r in results])
-    batches = batch_sweeps([r.job.record for r in results], [_batch_group(r.job, v) for r, v in zip(results, varying)])
+    batches = batch_sweeps(
+        [r.job.record for r in results], [_batch_group(r.job, v) for r, v in zip(results, varying)]
+    )
     written = {
         "csv": write_csv(sweep_dir / SUMMARY_CSV, summary.table),
         "png": sweep_plot(summary, sweep_dir / SUMMARY_PNG, title=f"Stage time per job · {title}"),
     }
     if batches:
-        written["throughput"] = throughput_plot(batches, sweep_dir / THROUGHPUT_PNG, title=f"Batch sweep · {title}")
+        written["throughput"] = throughput_plot(
+            batches, sweep_dir / THROUGHPUT_PNG, title=f"Batch sweep · {title}"
+        )
     written["md"] = write_text(sweep_dir / SUMMARY_MD, summary_markdown(summary, title, batches))
     return written
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_costs import meta_model as build_meta_model
 
 from llm_perf_opt.analytic.families import Cost
 from llm_perf_opt.models.deepseek_ocr.analytic import footprint as memory
 from llm_perf_opt.models.deepseek_ocr.analytic.checks import builtin_modes
-from llm_perf_opt.models.deepseek_ocr.analytic.formulas import greedy_pick
 from llm_perf_opt.models.deepseek_ocr.analytic.costs import (
     MODEL_STAGES,
     ROOFLINE_NOTE,
@@ -16,11 +16,11 @@ from llm_perf_opt.models.deepseek_ocr.analytic.costs import (
     resolve_grid,
     stage_costs,
 )
+from llm_perf_opt.models.deepseek_ocr.analytic.formulas import greedy_pick
 from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRConfig
 from llm_perf_opt.models.deepseek_ocr.fast.paths import FastPaths
 from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord
 from llm_perf_opt.models.deepseek_ocr.stages import CLIP, DECODE, PREFILL, PROJECTOR, SAM
-from model_costs import meta_model as build_meta_model
 
 CFG = DeepSeekOCRConfig()
 MODES = builtin_modes()
@@ -127,7 +127,14 @@ def test_tables_add_up():
         assert sums.loc[key, "matmul_flops"] == pytest.approx(totals.loc[key, "matmul_flops"])
         assert sums.loc[key, "bytes"] == pytest.approx(totals.loc[key, "bytes"])
     families = set(parts[parts.stage == SAM].family)
-    assert {"patch_conv", "conv2d", "sam_attention_global", "sam_attention_window", "linear", "layernorm2d"} <= families
+    assert {
+        "patch_conv",
+        "conv2d",
+        "sam_attention_global",
+        "sam_attention_window",
+        "linear",
+        "layernorm2d",
+    } <= families
     assert {"causal_attention", "moe_routed", "moe_shared", "moe_gate", "swiglu_mlp", "lm_head"} <= set(
         parts[parts.stage == PREFILL].family
     )
@@ -351,7 +358,8 @@ def test_a_batch_of_copies_does_n_times_the_work_and_reads_the_weights_once():
         assert four.total(stage).weight_bytes == one.total(stage).weight_bytes
     # A decode step of four sequences: four times the KV cache read, the dense weights once.
     assert sum(c.kv_read_bytes for c in four.decode_step.values()) == 4 * sum(
-        c.kv_read_bytes for c in one.decode_step.values())
+        c.kv_read_bytes for c in one.decode_step.values()
+    )
     assert four.decode_step["lm_head"].weight_bytes == one.decode_step["lm_head"].weight_bytes
     assert four.decode_step["lm_head"].matmul_flops == 4 * one.decode_step["lm_head"].matmul_flops
 
@@ -363,7 +371,9 @@ def test_a_batch_of_different_pages_pads_to_the_longest_and_adds_their_vision():
     assert batch.workload.prompt_tokens == max(a.workload.prompt_tokens for a in alone)
     assert batch.workload.tiles == 0 + 6 + 4
     for stage in (SAM, CLIP):
-        assert batch.total(stage).matmul_flops == pytest.approx(sum(a.total(stage).matmul_flops for a in alone))
+        assert batch.total(stage).matmul_flops == pytest.approx(
+            sum(a.total(stage).matmul_flops for a in alone)
+        )
     # Prefill runs three sequences of the longest prompt (padding is executed work).
     longest = max(alone, key=lambda a: a.workload.prompt_tokens)
     assert batch.total(PREFILL).matmul_flops == pytest.approx(3 * longest.total(PREFILL).matmul_flops)
@@ -371,7 +381,11 @@ def test_a_batch_of_different_pages_pads_to_the_longest_and_adds_their_vision():
 
 def test_expected_experts_of_a_batch_decode_step_route_b_tokens():
     lm = CFG.lm
-    rows = [r for r in stage_costs(CFG, MODES["tiny"], grids=[(1, 1)] * 16).expert_usage if r["scope"] == "decode_step"]
+    rows = [
+        r
+        for r in stage_costs(CFG, MODES["tiny"], grids=[(1, 1)] * 16).expert_usage
+        if r["scope"] == "decode_step"
+    ]
     e, k = lm.n_routed_experts, lm.num_experts_per_tok
     # 16 tokens of top-6 over 64 experts touch E(1 - (1 - k/E)^16) of them on average.
     assert rows[0]["tokens"] == 16

@@ -28,7 +28,12 @@ OFFICIAL = Path(__file__).resolve().parents[3] / ".." / "shared" / "official"
 def test_defaults_are_the_official_architecture():
     cfg = DeepSeekOCRConfig()
     lm = cfg.lm
-    assert (lm.vocab_size, lm.hidden_size, lm.intermediate_size, lm.moe_intermediate_size) == (129280, 1280, 6848, 896)
+    assert (lm.vocab_size, lm.hidden_size, lm.intermediate_size, lm.moe_intermediate_size) == (
+        129280,
+        1280,
+        6848,
+        896,
+    )
     assert (lm.num_hidden_layers, lm.num_attention_heads, lm.head_dim) == (12, 10, 128)
     assert (lm.n_routed_experts, lm.n_shared_experts, lm.num_experts_per_tok) == (64, 2, 6)
     assert lm.shared_intermediate_size == 1792
@@ -62,7 +67,10 @@ def test_official_json_round_trip_keeps_the_vision_block(tiny_arch, tmp_path):
     data = to_official_json(tiny_arch)
     assert data["use_mla"] is False
     assert data["language_config"]["hidden_size"] == data["hidden_size"] == tiny_arch.lm.hidden_size
-    assert data["projector_config"] == {"input_dim": tiny_arch.projector_in, "n_embed": tiny_arch.lm.hidden_size}
+    assert data["projector_config"] == {
+        "input_dim": tiny_arch.projector_in,
+        "n_embed": tiny_arch.lm.hidden_size,
+    }
     path = tmp_path / "config.json"
     path.write_text(json.dumps(data))
     back = from_official_json(path)
@@ -84,14 +92,19 @@ def arch_with(**sections: dict) -> DeepSeekOCRConfig:
     """The official architecture with the given fields of its sam / clip / lm sections replaced."""
     base = DeepSeekOCRConfig()
     return DeepSeekOCRConfig(
-        **{name: dataclasses.replace(getattr(base, name), **sections.get(name, {})) for name in ("sam", "clip", "lm")}
+        **{
+            name: dataclasses.replace(getattr(base, name), **sections.get(name, {}))
+            for name in ("sam", "clip", "lm")
+        }
     )
 
 
 def test_packaged_model_configs_compose_to_typed_architectures(tiny_arch):
     assert load([]).model.arch == DeepSeekOCRConfig()
     # YAML lists arrive as the tuples the architecture holds.
-    assert type(tiny_arch.sam.global_attn_indexes) is tuple and type(tiny_arch.sam.downsample_channels) is tuple
+    assert (
+        type(tiny_arch.sam.global_attn_indexes) is tuple and type(tiny_arch.sam.downsample_channels) is tuple
+    )
     # The reduced model keeps the official structure: SAM's output feeds CLIP, top-k within the experts.
     assert tiny_arch.sam.out_channels == tiny_arch.clip.width
     assert tiny_arch.lm.num_experts_per_tok <= tiny_arch.lm.n_routed_experts

@@ -16,8 +16,13 @@ from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession
 
 NEW_TOKENS = 5
 #: Every path the fast implementation has a choice of, named: nothing is tuned in a test.
-FAST_PATHS = ("model.paths.sam_attention=blocked", "model.paths.moe_prefill=grouped",
-              "model.paths.moe_decode=grouped", "model.paths.decode=static", "model.paths.linear=split")  # fmt: skip
+FAST_PATHS = (
+    "model.paths.sam_attention=blocked",
+    "model.paths.moe_prefill=grouped",
+    "model.paths.moe_decode=grouped",
+    "model.paths.decode=static",
+    "model.paths.linear=split",
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +30,9 @@ def pages(tmp_path_factory):
     """Three pages whose gundam tilings differ, so their prompts differ in length."""
     folder = tmp_path_factory.mktemp("pages")
     paths = []
-    for i, (size, colour) in enumerate((((800, 1000), (250, 250, 240)), ((1400, 600), (200, 230, 250)),
-                                        ((640, 640), (255, 200, 200)))):  # fmt: skip
+    for i, (size, colour) in enumerate(
+        (((800, 1000), (250, 250, 240)), ((1400, 600), (200, 230, 250)), ((640, 640), (255, 200, 200)))
+    ):
         paths.append(folder / f"page{i}.png")
         Image.new("RGB", size, colour).save(paths[-1])
     return paths
@@ -35,7 +41,9 @@ def pages(tmp_path_factory):
 def session_for(impl: str, stops_at_eos: bool = False) -> DeepSeekOCRSession:
     extra = FAST_PATHS if impl == "fast" else ()
     cfg = load(["model=deepseek_ocr_tiny", "mode=gundam", f"model.impl={impl}", *extra]).model
-    session = DeepSeekOCRSession(cfg, SessionOptions(torch.device("cpu"), torch.float32, stops_at_eos=stops_at_eos))
+    session = DeepSeekOCRSession(
+        cfg, SessionOptions(torch.device("cpu"), torch.float32, stops_at_eos=stops_at_eos)
+    )
     session.load()  # seeded dummy weights: every session of the tests holds the same
     return session
 

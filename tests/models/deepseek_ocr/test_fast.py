@@ -15,8 +15,6 @@ from llm_perf_opt.models.deepseek_ocr import weights
 from llm_perf_opt.models.deepseek_ocr.decoder import MoE
 from llm_perf_opt.models.deepseek_ocr.fast import FastDeepSeekOCR
 from llm_perf_opt.models.deepseek_ocr.fast.decoder import StaticKVCache
-from llm_perf_opt.models.kernels.blocked_attention import blocked_attention
-from llm_perf_opt.models.kernels.linear import FastLinear
 from llm_perf_opt.models.deepseek_ocr.fast.moe import FastMoE
 from llm_perf_opt.models.deepseek_ocr.fast.paths import grouped_mm_without_sync
 from llm_perf_opt.models.deepseek_ocr.fast.sam import (
@@ -26,8 +24,10 @@ from llm_perf_opt.models.deepseek_ocr.fast.sam import (
 )
 from llm_perf_opt.models.deepseek_ocr.routing import balance_router
 from llm_perf_opt.models.deepseek_ocr.sam import SamAttention, SamBlock
-from llm_perf_opt.models.tokenizer import DEFAULT_PROMPT
 from llm_perf_opt.models.interface import SessionOptions
+from llm_perf_opt.models.kernels.blocked_attention import blocked_attention
+from llm_perf_opt.models.kernels.linear import FastLinear
+from llm_perf_opt.models.tokenizer import DEFAULT_PROMPT
 from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession
 
 REL = 1e-4  # relative error allowed between the implementations (fp32)
@@ -98,7 +98,10 @@ def test_routed_experts_are_views_of_one_stacked_tensor_per_layer(tiny_arch, mod
         for e, expert in enumerate(moe.experts):
             for name in ("gate_proj", "up_proj"):
                 assert getattr(expert, name).weight.untyped_storage().data_ptr() == storage
-            assert expert.down_proj.weight.untyped_storage().data_ptr() == moe.down_weight.untyped_storage().data_ptr()
+            assert (
+                expert.down_proj.weight.untyped_storage().data_ptr()
+                == moe.down_weight.untyped_storage().data_ptr()
+            )
             # Expert e's up projection is rows I..2I of slice e: e·2I·d + I·d elements in.
             offset = expert.up_proj.weight.data_ptr() - moe.gate_up_weight.data_ptr()
             assert offset == (e * 2 * i * d + i * d) * 4

@@ -12,22 +12,22 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from model_costs import forward_total
 
 from llm_perf_opt.analytic import families as fam
 from llm_perf_opt.analytic.byte_count import ByteCounter
 from llm_perf_opt.config import load
+from llm_perf_opt.models.deepseek_ocr import weights
 from llm_perf_opt.models.deepseek_ocr.analytic import formulas as ocr_fam
 from llm_perf_opt.models.deepseek_ocr.analytic.costs import MODEL_STAGES, stage_costs
-from llm_perf_opt.models.deepseek_ocr import weights
 from llm_perf_opt.models.deepseek_ocr.config import SamConfig
-from llm_perf_opt.models.kernels.linear import CHUNK_ROWS, use_fast_linears
 from llm_perf_opt.models.deepseek_ocr.fast.moe import FastMoE
 from llm_perf_opt.models.deepseek_ocr.fast.paths import FastPaths
-from llm_perf_opt.models.kernels.blocked_attention import tile_rows
 from llm_perf_opt.models.deepseek_ocr.fast.sam import FastSamAttention
 from llm_perf_opt.models.deepseek_ocr.routing import RoutingRecord
 from llm_perf_opt.models.deepseek_ocr.sam import window_partition
-from model_costs import forward_total
+from llm_perf_opt.models.kernels.blocked_attention import tile_rows
+from llm_perf_opt.models.kernels.linear import CHUNK_ROWS, use_fast_linears
 
 SAM, CLIP, PROJECTOR, PREFILL, DECODE = MODEL_STAGES
 FIELDS = ("weight_bytes", "act_read_bytes", "act_write_bytes", "kv_read_bytes", "kv_write_bytes")
@@ -68,15 +68,24 @@ def test_sam_attention_paths_match_the_count(dtype, name, grid, window, table_si
         attn(groups_in)
     side = window or grid
     rows = tile_rows(groups_in.shape[0], 2, side, side, tile)
-    cost = ocr_fam.sam_attention(1, grid, 64, 2, name, window=window, table_side=table_side, bias=bias, tile_rows=rows)
+    cost = ocr_fam.sam_attention(
+        1, grid, 64, 2, name, window=window, table_side=table_side, bias=bias, tile_rows=rows
+    )
     assert byte_fields(counter.total) == byte_fields(cost)
 
 
 @pytest.mark.parametrize(("dtype", "name"), DTYPES)
 @pytest.mark.parametrize(
     ("routed", "tokens"),
-    [("grouped", 1), ("grouped", 5), ("grouped", 40), ("gathered", 1), ("one_by_one", 1), ("one_by_one", 5),
-     ("looped", 5)],
+    [
+        ("grouped", 1),
+        ("grouped", 5),
+        ("grouped", 40),
+        ("gathered", 1),
+        ("one_by_one", 1),
+        ("one_by_one", 5),
+        ("looped", 5),
+    ],
 )
 def test_moe_paths_match_the_count(tiny_arch, dtype, name, routed, tokens):
     """A few tokens take `moe_batch`'s way, and the shared experts' products (and the one-by-one
@@ -85,13 +94,24 @@ def test_moe_paths_match_the_count(tiny_arch, dtype, name, routed, tokens):
     torch.manual_seed(tokens)
     layer = FastMoE(lm)
     use_fast_linears(layer.shared_experts)  # as install_fast_modules does
-    for tensor in (layer.gate_up_weight, layer.down_weight, layer.gate.weight, *layer.shared_experts.parameters()):
+    for tensor in (
+        layer.gate_up_weight,
+        layer.down_weight,
+        layer.gate.weight,
+        *layer.shared_experts.parameters(),
+    ):
         torch.nn.init.normal_(tensor)
     layer = layer.to(dtype)
     layer.tie_experts()
     layer.count_tokens = host_bincount
-    layer.paths = paths("blocked", "grouped", routed if tokens == 1 else "grouped", "eager",
-                        moe_batch=routed if tokens > 1 else "looped", rows="weight_major")  # fmt: skip
+    layer.paths = paths(
+        "blocked",
+        "grouped",
+        routed if tokens == 1 else "grouped",
+        "eager",
+        moe_batch=routed if tokens > 1 else "looped",
+        rows="weight_major",
+    )
     chosen = []
     layer.on_route = lambda experts: chosen.append(experts.tolist())
     x = torch.randn(1, tokens, lm.hidden_size, dtype=dtype)
@@ -100,9 +120,17 @@ def test_moe_paths_match_the_count(tiny_arch, dtype, name, routed, tokens):
     touched = len({e for row in chosen[0] for e in row})
     block = CHUNK_ROWS if tokens > 1 and dtype == torch.float32 else None
     cost = ocr_fam.moe(
-        tokens, lm.hidden_size, lm.moe_intermediate_size, lm.n_routed_experts, lm.num_experts_per_tok,
-        lm.shared_intermediate_size, name, experts_touched=touched, routed=routed, weight_major_block=block,
-    )  # fmt: skip
+        tokens,
+        lm.hidden_size,
+        lm.moe_intermediate_size,
+        lm.n_routed_experts,
+        lm.num_experts_per_tok,
+        lm.shared_intermediate_size,
+        name,
+        experts_touched=touched,
+        routed=routed,
+        weight_major_block=block,
+    )
     assert byte_fields(counter.total) == byte_fields(cost)
 
 
@@ -156,7 +184,9 @@ def test_every_stage_of_the_fast_model_moves_the_analytic_bytes(tiny_arch, dtype
     lm = tiny_arch.lm
     routes: dict[int, list[list[int]]] = {i: [] for i in model.moe_layers()}
     for i, layer in model.moe_layers().items():
-        layer.on_route = lambda experts, i=i: routes[i].append(host_bincount(experts.flatten(), lm.n_routed_experts))
+        layer.on_route = lambda experts, i=i: routes[i].append(
+            host_bincount(experts.flatten(), lm.n_routed_experts)
+        )
     params = list(model.parameters())
 
     def count(fn, kv=()):
@@ -184,18 +214,28 @@ def test_every_stage_of_the_fast_model_moves_the_analytic_bytes(tiny_arch, dtype
         decode=tuple(tuple(tuple(routes[i][1 + j]) for i in layers) for j in range(steps)),
     )
     analytic = stage_costs(
-        tiny_arch, cfg.mode, text_tokens=12, decode_steps=steps, dtype=name, routing=routing,
-        paths=fixed, cache_len=s + max_new,
-    )  # fmt: skip
+        tiny_arch,
+        cfg.mode,
+        text_tokens=12,
+        decode_steps=steps,
+        dtype=name,
+        routing=routing,
+        paths=fixed,
+        cache_len=s + max_new,
+    )
     # Vision in bf16 is left out: CPU's LayerNorm returns its per-row mean and rstd in bf16 where
     # the meta model the formulas follow (and CUDA) keeps them in fp32, 4 B fewer per row in SAM
     # and CLIP, reference and fast alike; fp32 checks vision.
     stages = (PREFILL,) if dtype == torch.bfloat16 else (SAM, CLIP, PROJECTOR, PREFILL)
     for stage in stages:
-        assert byte_fields(counted[stage]) == pytest.approx(byte_fields(forward_total(analytic.stages[stage])), rel=1e-12), stage
+        assert byte_fields(counted[stage]) == pytest.approx(
+            byte_fields(forward_total(analytic.stages[stage])), rel=1e-12
+        ), stage
     step = forward_total(analytic.decode_step)  # the model's calls alone, without the session's pick
     assert byte_fields(decode[0]) == pytest.approx(byte_fields(step), rel=1e-12)
-    assert byte_fields(sum(decode, fam.Cost())) == pytest.approx(byte_fields(forward_total(analytic.stages[DECODE])), rel=1e-12)
+    assert byte_fields(sum(decode, fam.Cost())) == pytest.approx(
+        byte_fields(forward_total(analytic.stages[DECODE])), rel=1e-12
+    )
 
 
 @torch.no_grad()
@@ -221,7 +261,9 @@ def test_a_batch_moves_the_analytic_bytes_with_weight_major_rows(tiny_arch):
     lm = tiny_arch.lm
     routes: dict[int, list[list[int]]] = {i: [] for i in model.moe_layers()}
     for i, layer in model.moe_layers().items():
-        layer.on_route = lambda experts, i=i: routes[i].append(host_bincount(experts.flatten(), lm.n_routed_experts))
+        layer.on_route = lambda experts, i=i: routes[i].append(
+            host_bincount(experts.flatten(), lm.n_routed_experts)
+        )
     params = list(model.parameters())
     pixels = torch.randn(1, 3, 512, 512, generator=torch.Generator().manual_seed(0))
     sam_out = model.sam(pixels)
@@ -244,14 +286,30 @@ def test_a_batch_moves_the_analytic_bytes_with_weight_major_rows(tiny_arch):
         decode=tuple(tuple(tuple(routes[i][1 + j]) for i in layers) for j in range(steps)),
     )
     analytic = stage_costs(
-        tiny_arch, cfg.mode, text_tokens=12, decode_steps=steps, dtype="float32", routing=routing,
-        paths=fixed, cache_len=s + max_new, grids=[(1, 1), (1, 1)],
-    )  # fmt: skip
-    assert byte_fields(decode[0]) == pytest.approx(byte_fields(forward_total(analytic.decode_step)), rel=1e-12)
+        tiny_arch,
+        cfg.mode,
+        text_tokens=12,
+        decode_steps=steps,
+        dtype="float32",
+        routing=routing,
+        paths=fixed,
+        cache_len=s + max_new,
+        grids=[(1, 1), (1, 1)],
+    )
+    assert byte_fields(decode[0]) == pytest.approx(
+        byte_fields(forward_total(analytic.decode_step)), rel=1e-12
+    )
     plain = stage_costs(
-        tiny_arch, cfg.mode, text_tokens=12, decode_steps=steps, dtype="float32", routing=routing,
-        paths=dataclasses.replace(fixed, rows="plain"), cache_len=s + max_new, grids=[(1, 1), (1, 1)],
-    )  # fmt: skip
+        tiny_arch,
+        cfg.mode,
+        text_tokens=12,
+        decode_steps=steps,
+        dtype="float32",
+        routing=routing,
+        paths=dataclasses.replace(fixed, rows="plain"),
+        cache_len=s + max_new,
+        grids=[(1, 1), (1, 1)],
+    )
     decode_total = forward_total(analytic.stages[DECODE])
     assert byte_fields(sum(decode, fam.Cost())) == pytest.approx(byte_fields(decode_total), rel=1e-12)
     # Weight-major products move more than F.linear's: the transposing copies of their outputs.

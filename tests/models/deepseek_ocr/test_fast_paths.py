@@ -13,8 +13,8 @@ from llm_perf_opt.models.deepseek_ocr.fast.decoder import StaticKVCache
 from llm_perf_opt.models.deepseek_ocr.fast.moe import FastMoE
 from llm_perf_opt.models.deepseek_ocr.fast.paths import FastPaths, choose_paths
 from llm_perf_opt.models.deepseek_ocr.fast.sam import FastSamAttention
-from llm_perf_opt.models.tokenizer import DEFAULT_PROMPT
 from llm_perf_opt.models.interface import SessionOptions
+from llm_perf_opt.models.tokenizer import DEFAULT_PROMPT
 from llm_perf_opt.runners.dsocr_session import DeepSeekOCRSession, Execution
 
 
@@ -22,24 +22,36 @@ def test_cpu_guesses_the_paths_measured_fastest_on_one_zen_4():
     for dtype in (torch.float32, torch.bfloat16):
         paths = choose_paths(torch.device("cpu"), dtype)
         assert (paths.sam_attention, paths.moe_prefill, paths.moe_decode, paths.decode, paths.linear) == (
-            "blocked", "grouped", "one_by_one", "eager", "split",
-        )  # fmt: skip
+            "blocked",
+            "grouped",
+            "one_by_one",
+            "eager",
+            "split",
+        )
 
 
 def test_meta_stands_in_for_a_gpu_with_the_grouped_kernel_in_bf16_only():
     bf16 = choose_paths(torch.device("meta"), torch.bfloat16)
     fp32 = choose_paths(torch.device("meta"), torch.float32)
     assert (bf16.sam_attention, bf16.moe_prefill, bf16.moe_decode, bf16.decode) == (
-        "folded", "grouped", "grouped", "static",
-    )  # fmt: skip
+        "folded",
+        "grouped",
+        "grouped",
+        "static",
+    )
     # Without a sync-free grouped GEMM: gathered weights in decode, the reference loop in prefill.
     assert (fp32.moe_prefill, fp32.moe_decode) == ("looped", "gathered")
 
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("sam_attention", "dense"), ("moe_prefill", "one_by_one"), ("moe_decode", "loopy"), ("decode", "lazy"),
-     ("linear", "fused")],
+    [
+        ("sam_attention", "dense"),
+        ("moe_prefill", "one_by_one"),
+        ("moe_decode", "loopy"),
+        ("decode", "lazy"),
+        ("linear", "fused"),
+    ],
 )
 def test_an_unknown_path_is_refused(field, value):
     paths = {"sam_attention": "blocked", "moe_prefill": "grouped", "moe_decode": "grouped", "decode": "eager"}
@@ -92,11 +104,26 @@ def test_the_session_records_how_it_ran(tiny_arch):
         else:
             # The paths measured fastest here at load, each choice with its candidates' times.
             assert execution.tuned is not None and execution.paths == execution.tuned.paths
-            assert record["paths"] == execution.paths.as_dict() and record["kv_cache_positions"] == execution.cache_len
+            assert (
+                record["paths"] == execution.paths.as_dict()
+                and record["kv_cache_positions"] == execution.cache_len
+            )
             fields = [c["field"] for c in record["path_choice"]["choices"]]
-            assert sorted(fields) == ["decode", "linear", "moe_batch", "moe_decode", "moe_prefill", "rows", "sam_attention"]
+            assert sorted(fields) == [
+                "decode",
+                "linear",
+                "moe_batch",
+                "moe_decode",
+                "moe_prefill",
+                "rows",
+                "sam_attention",
+            ]
             assert len(record["notes"]) == 1 + len(fields)
-            sam_words = {"reference": "with the reference's materialised bias", "blocked": "blocked over query tiles", "folded": "folded"}
+            sam_words = {
+                "reference": "with the reference's materialised bias",
+                "blocked": "blocked over query tiles",
+                "folded": "folded",
+            }
             assert f"SAM attention {sam_words[execution.paths.sam_attention]}" in execution.summary()
             assert "one-token products" in execution.summary()
 

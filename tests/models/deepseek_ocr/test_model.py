@@ -239,7 +239,9 @@ def test_eager_and_sdpa_agree(tiny_arch, tiny_model, eager_model):
             cache = model.new_cache(ids.shape[1] + 1)
             prefill = model.prefill(ids, embeds, cache)
             decode = model.decode_step(torch.tensor([[5]]), cache)
-            sam_out = torch.randn(1, tiny_arch.sam.out_channels, 8, 8, generator=torch.Generator().manual_seed(4))
+            sam_out = torch.randn(
+                1, tiny_arch.sam.out_channels, 8, 8, generator=torch.Generator().manual_seed(4)
+            )
             clip = model.clip(sam_out)
             results.append((prefill, decode, clip))
     for sdpa, eager in zip(*results):
@@ -294,7 +296,11 @@ def test_eager_attention_matches_sdpa_with_bias_and_offset_causal_mask():
     q, k, v = (torch.randn(2, 3, n, 16, generator=gen) for n in (5, 5, 5))
     bias = torch.randn(2, 3, 5, 5, generator=gen)
     for kwargs in ({"causal": True}, {"bias": bias}, {}):
-        close(attention.attend(q, k, v, backend="eager", **kwargs), attention.attend(q, k, v, **kwargs), rel=1e-5)
+        close(
+            attention.attend(q, k, v, backend="eager", **kwargs),
+            attention.attend(q, k, v, **kwargs),
+            rel=1e-5,
+        )
     # A decode-style query block at the end of a longer key sequence sees every earlier key.
     k_long, v_long = torch.randn(2, 3, 9, 16, generator=gen), torch.randn(2, 3, 9, 16, generator=gen)
     eager = attention.attend(q[:, :, :1], k_long, v_long, backend="eager", causal=True)

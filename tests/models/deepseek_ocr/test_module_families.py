@@ -51,7 +51,7 @@ def test_only_the_outermost_module_of_a_family_is_tagged(tiny_arch):
         for other in families:
             assert not other.startswith(name + "."), f"{other} is tagged inside {name}"
     # MoE experts (routed and shared) run inside their `moe` range, never as `mlp` of their own.
-    for name, module in m.named_modules():
+    for name, _module in m.named_modules():
         if ".experts." in name or name.endswith(".shared_experts") or name.endswith(".gate"):
             assert name not in families, name
 

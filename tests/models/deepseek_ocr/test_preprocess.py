@@ -77,7 +77,9 @@ def test_no_crop_modes_give_one_view(modes: dict[str, ModeSpec], mode: str, size
         ((600, 400), (1, 1), 273),
     ],
 )
-def test_gundam_grids_and_token_counts(gundam: ModeSpec, size: tuple[int, int], grid: tuple[int, int], tokens: int) -> None:
+def test_gundam_grids_and_token_counts(
+    gundam: ModeSpec, size: tuple[int, int], grid: tuple[int, int], tokens: int
+) -> None:
     views = preprocess_image(white(*size), gundam)
     assert views.grid == grid == select_tile_grid(*size, gundam)
     assert views.image_tokens == tokens
@@ -91,9 +93,29 @@ def test_gundam_grids_and_token_counts(gundam: ModeSpec, size: tuple[int, int], 
 
 def test_candidate_order_matches_reference() -> None:
     assert candidate_grids(2, 9) == [
-        (1, 2), (2, 1), (3, 1), (1, 3), (2, 2), (4, 1), (1, 4), (5, 1), (1, 5), (1, 6), (6, 1),
-        (3, 2), (2, 3), (7, 1), (1, 7), (4, 2), (2, 4), (1, 8), (8, 1), (1, 9), (3, 3), (9, 1),
-    ]  # fmt: skip
+        (1, 2),
+        (2, 1),
+        (3, 1),
+        (1, 3),
+        (2, 2),
+        (4, 1),
+        (1, 4),
+        (5, 1),
+        (1, 5),
+        (1, 6),
+        (6, 1),
+        (3, 2),
+        (2, 3),
+        (7, 1),
+        (1, 7),
+        (4, 2),
+        (2, 4),
+        (1, 8),
+        (8, 1),
+        (1, 9),
+        (3, 3),
+        (9, 1),
+    ]
 
 
 def test_equal_ratio_tie_prefers_more_tiles_only_for_large_images(gundam: ModeSpec) -> None:

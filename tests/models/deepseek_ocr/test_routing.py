@@ -194,4 +194,3 @@ def test_routing_record_rejects_inconsistent_counts(tiny_arch, prefill, decode, 
     # The counts come from the run's own recorder: a mismatch is a bug, not a user's mistake.
     with pytest.raises(ValueError, match=match):
         RoutingRecord(prefill=prefill, decode=decode).check(tiny_arch.lm, tokens, steps)
-

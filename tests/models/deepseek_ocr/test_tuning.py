@@ -69,8 +69,15 @@ def test_bf16_on_cpu_has_one_linear_formulation(tiny_arch, tmp_path):
 
 
 def test_forced_choices_are_kept_untimed(fast_fp32, tmp_path):
-    forced = {"linear": "split", "moe_decode": "gathered", "sam_attention": "folded", "decode": "static",
-              "moe_prefill": "looped", "rows": "plain", "moe_batch": "grouped"}  # fmt: skip
+    forced = {
+        "linear": "split",
+        "moe_decode": "gathered",
+        "sam_attention": "folded",
+        "decode": "static",
+        "moe_prefill": "looped",
+        "rows": "plain",
+        "moe_batch": "grouped",
+    }
     tuned = tuning.tune_paths(fast_fp32, mode(), forced, cache_dir=tmp_path)
     assert tuned.paths == FastPaths("folded", "looped", "gathered", "static", "split", "plain", "grouped")
     assert all(c.source == "forced" and not c.times_ms for c in tuned.choices)
@@ -89,7 +96,9 @@ def test_the_choice_is_cached_per_key_and_refreshed_on_request(fast_fp32, tmp_pa
     # Another key (other forced choices, another dtype) or refresh: measured again.
     for call in (
         lambda: tuning.tune_paths(fast_fp32, mode(), {"sam_attention": "folded"}, cache_dir=tmp_path),
-        lambda: tuning.tune_paths(fast_fp32, mode(), {"sam_attention": "blocked"}, cache_dir=tmp_path, refresh=True),
+        lambda: tuning.tune_paths(
+            fast_fp32, mode(), {"sam_attention": "blocked"}, cache_dir=tmp_path, refresh=True
+        ),
     ):
         with pytest.raises(AssertionError, match="measured although cached"):
             call()

@@ -126,7 +126,9 @@ def test_two_shard_checkpoint_with_index_loads(tiny_arch, tiny_bf16, tmp_path):
     for name, part in shards.items():
         save_file({k: state[k] for k in part}, str(tmp_path / name), metadata={"format": "pt"})
     weight_map = {k: name for name, part in shards.items() for k in part}
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     (tmp_path / "config.json").write_text(json.dumps(to_official_json(tiny_arch)))
 
     loaded = weights.load_checkpoint(tmp_path, "cpu", torch.bfloat16)
@@ -174,7 +176,9 @@ def refused(path) -> str:
 
 def test_small_checkpoint_loads(small_arch, small_state, tmp_path):
     """The baseline the broken variants below start from."""
-    model = weights.load_checkpoint(write_checkpoint(tmp_path, small_arch, small_state), "cpu", torch.bfloat16)
+    model = weights.load_checkpoint(
+        write_checkpoint(tmp_path, small_arch, small_state), "cpu", torch.bfloat16
+    )
     assert model.cfg == small_arch
 
 
@@ -209,7 +213,9 @@ def test_pickled_weights_are_refused(small_arch, tmp_path):
 def test_wrong_shape_names_the_key(small_arch, small_state, tmp_path):
     key = "model.layers.1.mlp.gate.weight"
     state = dict(small_state)
-    state[key] = torch.zeros(small_arch.lm.n_routed_experts + 1, small_arch.lm.hidden_size, dtype=torch.bfloat16)
+    state[key] = torch.zeros(
+        small_arch.lm.n_routed_experts + 1, small_arch.lm.hidden_size, dtype=torch.bfloat16
+    )
     message = refused(write_checkpoint(tmp_path, small_arch, state))
     assert "wrong shape" in message and key in message
     assert "missing" not in message  # a wrongly shaped key is reported once, not also as missing
@@ -244,7 +250,7 @@ def test_index_naming_an_absent_shard(small_arch, small_state, tmp_path):
 
 def test_malformed_index(small_arch, small_state, tmp_path):
     write_checkpoint(tmp_path, small_arch, small_state)
-    (tmp_path / "model.safetensors.index.json").write_text("{\"metadata\": {}}")
+    (tmp_path / "model.safetensors.index.json").write_text('{"metadata": {}}')
     assert "model.safetensors.index.json" in refused(tmp_path)
 
 
@@ -260,7 +266,16 @@ def test_malformed_index(small_arch, small_state, tmp_path):
         ('{"llm_perf_opt_vision": [1, 2]}', "llm_perf_opt_vision"),
         ('{"llm_perf_opt_vision": {"sam": {"global_attn_indexes": "1,3"}}}', "global_attn_indexes"),
     ],
-    ids=["truncated", "not-an-object", "mla", "float-layers", "string-vocab", "zero-heads", "vision-list", "bad-tuple"],
+    ids=[
+        "truncated",
+        "not-an-object",
+        "mla",
+        "float-layers",
+        "string-vocab",
+        "zero-heads",
+        "vision-list",
+        "bad-tuple",
+    ],
 )
 def test_malformed_config_json(small_arch, small_state, tmp_path, text, named):
     write_checkpoint(tmp_path, small_arch, small_state)

@@ -4,11 +4,11 @@ reduced model of conf/model/deepseek_ocr2_tiny.yaml, and a small page that tiles
 from __future__ import annotations
 
 import sys
-import tomllib
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 from PIL import Image
 
@@ -34,8 +34,12 @@ def entry_point(tmp_path_factory):
     folder = tmp_path_factory.mktemp("entry-point")
     info = folder / "llm_perf_opt_deepseek_ocr2_test-0.0.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: llm-perf-opt-deepseek-ocr2-test\nVersion: 0.0\n")
-    (info / "entry_points.txt").write_text(f"[{MODEL_ENTRY_POINTS}]\n{ENTRY_POINT} = {declared[ENTRY_POINT]}\n")
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: llm-perf-opt-deepseek-ocr2-test\nVersion: 0.0\n"
+    )
+    (info / "entry_points.txt").write_text(
+        f"[{MODEL_ENTRY_POINTS}]\n{ENTRY_POINT} = {declared[ENTRY_POINT]}\n"
+    )
     sys.path.insert(0, str(folder))
     yield folder
     sys.path.remove(str(folder))

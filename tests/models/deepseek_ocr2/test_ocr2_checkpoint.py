@@ -63,8 +63,10 @@ def test_remote_code_and_auto_map_are_not_executed(saved, options, tmp_path):
         f"open({str(marker)!r}, 'w').close()\nraise RuntimeError('remote code was executed')\n"
     )
     config = json.loads((remote / "config.json").read_text())
-    config["auto_map"] = {"AutoConfig": "modeling_deepseek_ocr2.Config",
-                          "AutoModel": "modeling_deepseek_ocr2.Model"}  # fmt: skip
+    config["auto_map"] = {
+        "AutoConfig": "modeling_deepseek_ocr2.Config",
+        "AutoModel": "modeling_deepseek_ocr2.Model",
+    }
     (remote / "config.json").write_text(json.dumps(config))
     assert tokens(remote, options) == expected
     assert not marker.exists()

@@ -24,14 +24,20 @@ def test_the_full_model_composes_with_its_default_mode():
 
 
 def test_the_default_mode_is_the_base_mode_file():
-    base = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Ocr2Mode),
-                                               OmegaConf.load(CONF / "ocr2_mode" / "base.yaml")))  # fmt: skip
+    base = OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(Ocr2Mode), OmegaConf.load(CONF / "ocr2_mode" / "base.yaml"))
+    )
     assert base == Ocr2Mode()
 
 
 def test_own_modes_and_the_shared_base_mode_compose():
     dynamic = load(["model=deepseek_ocr2", "+ocr2_mode=dynamic"]).model.mode
-    assert (dynamic.base_size, dynamic.image_size, dynamic.crop_mode, dynamic.max_tiles) == (1024, 768, True, 6)
+    assert (dynamic.base_size, dynamic.image_size, dynamic.crop_mode, dynamic.max_tiles) == (
+        1024,
+        768,
+        True,
+        6,
+    )
     shared = load(["model=deepseek_ocr2", "mode=base"]).model.mode
     assert (shared.name, shared.global_size, shared.crop_mode) == ("base", 1024, False)
     assert load(["model=deepseek_ocr", "mode=base"]).model.mode.name == "base"

@@ -38,8 +38,9 @@ def outputs(session: DeepSeekOCR2Session, image=None):
     request = session.prepare(image, PROMPT)
     with torch.inference_mode():
         encoded = StagedRun(session.model).encode_images(request.views)
-        logits = session.model(input_ids=request.input_ids, mm_encoder_outputs={"image": encoded},
-                               logits_to_keep=1).logits[0, -1]  # fmt: skip
+        logits = session.model(
+            input_ids=request.input_ids, mm_encoder_outputs={"image": encoded}, logits_to_keep=1
+        ).logits[0, -1]
     return encoded.pooler_output[0], logits, session.generate(request, 6).tokens
 
 
@@ -75,8 +76,9 @@ def test_only_the_sam_forwards_are_replaced(options):
 
 def test_eager_attention_keeps_transformers_sam_attention(options):
     """model.attn_impl=eager builds another SAM attention class, which fast.py leaves alone."""
-    session = DeepSeekOCR2Session(load(["model=deepseek_ocr2_tiny", "model.impl=fast", "model.attn_impl=eager"]).model,
-                                  options)  # fmt: skip
+    session = DeepSeekOCR2Session(
+        load(["model=deepseek_ocr2_tiny", "model.impl=fast", "model.attn_impl=eager"]).model, options
+    )
     session.load()
     assert fast.SAM_ATTENTION not in session.execution().replaced
 

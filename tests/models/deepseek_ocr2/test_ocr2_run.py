@@ -21,7 +21,15 @@ from llm_perf_opt.config import compose, validate
 
 TINY = ("model=deepseek_ocr2_tiny", "device=cpu", "profiling=quick", "dtype=float32")
 STAGES = ["preprocess", "sam", "vision", "projector", "prefill", "decode"]
-ARTIFACTS = ["report.md", "roofline.png", "stages.csv", "stages.json", "kernels.csv", "run.json", "trace.pt.trace.json"]
+ARTIFACTS = [
+    "report.md",
+    "roofline.png",
+    "stages.csv",
+    "stages.json",
+    "kernels.csv",
+    "run.json",
+    "trace.pt.trace.json",
+]
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +76,15 @@ def test_a_pickle_only_checkpoint_is_one_error_line(monkeypatch, capsys, tmp_pat
     save_checkpoint(tiny_session.model, folder)
     (folder / "model.safetensors").unlink()
     torch.save({"x": torch.zeros(1)}, folder / "pytorch_model.bin")
-    code, _, err = call_main(monkeypatch, capsys, run_module.main, "llm_perf_opt.run", *TINY,
-                             f"model.weights={folder}", f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
+    code, _, err = call_main(
+        monkeypatch,
+        capsys,
+        run_module.main,
+        "llm_perf_opt.run",
+        *TINY,
+        f"model.weights={folder}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 1 and len(errors) == 1 and "only pickled weights" in errors[0]
     assert "Traceback" not in err
@@ -91,10 +106,24 @@ def _env(entry_point: Path | None) -> dict:
 def test_one_sweep_over_both_models(tmp_path, entry_point):
     sweep = tmp_path / "sweep"
     proc = subprocess.run(
-        [sys.executable, "-m", "llm_perf_opt.run", "-m", "model=deepseek_ocr_tiny,deepseek_ocr2_tiny", "mode=base",
-         "device=cpu", "profiling=quick", "profiling.trace=false", "dtype=float32", "max_new_tokens=2",
-         f"hydra.sweep.dir={sweep}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "llm_perf_opt.run",
+            "-m",
+            "model=deepseek_ocr_tiny,deepseek_ocr2_tiny",
+            "mode=base",
+            "device=cpu",
+            "profiling=quick",
+            "profiling.trace=false",
+            "dtype=float32",
+            "max_new_tokens=2",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env=_env(entry_point),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -115,8 +144,14 @@ def test_compare_reads_its_runs(tiny_run, capsys):
 def test_the_module_tree_tags_stages(monkeypatch, capsys, tmp_path):
     from llm_perf_opt import tree
 
-    code, out, err = call_main(monkeypatch, capsys, tree.main, "llm_perf_opt.tree", "model=deepseek_ocr2_tiny",
-                               f"hydra.run.dir={tmp_path}")  # fmt: skip
+    code, out, err = call_main(
+        monkeypatch,
+        capsys,
+        tree.main,
+        "llm_perf_opt.tree",
+        "model=deepseek_ocr2_tiny",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert code == 0, err
     for stage in ("sam", "vision", "projector", "language_model"):
         assert stage in out

@@ -41,8 +41,18 @@ def test_stages_open_in_order_and_close_before_the_next(tiny_session, options, w
     assert request.views.tiles == 2 and request.views.grid == (2, 1)
     entered = [name for kind, name in heard.events if kind == "enter"]
     # the global view, then the two tiles as one batch; two decode steps for three tokens
-    assert entered == ["preprocess", "sam", "vision", "projector", "sam", "vision", "projector",
-                       "prefill", "decode", "decode"]
+    assert entered == [
+        "preprocess",
+        "sam",
+        "vision",
+        "projector",
+        "sam",
+        "vision",
+        "projector",
+        "prefill",
+        "decode",
+        "decode",
+    ]
     # strictly one range at a time: every entry is followed by its own exit
     assert all(heard.events[i] == ("exit", heard.events[i - 1][1]) for i in range(1, len(heard.events), 2))
     sam = session.model.model.vision_tower.sam_encoder

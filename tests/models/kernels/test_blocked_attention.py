@@ -61,5 +61,7 @@ def test_the_bias_goes_where_the_allocator_says():
 
     tile = 3 * 2 * 8 * 64
     expected = blocked_attention(q, k, v, rel_h, rel_w, tile_elements=tile)
-    assert torch.equal(blocked_attention(q, k, v, rel_h, rel_w, tile_elements=tile, allocate=from_scratch), expected)
+    assert torch.equal(
+        blocked_attention(q, k, v, rel_h, rel_w, tile_elements=tile, allocate=from_scratch), expected
+    )
     assert asked == [tile]

@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
-
 from llm_perf_opt.config import ModelConfig
 from llm_perf_opt.errors import UserError
 
@@ -169,7 +168,6 @@ VISION_KEY = "llm_perf_opt_vision"
 IMPLS = ("reference", "fast")
 
 
-
 def _pick(cls, values: dict) -> dict:
     names = {f.name for f in fields(cls)}
     return {k: v for k, v in values.items() if k in names}
@@ -241,7 +239,11 @@ class PathsConfig:
 
     def forced(self) -> dict[str, str]:
         """The choices fixed by the user (FastPaths field → option)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "refresh" and getattr(self, f.name) != "auto"}
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name != "refresh" and getattr(self, f.name) != "auto"
+        }
 
 
 @dataclass
@@ -257,7 +259,9 @@ class DeepSeekOCRModelConfig(ModelConfig):
     arch: DeepSeekOCRConfig = field(default_factory=DeepSeekOCRConfig)
     # The mode a run gets without `mode=...`: conf/mode/base.yaml's values (a test keeps them equal).
     # The root config names no mode, so a model without resolution modes composes as it is.
-    mode: ModeSpec = field(default_factory=lambda: ModeSpec(name="base", base_size=1024, image_size=1024, crop_mode=False))
+    mode: ModeSpec = field(
+        default_factory=lambda: ModeSpec(name="base", base_size=1024, image_size=1024, crop_mode=False)
+    )
 
     def __post_init__(self) -> None:
         if self.attn_impl not in BACKENDS:

@@ -128,7 +128,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache
+    ) -> torch.Tensor:
         b, s, d = x.shape
         h, hd = self.cfg.num_attention_heads, self.cfg.head_dim
         q = self.q_proj(x).view(b, s, h, hd).transpose(1, 2)  # [B,H,S,D]

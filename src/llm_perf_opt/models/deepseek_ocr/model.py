@@ -93,7 +93,9 @@ class DeepSeekOCR(nn.Module):
         if s > 1 and start > 0:
             # The square causal mask of a multi-token forward assumes an empty cache.
             raise ValueError("multi-token forwards (chunked prefill) on a non-empty cache are not supported")
-        cos, sin = rope_cos_sin(cache.positions(start, s), self.cfg.lm.head_dim, self.cfg.lm.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(
+            cache.positions(start, s), self.cfg.lm.head_dim, self.cfg.lm.rope_theta, x.dtype
+        )
         if cos.dim() == 3:  # per-sequence positions [B,S,D] → [B,1,S,D], over the heads
             cos, sin = cos[:, None], sin[:, None]
         cache.bias = cache.attention_bias(start, s, x.dtype)
@@ -114,6 +116,4 @@ class DeepSeekOCR(nn.Module):
 
     def moe_layers(self) -> dict[int, nn.Module]:
         """Index → MoE module of every MoE layer."""
-        return {
-            i: layer.mlp for i, layer in enumerate(self.model.layers) if self.cfg.lm.is_moe_layer(i)
-        }
+        return {i: layer.mlp for i, layer in enumerate(self.model.layers) if self.cfg.lm.is_moe_layer(i)}

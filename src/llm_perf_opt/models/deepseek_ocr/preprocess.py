@@ -8,7 +8,6 @@ PIL, numpy and torch only (no torchvision).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch

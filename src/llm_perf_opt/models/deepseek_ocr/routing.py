@@ -50,7 +50,9 @@ def balanced_gate_weight(x: torch.Tensor, n_experts: int, generator: torch.Gener
 
 
 @torch.no_grad()
-def balance_router(model: DeepSeekOCR, input_ids: torch.Tensor, image_embeds: torch.Tensor, seed: int = 0) -> None:
+def balance_router(
+    model: DeepSeekOCR, input_ids: torch.Tensor, image_embeds: torch.Tensor, seed: int = 0
+) -> None:
     """Refit every MoE gate of a dummy-weight model on this prompt (see module docstring)."""
     generator = torch.Generator().manual_seed(seed)
 

@@ -174,6 +174,10 @@ class SamEncoder(nn.Module):
             return pos
         # Antialiased bicubic, in fp32: the reference's exact call (it differs from plain bicubic).
         resized = F.interpolate(
-            pos.permute(0, 3, 1, 2).float(), size=(grid, grid), mode="bicubic", antialias=True, align_corners=False
+            pos.permute(0, 3, 1, 2).float(),
+            size=(grid, grid),
+            mode="bicubic",
+            antialias=True,
+            align_corners=False,
         )
         return resized.to(pos.dtype).permute(0, 2, 3, 1)

@@ -37,19 +37,31 @@ from llm_perf_opt.models.deepseek_ocr.config import DeepSeekOCRConfig, DeepSeekO
 from llm_perf_opt.models.deepseek_ocr.decoder import KVCache
 from llm_perf_opt.models.deepseek_ocr.families import module_families
 from llm_perf_opt.models.deepseek_ocr.fast import FastDeepSeekOCR
-from llm_perf_opt.models.kernels.linear import FEW_ROWS
 from llm_perf_opt.models.deepseek_ocr.fast.paths import OPTIONS, FastPaths
 from llm_perf_opt.models.deepseek_ocr.fast.tuning import TunedPaths, tune_paths
 from llm_perf_opt.models.deepseek_ocr.model import DeepSeekOCR
 from llm_perf_opt.models.deepseek_ocr.modes import ModeSpec
 from llm_perf_opt.models.deepseek_ocr.op_notes import op_notes
 from llm_perf_opt.models.deepseek_ocr.preprocess import ImageViews, preprocess_image
-from llm_perf_opt.models.pages import SAMPLE_PAGE, load_image
 from llm_perf_opt.models.deepseek_ocr.routing import balance_router
 from llm_perf_opt.models.deepseek_ocr.stages import CLIP, DECODE, PREFILL, PREPROCESS, PROJECTOR, SAM, STAGES
+from llm_perf_opt.models.deepseek_ocr.weights import (
+    build_model,
+    checkpoint_config,
+    dummy_model,
+    load_checkpoint,
+)
+from llm_perf_opt.models.interface import (
+    ModelSession,
+    OpNote,
+    Result,
+    RoutedLayer,
+    SessionOptions,
+    even_split,
+)
+from llm_perf_opt.models.kernels.linear import FEW_ROWS
+from llm_perf_opt.models.pages import SAMPLE_PAGE, load_image
 from llm_perf_opt.models.tokenizer import build_input_ids, load_tokenizer
-from llm_perf_opt.models.deepseek_ocr.weights import build_model, checkpoint_config, dummy_model, load_checkpoint
-from llm_perf_opt.models.interface import ModelSession, OpNote, Result, RoutedLayer, SessionOptions, even_split
 from llm_perf_opt.runners.ranges import stage_range
 
 
@@ -94,7 +106,11 @@ class Request:
         return {
             "image": {"path": str(self.image_path), "size": list(views.source_size)},
             "mode": dataclasses.asdict(self.mode),
-            "tiles": {"cols": views.grid[0], "rows": views.grid[1], "count": 0 if views.tiles is None else len(views.tiles)},
+            "tiles": {
+                "cols": views.grid[0],
+                "rows": views.grid[1],
+                "count": 0 if views.tiles is None else len(views.tiles),
+            },
             "tokens": {"image": views.image_tokens, "text": self.text_tokens, "prompt": self.prompt_tokens},
         }
 
@@ -144,11 +160,19 @@ class BatchRequest:
         pages = [page.describe() for page in self.pages]
         image = [page["tokens"]["image"] for page in pages]
         return {
-            "batch": {"size": self.batch_size, "padding": "left", "pads": list(self.pads),
-                      "padded_prompt_tokens": self.prompt_tokens},  # fmt: skip
+            "batch": {
+                "size": self.batch_size,
+                "padding": "left",
+                "pads": list(self.pads),
+                "padded_prompt_tokens": self.prompt_tokens,
+            },
             "mode": pages[0]["mode"],
-            "tokens": {"image": sum(image), "text": sum(p["tokens"]["text"] for p in pages),
-                       "prompt": sum(p["tokens"]["prompt"] for p in pages), "image_per_page": image},  # fmt: skip
+            "tokens": {
+                "image": sum(image),
+                "text": sum(p["tokens"]["text"] for p in pages),
+                "prompt": sum(p["tokens"]["prompt"] for p in pages),
+                "image_per_page": image,
+            },
             "pages": pages,
         }
 
@@ -176,9 +200,17 @@ class Execution:
 
     def as_dict(self) -> dict[str, Any]:
         paths = None if self.paths is None else self.paths.as_dict()
-        choice = None if self.tuned is None else {k: v for k, v in self.tuned.as_dict().items() if k != "paths"}
-        return {"impl": self.impl, "paths": paths, "path_choice": choice, "kv_cache_positions": self.cache_len,
-                "batch": self.batch, "notes": [] if self.tuned is None else self.tuned.notes()}  # fmt: skip
+        choice = (
+            None if self.tuned is None else {k: v for k, v in self.tuned.as_dict().items() if k != "paths"}
+        )
+        return {
+            "impl": self.impl,
+            "paths": paths,
+            "path_choice": choice,
+            "kv_cache_positions": self.cache_len,
+            "batch": self.batch,
+            "notes": [] if self.tuned is None else self.tuned.notes(),
+        }
 
     def summary(self) -> str:
         if self.paths is None:
@@ -189,7 +221,9 @@ class Execution:
             "blocked": f"blocked over query tiles (bias tiles of at most {p.bias_tile_elements:,} elements)",
             "folded": "folded into the dot product (no N×N bias)",
         }[p.sam_attention]
-        decode_path = "graph" if p.graphs_decode(self.batch) else "static" if p.decode == "graph" else p.decode
+        decode_path = (
+            "graph" if p.graphs_decode(self.batch) else "static" if p.decode == "graph" else p.decode
+        )
         decode = {
             "eager": "eager steps",
             "static": f"positioned steps over a static {self.cache_len}-position cache",
@@ -243,7 +277,9 @@ class DeepSeekOCRSession(ModelSession):
         super().__init__(cfg, options)
         self.checkpoint = None if cfg.dummy_weights else Path(cfg.weights).expanduser()
         # A checkpoint brings its own architecture; `model.arch` describes dummy-weight models.
-        self.arch: DeepSeekOCRConfig = cfg.arch if self.checkpoint is None else checkpoint_config(self.checkpoint)
+        self.arch: DeepSeekOCRConfig = (
+            cfg.arch if self.checkpoint is None else checkpoint_config(self.checkpoint)
+        )
         self.backend = resolve_backend(cfg.attn_impl, options.device)
         self.tokenizer = load_tokenizer(self.checkpoint)
         self._model: DeepSeekOCR | None = None
@@ -269,13 +305,20 @@ class DeepSeekOCRSession(ModelSession):
             longest = max(page.prompt_tokens for page in pages)
             pads = tuple(longest - page.prompt_tokens for page in pages)
             # The padding id is never seen: padded keys are masked and padded positions' outputs unread.
-            input_ids = torch.cat([F.pad(page.input_ids, (pad, 0), value=self.tokenizer.eos_id)
-                                   for page, pad in zip(pages, pads)])  # fmt: skip
+            input_ids = torch.cat(
+                [
+                    F.pad(page.input_ids, (pad, 0), value=self.tokenizer.eos_id)
+                    for page, pad in zip(pages, pads)
+                ]
+            )
             tiles = [page.views.tiles for page in pages if page.views.tiles is not None]
             return BatchRequest(
-                pages, input_ids, pads, torch.cat([page.views.global_view for page in pages]),
+                pages,
+                input_ids,
+                pads,
+                torch.cat([page.views.global_view for page in pages]),
                 torch.cat(tiles) if tiles else None,
-            )  # fmt: skip
+            )
 
     def _page(self, image: str | Path | None, prompt: str) -> Request:
         path = Path(image) if image is not None else SAMPLE_PAGE
@@ -315,7 +358,9 @@ class DeepSeekOCRSession(ModelSession):
             for moe in self._model.moe_layers().values():
                 moe.count_tokens = even_split
         elif self.checkpoint is None:
-            self._model = dummy_model(self.arch, device, dtype, self.backend, seed=self.options.seed, impl=impl)
+            self._model = dummy_model(
+                self.arch, device, dtype, self.backend, seed=self.options.seed, impl=impl
+            )
         else:
             self._model = load_checkpoint(self.checkpoint, device, dtype, self.backend, impl=impl)
         if isinstance(self._model, FastDeepSeekOCR):
@@ -465,7 +510,9 @@ def _forced_paths(forced: dict[str, str]) -> FastPaths:
     missing = [f.name for f in dataclasses.fields(FastPaths) if f.name in OPTIONS and f.name not in forced]
     if missing:
         raise UserError(
-            "model.impl=fast on the meta device: name every path (" + ", ".join(f"model.paths.{m}=..." for m in missing) + ")"
+            "model.impl=fast on the meta device: name every path ("
+            + ", ".join(f"model.paths.{m}=..." for m in missing)
+            + ")"
         )
     return FastPaths(**forced)
 

@@ -28,8 +28,9 @@ def hf_config(arch: Ocr2Arch, attn_impl: str) -> DeepseekOcr2Config:
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": text.pop("rope_theta")}
     encoder = asdict(arch.encoder)
     encoder["rope_parameters"] = {"rope_type": "default", "rope_theta": encoder.pop("rope_theta")}
-    return config_from_parts({"sam_config": asdict(arch.sam), "encoder_config": encoder}, text,
-                             arch.image_token_id, attn_impl)  # fmt: skip
+    return config_from_parts(
+        {"sam_config": asdict(arch.sam), "encoder_config": encoder}, text, arch.image_token_id, attn_impl
+    )
 
 
 def config_from_parts(vision: dict, text: dict, image_token_id: int, attn_impl: str) -> DeepseekOcr2Config:
@@ -37,7 +38,9 @@ def config_from_parts(vision: dict, text: dict, image_token_id: int, attn_impl: 
     try:
         config = DeepseekOcr2Config(vision_config=vision, text_config=text, image_token_id=image_token_id)
     except (TypeError, ValueError) as exc:
-        raise UserError(f"model: transformers rejects the architecture: {' '.join(str(exc).split())}") from None
+        raise UserError(
+            f"model: transformers rejects the architecture: {' '.join(str(exc).split())}"
+        ) from None
     config._attn_implementation = attn_impl
     return config
 
@@ -66,15 +69,20 @@ def reset_buffers(model: nn.Module) -> None:
     """Recompute the non-persistent rotary tables, which `to_empty` leaves uninitialised."""
     for module in model.modules():
         if hasattr(module, "inv_freq") and hasattr(module, "rope_type"):
-            init = (module.compute_default_rope_parameters if module.rope_type == "default"
-                    else ROPE_INIT_FUNCTIONS[module.rope_type])  # fmt: skip
+            init = (
+                module.compute_default_rope_parameters
+                if module.rope_type == "default"
+                else ROPE_INIT_FUNCTIONS[module.rope_type]
+            )
             inv_freq, scaling = init(module.config)
             module.inv_freq = inv_freq.to(module.inv_freq.device)
             module.original_inv_freq = inv_freq.clone().to(module.inv_freq.device)
             module.attention_scaling = scaling
 
 
-def dummy_model(config: DeepseekOcr2Config, device: torch.device, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+def dummy_model(
+    config: DeepseekOcr2Config, device: torch.device, dtype: torch.dtype, seed: int = 0
+) -> nn.Module:
     """Seeded random weights with the scale of a trained network (finite, small).
 
     Norm weights 1, biases 0, matrices and expert stacks N(0, 1/fan_in) so activations stay
@@ -92,7 +100,12 @@ def dummy_model(config: DeepseekOcr2Config, device: torch.device, dtype: torch.d
             elif leaf == "bias" or leaf in ("rel_pos_h", "rel_pos_w"):
                 param.zero_()
             elif param.dim() >= 2 and not _is_table(name):
-                _fill(param, pool, gen, std=1.0 / math.sqrt(param.shape[-1] if param.dim() == 3 else param[0].numel()))
+                _fill(
+                    param,
+                    pool,
+                    gen,
+                    std=1.0 / math.sqrt(param.shape[-1] if param.dim() == 3 else param[0].numel()),
+                )
             else:
                 _fill(param, pool, gen, std=0.02)
     return model

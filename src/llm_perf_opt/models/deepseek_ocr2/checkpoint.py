@@ -60,8 +60,11 @@ def checkpoint_config(folder: Path, attn_impl: str) -> DeepseekOcr2Config:
 
 def _data(node: dict) -> dict:
     """A sub-config's fields without the bookkeeping keys transformers writes and re-derives."""
-    return {k: _data(v) if isinstance(v, dict) and k.endswith("_config") else v
-            for k, v in node.items() if k not in ("transformers_version", "architectures", "auto_map")}  # fmt: skip
+    return {
+        k: _data(v) if isinstance(v, dict) and k.endswith("_config") else v
+        for k, v in node.items()
+        if k not in ("transformers_version", "architectures", "auto_map")
+    }
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -118,16 +121,20 @@ def load_checkpoint(folder: Path, device: torch.device, dtype: torch.dtype, attn
     for prefix, experts in stacked.items():
         seen |= _stack_experts(prefix, experts, params, wrong)
     missing = sorted(set(params) - seen)
-    problems = [(f"{len(missing)} missing", missing), (f"{len(unexpected)} unexpected", unexpected),
-                (f"{len(wrong)} wrongly shaped", wrong)]  # fmt: skip
+    problems = [
+        (f"{len(missing)} missing", missing),
+        (f"{len(unexpected)} unexpected", unexpected),
+        (f"{len(wrong)} wrongly shaped", wrong),
+    ]
     found = [f"{label} (e.g. {', '.join(names[:3])})" for label, names in problems if names]
     if found:
         raise UserError(f"checkpoint: {folder} does not fit the model of its config.json: {'; '.join(found)}")
     return model
 
 
-def _stack_experts(prefix: str, experts: dict[int, dict[str, torch.Tensor]], params: dict,
-                   wrong: list[str]) -> set[str]:  # fmt: skip
+def _stack_experts(
+    prefix: str, experts: dict[int, dict[str, torch.Tensor]], params: dict, wrong: list[str]
+) -> set[str]:
     """Per-expert gate/up/down weights into the fused [E, 2I, h] and [E, h, I] parameters."""
     gate_up, down = params.get(f"{prefix}.gate_up_proj"), params.get(f"{prefix}.down_proj")
     if gate_up is None or down is None:
@@ -150,4 +157,6 @@ def save_checkpoint(model: nn.Module, folder: Path) -> None:
     """config.json and model.safetensors in the layout `load_checkpoint` reads (reduced test models)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_FILE).write_text(model.config.to_json_string())
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE)
+    )

@@ -189,6 +189,8 @@ class DeepSeekOCR2ModelConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         if self.attn_impl not in ATTN_IMPLS:
-            raise UserError(f"config: model.attn_impl={self.attn_impl!r} is not one of {', '.join(ATTN_IMPLS)}")
+            raise UserError(
+                f"config: model.attn_impl={self.attn_impl!r} is not one of {', '.join(ATTN_IMPLS)}"
+            )
         if self.impl not in IMPLS:
             raise UserError(f"config: model.impl={self.impl!r} is not one of {', '.join(IMPLS)}")

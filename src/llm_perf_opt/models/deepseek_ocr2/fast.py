@@ -94,8 +94,9 @@ def sam_mlp_gelu_in_place(self: nn.Module, hidden_states: torch.Tensor) -> torch
     return self.lin2(torch.ops.aten.gelu_(self.lin1(hidden_states)))
 
 
-def experts_one_token(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                      top_k_weights: torch.Tensor) -> torch.Tensor:  # fmt: skip
+def experts_one_token(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     """Σ_k w_k · expert_k(x) for one token [1, h], expert by expert (module docstring); more
     tokens go to `many_tokens`, the forward the module had. On meta, where ids have no values,
     the k slots take experts 0..k-1: the same shapes and weight bytes as any k experts."""
@@ -113,11 +114,11 @@ def experts_one_token(self: nn.Module, hidden_states: torch.Tensor, top_k_index:
 #: What each replaced forward does, by transformers' class name (run.json's execution notes).
 DESCRIPTIONS = {
     SAM_ATTENTION: "SAM attention: the relative-position bias written a tile of query rows at a time into one "
-                   "reused buffer, not whole and then copied",
+    "reused buffer, not whole and then copied",
     SAM_MLP: "SAM MLP: GELU in place on lin1's output",
     EXPERTS: "routed experts of one token (decode): expert by expert, two multi-threaded matrix-vector "
-             "products each, ids read on the host",
-}  # fmt: skip
+    "products each, ids read on the host",
+}
 
 
 def install_fast(model: nn.Module) -> tuple[str, ...]:

@@ -63,8 +63,9 @@ def _grouped_product(x: torch.Tensor, weight: torch.Tensor, rows: Sequence[int])
     return out
 
 
-def meta_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                         top_k_weights: torch.Tensor) -> torch.Tensor:  # fmt: skip
+def meta_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     """The routed experts as transformers' grouped dispatch runs them, on meta (module docstring)."""
     tokens, k = top_k_index.shape
     ids = top_k_index.reshape(-1)
@@ -80,8 +81,9 @@ def meta_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
     return y[inverse].view(tokens, k, -1).sum(dim=1).to(hidden_states.dtype)
 
 
-def placeholder_mask(self: nn.Module, input_ids: torch.Tensor, inputs_embeds: torch.Tensor,
-                     image_features: torch.Tensor) -> torch.Tensor:  # fmt: skip
+def placeholder_mask(
+    self: nn.Module, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
+) -> torch.Tensor:
     """transformers' image-position mask without its value check (module docstring)."""
     return (input_ids == self.config.image_token_id).unsqueeze(-1)
 

@@ -35,9 +35,9 @@ from torch import nn
 from transformers import DynamicCache
 
 from llm_perf_opt.errors import UserError
+from llm_perf_opt.models.interface import ModelSession, Result, RoutedLayer, SessionOptions
 from llm_perf_opt.models.pages import SAMPLE_PAGE, load_image
 from llm_perf_opt.models.tokenizer import Tokenizer, build_input_ids, load_tokenizer
-from llm_perf_opt.models.interface import ModelSession, Result, RoutedLayer, SessionOptions
 from llm_perf_opt.runners.ranges import stage_range
 
 from .build import dummy_model, hf_config, meta_model
@@ -100,8 +100,14 @@ class Execution:
     replaced: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
-        return {"impl": self.impl, "library": "transformers", "attn_impl": self.attn_impl,
-                "experts_impl": self.experts_impl, "cache": self.cache, "notes": self.notes()}  # fmt: skip
+        return {
+            "impl": self.impl,
+            "library": "transformers",
+            "attn_impl": self.attn_impl,
+            "experts_impl": self.experts_impl,
+            "cache": self.cache,
+            "notes": self.notes(),
+        }
 
     def notes(self) -> list[str]:
         if not self.replaced:
@@ -171,8 +177,13 @@ class StagedRun:
         """Stage `prefill`: the prompt with the image features in place → the first token [1, 1]."""
         with stage_range(PREFILL):
             self.cache = DynamicCache(config=self.model.config.text_config)
-            out = self.model(input_ids=input_ids, mm_encoder_outputs={"image": image_features},
-                             cache=self.cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+            out = self.model(
+                input_ids=input_ids,
+                mm_encoder_outputs={"image": image_features},
+                cache=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
             return out.logits[:, -1].argmax(-1, keepdim=True)
 
     def decode(self, token: torch.Tensor, steps: int) -> list[torch.Tensor]:
@@ -231,8 +242,11 @@ class DeepSeekOCR2Session(ModelSession):
         super().__init__(cfg, options)
         self.checkpoint = None if cfg.dummy_weights else Path(cfg.weights).expanduser()
         # A checkpoint brings its own architecture (config.json, read as data).
-        self.hf_config = (hf_config(cfg.arch, cfg.attn_impl) if self.checkpoint is None
-                          else checkpoint_config(self.checkpoint, cfg.attn_impl))  # fmt: skip
+        self.hf_config = (
+            hf_config(cfg.arch, cfg.attn_impl)
+            if self.checkpoint is None
+            else checkpoint_config(self.checkpoint, cfg.attn_impl)
+        )
         self.tokenizer: Tokenizer = load_tokenizer(self.checkpoint)
         self._model: nn.Module | None = None
         self._gates: list[_RoutedGate] = []
@@ -257,7 +271,9 @@ class DeepSeekOCR2Session(ModelSession):
             views = dataclasses.replace(
                 views,
                 pixel_values=views.pixel_values.to(device, self.options.dtype, non_blocking=True),
-                pixel_values_local=None if local is None else local.to(device, self.options.dtype, non_blocking=True),
+                pixel_values_local=None
+                if local is None
+                else local.to(device, self.options.dtype, non_blocking=True),
             )
             input_ids = torch.tensor([ids], dtype=torch.long).to(device, non_blocking=True)
         return Request(path, self.cfg.mode, prompt, views, input_ids, self.tokenizer.name)
@@ -289,7 +305,9 @@ class DeepSeekOCR2Session(ModelSession):
             self._model = load_checkpoint(self.checkpoint, device, dtype, self.cfg.attn_impl)
         if self.cfg.impl == "fast":
             self._replaced = install_fast(self._model)
-        self._gates = [_RoutedGate(m.gate) for m in self._model.modules() if type(m).__name__ == "DeepseekOcr2TextMoe"]
+        self._gates = [
+            _RoutedGate(m.gate) for m in self._model.modules() if type(m).__name__ == "DeepseekOcr2TextMoe"
+        ]
 
     def generate(self, request: Request, max_new_tokens: int) -> Result:
         """Vision stages → prefill → up to max_new_tokens−1 decode steps, each in its range.
@@ -307,8 +325,12 @@ class DeepSeekOCR2Session(ModelSession):
     def kv_buffers(self) -> list[torch.Tensor]:
         cache = None if self._run is None else self._run.cache
         layers = [] if cache is None else cache.layers
-        return [t for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
-                if isinstance(t, torch.Tensor)]  # fmt: skip
+        return [
+            t
+            for layer in layers
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+            if isinstance(t, torch.Tensor)
+        ]
 
     @property
     def module(self) -> nn.Module:
@@ -325,8 +347,12 @@ class DeepSeekOCR2Session(ModelSession):
 
     def execution(self) -> Execution:
         config = self.model.config
-        return Execution(config._attn_implementation, str(config.text_config._experts_implementation),
-                         impl=self.cfg.impl, replaced=self._replaced)  # fmt: skip
+        return Execution(
+            config._attn_implementation,
+            str(config.text_config._experts_implementation),
+            impl=self.cfg.impl,
+            replaced=self._replaced,
+        )
 
     @property
     def model(self) -> nn.Module:

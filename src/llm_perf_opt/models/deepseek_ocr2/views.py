@@ -48,8 +48,8 @@ def preprocess(image: Image.Image, mode: Ocr2Mode) -> Views:
     local = out.get("pixel_values_local") if tiles else None
     grid = (1, 1)
     if tiles:
-        grid = get_optimal_tiled_canvas((image.height, image.width), (mode.image_size, mode.image_size),
-                                        mode.min_tiles, mode.max_tiles)  # fmt: skip
+        grid = get_optimal_tiled_canvas(
+            (image.height, image.width), (mode.image_size, mode.image_size), mode.min_tiles, mode.max_tiles
+        )
     tokens = image_token_count(mode.global_size, mode.image_size, tiles)
     return Views((image.width, image.height), out["pixel_values"], local, tuple(grid), tokens)
-

@@ -34,7 +34,9 @@ META_FAST_PATHS = {
     "folded SAM, looped prefill, static decode": FastPaths(
         "folded", "looped", "gathered", "static", rows="plain", moe_batch="looped"
     ),
-    "the reference's formulations": FastPaths("reference", "looped", "looped", "eager", "plain", "plain", "looped"),
+    "the reference's formulations": FastPaths(
+        "reference", "looped", "looped", "eager", "plain", "plain", "looped"
+    ),
 }
 
 
@@ -55,8 +57,10 @@ def _plain_cases(batched: bool = True) -> list[CheckCase]:
     for case in plain + tiled:
         out.append(case)
         if batched and (case in plain or case.name == "gundam 2x2"):
-            out += [CheckCase(f"{case.name}, batch {n}", (*case.overrides, f"batch_size={n}"), case.image_size)
-                    for n in BATCHES]  # fmt: skip
+            out += [
+                CheckCase(f"{case.name}, batch {n}", (*case.overrides, f"batch_size={n}"), case.image_size)
+                for n in BATCHES
+            ]
     return out
 
 

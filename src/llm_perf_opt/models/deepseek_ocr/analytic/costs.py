@@ -140,7 +140,9 @@ def _moe_layers(lm: LMConfig) -> list[int]:
 # -- vision ------------------------------------------------------------------------------------
 
 
-def sam_costs(sam: SamConfig, size: int, batch: int, dtype: object, paths: FastPaths | None = None) -> Breakdown:
+def sam_costs(
+    sam: SamConfig, size: int, batch: int, dtype: object, paths: FastPaths | None = None
+) -> Breakdown:
     """SAM over `batch` views of size x size: patch conv, pos-embed add, 12 blocks, neck, net_2, net_3.
 
     The position table and the global blocks' rel-pos tables are built for img_size; other view
@@ -154,7 +156,10 @@ def sam_costs(sam: SamConfig, size: int, batch: int, dtype: object, paths: FastP
     d, n = sam.width, batch * g * g
     c2, c3 = sam.downsample_channels
     items = [
-        ("patch_conv", fam.conv2d(batch, 3, d, size, sam.patch_size, dtype, stride=sam.patch_size, bias=True)),
+        (
+            "patch_conv",
+            fam.conv2d(batch, 3, d, size, sam.patch_size, dtype, stride=sam.patch_size, bias=True),
+        ),
         ("pos_embed", ocr_fam.sam_pos_embed(batch, g, table_grid, d, dtype)),
     ]
     for i in range(sam.depth):
@@ -167,7 +172,10 @@ def sam_costs(sam: SamConfig, size: int, batch: int, dtype: object, paths: FastP
             bias = {"bias": paths.sam_attention, "tile_rows": rows, "align": FOLDED_ALIGN}
         if window:
             items += [
-                ("sam_attention_window", ocr_fam.sam_attention(batch, g, d, sam.heads, dtype, window=window, **bias)),
+                (
+                    "sam_attention_window",
+                    ocr_fam.sam_attention(batch, g, d, sam.heads, dtype, window=window, **bias),
+                ),
                 ("window_partition", ocr_fam.window_partition(batch, g, d, window, dtype)),
             ]
         else:
@@ -266,10 +274,14 @@ def lm_costs(
         ("rope_tables", fam.rope_tables(new_tokens, lm.head_dim, dtype, positions_given=static)),
     ]
     if static:
-        items.append(("static_step", ocr_fam.static_step_inputs(static_len, lm.vocab_size, graph=graph, batch=batch)))
+        items.append(
+            ("static_step", ocr_fam.static_step_inputs(static_len, lm.vocab_size, graph=graph, batch=batch))
+        )
     heads = lm.num_attention_heads
     for i in range(lm.num_hidden_layers):
-        attention = fam.causal_attention(new_tokens, cached_tokens, h, heads, dtype, static_len=static_len, batch=batch)
+        attention = fam.causal_attention(
+            new_tokens, cached_tokens, h, heads, dtype, static_len=static_len, batch=batch
+        )
         if block is not None:  # q, k, v, o
             attention += 4 * ocr_fam.weight_major_rows(t, h, heads * lm.head_dim, dtype, block)
         items += [
@@ -382,7 +394,7 @@ class StageModel:
         return pd.DataFrame(list(self.expert_usage))
 
     def range_costs(self) -> dict[str, Cost]:
-        """"stage/family" -> cost over the run for the nested module ranges: the analytic
+        """ "stage/family" -> cost over the run for the nested module ranges: the analytic
         families summed by the range they run in (RANGE_FAMILIES)."""
         out: dict[str, Cost] = {}
         for stage, parts in self.stages.items():
@@ -402,9 +414,13 @@ class StageModel:
     def costs(self) -> StageCosts:
         """The run's figures as the harness reads them (models.interface.StageCosts)."""
         families = [
-            FamilyWork(stage, RUN, family, cost.work()) for stage, parts in self.stages.items() for family, cost in parts.items()
+            FamilyWork(stage, RUN, family, cost.work())
+            for stage, parts in self.stages.items()
+            for family, cost in parts.items()
         ]
-        families += [FamilyWork(DECODE, STEP, family, cost.work()) for family, cost in self.decode_step.items()]
+        families += [
+            FamilyWork(DECODE, STEP, family, cost.work()) for family, cost in self.decode_step.items()
+        ]
         return StageCosts(
             stages={stage: self.total(stage).work() for stage in self.stages},
             steps={DECODE: _total(self.decode_step).work()},
@@ -504,15 +520,25 @@ def stage_costs(
         raise ValueError(
             f"analytic: {s} prompt + {decode_steps} decode positions exceed {lm.max_position_embeddings}"
         )
-    workload = Workload(mode.name, mode.global_size, mode.image_size, tuple(pages), image_tokens[0], s, decode_steps,
-                        str(dtype))  # fmt: skip
+    workload = Workload(
+        mode.name,
+        mode.global_size,
+        mode.image_size,
+        tuple(pages),
+        image_tokens[0],
+        s,
+        decode_steps,
+        str(dtype),
+    )
 
     stages = _vision(cfg, mode.global_size, batch, dtype, paths)
     if workload.tiles:
         tiles = _vision(cfg, mode.image_size, workload.tiles, dtype, paths)
         stages = {name: _merge(parts, tiles[name]) for name, parts in stages.items()}
     global_side, tile_side = tokens_per_side(mode.global_size), tokens_per_side(mode.image_size)
-    layout = [("layout", ocr_fam.image_layout(g, global_side, tile_side, lm.hidden_size, dtype)) for g in pages]
+    layout = [
+        ("layout", ocr_fam.image_layout(g, global_side, tile_side, lm.hidden_size, dtype)) for g in pages
+    ]
     if batch > 1:  # the pages' embeddings in one tensor
         layout.append(("layout", fam.concat(sum(image_tokens) * lm.hidden_size, dtype)))
     stages[PROJECTOR] = _merge(stages[PROJECTOR], _accumulate(layout))
@@ -536,10 +562,20 @@ def stage_costs(
         if paths.decode != "eager":
             cache_len = s + decode_steps + 1 if cache_len is None else cache_len
             step.update(static_len=cache_len, graph=paths.graphs_decode(batch))
-    prefill = lm_costs(lm, s, 0, dtype, prefill_touched, routed=prefill_routed, batch=batch, weight_major=weight_major)
+    prefill = lm_costs(
+        lm, s, 0, dtype, prefill_touched, routed=prefill_routed, batch=batch, weight_major=weight_major
+    )
     stages[PREFILL] = _merge(_merge(prefill, scatter), pick)
-    step_at = functools.partial(lm_costs, lm, 1, dtype=dtype, experts_touched=step_touched, batch=batch,
-                                weight_major=weight_major, **step)  # fmt: skip
+    step_at = functools.partial(
+        lm_costs,
+        lm,
+        1,
+        dtype=dtype,
+        experts_touched=step_touched,
+        batch=batch,
+        weight_major=weight_major,
+        **step,
+    )
     first_step = _merge(step_at(s), pick)
     mean_step = _merge(step_at(s + (decode_steps - 1) / 2), pick)
     stages[DECODE] = {family: decode_steps * cost for family, cost in mean_step.items()}
@@ -581,4 +617,3 @@ def _expert_usage(
                 }
             )
     return tuple(rows)
-

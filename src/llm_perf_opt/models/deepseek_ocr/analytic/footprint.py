@@ -44,13 +44,18 @@ def sam_parameters(sam: SamConfig) -> int:
     rel_pos = sum(2 * (2 * side - 1) * sam.head_dim for side in sides)
     c2, c3 = sam.downsample_channels
     return (
-        d * 3 * p * p + d
+        d * 3 * p * p
+        + d
         + grid * grid * d
         + sam.depth * block
         + rel_pos
-        + n * d + 2 * n + n * n * 9 + 2 * n
-        + c2 * n * 9 + c3 * c2 * 9
-    )  # fmt: skip
+        + n * d
+        + 2 * n
+        + n * n * 9
+        + 2 * n
+        + c2 * n * 9
+        + c3 * c2 * 9
+    )
 
 
 def clip_parameters(clip: ClipConfig) -> int:
@@ -122,6 +127,7 @@ def _sam_transients(
             (f"{kind} rel-pos bias [G*heads, k^2, k^2]", n * sam.heads * k**4 * b) for kind, n, k in attention
         ]
     if paths.sam_attention == "folded":
+
         def widened(k: int) -> int:
             return math.ceil((sam.head_dim + 2 * k) / FOLDED_ALIGN) * FOLDED_ALIGN
 
@@ -132,7 +138,9 @@ def _sam_transients(
     tiles = []
     for kind, n, k in attention:
         rows = tile_rows(n, sam.heads, k, k, paths.bias_tile_elements)
-        tiles.append((f"{kind} rel-pos bias tile [G*heads, {rows}*k, k^2]", n * sam.heads * rows * k * k * k * b))
+        tiles.append(
+            (f"{kind} rel-pos bias tile [G*heads, {rows}*k, k^2]", n * sam.heads * rows * k * k * k * b)
+        )
     return common + tiles
 
 
@@ -171,7 +179,9 @@ def footprint(cfg: DeepSeekOCRConfig, workload: Workload, paths: FastPaths | Non
     b = dtype_bytes(workload.dtype)
     params = stage_parameters(cfg)
     batch = workload.batch
-    views = [(workload.global_size, batch)] + ([(workload.tile_size, workload.tiles)] if workload.tiles else [])
+    views = [(workload.global_size, batch)] + (
+        [(workload.tile_size, workload.tiles)] if workload.tiles else []
+    )
     padded = len({image_token_count(workload.global_size, workload.tile_size, g) for g in workload.pages}) > 1
     transients = {
         SAM: [c for size, n in views for c in _sam_transients(cfg.sam, size, n, b, paths)],

@@ -277,7 +277,9 @@ def image_layout(grid: tuple[int, int], side: int, tile_side: int, hidden: int, 
 
     def with_newlines(lines: int, per_line: int) -> tuple[Cost, int]:
         tokens = lines * (per_line + 1)
-        return Cost(weight_bytes=row, act_read_bytes=lines * per_line * row, act_write_bytes=tokens * row), tokens
+        return Cost(
+            weight_bytes=row, act_read_bytes=lines * per_line * row, act_write_bytes=tokens * row
+        ), tokens
 
     cost, tokens = with_newlines(side, side)
     if cols * rows > 1:
@@ -289,7 +291,9 @@ def image_layout(grid: tuple[int, int], side: int, tile_side: int, hidden: int, 
     return cost + Cost(weight_bytes=row, act_read_bytes=tokens * row, act_write_bytes=(tokens + 1) * row)
 
 
-def weight_major_rows(rows: float, in_features: int, out_features: int, dtype: object, block_rows: int) -> Cost:
+def weight_major_rows(
+    rows: float, in_features: int, out_features: int, dtype: object, block_rows: int
+) -> Cost:
     """What a product of M few rows computed weight-major (the fast `rows_product`) moves beyond
     linear(M, K, N): each of the ceil(N/C) blocks of C = block_rows weight rows reads x [M, K]
     (one of those reads is linear's) and writes its [C, M] result, which is copied transposed
@@ -325,8 +329,10 @@ def static_step_inputs(static_len: int, vocab: int, *, graph: bool, batch: int =
     m = static_len
     logits = 4 * vocab * batch if graph else 0
     tokens = 8 * batch
-    return Cost(act_read_bytes=tokens + 8 * m + 8 + logits,
-                act_write_bytes=tokens + 8 + 8 * m + m * BOOL_BYTES + logits)  # fmt: skip
+    return Cost(
+        act_read_bytes=tokens + 8 * m + 8 + logits,
+        act_write_bytes=tokens + 8 + 8 * m + m * BOOL_BYTES + logits,
+    )
 
 
 #: How the routed experts of a MoE layer run (`moe_parts(routed=...)`).
@@ -385,7 +391,9 @@ def moe_parts(
     weight-major in blocks of that many weight rows: plus weight_major_rows of each.
     FLOPs are the looped form's whichever `routed`.
     """
-    check_sizes(tokens=tokens, expert_intermediate=expert_intermediate, shared_intermediate=shared_intermediate)
+    check_sizes(
+        tokens=tokens, expert_intermediate=expert_intermediate, shared_intermediate=shared_intermediate
+    )
     if routed not in MOE_ROUTED:
         raise ValueError(f"moe: routed must be one of {', '.join(MOE_ROUTED)}, not {routed!r}")
     if routed == "gathered" and tokens != 1:
@@ -424,7 +432,9 @@ def moe_parts(
     else:
         x_read = (1 if routed == "gathered" else top_k) * hidden * b  # a batched matmul reads x once
         moved = _fused_experts(pairs, hidden, expert_intermediate, b, x_read)
-        moved += _one_token_around_experts(top_k, hidden, expert_intermediate, b, gathered=routed == "gathered")
+        moved += _one_token_around_experts(
+            top_k, hidden, expert_intermediate, b, gathered=routed == "gathered"
+        )
     cast_back = cast(tokens * hidden, FP32, b)
     routed_cost = flops_only(experts + looped) + weights + bytes_only(moved) + cast_back
     shared = swiglu_mlp(tokens, hidden, shared_intermediate, dtype) + add(tokens * hidden, dtype)
@@ -496,7 +506,9 @@ def _grouped_around_experts(tokens: float, pairs: float, hidden: int, n_experts:
         gather = min(tokens, pairs) * hidden * b
         rows = token_of + Cost(act_read_bytes=gather + ids, act_write_bytes=pairs * hidden * b)
     to_fp32 = cast(pairs * hidden, b, FP32)
-    combine = _one_token_sum(pairs, hidden) if tokens == 1 else token_of + _index_add_sum(tokens, pairs, hidden)
+    combine = (
+        _one_token_sum(pairs, hidden) if tokens == 1 else token_of + _index_add_sum(tokens, pairs, hidden)
+    )
     return groups + rows + _pair_weights(pairs) + to_fp32 + combine
 
 

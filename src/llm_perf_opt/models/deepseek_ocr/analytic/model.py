@@ -41,11 +41,17 @@ class DeepSeekOCRAnalytic:
         ).costs()
 
     def footprint(
-        self, request: Request | BatchRequest, max_new_tokens: int, dtype: str, execution: Execution | None = None
+        self,
+        request: Request | BatchRequest,
+        max_new_tokens: int,
+        dtype: str,
+        execution: Execution | None = None,
     ) -> Footprint:
         """Weights, KV cache and largest transients of the run: of the reference before the model
         is built (the memory check; the fast paths need no more), of the paths that ran after."""
-        model = stage_costs(self.cfg.arch, self.cfg.mode, **_shape(request), decode_steps=max_new_tokens - 1, dtype=dtype)
+        model = stage_costs(
+            self.cfg.arch, self.cfg.mode, **_shape(request), decode_steps=max_new_tokens - 1, dtype=dtype
+        )
         return footprint(self.cfg.arch, model.workload, None if execution is None else execution.paths)
 
     def check_cases(self, impl: str) -> list[CheckCase]:

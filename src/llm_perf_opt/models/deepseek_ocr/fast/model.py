@@ -146,7 +146,9 @@ class FastDeepSeekOCR(DeepSeekOCR):
         if cache.pads is None:
             cos, sin = rope_cos_sin(cache.position, lm.head_dim, lm.rope_theta, x.dtype)  # [1, D]
         else:  # a padded batch: positions after each sequence's padding, no padded key visible
-            cos, sin = rope_cos_sin((cache.position - cache.pads)[:, None], lm.head_dim, lm.rope_theta, x.dtype)
+            cos, sin = rope_cos_sin(
+                (cache.position - cache.pads)[:, None], lm.head_dim, lm.rope_theta, x.dtype
+            )
             cos, sin = cos[:, None], sin[:, None]  # [B,1,1,D]
             visible = (visible & cache.valid)[:, None, None]  # [B,1,1,max_len]
         step = PositionedStep(cache, visible)

@@ -38,9 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm_perf_opt.models.kernels.linear import matvec, rows_product
+
 from ..config import LMConfig
 from ..decoder import MoE
-from llm_perf_opt.models.kernels.linear import matvec, rows_product
 from .paths import FastPaths, choose_paths
 
 
@@ -121,7 +122,9 @@ class FastMoE(MoE):
         """Σ_k w_k · expert_k(x) in fp32 [T, d] with the reference's dispatch and combine, each
         expert's gate+up and down as one product each (`rows_product` on CPU in fp32 with
         `weight_major`)."""
-        product = rows_product if weight_major and x.device.type == "cpu" and x.dtype == torch.float32 else _linear
+        product = (
+            rows_product if weight_major and x.device.type == "cpu" and x.dtype == torch.float32 else _linear
+        )
 
         def run_expert(e: int, rows: torch.Tensor) -> torch.Tensor:
             return product(self.down_weight[e], _swiglu(product(self.gate_up_weight[e], rows)))

@@ -80,9 +80,13 @@ class FastPaths:
     def __post_init__(self) -> None:
         for name, options in OPTIONS.items():
             if getattr(self, name) not in options:
-                raise ValueError(f"fast paths: {name} must be one of {', '.join(options)}, not {getattr(self, name)!r}")
+                raise ValueError(
+                    f"fast paths: {name} must be one of {', '.join(options)}, not {getattr(self, name)!r}"
+                )
         if self.bias_tile_elements < 1:
-            raise ValueError(f"fast paths: bias_tile_elements must be positive, not {self.bias_tile_elements}")
+            raise ValueError(
+                f"fast paths: bias_tile_elements must be positive, not {self.bias_tile_elements}"
+            )
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -101,7 +105,7 @@ class FastPaths:
         return self.decode == "graph" and self.routed_for(batch) not in ("looped", "one_by_one")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_major(device: torch.device) -> int:
     return torch.cuda.get_device_capability(device)[0]
 
@@ -119,7 +123,7 @@ def grouped_mm_without_sync(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "meta" and dtype == torch.bfloat16
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def choose_paths(device: torch.device, dtype: torch.dtype) -> FastPaths:
     """The guess where nothing was measured, from one 2-core Zen 4 CPU and the CUDA kernels'
     constraints. CPU: blocked SAM attention (folding triples QK's multiply-adds, 1.6x slower

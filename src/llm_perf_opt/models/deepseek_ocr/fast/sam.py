@@ -68,7 +68,10 @@ def folded_attention(
         dim=-1,
     ).to(q.dtype)
     pad = -(d + h + w) % FOLDED_ALIGN
-    q2 = F.pad(torch.cat([q * d**-0.5, rel_h.reshape(b, heads, n, h), rel_w.reshape(b, heads, n, w)], dim=-1), (0, pad))
+    q2 = F.pad(
+        torch.cat([q * d**-0.5, rel_h.reshape(b, heads, n, h), rel_w.reshape(b, heads, n, w)], dim=-1),
+        (0, pad),
+    )
     k2 = F.pad(torch.cat([k, onehot.expand(b, heads, n, h + w)], dim=-1), (0, pad))
     return F.scaled_dot_product_attention(q2, k2, v, scale=1.0)
 

@@ -42,19 +42,25 @@ import torch
 
 from llm_perf_opt.atomic import write_json
 from llm_perf_opt.hardware.calibration import default_cache_dir, device_key
-
-from ..modes import ModeSpec, image_token_count
 from llm_perf_opt.models.kernels.blocked_attention import BIAS_TILE_ELEMENTS
 from llm_perf_opt.models.kernels.linear import FastLinear
 
+from ..modes import ModeSpec, image_token_count
 from .paths import FastPaths, choose_paths, grouped_mm_without_sync
 
 #: A fast candidate must beat the reference's formulation by more than this fraction.
 TIE = 0.05
 REPS = 3
 #: The reference's own formulation of each choice.
-REFERENCE = {"linear": "plain", "rows": "plain", "moe_decode": "looped", "moe_batch": "looped",
-             "moe_prefill": "looped", "sam_attention": "reference", "decode": "eager"}  # fmt: skip
+REFERENCE = {
+    "linear": "plain",
+    "rows": "plain",
+    "moe_decode": "looped",
+    "moe_batch": "looped",
+    "moe_prefill": "looped",
+    "sam_attention": "reference",
+    "decode": "eager",
+}
 #: Rows of the few-row choices (`rows`, `moe_batch`): a decode step of this many sequences.
 BATCH_ROWS = 8
 #: Bias tiles (elements) tried for the blocked SAM attention besides the default.
@@ -77,7 +83,9 @@ class Choice:
     def summary(self) -> str:
         if self.source != "measured":
             return f"{self.field} {self.chosen} ({self.source} here)"
-        times = ", ".join(f"{name} {ms:,.3g} ms" for name, ms in sorted(self.times_ms.items(), key=lambda kv: kv[1]))
+        times = ", ".join(
+            f"{name} {ms:,.3g} ms" for name, ms in sorted(self.times_ms.items(), key=lambda kv: kv[1])
+        )
         return f"{self.field} {self.chosen} ({times})"
 
 
@@ -140,7 +148,7 @@ def tune_paths(
     """The cached choice for this model, device, dtype and mode, measured (and stored) on a miss;
     `forced` fixes fields (FastPaths field → option) without measuring them."""
     forced = dict(forced or {})
-    device, dtype = model.device, model.dtype
+    device = model.device
     key = _cache_key(model, mode, forced)
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = folder / "paths" / f"{device.type}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
@@ -163,10 +171,15 @@ def tune_paths(
 
 def _cache_key(model, mode: ModeSpec, forced: Mapping[str, str]) -> str:
     arch = hashlib.sha256(repr(model.cfg).encode()).hexdigest()[:12]
-    return " | ".join([
-        device_key(model.device), f"dtype {model.dtype}", f"arch {arch}",
-        f"views {mode.global_size}/{mode.image_size}", f"forced {sorted(forced.items())}",
-    ])  # fmt: skip
+    return " | ".join(
+        [
+            device_key(model.device),
+            f"dtype {model.dtype}",
+            f"arch {arch}",
+            f"views {mode.global_size}/{mode.image_size}",
+            f"forced {sorted(forced.items())}",
+        ]
+    )
 
 
 def _load(path: Path, key: str) -> TunedPaths | None:
@@ -202,14 +215,19 @@ def _measure(model, mode: ModeSpec, forced: Mapping[str, str]) -> dict[str, Choi
     cpu_fp32 = device.type == "cpu" and dtype == torch.float32
     measured: dict[str, tuple[tuple[str, ...], Callable[[int], Calls]]] = {
         "linear": (("split", "plain") if cpu_fp32 else ("plain",), lambda rep: _linear_calls(model)),
-        "rows": (("weight_major", "plain") if cpu_fp32 else ("plain",), lambda rep: _linear_calls(model, BATCH_ROWS)),
+        "rows": (
+            ("weight_major", "plain") if cpu_fp32 else ("plain",),
+            lambda rep: _linear_calls(model, BATCH_ROWS),
+        ),
         "moe_decode": (("one_by_one", "looped", *grouped, "gathered"), lambda rep: _moe_calls(model, 1, rep)),
         "moe_batch": (("one_by_one", "looped", *grouped), lambda rep: _moe_calls(model, BATCH_ROWS, rep)),
         "moe_prefill": ((*grouped, "looped"), lambda rep: _moe_calls(model, prompt, rep)),
-        "sam_attention": (("reference", *(f"blocked/2^{t}" for t in TILES), "folded"),
-                          lambda rep: _sam_calls(model, mode.global_size)),
+        "sam_attention": (
+            ("reference", *(f"blocked/2^{t}" for t in TILES), "folded"),
+            lambda rep: _sam_calls(model, mode.global_size),
+        ),
         "decode": ((), lambda rep: _decode_calls(model, prompt)),
-    }  # fmt: skip
+    }
     choices: dict[str, Choice] = {}
     for field, (names, calls) in measured.items():
         if field == "decode":  # a CUDA graph cannot hold experts whose ids are read on the host
@@ -243,7 +261,9 @@ class Calls:
     prepare: Callable[[], None] = lambda: None
 
 
-def _time_candidates(model, current: dict, field: str, names, calls_for: Callable[[int], Calls]) -> dict[str, float]:
+def _time_candidates(
+    model, current: dict, field: str, names, calls_for: Callable[[int], Calls]
+) -> dict[str, float]:
     """Median ms of each candidate, the candidates interleaved (a load trend on a shared machine
     hits them all alike); round 0 warms up (page faults, kernel selection, graph capture)."""
     samples: dict[str, list[float]] = {name: [] for name in names}

@@ -70,7 +70,9 @@ class Ocr2StageModel:
 
     def costs(self) -> StageCosts:
         """The run's figures as the harness reads them (models.interface.StageCosts)."""
-        families = [FamilyWork(s, RUN, op, c.work()) for s, ops in self.stages.items() for op, c in ops.items()]
+        families = [
+            FamilyWork(s, RUN, op, c.work()) for s, ops in self.stages.items() for op, c in ops.items()
+        ]
         families += [FamilyWork(DECODE, STEP, op, c.work()) for op, c in self.decode_step.items()]
         return StageCosts(
             stages={stage: self.total(stage).work() for stage in self.stages},
@@ -88,34 +90,54 @@ class DeepSeekOCR2Analytic:
         self.cfg = cfg
         self._last: tuple | None = None  # the last count: (shapes, counter, meta model)
         self._sessions: dict[str, DeepSeekOCR2Session] = {}  # by dtype: building one takes seconds
-        self.config = (hf_config(cfg.arch, cfg.attn_impl) if cfg.dummy_weights
-                       else checkpoint_config(Path(cfg.weights).expanduser(), cfg.attn_impl))  # fmt: skip
+        self.config = (
+            hf_config(cfg.arch, cfg.attn_impl)
+            if cfg.dummy_weights
+            else checkpoint_config(Path(cfg.weights).expanduser(), cfg.attn_impl)
+        )
 
-    def stage_model(self, request: Request, decode_steps: int, dtype: str, routing: RoutingCounts | None,
-                    execution: Execution | None = None) -> StageCosts:  # fmt: skip
+    def stage_model(
+        self,
+        request: Request,
+        decode_steps: int,
+        dtype: str,
+        routing: RoutingCounts | None,
+        execution: Execution | None = None,
+    ) -> StageCosts:
         """The FLOPs and bytes of exactly this run: its views, prompt, decode steps and observed routing."""
         counts = self.count(request, decode_steps, dtype, routing)
         return self.stage_costs(request, decode_steps, routing, counts).costs()
 
-    def stage_costs(self, request: Request, decode_steps: int, routing: RoutingCounts | None,
-                    counts: TransientStageCounter) -> Ocr2StageModel:  # fmt: skip
+    def stage_costs(
+        self,
+        request: Request,
+        decode_steps: int,
+        routing: RoutingCounts | None,
+        counts: TransientStageCounter,
+    ) -> Ocr2StageModel:
         """The per-op costs of this run from a count of it (see :meth:`count`)."""
         stages = {s: _sum_calls(counts.calls.get(s, [])) for s in MODEL_STAGES}
         decode = counts.calls.get(DECODE, [])
         if len(decode) == 2 and decode_steps > 2:  # the first and the last step (module docstring)
             stages[DECODE] = {op: decode_steps / 2 * cost for op, cost in stages[DECODE].items()}
-        return Ocr2StageModel(stages, dict(decode[0].ops) if decode else {},
-                              self._expert_usage(request.prompt_tokens, decode_steps, routing))  # fmt: skip
+        return Ocr2StageModel(
+            stages,
+            dict(decode[0].ops) if decode else {},
+            self._expert_usage(request.prompt_tokens, decode_steps, routing),
+        )
 
-    def footprint(self, request: Request, max_new_tokens: int, dtype: str,
-                  execution: Execution | None = None) -> Footprint:  # fmt: skip
+    def footprint(
+        self, request: Request, max_new_tokens: int, dtype: str, execution: Execution | None = None
+    ) -> Footprint:
         """Weights per stage, the KV cache at the end of the run, and each stage's largest
         tensor: from the last count where it had these shapes (after a run, the stage model's),
         else from a meta run with one decode step that looks for the largest tensors only."""
         if self._last is not None and self._last[0] == _shapes(request, dtype):
             counts, model = self._last[1], self._last[2]
         else:
-            counts = self._meta_run(request, min(1, max_new_tokens - 1), dtype, None, False, TransientListener())
+            counts = self._meta_run(
+                request, min(1, max_new_tokens - 1), dtype, None, False, TransientListener()
+            )
             model = self.meta_session(dtype).module
         params: dict[str, list[nn.Parameter]] = {}
         for name, param in model.named_parameters():
@@ -124,13 +146,15 @@ class DeepSeekOCR2Analytic:
         for stage in MODEL_STAGES:
             held = params.get(LANGUAGE_MODEL if stage in (PREFILL, DECODE) else stage, [])
             largest = counts.transients.get(stage, Transient())
-            rows.append(StageMemory(
-                stage,
-                weight_params=sum(p.numel() for p in held),
-                weight_bytes=sum(p.numel() * p.element_size() for p in held),
-                transient=f"{largest.op} {list(largest.shape)}",
-                transient_bytes=largest.bytes,
-            ))  # fmt: skip
+            rows.append(
+                StageMemory(
+                    stage,
+                    weight_params=sum(p.numel() for p in held),
+                    weight_bytes=sum(p.numel() * p.element_size() for p in held),
+                    transient=f"{largest.op} {list(largest.shape)}",
+                    transient_bytes=largest.bytes,
+                )
+            )
         text = self.config.text_config
         b = torch.empty((), dtype=getattr(torch, dtype)).element_size()
         per_token = text.num_hidden_layers * 2 * text.num_key_value_heads * text.head_dim * b
@@ -146,13 +170,21 @@ class DeepSeekOCR2Analytic:
     def meta_session(self, dtype: str) -> DeepSeekOCR2Session:
         """This config's session loaded on the meta device in `dtype` (built once per dtype)."""
         if dtype not in self._sessions:
-            session = DeepSeekOCR2Session(self.cfg, SessionOptions(torch.device("meta"), getattr(torch, dtype)))
+            session = DeepSeekOCR2Session(
+                self.cfg, SessionOptions(torch.device("meta"), getattr(torch, dtype))
+            )
             session.load()
             self._sessions[dtype] = session
         return self._sessions[dtype]
 
-    def count(self, request: Request, decode_steps: int, dtype: str, routing: RoutingCounts | None,
-              every_step: bool = False) -> TransientStageCounter:  # fmt: skip
+    def count(
+        self,
+        request: Request,
+        decode_steps: int,
+        dtype: str,
+        routing: RoutingCounts | None,
+        every_step: bool = False,
+    ) -> TransientStageCounter:
         """Run the session's staged generation on its meta model at this request's shapes, under
         the stage listener: the vision stages, prefill, and the first and last decode steps (or,
         with `every_step`, all of them). Returns the listener: `calls` per stage, `transients`."""
@@ -162,8 +194,15 @@ class DeepSeekOCR2Analytic:
         self._last = (_shapes(request, dtype), counter, session.module)
         return counter
 
-    def _meta_run(self, request: Request, decode_steps: int, dtype: str, routing: RoutingCounts | None,
-                  every_step: bool, listener: L) -> L:  # fmt: skip
+    def _meta_run(
+        self,
+        request: Request,
+        decode_steps: int,
+        dtype: str,
+        routing: RoutingCounts | None,
+        every_step: bool,
+        listener: L,
+    ) -> L:
         """The staged generation of :meth:`count` on the meta session, heard by `listener`."""
         session = self.meta_session(dtype)
         model = session.module
@@ -178,9 +217,10 @@ class DeepSeekOCR2Analytic:
         meta_views = dataclasses.replace(
             views,
             pixel_values=torch.empty(views.pixel_values.shape, dtype=model.dtype, device="meta"),
-            pixel_values_local=None if views.pixel_values_local is None else
-            torch.empty(views.pixel_values_local.shape, dtype=model.dtype, device="meta"),
-        )  # fmt: skip
+            pixel_values_local=None
+            if views.pixel_values_local is None
+            else torch.empty(views.pixel_values_local.shape, dtype=model.dtype, device="meta"),
+        )
 
         with torch.no_grad(), listening(listener):
             token = runner.prefill(ids, runner.encode_images(meta_views))
@@ -191,7 +231,9 @@ class DeepSeekOCR2Analytic:
                 done = step + 1
         return listener
 
-    def _expert_usage(self, prompt_tokens: int, decode_steps: int, routing: RoutingCounts | None) -> tuple[ExpertUsage, ...]:
+    def _expert_usage(
+        self, prompt_tokens: int, decode_steps: int, routing: RoutingCounts | None
+    ) -> tuple[ExpertUsage, ...]:
         """Expected (uniform routing) and observed distinct experts per MoE layer."""
         text = self.config.text_config
         e, k = text.n_routed_experts, text.num_experts_per_tok
@@ -207,9 +249,16 @@ class DeepSeekOCR2Analytic:
                 if steps:
                     observed["decode_step"] = sum(_distinct(c) for c in steps) / len(steps)
                     observed["decode_run"] = _distinct([sum(col) for col in zip(*steps)])
-            for scope, tokens in (("prefill", prompt_tokens), ("decode_step", 1), ("decode_run", decode_steps)):
-                rows.append(ExpertUsage(layer, scope, tokens, e, k, expected_distinct_experts(tokens, e, k),
-                                        observed[scope]))  # fmt: skip
+            for scope, tokens in (
+                ("prefill", prompt_tokens),
+                ("decode_step", 1),
+                ("decode_run", decode_steps),
+            ):
+                rows.append(
+                    ExpertUsage(
+                        layer, scope, tokens, e, k, expected_distinct_experts(tokens, e, k), observed[scope]
+                    )
+                )
         return tuple(rows)
 
 
