@@ -21,10 +21,15 @@ def _run(*cmd, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     return proc
 
 
+def _site_packages() -> list[str]:
+    return [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()]
+
+
 @pytest.fixture(scope="module")
 def venv_python(tmp_path_factory) -> Path:
-    """A fresh virtual environment with the wheel installed. It sees the machine's site-packages
-    for torch and friends (no network here), but llm_perf_opt comes from the wheel alone."""
+    """A fresh virtual environment with the wheel installed. It sees the running interpreter's
+    site-packages for torch and friends (no network here), but llm_perf_opt comes from the wheel
+    alone."""
     tmp = tmp_path_factory.mktemp("wheel")
     _run(
         sys.executable,
@@ -40,8 +45,14 @@ def venv_python(tmp_path_factory) -> Path:
         cwd=tmp,
     )
     (wheel,) = (tmp / "dist").glob("llm_perf_opt-*.whl")
-    _run(sys.executable, "-m", "venv", "--system-site-packages", str(tmp / "venv"), cwd=tmp)
+    _run(sys.executable, "-m", "venv", str(tmp / "venv"), cwd=tmp)
     python = tmp / "venv" / "bin" / "python"
+    purelib = _run(str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp)
+    # The running interpreter's site-packages, not the system's: pytest may itself run in a venv
+    # whose base Python has none of the dependencies (--system-site-packages would give that base).
+    # Lines of a .pth file go after the venv's own site-packages, so the wheel wins over the
+    # editable install; .pth files inside those folders are not run, so its path hook stays off.
+    (Path(purelib.stdout.strip()) / "_running_interpreter.pth").write_text("\n".join(_site_packages()) + "\n")
     _run(str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel), cwd=tmp)
     return python
 

@@ -37,7 +37,7 @@ from llm_perf_opt.report.run_report import write_artifacts, write_failure
 
 register_configs()
 _failed_jobs: list[str] = []
-#: The suffix is what TensorBoard's profiler plugin looks for; Perfetto and chrome://tracing open it too.
+#: torch.profiler's own suffix for a Chrome trace, which Perfetto and HolisticTraceAnalysis read.
 TRACE_FILE = "trace.pt.trace.json"
 log = logging.getLogger(__name__)
 # What a job found, on stdout (the status lines go to stderr); both in run.log (conf/hydra/job_logging/).
