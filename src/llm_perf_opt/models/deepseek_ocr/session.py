@@ -280,7 +280,7 @@ class DeepSeekOCRSession(ModelSession):
         self.arch: DeepSeekOCRConfig = (
             cfg.arch if self.checkpoint is None else checkpoint_config(self.checkpoint)
         )
-        self.backend = resolve_backend(cfg.attn_impl, options.device)
+        self.backend = resolve_backend(cfg.attn_impl, options.device, options.dtype)
         self.tokenizer = load_tokenizer(self.checkpoint)
         self._model: DeepSeekOCR | None = None
         self._fitted_to: tuple | None = None
