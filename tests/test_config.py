@@ -197,3 +197,25 @@ def test_until_cv_needs_room_beyond_the_repeats():
     assert (
         load(["profiling.repeats=5", "profiling.max_repeats=4"]).profiling.until_cv is None
     )  # unused without it
+
+
+def test_models_resolve_from_the_source_tree_without_package_metadata(monkeypatch):
+    """A bare copy of the tree (src/ on sys.path, no pip install) has no entry points: the
+    models come from its pyproject.toml."""
+    import llm_perf_opt.config as config
+
+    monkeypatch.setattr(config, "entry_points", lambda group: [])
+    from llm_perf_opt.models.deepseek_ocr2.config import DeepSeekOCR2ModelConfig
+
+    assert config.model_schemas() == {
+        "deepseek_ocr": DeepSeekOCRModelConfig,
+        "deepseek_ocr2": DeepSeekOCR2ModelConfig,
+    }
+    assert isinstance(load(["model=deepseek_ocr2"]).model, DeepSeekOCR2ModelConfig)
+
+
+def test_without_metadata_or_a_source_tree_no_model_is_found(monkeypatch, tmp_path):
+    import llm_perf_opt.config as config
+
+    monkeypatch.setattr(config, "entry_points", lambda group: [])
+    assert config.model_schemas(tmp_path / "pyproject.toml") == {}

@@ -202,6 +202,7 @@ def test_nsight_runners_use_the_documented_flags():
     for flag in (
         "--trace=cuda,nvtx",
         "--cuda-graph-trace=node",
+        "--capture-range=cudaProfilerApi",
         "profiling.trace=false",
         "-f csv --force-export=true -r nvtx_sum,cuda_gpu_kern_sum,nvtx_kern_sum,nvtx_gpu_proj_sum",
         '-o "$out/nsys"',

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
+from importlib import import_module
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, ClassVar
 
+import tomllib
 from hydra import compose as hydra_compose
 from hydra import initialize_config_module
 from hydra.core.config_store import ConfigStore
@@ -34,6 +37,8 @@ from llm_perf_opt.hardware.ceilings import HardwareConfig
 CONFIG_MODULE = "llm_perf_opt.conf"
 CONFIG_NAME = "config"
 MODEL_ENTRY_POINTS = "llm_perf_opt.models"
+#: The project file of a source tree this package runs from (a bare copy has no metadata).
+SOURCE_PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 GRANULARITIES = ("stage", "module")
 
@@ -134,8 +139,31 @@ def register_configs() -> None:
     """The run schema and every installed model's schema, in Hydra's ConfigStore."""
     store = ConfigStore.instance()
     store.store(name="run_schema", node=RunConfig)
-    for entry in entry_points(group=MODEL_ENTRY_POINTS):
-        store.store(group="schema/model", name=entry.name, node=entry.load())
+    for name, schema in model_schemas().items():
+        store.store(group="schema/model", name=name, node=schema)
+
+
+def model_schemas(pyproject: Path = SOURCE_PYPROJECT) -> dict[str, type]:
+    """Entry point name -> model config class: the installed entry points, and those declared
+    in the pyproject.toml of the source tree this module runs from, so that a copy of the tree
+    used without `pip install` (only src/ on sys.path, no package metadata) finds its models.
+    An installed entry point wins over the tree's of the same name."""
+    declared = {}
+    if pyproject.is_file():
+        project = tomllib.loads(pyproject.read_text()).get("project", {})
+        declared = project.get("entry-points", {}).get(MODEL_ENTRY_POINTS, {})
+    schemas = {name: _load_object(target) for name, target in declared.items()}
+    schemas.update({entry.name: entry.load() for entry in entry_points(group=MODEL_ENTRY_POINTS)})
+    return schemas
+
+
+def _load_object(target: str) -> Any:
+    """`package.module:attr`, as an entry point names its object."""
+    module, _, attr = target.partition(":")
+    obj = import_module(module.strip())
+    for part in attr.strip().split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def validate(cfg: DictConfig) -> RunConfig:

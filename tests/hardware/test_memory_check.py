@@ -145,3 +145,18 @@ def test_enough_memory_passes_and_the_boundary_fits():
 def test_a_breakdown_must_add_up():
     with pytest.raises(ValueError, match="breakdown sums to 3 B"):
         check_fits(4, 100, what="m", dtype_name="float32", suggestions=[], breakdown={"a": 1, "b": 2})
+
+
+def test_a_sweeps_next_job_gets_the_cuda_cache_back(monkeypatch):
+    """Between the jobs of an in-process sweep the CUDA allocator's cached blocks are released
+    (where CUDA was used), or the next job's free-memory check would count them as taken."""
+    from llm_perf_opt.hardware import memory_check
+
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    memory_check.release_freed_memory()
+    assert emptied == []  # CUDA never used: nothing to release, and no context made
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    memory_check.release_freed_memory()
+    assert emptied == [True]

@@ -186,7 +186,13 @@ def test_a_cuda_session_on_the_second_gpu_is_measured_there(monkeypatch):
     session = FakeSession()
     gpu = torch.device("cuda", 1)
     monkeypatch.setattr(session, "options", SessionOptions(gpu, torch.float32))
+    # The timed runs, and only they, lie in the range an external profiler records
+    # (nsys --capture-range=cudaProfilerApi): started after the warm-up run, stopped after the last.
+    profiler = []
+    monkeypatch.setattr(torch.cuda.profiler, "start", lambda: profiler.append(("start", len(session.runs))))
+    monkeypatch.setattr(torch.cuda.profiler, "stop", lambda: profiler.append(("stop", len(session.runs))))
     m = measure(session, RunInputs((None,), "p", 3), warmup=1, repeats=2, trace_path=None)
+    assert profiler == [("start", 1), ("stop", 3)]
     named = {device for _, device in fake.log}
     assert named == {gpu, "stream of cuda:1"}
     assert ("device", gpu) in fake.log and ("synchronize", gpu) in fake.log

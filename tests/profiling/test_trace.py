@@ -99,3 +99,28 @@ def test_trace_events_accepts_a_bare_event_list():
     events = [{"ph": "X", "name": "a"}]
     assert trace_events(events) is events
     assert trace_events({"traceEvents": events}) is events
+
+
+def test_graph_tracing_is_prepared_before_capture_on_cuda_only(monkeypatch):
+    """TEARDOWN_CUPTI=0 and one profiler session started, on CUDA; off CUDA nothing at all."""
+    from llm_perf_opt.profiling import trace
+
+    started = []
+
+    class Recorded:
+        def __init__(self, activities):
+            started.append(set(activities))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    monkeypatch.setattr(trace, "profile", Recorded)
+    monkeypatch.delenv("TEARDOWN_CUPTI", raising=False)
+    trace.prepare_graph_tracing(torch.device("cpu"))
+    assert started == [] and "TEARDOWN_CUPTI" not in os.environ
+    trace.prepare_graph_tracing(torch.device("cuda", 0))
+    assert os.environ["TEARDOWN_CUPTI"] == "0"
+    assert started == [{trace.ProfilerActivity.CPU, trace.ProfilerActivity.CUDA}]

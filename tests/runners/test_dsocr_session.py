@@ -195,3 +195,46 @@ def test_a_saved_checkpoint_loads_and_gives_the_same_tokens(session, tmp_path):
 def test_a_missing_checkpoint_folder_is_one_line(tmp_path):
     with pytest.raises(UserError, match="is not a folder"):
         DeepSeekOCRSession(tiny_config(f"model.weights={tmp_path / 'nope'}"), CPU_FP32)
+
+
+#: Every fast path named (nothing tuned), with a decode that graphs a step of one sequence.
+GRAPH_PATHS = (
+    "model.impl=fast",
+    "model.paths.sam_attention=blocked",
+    "model.paths.moe_prefill=grouped",
+    "model.paths.moe_decode=gathered",
+    "model.paths.moe_batch=looped",
+    "model.paths.decode=graph",
+    "model.paths.linear=split",
+    "model.paths.rows=plain",
+)
+
+
+def test_the_decode_graph_is_captured_in_setup_outside_every_stage(monkeypatch):
+    """The CUDA-graph decode's capture (eager warm-up steps, the capture, its first replay) is
+    setup, not prefill: with no warm-up run it would otherwise land in the first timed TTFT.
+    On CPU a stand-in graph logs the stage open at capture and at each replay, and replays by
+    running the captured step eagerly."""
+    from llm_perf_opt.models.deepseek_ocr.fast import model as fast_model
+    from llm_perf_opt.profiling.passes import RunInputs, measure
+    from llm_perf_opt.runners.ranges import current_stage
+
+    log = []
+
+    class LoggedGraph:
+        def __init__(self, step, device):
+            log.append(("capture", current_stage()))
+            self.step = step
+
+        def replay(self):
+            log.append(("replay", current_stage()))
+            return self.step()
+
+    monkeypatch.setattr(fast_model, "DecodeGraph", LoggedGraph)
+    monkeypatch.setattr(fast_model.FastDeepSeekOCR, "captures_graphs", lambda self, batch: True)
+    session = DeepSeekOCRSession(tiny_config(*GRAPH_PATHS), CPU_FP32)
+    session.load()
+    m = measure(session, RunInputs((None,), DEFAULT_PROMPT, 4), warmup=0, repeats=2, trace_path=None)
+    assert log[0] == ("capture", None)  # outside every stage range, before the first timed run
+    assert log[1:] == [("replay", DECODE)] * 3 * 2  # 3 decode steps per run, no second capture
+    assert len(m.runs) == 2 and all(run.decode_steps == 3 for run in m.runs)

@@ -125,8 +125,12 @@ def available_memory_bytes(
 
 
 def release_freed_memory() -> None:
-    """Return the heap memory this process has freed to the OS (glibc's `malloc_trim`), so that
-    the next job of an in-process sweep sees it as available; a no-op where libc has none."""
+    """Return the memory this process has freed, so that the next job of an in-process sweep
+    sees it as available: the CUDA caching allocator's unused blocks (else `mem_get_info`, the
+    next job's memory check, counts them as taken), where CUDA was used, and the host heap
+    (glibc's `malloc_trim`; a no-op where libc has none)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
     name = ctypes.util.find_library("c")
     trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
     if trim is not None:

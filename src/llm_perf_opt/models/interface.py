@@ -384,6 +384,12 @@ class ModelSession(ABC):
         """Adjust dummy weights to this request where they would behave unlike trained ones
         (e.g. MoE routing). Runs before anything is measured; nothing by default."""
 
+    def setup(self, request: Request, max_new_tokens: int) -> None:
+        """Untimed work that later requests of this size reuse (e.g. capturing a CUDA graph of a
+        decode step), done here, outside every stage range, so that no stage and no timed run
+        (with no warm-up, the first) pays for it. Runs after `fit_dummy_weights`, before
+        anything is measured; nothing by default."""
+
     @property
     @abstractmethod
     def module(self) -> nn.Module:

@@ -23,7 +23,7 @@ from llm_perf_opt.runners.ranges import listening
 from .attribution import Attribution, attribute_trace
 from .memory import CudaPeaks, MemoryFigures, RssSampler
 from .timing import StageTimer, summarize
-from .trace import load_trace, record_trace
+from .trace import capture_range, load_trace, prepare_graph_tracing, record_trace
 from .trackers import ModuleRanges, RoutingRecorder, StepCounter
 
 E2E = "e2e"
@@ -168,8 +168,14 @@ def measure(
     steps = inputs.max_new_tokens - 1
     passes = warmup + repeats + (trace_path is not None)
 
+    # On a GPU, everything that asks for "the current device" means the model's.
+    on_device = torch.cuda.device(device) if device.type == "cuda" else nullcontext()
     request = session.prepare_batch(inputs.images, inputs.prompt)
-    session.fit_dummy_weights(request)  # before anything is measured
+    with on_device:  # before anything is measured
+        if trace_path is not None:
+            prepare_graph_tracing(device)  # before any CUDA graph is captured
+        session.fit_dummy_weights(request)
+        session.setup(request, inputs.max_new_tokens)
     m = Measurement(stages, request)
     # The bar counts decode steps (a StepCounter ticks it), or whole runs when nothing is decoded.
     bar = tqdm(
@@ -188,8 +194,6 @@ def measure(
             bar.update()
         return request, result
 
-    # On a GPU, everything that asks for "the current device" means the model's.
-    on_device = torch.cuda.device(device) if device.type == "cuda" else nullcontext()
     with bar, listening(StepCounter(stages, bar.update)), on_device:
         for i in range(warmup):
             bar.set_description(f"warm-up {i + 1}/{warmup}")
@@ -209,7 +213,7 @@ def measure(
 
         if until_cv is not None:
             bar.total += (limit - repeats) * (steps or 1)  # an upper bound: the bar may end early
-        with RssSampler() as rss, cuda_peaks:
+        with RssSampler() as rss, cuda_peaks, capture_range(device):
             while more_runs():
                 i = len(m.runs)
                 bar.set_description(f"repeat {i + 1}/{repeats if i < repeats else limit}")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,36 @@ def record_trace(
     with atomic_path(path) as tmp:
         prof.export_chrome_trace(str(tmp))
     return Path(path)
+
+
+@contextmanager
+def capture_range(device: torch.device) -> Iterator[None]:
+    """On CUDA, the timed runs between cudaProfilerStart and cudaProfilerStop: a profiler told to
+    record only that range (`nsys profile --capture-range=cudaProfilerApi`, as
+    runners/nsys_profile.sh does) leaves out the warm-up runs, path tuning and calibration
+    before them. With no such profiler attached both calls do nothing. Nothing off CUDA."""
+    if device.type != "cuda":
+        yield
+        return
+    torch.cuda.profiler.start()
+    try:
+        yield
+    finally:
+        torch.cuda.profiler.stop()
+
+
+def prepare_graph_tracing(device: torch.device) -> None:
+    """On CUDA, before any CUDA graph is captured in a process that traces later: keep CUPTI
+    set up between profiler sessions (TEARDOWN_CUPTI=0; tearing it down and setting it up again
+    after a capture can crash, or lose the kernels of replays) and start it once now, so that
+    graphs captured from here on are traced when replayed. Nothing off CUDA. A TEARDOWN_CUPTI
+    the user set is kept."""
+    if device.type != "cuda":
+        return
+    os.environ.setdefault("TEARDOWN_CUPTI", "0")
+    quiet_kineto()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]):
+        pass
 
 
 def quiet_kineto() -> None:

@@ -8,8 +8,9 @@ report.md and run.json rewritten from run.json's timing samples and analytic tot
 the imported :class:`~llm_perf_opt.profiling.attribution.Attribution`; run.json's ``trace.basis``
 becomes :data:`~llm_perf_opt.report.run_record.NSYS_BASIS`.
 
-Per run. The capture spans every run of the job (warm-up and timed runs, and the request
-preparations before them), while a trace pass covers exactly one. With ``c(s)`` the calls of
+Per run. The capture spans several runs of the job (runners/nsys_profile.sh's: the timed runs,
+its capture range; one without a capture range: the warm-up runs and request preparations too),
+while a trace pass covers exactly one. With ``c(s)`` the calls of
 stage ``s`` per timed run and ``n(s)`` its range instances in the capture, every figure of ``s``
 and of its nested ``s/family`` ranges is scaled to one run::
 

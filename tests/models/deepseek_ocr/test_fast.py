@@ -16,7 +16,7 @@ from llm_perf_opt.models.deepseek_ocr.decoder import MoE
 from llm_perf_opt.models.deepseek_ocr.fast import FastDeepSeekOCR
 from llm_perf_opt.models.deepseek_ocr.fast.decoder import StaticKVCache
 from llm_perf_opt.models.deepseek_ocr.fast.moe import FastMoE
-from llm_perf_opt.models.deepseek_ocr.fast.paths import grouped_mm_without_sync
+from llm_perf_opt.models.deepseek_ocr.fast.paths import grouped_mm_op, grouped_mm_without_sync
 from llm_perf_opt.models.deepseek_ocr.fast.sam import (
     FastSamAttention,
     folded_attention,
@@ -309,6 +309,26 @@ def test_grouped_gemm_is_used_only_where_it_needs_no_sync():
     assert grouped_mm_without_sync(torch.device("cpu"), torch.bfloat16)
     assert grouped_mm_without_sync(torch.device("meta"), torch.bfloat16)
     assert not grouped_mm_without_sync(torch.device("meta"), torch.float32)
+
+
+def test_torch_2_8s_private_grouped_gemm_is_taken_where_the_public_one_is_missing(tiny_arch, monkeypatch):
+    """torch 2.8 and 2.9 have only `torch._grouped_mm`: the gate still opens, and the grouped
+    experts run on it and match the reference MoE."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no torch._grouped_mm")
+    monkeypatch.delattr(torch.nn.functional, "grouped_mm", raising=False)
+    assert grouped_mm_op() is torch._grouped_mm
+    assert grouped_mm_without_sync(torch.device("cpu"), torch.float32)
+    assert grouped_mm_without_sync(torch.device("meta"), torch.bfloat16)
+    reference, fast = moe_pair(tiny_arch)
+    flat = torch.randn(37, tiny_arch.lm.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        weights_, experts = fast.gate(flat).softmax(-1).topk(fast.top_k, dim=-1, sorted=False)
+        got = fast.grouped(flat, weights_, experts).to(flat.dtype) + fast.shared_experts(flat)
+        expected = reference(flat[None])[0]
+    close(got, expected, rel=1e-5)
+    monkeypatch.delattr(torch, "_grouped_mm")
+    assert grouped_mm_op() is None and not grouped_mm_without_sync(torch.device("cpu"), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["grouped", "gathered"])

@@ -279,6 +279,64 @@ def test_flash_attn_falls_back_to_sdpa_on_cpu_with_one_warning():
     assert "flash_attn" in str(caught[0].message) and "sdpa" in str(caught[0].message)
 
 
+def _flash_backend(monkeypatch, capability, dtype, flash_module):
+    """resolve_backend("flash_attn") as on a CUDA GPU of `capability`, with `flash_module` the
+    flash_attn package (None: not installed; an exception: what importing it raises)."""
+    import importlib
+    import importlib.machinery
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    real_find, real_import = importlib.util.find_spec, importlib.import_module
+
+    def find_spec(name, *args):
+        if name == "flash_attn":
+            return None if flash_module is None else importlib.machinery.ModuleSpec("flash_attn", None)
+        return real_find(name, *args)
+
+    def import_module(name, *args):
+        if name != "flash_attn":
+            return real_import(name, *args)
+        if isinstance(flash_module, BaseException):
+            raise flash_module
+        return flash_module
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(importlib, "import_module", import_module)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        backend = attention.resolve_backend("flash_attn", torch.device("cuda", 0), dtype)
+    return backend, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize(
+    "capability, dtype, flash_module, why",
+    [
+        ((8, 0), torch.float32, ImportError(), "dtype float32"),
+        ((7, 5), torch.bfloat16, ImportError(), "compute capability 7.5"),
+        ((9, 0), torch.bfloat16, None, "not installed"),
+        (
+            (9, 0),
+            torch.bfloat16,
+            ImportError("flash_attn_2_cuda.so: undefined symbol: _ZN3c10"),
+            "undefined symbol",
+        ),
+    ],
+)
+def test_flash_attn_that_cannot_run_falls_back_to_sdpa_saying_why(
+    monkeypatch, capability, dtype, flash_module, why
+):
+    backend, warned = _flash_backend(monkeypatch, capability, dtype, flash_module)
+    assert backend == "sdpa"
+    assert len(warned) == 1 and why in warned[0] and "\n" not in warned[0]
+
+
+def test_flash_attn_runs_on_an_sm80_gpu_in_half_precision_where_it_imports(monkeypatch):
+    import types
+
+    backend, warned = _flash_backend(monkeypatch, (8, 0), torch.bfloat16, types.ModuleType("flash_attn"))
+    assert backend == "flash_attn" and warned == []
+
+
 @pytest.mark.parametrize("name", ["sdpa", "eager"])
 def test_other_backends_resolve_silently(name):
     with warnings.catch_warnings():

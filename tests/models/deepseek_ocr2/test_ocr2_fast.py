@@ -103,3 +103,17 @@ def test_fast_counts_the_same_flops_and_fewer_sam_bytes(options):
 def test_an_unknown_impl_is_one_user_error():
     with pytest.raises(UserError, match="model.impl"):
         load(["model=deepseek_ocr2_tiny", "model.impl=turbo"])
+
+
+def test_the_host_read_experts_are_installed_only_where_they_were_measured_to_win(options):
+    """On CUDA each host read of the ids is a device sync, once per MoE layer per step: there the
+    experts keep transformers' forward, the SAM forwards are still replaced."""
+    assert fast.reads_ids_on_host(torch.device("cpu")) and fast.reads_ids_on_host(torch.device("meta"))
+    assert not fast.reads_ids_on_host(torch.device("cuda", 0))
+    session = loaded(tiny("reference"), options)
+    assert set(fast.install_fast(session.model, torch.device("cuda", 0))) == {
+        fast.SAM_ATTENTION,
+        fast.SAM_MLP,
+    }
+    experts = [m for m in session.model.modules() if type(m).__name__ == fast.EXPERTS]
+    assert experts and not any("forward" in vars(m) for m in experts)

@@ -6,6 +6,7 @@ All backends take q, k, v as [B, H, S, D]. `flash_attn` only handles the LM and 
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import math
 import warnings
@@ -16,16 +17,41 @@ import torch.nn.functional as F
 BACKENDS = ("sdpa", "eager", "flash_attn")
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """The backend that will actually run: flash_attn falls back to sdpa off CUDA or
-    when the package is missing, with one warning line."""
+#: flash_attn's kernels: Ampere (SM 8.0) or newer, half precision only.
+FLASH_MIN_CAPABILITY = (8, 0)
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The backend that will actually run: flash_attn falls back to sdpa, with one warning line
+    saying why, where it cannot run (off CUDA, a dtype other than fp16/bf16, a GPU below SM 8.0,
+    or a package that does not import, e.g. a wheel built for another torch) rather than fail
+    inside CLIP's first call."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "flash_attn":
-        if device.type != "cuda" or importlib.util.find_spec("flash_attn") is None:
-            warnings.warn("flash_attn is not available here; using sdpa", stacklevel=2)
+        why = _flash_unavailable(device, dtype)
+        if why:
+            warnings.warn(f"flash_attn cannot run here ({why}); using sdpa", stacklevel=2)
             return "sdpa"
     return name
+
+
+def _flash_unavailable(device: torch.device, dtype: torch.dtype | None) -> str | None:
+    if device.type != "cuda":
+        return f"device {device.type}, not CUDA"
+    if dtype is not None and dtype not in FLASH_DTYPES:
+        return f"dtype {str(dtype).removeprefix('torch.')}; it runs float16 and bfloat16 only"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FLASH_MIN_CAPABILITY:
+        return f"GPU of compute capability {capability[0]}.{capability[1]}; it needs 8.0 or newer"
+    if importlib.util.find_spec("flash_attn") is None:
+        return "the flash_attn package is not installed"
+    try:
+        importlib.import_module("flash_attn")
+    except (ImportError, OSError) as exc:  # built against another torch or CUDA: undefined symbols
+        return f"flash_attn does not import: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    return None
 
 
 def attend(

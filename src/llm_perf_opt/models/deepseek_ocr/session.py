@@ -280,7 +280,7 @@ class DeepSeekOCRSession(ModelSession):
         self.arch: DeepSeekOCRConfig = (
             cfg.arch if self.checkpoint is None else checkpoint_config(self.checkpoint)
         )
-        self.backend = resolve_backend(cfg.attn_impl, options.device)
+        self.backend = resolve_backend(cfg.attn_impl, options.device, options.dtype)
         self.tokenizer = load_tokenizer(self.checkpoint)
         self._model: DeepSeekOCR | None = None
         self._fitted_to: tuple | None = None
@@ -351,6 +351,16 @@ class DeepSeekOCRSession(ModelSession):
             )
 
     def load(self) -> None:
+        # Building, tuning (it synchronises and caches per device) and any capture run on the
+        # GPU the session names, not on whichever is current.
+        with self._on_device():
+            self._load()
+
+    def _on_device(self) -> AbstractContextManager:
+        device = self.options.device
+        return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+    def _load(self) -> None:
         device, dtype = self.options.device, self.options.dtype
         impl = self.cfg.impl
         if self.meta:
@@ -407,6 +417,15 @@ class DeepSeekOCRSession(ModelSession):
         embeds = self._encode(page, _no_range)
         balance_router(self.model, page.input_ids, embeds, seed=self.options.seed)
         self._fitted_to = key
+
+    @_without_grad
+    def setup(self, request: Request | BatchRequest, max_new_tokens: int) -> None:
+        """The fast model's static KV cache for this request's size, made now: on CUDA with the
+        graph decode its decode step is captured (and replayed once) here, outside every stage
+        range, and prefill's `new_cache` then reuses it. Nothing for the reference."""
+        if isinstance(self._model, FastDeepSeekOCR) and not self.meta:
+            with self._on_device():
+                self.model.new_cache(request.prompt_tokens + max_new_tokens, request.batch_size, request.pads)
 
     @property
     def module(self) -> nn.Module:

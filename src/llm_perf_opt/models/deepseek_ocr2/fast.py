@@ -24,7 +24,10 @@ memory and how the work is cut into kernels, not what is computed:
   product at a time. Here the k expert ids are read on the host (on a CPU that is no device
   sync) and each expert runs as two multi-threaded matrix-vector products on its slices of the
   fused weights, weighted and summed over k in fp32 as transformers does (the sum's order over
-  k differs: last bits). More than one token (prefill) goes to the forward it had.
+  k differs: last bits). More than one token (prefill) goes to the forward it had. Installed
+  only where host reads were measured to win (`reads_ids_on_host`: the CPU, and meta, which
+  counts a CPU run); on a GPU reading the ids would synchronise the host once per MoE layer
+  per step, so the experts keep transformers' forward there.
 
 The FLOPs are the reference's. Outputs match the reference within fp32 rounding: SDPA's CPU
 kernel may block a shorter query tile differently, which can change the last bits (a test
@@ -121,12 +124,20 @@ DESCRIPTIONS = {
 }
 
 
-def install_fast(model: nn.Module) -> tuple[str, ...]:
+def reads_ids_on_host(device: torch.device) -> bool:
+    """Whether the one-token experts (which read their ids on the host) are installed for
+    `device`: where that was measured to win, the CPU (no device sync), and meta, which stands
+    in for a CPU run in the analytic counts. Not on CUDA, where each read is a sync."""
+    return device.type in ("cpu", "meta")
+
+
+def install_fast(model: nn.Module, device: torch.device) -> tuple[str, ...]:
     """Give the built model's SAM attention and MLP modules and its routed experts the fast
     forwards (in place; the parameters are untouched). SAM attention only where transformers
     runs it through SDPA (`attn_impl=sdpa`), the MLP only where its activation is the exact
     GELU. The experts keep the forward they had (transformers', or on meta the stand-in of
-    meta.py) for more than one token. Returns the class names whose forwards were replaced."""
+    meta.py) for more than one token; they are replaced only where `reads_ids_on_host(device)`.
+    Returns the class names whose forwards were replaced."""
     scratch = Scratch()
     replaced = []
     for module in model.modules():
@@ -136,7 +147,7 @@ def install_fast(model: nn.Module) -> tuple[str, ...]:
             module.forward = types.MethodType(blocked_sam_attention, module)
         elif kind == SAM_MLP and getattr(module.act, "act", None) is F.gelu:
             module.forward = types.MethodType(sam_mlp_gelu_in_place, module)
-        elif kind == EXPERTS:
+        elif kind == EXPERTS and reads_ids_on_host(device):
             module.many_tokens = module.forward
             module.forward = types.MethodType(experts_one_token, module)
         else:

@@ -304,7 +304,7 @@ class DeepSeekOCR2Session(ModelSession):
         else:
             self._model = load_checkpoint(self.checkpoint, device, dtype, self.cfg.attn_impl)
         if self.cfg.impl == "fast":
-            self._replaced = install_fast(self._model)
+            self._replaced = install_fast(self._model, device)
         self._gates = [
             _RoutedGate(m.gate) for m in self._model.modules() if type(m).__name__ == "DeepseekOcr2TextMoe"
         ]

@@ -21,16 +21,21 @@ class DecodeGraph:
     """`step()` captured as a CUDA graph; `output` is the tensor it returned during capture,
     rewritten by every replay."""
 
-    def __init__(self, step: Callable[[], torch.Tensor]):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_STEPS):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = step()
+    def __init__(self, step: Callable[[], torch.Tensor], device: torch.device):
+        # On the model's GPU, whichever is current: streams, the capture and the memory pool.
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_STEPS):
+                    step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.output = step()
+            # The first replay uploads the graph to the device: done here, untimed, not in a decode step.
+            self.graph.replay()
+            torch.cuda.current_stream().synchronize()
 
     def replay(self) -> torch.Tensor:
         """Run the captured step again; returns a copy of its output (the next replay overwrites it)."""

@@ -101,7 +101,8 @@ class FastDeepSeekOCR(DeepSeekOCR):
         """With "static" or "graph" decode paths, a static cache; on CUDA with "graph", its decode
         steps replay a CUDA graph: the same buffers and graph serve every request of the same
         size and padding, and the graph is captured here, when the cache is first made (in a
-        harness job: during the warm-up run's prefill, not timed). Forward hooks on the decode
+        harness job: by the session's untimed `setup`, outside every stage range; prefill's call
+        then finds the cache made). Forward hooks on the decode
         modules (routing refits, module ranges) would not fire inside a replay, nor may they run
         during capture: with any set, the cache is the reference's and decoding is eager."""
         if self.paths.decode == "eager" or self._decode_hooks():
@@ -111,13 +112,17 @@ class FastDeepSeekOCR(DeepSeekOCR):
         if cache is None or (cache.max_len, cache.keys[0].shape[0], cache.pad_key) != (max_len, batch, pads):
             self._static_cache = None  # release the old buffers and graph before allocating
             cache = StaticKVCache(self.cfg.lm, max_len, batch, self.dtype, self.device, pads)
-            if self.paths.graphs_decode(batch) and self.device.type == "cuda":
+            if self.captures_graphs(batch):
                 # Captured at position 0; its warm-up steps write there, and prefill overwrites it.
                 with self._routing_hooks_suspended():
-                    cache.graph = DecodeGraph(lambda: self.positioned_step(cache))
+                    cache.graph = DecodeGraph(lambda: self.positioned_step(cache), self.device)
             self._static_cache = cache
         cache.length = 0
         return cache
+
+    def captures_graphs(self, batch: int) -> bool:
+        """Whether a new static cache for `batch` sequences gets a CUDA graph of its decode step."""
+        return self.paths.graphs_decode(batch) and self.device.type == "cuda"
 
     def decode_step(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """token [B,1] → logits [B, vocab]. A static cache takes the positioned step: replayed

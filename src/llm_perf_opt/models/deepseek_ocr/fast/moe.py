@@ -42,7 +42,7 @@ from llm_perf_opt.models.kernels.linear import matvec, rows_product
 
 from ..config import LMConfig
 from ..decoder import MoE
-from .paths import FastPaths, choose_paths
+from .paths import FastPaths, choose_paths, grouped_mm_op
 
 
 class FastMoE(MoE):
@@ -85,8 +85,9 @@ class FastMoE(MoE):
         ends = torch.searchsorted(sorted_ids, ids, right=True).to(torch.int32)  # end row of each group
         # One token: every row is that token, whatever the order.
         rows = x.expand(k, x.shape[1]).contiguous() if t == 1 else x.index_select(0, order // k)
-        hidden = F.grouped_mm(rows, self.gate_up_weight.transpose(1, 2), offs=ends)  # [T·k, 2I]
-        out = F.grouped_mm(_swiglu(hidden), self.down_weight.transpose(1, 2), offs=ends)  # [T·k, d]
+        grouped_mm = grouped_mm_op()
+        hidden = grouped_mm(rows, self.gate_up_weight.transpose(1, 2), offs=ends)  # [T·k, 2I]
+        out = grouped_mm(_swiglu(hidden), self.down_weight.transpose(1, 2), offs=ends)  # [T·k, d]
         w = weights.flatten().gather(0, order).float()
         if t == 1:
             return w[None] @ out.float()

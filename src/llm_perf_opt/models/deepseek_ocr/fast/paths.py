@@ -14,6 +14,7 @@ wins runs the reference's way.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -110,14 +111,33 @@ def _cuda_major(device: torch.device) -> int:
     return torch.cuda.get_device_capability(device)[0]
 
 
+def grouped_mm_op() -> Callable[..., torch.Tensor] | None:
+    """The grouped GEMM of this torch: `F.grouped_mm` (public from 2.10), else the private
+    `torch._grouped_mm` that 2.8 and 2.9 have (the same arguments), else None."""
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+@functools.cache
+def _grouped_mm_runs_on_cpu(dtype: torch.dtype) -> bool:
+    """Whether this torch's grouped GEMM has a CPU kernel for `dtype` (torch._grouped_mm of some
+    versions is CUDA-only): two groups of one row, tried once."""
+    rows, weights = torch.ones(2, 8, dtype=dtype), torch.ones(2, 8, 8, dtype=dtype)  # 16-byte strides
+    try:
+        grouped_mm_op()(rows, weights, offs=torch.tensor([1, 2], dtype=torch.int32))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
 def grouped_mm_without_sync(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `F.grouped_mm` runs here without a device sync: on CPU (its loop over the groups
-    reads the offsets in C++) and in the CUDA kernel for bf16 on SM 9.x/10.x; elsewhere on
-    CUDA it copies the offsets to the host. Meta tensors follow the CUDA kernel's checks."""
-    if not hasattr(F, "grouped_mm"):
+    """Whether `grouped_mm_op()` runs here without a device sync: on CPU (its loop over the
+    groups reads the offsets in C++) where it has a CPU kernel, and in the CUDA kernel for bf16
+    on SM 9.x/10.x; elsewhere on CUDA it copies the offsets to the host. Meta tensors follow the
+    CUDA kernel's checks."""
+    if grouped_mm_op() is None:
         return False
     if device.type == "cpu":
-        return dtype in (torch.float32, torch.bfloat16, torch.float16)
+        return dtype in (torch.float32, torch.bfloat16, torch.float16) and _grouped_mm_runs_on_cpu(dtype)
     if device.type == "cuda":
         return dtype == torch.bfloat16 and _cuda_major(device) in (9, 10)
     return device.type == "meta" and dtype == torch.bfloat16
