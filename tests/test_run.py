@@ -573,7 +573,13 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float) -> None:
         time.sleep(0.1)
 
 
-def test_interrupt_records_the_job_and_leaves_no_partial_artifacts(tmp_path, small_page):
+@pytest.mark.parametrize(
+    ("signum", "code", "cause"),
+    [(signal.SIGINT, 130, "interrupted by the user"), (signal.SIGTERM, 143, "terminated (SIGTERM)")],
+    ids=["SIGINT", "SIGTERM"],
+)
+def test_interrupt_records_the_job_and_leaves_no_partial_artifacts(tmp_path, small_page, signum, code, cause):
+    # SIGTERM is what SLURM, CI runners and `timeout` send: handled as Ctrl-C is.
     out = tmp_path / "run"
     proc = subprocess.Popen(
         [
@@ -593,6 +599,7 @@ def test_interrupt_records_the_job_and_leaves_no_partial_artifacts(tmp_path, sma
         stderr=subprocess.PIPE,
         text=True,
         preexec_fn=_default_sigint,
+        start_new_session=True,  # its own process group, to see that no child outlives it
     )
     try:
         # Hydra writes .hydra/ and opens run.log just before it calls the job; give the job
@@ -604,18 +611,23 @@ def test_interrupt_records_the_job_and_leaves_no_partial_artifacts(tmp_path, sma
         )
         time.sleep(3)
         assert proc.poll() is None, "1000 repeats should still be running"
-        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=120)
+        took = time.monotonic() - sent
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 130
+    assert proc.returncode == code
+    assert took < 60, f"{took:.0f} s to stop"  # a bound on a hang, not a timing figure
+    with pytest.raises(ProcessLookupError):  # nothing of the group is left running
+        os.killpg(proc.pid, 0)
     assert "Traceback" not in stderr, stderr
     assert "interrupted" in stderr
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "interrupted"
-    assert "\n" not in record["error"]
+    assert record["error"] == cause
     for name in (
         "stages.csv",
         "stages.json",
@@ -626,6 +638,41 @@ def test_interrupt_records_the_job_and_leaves_no_partial_artifacts(tmp_path, sma
     ):
         assert not (out / name).exists(), name
     assert temp_files(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
+)
+def test_a_signal_while_hydra_composes_is_one_line(tmp_path, small_page, signum, code):
+    # The signal is sent by the process to itself from inside Hydra's compose, so it lands
+    # there at once, whatever the machine's speed.
+    script = (
+        "import os, sys\n"
+        "import hydra._internal.config_loader_impl as loader\n"
+        "from llm_perf_opt import run\n"
+        "compose = loader.ConfigLoaderImpl.load_configuration\n"
+        "def signalled(*args, **kwargs):\n"
+        f"    os.kill(os.getpid(), {int(signum)})\n"
+        "    return compose(*args, **kwargs)\n"
+        "loader.ConfigLoaderImpl.load_configuration = signalled\n"
+        "run.main()\n"
+    )
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *TINY, f"image={small_page}", f"hydra.run.dir={out}"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=_default_sigint,
+    )
+    assert proc.returncode == code
+    assert proc.stderr.strip().splitlines() == [
+        ("interrupted by the user" if signum == signal.SIGINT else "terminated (SIGTERM)")
+        + ": no job started"
+    ], proc.stderr
+    assert not out.exists()
 
 
 def test_the_models_op_notes_name_ops_that_ran(gundam_run):

@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
+from llm_perf_opt import signals
 from llm_perf_opt.cli import checked_argv
 from llm_perf_opt.config import CONFIG_NAME, RunConfig, register_configs, validate
 from llm_perf_opt.errors import UserError
@@ -37,6 +38,7 @@ from llm_perf_opt.report.run_report import write_artifacts, write_failure
 
 register_configs()
 _failed_jobs: list[str] = []
+_started_jobs: list[str] = []
 #: The suffix is what TensorBoard's profiler plugin looks for; Perfetto and chrome://tracing open it too.
 TRACE_FILE = "trace.pt.trace.json"
 log = logging.getLogger(__name__)
@@ -140,15 +142,16 @@ def _dtype_name(choice: DtypeChoice) -> str:
 def _main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
+    _started_jobs.append(str(out_dir))
     try:
         run_job(validate(cfg), config, out_dir)
     except UserError as exc:
         _fail(out_dir, config, "failed", str(exc))
         log.error(f"error: {exc}")
-    except KeyboardInterrupt:
-        _fail(out_dir, config, "interrupted", "interrupted by the user")
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (llm_perf_opt.signals)
+        _fail(out_dir, config, "interrupted", signals.cause(exc))
         log.error(f"interrupted: {out_dir / 'run.json'} records it")
-        raise SystemExit(130) from None
+        raise SystemExit(signals.exit_code(exc)) from None
     except Exception as exc:  # a bug, not a user error: keep the traceback, let other jobs run
         log.exception(f"the job failed: {type(exc).__name__}: {exc}")
         _fail(out_dir, config, "failed", f"{type(exc).__name__}: {exc}")
@@ -167,12 +170,18 @@ def _fail(out_dir: Path, config: dict, status: str, error: str) -> None:
 
 def main() -> None:
     _failed_jobs.clear()
-    try:
-        sys.argv[1:] = checked_argv(sys.argv[1:])
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    _main()
+    _started_jobs.clear()
+    with signals.terminate_as_interrupt():
+        try:
+            sys.argv[1:] = checked_argv(sys.argv[1:])
+            _main()
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt as exc:  # while Hydra composes or between jobs: no job to record
+            done = f"{len(_started_jobs)} job(s) finished before" if _started_jobs else "no job started"
+            print(f"{signals.cause(exc)}: {done}", file=sys.stderr)
+            sys.exit(signals.exit_code(exc))
     if _failed_jobs:
         sys.exit(1)
 
