@@ -7,9 +7,11 @@ Every run writes into tmp_path, so nothing is written into the repository.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -673,6 +675,45 @@ def test_a_signal_while_hydra_composes_is_one_line(tmp_path, small_page, signum,
         + ": no job started"
     ], proc.stderr
     assert not out.exists()
+
+
+def _file_size_limit() -> None:
+    # 512 KiB: Hydra's own files (a few KiB) and run.json fit, the trace (about 1 MB) does not.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (512 << 10, 512 << 10))
+
+
+def test_the_file_size_limit_is_one_line_and_run_json_records_it(tmp_path, small_page):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "llm_perf_opt.run", *TINY, "mode=tiny", "max_new_tokens=2"]
+        + ["profiling.repeats=1", "profiling.trace=true", f"image={small_page}", f"hydra.run.dir={out}"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_file_size_limit,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr, proc.stderr
+    message = f"the file-size limit (ulimit -f: {512 << 10} bytes) was reached writing {out / 'trace.pt.trace.json'}"
+    assert error_lines(proc.stderr) == [f"error: {message}"]
+    record = json.loads((out / "run.json").read_text())
+    assert (record["status"], record["error"]) == ("failed", message)
+    assert temp_files(tmp_path) == []
+
+
+def test_a_run_json_the_full_disk_cannot_take_is_one_more_line(tmp_path, monkeypatch, caplog):
+    def full(out_dir, *args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out_dir / "run.json"))
+
+    monkeypatch.setattr(run_module, "write_failure", full)
+    with caplog.at_level("ERROR"):
+        run_module._fail(tmp_path, {}, "failed", "why")
+    assert [r.getMessage() for r in caplog.records] == [
+        "error: run.json could not record it either: the disk is full writing "
+        f"{tmp_path / 'run.json'} (No space left on device)"
+    ]
 
 
 def test_the_models_op_notes_name_ops_that_ran(gundam_run):

@@ -21,6 +21,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from llm_perf_opt import signals
+from llm_perf_opt.atomic import storage_fault
 from llm_perf_opt.cli import checked_argv
 from llm_perf_opt.config import CONFIG_NAME, RunConfig, register_configs, validate
 from llm_perf_opt.errors import UserError
@@ -152,9 +153,14 @@ def _main(cfg: DictConfig) -> None:
         _fail(out_dir, config, "interrupted", signals.cause(exc))
         log.error(f"interrupted: {out_dir / 'run.json'} records it")
         raise SystemExit(signals.exit_code(exc)) from None
-    except Exception as exc:  # a bug, not a user error: keep the traceback, let other jobs run
-        log.exception(f"the job failed: {type(exc).__name__}: {exc}")
-        _fail(out_dir, config, "failed", f"{type(exc).__name__}: {exc}")
+    except Exception as exc:
+        full = storage_fault(exc)
+        if full:  # the disk's state, not a bug: one line
+            log.error(f"error: {full}")
+            _fail(out_dir, config, "failed", full)
+        else:  # a bug, not a user error: keep the traceback, let other jobs run
+            log.exception(f"the job failed: {type(exc).__name__}: {exc}")
+            _fail(out_dir, config, "failed", f"{type(exc).__name__}: {exc}")
     finally:
         # The finished job's model sits in reference cycles (frames kept by the plotting code);
         # free it now, and hand the freed heap back to the OS, or the next job of a sweep would
@@ -165,7 +171,13 @@ def _main(cfg: DictConfig) -> None:
 
 def _fail(out_dir: Path, config: dict, status: str, error: str) -> None:
     _failed_jobs.append(str(out_dir))
-    write_failure(out_dir, config, status, error)
+    try:
+        write_failure(out_dir, config, status, error)
+    except OSError as exc:
+        full = storage_fault(exc)
+        if not full:
+            raise
+        log.error(f"error: run.json could not record it either: {full}")
 
 
 def main() -> None:
