@@ -27,6 +27,8 @@ from PIL import Image
 
 from llm_perf_opt import run as run_module
 from llm_perf_opt.config import compose, validate
+from llm_perf_opt.errors import UserError
+from llm_perf_opt.models.deepseek_ocr.session import DeepSeekOCRSession
 from llm_perf_opt.profiling.attribution import KERNEL_COLUMNS
 
 TINY = ("model=deepseek_ocr_tiny", "device=cpu", "profiling=quick", "dtype=float32")
@@ -832,6 +834,31 @@ def test_a_batch_that_cannot_fit_names_the_largest_that_would(monkeypatch, capsy
     assert "not enough memory for deepseek_ocr_tiny at batch 64" in line and "KV cache" in line
     largest = int(line.split("batch_size<=")[1].split()[0])
     assert 1 <= largest < 64
+
+
+def test_a_huge_batch_is_refused_before_its_pages_are_prepared(monkeypatch, capsys, tmp_path):
+    # Preparing the batch would allocate every page's pixels: the refusal must come first.
+    monkeypatch.setattr(run_module, "available_memory_bytes", lambda device: 8 * 10**9)
+
+    def prepared(self, images, prompt):
+        raise UserError("the batch was prepared")
+
+    monkeypatch.setattr(DeepSeekOCRSession, "prepare_batch", prepared)
+
+    def refusal(batch: int) -> str:
+        out = f"hydra.run.dir={tmp_path / str(batch)}"
+        return one_error(*main(monkeypatch, capsys, *TINY, "mode=base", f"batch_size={batch}", out)[::2])
+
+    line = refusal(100_000)
+    assert "not enough memory for deepseek_ocr_tiny at batch 100000" in line
+    # base mode: one 3 x 1024 x 1024 float32 global view a page, held twice (the page's, the
+    # stacked batch's): 2516.6 GB at 100000 pages, plus under 1 GB of token ids.
+    pixels = float(line.split(" GB the pages' pixels and ids")[0].rsplit(" ", 1)[1])
+    assert 2 * 3 * 1024 * 1024 * 4 * 100_000 / 1e9 <= pixels < 2517.6
+    largest = int(line.split("batch_size<=")[1].split()[0])
+    assert 1 < largest < 100_000
+    assert refusal(largest) == "error: the batch was prepared"  # the batch it names passes
+    assert "not enough memory" in refusal(largest + 1)
 
 
 def test_largest_batch_fits_and_one_more_does_not():

@@ -28,7 +28,12 @@ from llm_perf_opt.errors import UserError
 from llm_perf_opt.hardware.calibration import cached_calibration
 from llm_perf_opt.hardware.ceilings import select
 from llm_perf_opt.hardware.device import resolve_device
-from llm_perf_opt.hardware.memory_check import available_memory_bytes, check_fits, release_freed_memory
+from llm_perf_opt.hardware.memory_check import (
+    available_memory_bytes,
+    check_fits,
+    release_freed_memory,
+    tensor_bytes,
+)
 from llm_perf_opt.hardware.precision import DtypeChoice, choose_dtype, header_text
 from llm_perf_opt.models.interface import AnalyticModel, Footprint, ModelSession, SessionOptions
 from llm_perf_opt.models.pages import batch_pages
@@ -58,6 +63,12 @@ def run_job(run: RunConfig, config: dict, out_dir: Path) -> None:
     )
     analytic: AnalyticModel = get_class(type(run.model).analytic)(run.model)
     inputs = RunInputs(batch_pages(run.images, run.image, run.batch_size), run.prompt, run.max_new_tokens)
+    if run.batch_size > 1:
+        # Preparing a batch allocates every page's pixels, before its footprint can be asked:
+        # check first with one page's, scaled to the batch.
+        page = session.prepare(inputs.images[0], inputs.prompt)
+        one = analytic.footprint(page, inputs.max_new_tokens, _dtype_name(dtype))
+        check_memory(run, one, dtype, device, scale=run.batch_size, page_bytes=tensor_bytes(page))
     request = session.prepare_batch(inputs.images, inputs.prompt)
     session.check(request, inputs.max_new_tokens)
     footprint = analytic.footprint(request, inputs.max_new_tokens, _dtype_name(dtype))
@@ -100,15 +111,21 @@ def run_job(run: RunConfig, config: dict, out_dir: Path) -> None:
     results.info(compact_table(written["stages"], m, hardware.roofs[0].label))
 
 
-def check_memory(run: RunConfig, footprint: Footprint, dtype: DtypeChoice, device) -> None:
+def check_memory(
+    run: RunConfig, footprint: Footprint, dtype: DtypeChoice, device, *, scale: int = 1, page_bytes: int = 0
+) -> None:
     """Refuse, in one line, a run whose weights, KV cache and largest transient cannot fit here;
-    for a batch, name the largest batch that would."""
+    for a batch, name the largest batch that would. With `scale`, the footprint is one page's
+    and what grows with the batch is taken `scale` times; `page_bytes` is one prepared page's
+    tensors, held twice in a batch (each page's own, and the batch's stacked copy)."""
     transient = footprint.largest_transient
     parts = {
         "weights": int(footprint.total_weight_bytes),
-        "KV cache": int(footprint.kv_cache_bytes),
-        f"largest transient ({transient.stage})": int(transient.transient_bytes),
+        "KV cache": int(footprint.kv_cache_bytes) * scale,
+        f"largest transient ({transient.stage})": int(transient.transient_bytes) * scale,
     }
+    if page_bytes:
+        parts["the pages' pixels and ids"] = 2 * page_bytes * run.batch_size
     available = available_memory_bytes(device)
     if available is None:  # nothing here tells; the run goes ahead
         return
