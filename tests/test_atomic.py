@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import enum
+import errno
 import json
 import math
+import multiprocessing
 import os
+import resource
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +139,39 @@ def test_atomic_path_keeps_suffix_and_cleans_up(tmp_path):
         tmp.write_text("partial")
         raise RuntimeError
     assert _files(tmp_path) == ["trace.json.gz"]
+
+
+def test_a_writer_that_makes_no_file_fails_and_its_staging_file_is_removed(tmp_path):
+    # torch.profiler's exporter writes `<name>.tmp` and renames it; on a full disk it only logs,
+    # leaving the staging file and no output.
+    target = tmp_path / "trace.json"
+    with pytest.raises(OSError) as info, atomic.atomic_path(target) as tmp:
+        tmp.with_name(tmp.name + ".tmp").write_text('{"partial')
+    assert info.value.filename == str(target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _write_past_the_limit(path):
+    # In a child: a file-size limit of 4 KiB, then a 64 KiB artifact. Python ignores SIGXFSZ,
+    # so the write fails with EFBIG instead of killing the process.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+    try:
+        atomic.write_text(path, "x" * 65536)
+    except OSError as exc:
+        return atomic.storage_fault(exc)
+    return None
+
+
+def test_the_file_size_limit_is_named_and_no_temp_file_is_left(tmp_path):
+    target = tmp_path / "big.txt"
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+        message = pool.submit(_write_past_the_limit, target).result(timeout=60)
+    assert message == f"the file-size limit (ulimit -f: 4096 bytes) was reached writing {target}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_is_named_and_other_errors_are_not_storage_faults():
+    full = OSError(errno.ENOSPC, "No space left on device", "/data/run.json")
+    assert atomic.storage_fault(full) == "the disk is full writing /data/run.json (No space left on device)"
+    assert atomic.storage_fault(OSError(errno.EACCES, "Permission denied", "/x")) is None
+    assert atomic.storage_fault(ValueError("no")) is None

@@ -7,9 +7,11 @@ Every run writes into tmp_path, so nothing is written into the repository.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -25,6 +27,8 @@ from PIL import Image
 
 from llm_perf_opt import run as run_module
 from llm_perf_opt.config import compose, validate
+from llm_perf_opt.errors import UserError
+from llm_perf_opt.models.deepseek_ocr.session import DeepSeekOCRSession
 from llm_perf_opt.profiling.attribution import KERNEL_COLUMNS
 
 TINY = ("model=deepseek_ocr_tiny", "device=cpu", "profiling=quick", "dtype=float32")
@@ -573,7 +577,13 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float) -> None:
         time.sleep(0.1)
 
 
-def test_interrupt_records_the_job_and_leaves_no_partial_artifacts(tmp_path, small_page):
+@pytest.mark.parametrize(
+    ("signum", "code", "cause"),
+    [(signal.SIGINT, 130, "interrupted by the user"), (signal.SIGTERM, 143, "terminated (SIGTERM)")],
+    ids=["SIGINT", "SIGTERM"],
+)
+def test_interrupt_records_the_job_and_leaves_no_partial_artifacts(tmp_path, small_page, signum, code, cause):
+    # SIGTERM is what SLURM, CI runners and `timeout` send: handled as Ctrl-C is.
     out = tmp_path / "run"
     proc = subprocess.Popen(
         [
@@ -593,6 +603,7 @@ def test_interrupt_records_the_job_and_leaves_no_partial_artifacts(tmp_path, sma
         stderr=subprocess.PIPE,
         text=True,
         preexec_fn=_default_sigint,
+        start_new_session=True,  # its own process group, to see that no child outlives it
     )
     try:
         # Hydra writes .hydra/ and opens run.log just before it calls the job; give the job
@@ -604,18 +615,23 @@ def test_interrupt_records_the_job_and_leaves_no_partial_artifacts(tmp_path, sma
         )
         time.sleep(3)
         assert proc.poll() is None, "1000 repeats should still be running"
-        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=120)
+        took = time.monotonic() - sent
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 130
+    assert proc.returncode == code
+    assert took < 60, f"{took:.0f} s to stop"  # a bound on a hang, not a timing figure
+    with pytest.raises(ProcessLookupError):  # nothing of the group is left running
+        os.killpg(proc.pid, 0)
     assert "Traceback" not in stderr, stderr
     assert "interrupted" in stderr
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "interrupted"
-    assert "\n" not in record["error"]
+    assert record["error"] == cause
     for name in (
         "stages.csv",
         "stages.json",
@@ -626,6 +642,80 @@ def test_interrupt_records_the_job_and_leaves_no_partial_artifacts(tmp_path, sma
     ):
         assert not (out / name).exists(), name
     assert temp_files(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
+)
+def test_a_signal_while_hydra_composes_is_one_line(tmp_path, small_page, signum, code):
+    # The signal is sent by the process to itself from inside Hydra's compose, so it lands
+    # there at once, whatever the machine's speed.
+    script = (
+        "import os, sys\n"
+        "import hydra._internal.config_loader_impl as loader\n"
+        "from llm_perf_opt import run\n"
+        "compose = loader.ConfigLoaderImpl.load_configuration\n"
+        "def signalled(*args, **kwargs):\n"
+        f"    os.kill(os.getpid(), {int(signum)})\n"
+        "    return compose(*args, **kwargs)\n"
+        "loader.ConfigLoaderImpl.load_configuration = signalled\n"
+        "run.main()\n"
+    )
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *TINY, f"image={small_page}", f"hydra.run.dir={out}"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=_default_sigint,
+    )
+    assert proc.returncode == code
+    assert proc.stderr.strip().splitlines() == [
+        ("interrupted by the user" if signum == signal.SIGINT else "terminated (SIGTERM)")
+        + ": no job started"
+    ], proc.stderr
+    assert not out.exists()
+
+
+def _file_size_limit() -> None:
+    # 512 KiB: Hydra's own files (a few KiB) and run.json fit, the trace (about 1 MB) does not.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (512 << 10, 512 << 10))
+
+
+def test_the_file_size_limit_is_one_line_and_run_json_records_it(tmp_path, small_page):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "llm_perf_opt.run", *TINY, "mode=tiny", "max_new_tokens=2"]
+        + ["profiling.repeats=1", "profiling.trace=true", f"image={small_page}", f"hydra.run.dir={out}"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_file_size_limit,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr, proc.stderr
+    message = f"the file-size limit (ulimit -f: {512 << 10} bytes) was reached writing {out / 'trace.pt.trace.json'}"
+    assert error_lines(proc.stderr) == [f"error: {message}"]
+    record = json.loads((out / "run.json").read_text())
+    assert (record["status"], record["error"]) == ("failed", message)
+    assert temp_files(tmp_path) == []
+
+
+def test_a_run_json_the_full_disk_cannot_take_is_one_more_line(tmp_path, monkeypatch, caplog):
+    def full(out_dir, *args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out_dir / "run.json"))
+
+    monkeypatch.setattr(run_module, "write_failure", full)
+    with caplog.at_level("ERROR"):
+        run_module._fail(tmp_path, {}, "failed", "why")
+    assert [r.getMessage() for r in caplog.records] == [
+        "error: run.json could not record it either: the disk is full writing "
+        f"{tmp_path / 'run.json'} (No space left on device)"
+    ]
 
 
 def test_the_models_op_notes_name_ops_that_ran(gundam_run):
@@ -744,6 +834,31 @@ def test_a_batch_that_cannot_fit_names_the_largest_that_would(monkeypatch, capsy
     assert "not enough memory for deepseek_ocr_tiny at batch 64" in line and "KV cache" in line
     largest = int(line.split("batch_size<=")[1].split()[0])
     assert 1 <= largest < 64
+
+
+def test_a_huge_batch_is_refused_before_its_pages_are_prepared(monkeypatch, capsys, tmp_path):
+    # Preparing the batch would allocate every page's pixels: the refusal must come first.
+    monkeypatch.setattr(run_module, "available_memory_bytes", lambda device: 8 * 10**9)
+
+    def prepared(self, images, prompt):
+        raise UserError("the batch was prepared")
+
+    monkeypatch.setattr(DeepSeekOCRSession, "prepare_batch", prepared)
+
+    def refusal(batch: int) -> str:
+        out = f"hydra.run.dir={tmp_path / str(batch)}"
+        return one_error(*main(monkeypatch, capsys, *TINY, "mode=base", f"batch_size={batch}", out)[::2])
+
+    line = refusal(100_000)
+    assert "not enough memory for deepseek_ocr_tiny at batch 100000" in line
+    # base mode: one 3 x 1024 x 1024 float32 global view a page, held twice (the page's, the
+    # stacked batch's): 2516.6 GB at 100000 pages, plus under 1 GB of token ids.
+    pixels = float(line.split(" GB the pages' pixels and ids")[0].rsplit(" ", 1)[1])
+    assert 2 * 3 * 1024 * 1024 * 4 * 100_000 / 1e9 <= pixels < 2517.6
+    largest = int(line.split("batch_size<=")[1].split()[0])
+    assert 1 < largest < 100_000
+    assert refusal(largest) == "error: the batch was prepared"  # the batch it names passes
+    assert "not enough memory" in refusal(largest + 1)
 
 
 def test_largest_batch_fits_and_one_more_does_not():

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import errno
 import json
 import math
 import os
+import resource
+import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,10 +44,46 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = target.with_name(f".tmp-{uuid.uuid4().hex}-{target.name}")
     try:
         yield tmp
+        if not tmp.exists():
+            # A writer that reports no error of its own (torch.profiler's exporter only logs
+            # one) and left no file: a full disk or a file-size limit, most likely; say which.
+            raise _unwritten(target)
         os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as exc:
+        # The writer's own staging files too (the exporter writes `<name>.tmp`, then renames):
+        # the unique prefix makes every file that starts with it ours.
+        for staged in target.parent.glob(f"{tmp.name}*"):
+            staged.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno and exc.filename is None:  # write() names no file
+            raise OSError(exc.errno, exc.strerror, str(target)) from exc
         raise
+
+
+#: What a write fails with for want of room: the disk (or quota) full, or the file-size limit.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def storage_fault(exc: BaseException) -> str | None:
+    """One line for a write that failed for want of room (`error: ...` material), else None."""
+    if not isinstance(exc, OSError) or exc.errno not in STORAGE_ERRNOS:
+        return None
+    where = f" writing {exc.filename}" if exc.filename else ""
+    if exc.errno == errno.EFBIG:
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        shown = f"{limit} bytes" if limit != resource.RLIM_INFINITY else "the file system's"
+        return f"the file-size limit (ulimit -f: {shown}) was reached{where}"
+    return f"the disk is full{where} ({exc.strerror})"
+
+
+def _unwritten(target: Path) -> OSError:
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        code = errno.EFBIG
+    elif shutil.disk_usage(target.parent).free == 0:
+        code = errno.ENOSPC
+    else:
+        code = errno.EIO
+    return OSError(code, f"{os.strerror(code)} (the writer made no file)", str(target))
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:

@@ -54,6 +54,10 @@ def main() -> None:
         sys.exit(2)
     # Only the first word is ours: everything after it, --help included, is the command's.
     command = parser.parse_args(argv[:1]).command
-    tool = importlib.import_module(COMMANDS[command][0])
+    try:
+        tool = importlib.import_module(COMMANDS[command][0])  # seconds: torch loads
+    except KeyboardInterrupt:
+        print("interrupted by the user while starting", file=sys.stderr)
+        sys.exit(130)
     sys.argv = [f"{parser.prog} {command}", *argv[1:]]
     sys.exit(tool.main())

@@ -20,13 +20,20 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
+from llm_perf_opt import signals
+from llm_perf_opt.atomic import storage_fault
 from llm_perf_opt.cli import checked_argv
 from llm_perf_opt.config import CONFIG_NAME, RunConfig, register_configs, validate
 from llm_perf_opt.errors import UserError
 from llm_perf_opt.hardware.calibration import cached_calibration
 from llm_perf_opt.hardware.ceilings import select
 from llm_perf_opt.hardware.device import resolve_device
-from llm_perf_opt.hardware.memory_check import available_memory_bytes, check_fits, release_freed_memory
+from llm_perf_opt.hardware.memory_check import (
+    available_memory_bytes,
+    check_fits,
+    release_freed_memory,
+    tensor_bytes,
+)
 from llm_perf_opt.hardware.precision import DtypeChoice, choose_dtype, header_text
 from llm_perf_opt.models.interface import AnalyticModel, Footprint, ModelSession, SessionOptions
 from llm_perf_opt.models.pages import batch_pages
@@ -37,6 +44,7 @@ from llm_perf_opt.report.run_report import write_artifacts, write_failure
 
 register_configs()
 _failed_jobs: list[str] = []
+_started_jobs: list[str] = []
 #: torch.profiler's own suffix for a Chrome trace, which Perfetto and HolisticTraceAnalysis read.
 TRACE_FILE = "trace.pt.trace.json"
 log = logging.getLogger(__name__)
@@ -55,6 +63,12 @@ def run_job(run: RunConfig, config: dict, out_dir: Path) -> None:
     )
     analytic: AnalyticModel = get_class(type(run.model).analytic)(run.model)
     inputs = RunInputs(batch_pages(run.images, run.image, run.batch_size), run.prompt, run.max_new_tokens)
+    if run.batch_size > 1:
+        # Preparing a batch allocates every page's pixels, before its footprint can be asked:
+        # check first with one page's, scaled to the batch.
+        page = session.prepare(inputs.images[0], inputs.prompt)
+        one = analytic.footprint(page, inputs.max_new_tokens, _dtype_name(dtype))
+        check_memory(run, one, dtype, device, scale=run.batch_size, page_bytes=tensor_bytes(page))
     request = session.prepare_batch(inputs.images, inputs.prompt)
     session.check(request, inputs.max_new_tokens)
     footprint = analytic.footprint(request, inputs.max_new_tokens, _dtype_name(dtype))
@@ -97,15 +111,21 @@ def run_job(run: RunConfig, config: dict, out_dir: Path) -> None:
     results.info(compact_table(written["stages"], m, hardware.roofs[0].label))
 
 
-def check_memory(run: RunConfig, footprint: Footprint, dtype: DtypeChoice, device) -> None:
+def check_memory(
+    run: RunConfig, footprint: Footprint, dtype: DtypeChoice, device, *, scale: int = 1, page_bytes: int = 0
+) -> None:
     """Refuse, in one line, a run whose weights, KV cache and largest transient cannot fit here;
-    for a batch, name the largest batch that would."""
+    for a batch, name the largest batch that would. With `scale`, the footprint is one page's
+    and what grows with the batch is taken `scale` times; `page_bytes` is one prepared page's
+    tensors, held twice in a batch (each page's own, and the batch's stacked copy)."""
     transient = footprint.largest_transient
     parts = {
         "weights": int(footprint.total_weight_bytes),
-        "KV cache": int(footprint.kv_cache_bytes),
-        f"largest transient ({transient.stage})": int(transient.transient_bytes),
+        "KV cache": int(footprint.kv_cache_bytes) * scale,
+        f"largest transient ({transient.stage})": int(transient.transient_bytes) * scale,
     }
+    if page_bytes:
+        parts["the pages' pixels and ids"] = 2 * page_bytes * run.batch_size
     available = available_memory_bytes(device)
     if available is None:  # nothing here tells; the run goes ahead
         return
@@ -140,18 +160,24 @@ def _dtype_name(choice: DtypeChoice) -> str:
 def _main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
+    _started_jobs.append(str(out_dir))
     try:
         run_job(validate(cfg), config, out_dir)
     except UserError as exc:
         _fail(out_dir, config, "failed", str(exc))
         log.error(f"error: {exc}")
-    except KeyboardInterrupt:
-        _fail(out_dir, config, "interrupted", "interrupted by the user")
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (llm_perf_opt.signals)
+        _fail(out_dir, config, "interrupted", signals.cause(exc))
         log.error(f"interrupted: {out_dir / 'run.json'} records it")
-        raise SystemExit(130) from None
-    except Exception as exc:  # a bug, not a user error: keep the traceback, let other jobs run
-        log.exception(f"the job failed: {type(exc).__name__}: {exc}")
-        _fail(out_dir, config, "failed", f"{type(exc).__name__}: {exc}")
+        raise SystemExit(signals.exit_code(exc)) from None
+    except Exception as exc:
+        full = storage_fault(exc)
+        if full:  # the disk's state, not a bug: one line
+            log.error(f"error: {full}")
+            _fail(out_dir, config, "failed", full)
+        else:  # a bug, not a user error: keep the traceback, let other jobs run
+            log.exception(f"the job failed: {type(exc).__name__}: {exc}")
+            _fail(out_dir, config, "failed", f"{type(exc).__name__}: {exc}")
     finally:
         # The finished job's model sits in reference cycles (frames kept by the plotting code);
         # free it now, and hand the freed heap back to the OS, or the next job of a sweep would
@@ -162,17 +188,29 @@ def _main(cfg: DictConfig) -> None:
 
 def _fail(out_dir: Path, config: dict, status: str, error: str) -> None:
     _failed_jobs.append(str(out_dir))
-    write_failure(out_dir, config, status, error)
+    try:
+        write_failure(out_dir, config, status, error)
+    except OSError as exc:
+        full = storage_fault(exc)
+        if not full:
+            raise
+        log.error(f"error: run.json could not record it either: {full}")
 
 
 def main() -> None:
     _failed_jobs.clear()
-    try:
-        sys.argv[1:] = checked_argv(sys.argv[1:])
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    _main()
+    _started_jobs.clear()
+    with signals.terminate_as_interrupt():
+        try:
+            sys.argv[1:] = checked_argv(sys.argv[1:])
+            _main()
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt as exc:  # while Hydra composes or between jobs: no job to record
+            done = f"{len(_started_jobs)} job(s) finished before" if _started_jobs else "no job started"
+            print(f"{signals.cause(exc)}: {done}", file=sys.stderr)
+            sys.exit(signals.exit_code(exc))
     if _failed_jobs:
         sys.exit(1)
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import subprocess
 
 import pytest
 import torch
@@ -163,3 +165,42 @@ def test_quick_cpu_calibration_gives_finite_positive_figures():
 def test_unknown_dtype_is_rejected():
     with pytest.raises(ValueError, match="int8"):
         calibrate("cpu", ("int8",), quick=True)
+
+
+@contextlib.contextmanager
+def read_only(folder):
+    """The folder as a read-only bind mount (permission bits do not stop root); skips where
+    mounting is not allowed."""
+    try:
+        subprocess.run(["mount", "--bind", str(folder), str(folder)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("cannot bind-mount here (needs root and mount)")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=True, capture_output=True)
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True, capture_output=True)
+
+
+def _unwritable_cache(kind, tmp_path):
+    if kind == "a file in the cache dir's place":
+        (tmp_path / "calibration").write_text("not a folder\n")
+        return contextlib.nullcontext(tmp_path)
+    return read_only(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["a file in the cache dir's place", "a read-only cache dir"])
+def test_an_unwritable_cache_is_one_warning_and_the_figures_are_still_given(
+    tmp_path, fake_calibration, caplog, kind
+):
+    measure = CountingMeasure(fake_calibration)
+    with _unwritable_cache(kind, tmp_path) as folder, caplog.at_level("WARNING"):
+        result = cached_calibration(CPU, folder, measure=measure)
+        again = cached_calibration(CPU, folder, measure=measure)
+        left = sorted(p.name for p in tmp_path.rglob("*"))
+    assert result == fake_calibration(byte_s=1e9) and again.byte_s == 2e9  # measured, not cached
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and all("\n" not in w for w in warnings)
+    assert warnings[0].startswith("warning: the calibration cache cannot be written")
+    assert "going on without it" in warnings[0]
+    assert left == (["calibration"] if kind.startswith("a file") else [])  # no temporary file

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -48,6 +49,7 @@ from llm_perf_opt.hardware.ceilings import DTYPE_NAMES, Roof, cpu_flags, device_
 #: A dtype whose matmul rate is below this fraction of float32's is reported as emulated.
 EMULATION_RATIO = 0.25
 CACHE_ENV = "LLM_PERF_OPT_CACHE"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -292,8 +294,22 @@ def cached_calibration(
         if cached is not None and cached.key == key:
             return cached
     calibration = measure(device)
-    write_json(path, dataclasses.asdict(calibration))
+    store_in_cache(path, dataclasses.asdict(calibration), "calibration")
     return calibration
+
+
+def store_in_cache(path: Path, data: Any, what: str) -> bool:
+    """Write a cache file; where the cache cannot take it (a read-only folder, a file in the
+    folder's place, a full disk) the run goes on without it, after one warning line."""
+    try:
+        write_json(path, data)
+    except OSError as exc:
+        log.warning(
+            f"warning: the {what} cache cannot be written ({exc.strerror or exc}: "
+            f"{exc.filename or path}); going on without it, so the next run measures again"
+        )
+        return False
+    return True
 
 
 def _load(path: Path) -> Calibration | None:
@@ -301,6 +317,6 @@ def _load(path: Path) -> Calibration | None:
         return None
     try:
         return Calibration.from_json(json.loads(path.read_text(encoding="utf-8")))
-    except (ValueError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except (OSError, ValueError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         warnings.warn(f"calibration cache {path} is unreadable ({exc}); measuring again", stacklevel=3)
         return None

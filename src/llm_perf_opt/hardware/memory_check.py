@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -168,3 +169,17 @@ def check_fits(
         f"not enough memory for {what} in {dtype_name}: needs ~{_gb(required_bytes)} GB{parts}, "
         f"{_gb(available_bytes)} GB available{advice}"
     )
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors a prepared request holds (in dataclass fields, tuples, lists and
+    dicts, at any depth): what its pixels and token ids take in memory."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nbytes
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(tensor_bytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    if isinstance(obj, (tuple, list)):
+        return sum(tensor_bytes(item) for item in obj)
+    if isinstance(obj, Mapping):
+        return sum(tensor_bytes(item) for item in obj.values())
+    return 0

@@ -210,6 +210,17 @@ def test_pickled_weights_are_refused(small_arch, tmp_path):
     assert "pickle" in message and "pytorch_model.bin" in message
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_damaged_safetensors_file_is_one_line_naming_it(small_arch, small_state, tmp_path, damage):
+    folder = write_checkpoint(tmp_path, small_arch, small_state)
+    shard = folder / "model-00001-of-000001.safetensors"
+    data = shard.read_bytes()
+    damaged = {"truncated": data[: len(data) // 2], "garbage": bytes(range(256)) * 64, "empty": b""}
+    shard.write_bytes(damaged[damage])
+    message = refused(folder)
+    assert str(shard) in message and "not a readable safetensors file" in message
+
+
 def test_wrong_shape_names_the_key(small_arch, small_state, tmp_path):
     key = "model.layers.1.mlp.gate.weight"
     state = dict(small_state)

@@ -85,6 +85,21 @@ def test_pickle_only_checkpoint_is_refused_in_one_line(saved, options, tmp_path)
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_safetensors_file_is_one_line_naming_it(saved, options, tmp_path, damage):
+    folder, _ = saved
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    weights = broken / WEIGHTS_FILE
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 100] if damage == "truncated" else b"\xff" * 4096)
+    cfg = load(["model=deepseek_ocr2_tiny", f"model.weights={broken}"]).model
+    session = DeepSeekOCR2Session(cfg, options)
+    with pytest.raises(UserError, match="not a readable safetensors file") as info:
+        session.load()
+    assert str(weights) in str(info.value) and "\n" not in str(info.value)
+
+
 def test_a_checkpoint_of_another_model_type_is_refused(saved, tmp_path, options):
     folder, _ = saved
     other = tmp_path / "other"

@@ -11,11 +11,11 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from llm_perf_opt.errors import UserError
+from llm_perf_opt.models.safetensors_file import open_safetensors
 
 from .config import DeepSeekOCRConfig, from_official_json, to_official_json
 from .decoder import RMSNorm, Router
@@ -108,7 +108,7 @@ def load_checkpoint(path, device, dtype, backend: str = "sdpa", impl: str = "ref
     params = dict(model.named_parameters())
     seen, unexpected, wrong = set(), [], []
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with open_safetensors(file) as f:
             for key in f.keys():
                 if key not in params:
                     unexpected.append(key)

@@ -17,12 +17,12 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import DeepseekOcr2Config
 
 from llm_perf_opt.errors import UserError
+from llm_perf_opt.models.safetensors_file import open_safetensors
 
 from .build import config_from_parts, materialise, meta_model
 
@@ -102,7 +102,7 @@ def load_checkpoint(folder: Path, device: torch.device, dtype: torch.dtype, attn
     unexpected, wrong = [], []
     stacked: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with open_safetensors(file) as f:
             for key in f.keys():
                 per_expert = _PER_EXPERT.match(key)
                 if per_expert and key not in params:

@@ -40,8 +40,7 @@ from typing import Any
 
 import torch
 
-from llm_perf_opt.atomic import write_json
-from llm_perf_opt.hardware.calibration import default_cache_dir, device_key
+from llm_perf_opt.hardware.calibration import default_cache_dir, device_key, store_in_cache
 from llm_perf_opt.models.kernels.blocked_attention import BIAS_TILE_ELEMENTS
 from llm_perf_opt.models.kernels.linear import FastLinear
 
@@ -165,7 +164,7 @@ def tune_paths(
         seconds=time.perf_counter() - start,
         cache_file=str(path),
     )
-    write_json(path, {"version": CACHE_VERSION, "key": key, **tuned.as_dict()})
+    store_in_cache(path, {"version": CACHE_VERSION, "key": key, **tuned.as_dict()}, "fast-path")
     return tuned
 
 
@@ -190,7 +189,7 @@ def _load(path: Path, key: str) -> TunedPaths | None:
         if data.get("version") != CACHE_VERSION or data.get("key") != key:
             return None
         return dataclasses.replace(TunedPaths.from_dict(data), cached=True)
-    except (ValueError, TypeError, KeyError) as exc:
+    except (OSError, ValueError, TypeError, KeyError) as exc:
         warnings.warn(f"fast-path cache {path} is unreadable ({exc}); measuring again", stacklevel=3)
         return None
 
