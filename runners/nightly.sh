@@ -9,8 +9,9 @@
 #   comparison.md                the comparison with $NIGHTLY_BASELINES/<hardware>/ (CI's job summary)
 #   baseline-candidate/<hardware>/  the sweep as a baseline holds it (run.json, stages.csv,
 #                                stages.json, .hydra/overrides.yaml per job; no trace.json)
-# <hardware> is cpu-<model name of /proc/cpuinfo (Linux)>-<avx512bf16|no-avx512bf16> on a CPU, the
-# datasheet key of the GPU (conf/hardware/<key>.yaml) or gpu-<device name> for an unknown GPU.
+# <hardware> is, on a CPU, cpu-<model name>-f<family>-m<model>-<cores>c-<widest ISA>-<bf16|no-bf16>
+# (python -m llm_perf_opt.hardware.machine_key); on a GPU, the datasheet key of the GPU
+# (conf/hardware/<key>.yaml), or gpu-<device name> for an unknown GPU.
 # $NIGHTLY_BASELINES defaults to benchmarks/baselines; see its README.md for refreshing one.
 #
 # Exit status: compare's (0 no regression, 1 a regression or a job lost since the baseline,
@@ -42,13 +43,7 @@ sanitise() {
 
 hardware_key() {
   if [[ $kind == cpu ]]; then
-    # The same model name run.json records as the device (compare refuses other devices).
-    local model flag=no-avx512bf16
-    model=$(awk '/^model name/ { sub(/^[^:]*:[ \t]*/, ""); print; exit }' /proc/cpuinfo)
-    if grep -qw avx512_bf16 /proc/cpuinfo; then
-      flag=avx512bf16
-    fi
-    echo "cpu-$(printf '%s' "${model:-unknown}" | sanitise)-$flag"
+    "$python" -m llm_perf_opt.hardware.machine_key
   else
     local datasheet
     datasheet=$("$python" -c 'from llm_perf_opt.hardware.ceilings import select

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -281,15 +282,18 @@ def hardware_key() -> str:
     return result.stdout.strip()
 
 
-def test_hardware_key_names_the_cpu_model_and_its_bf16_support():
+def test_hardware_key_names_the_cpu_model_microarchitecture_cores_isa_and_bf16():
     cpuinfo = Path("/proc/cpuinfo").read_text()
-    model = next(
-        line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")
-    )
-    bf16 = "avx512bf16" if re.search(r"\bavx512_bf16\b", cpuinfo) else "no-avx512bf16"
-    # e.g. "AMD EPYC 7763 64-Core Processor" -> cpu-amd-epyc-7763-64-core-processor-no-avx512bf16
-    expected = "cpu-" + "-".join(re.findall(r"[a-z0-9]+", model.lower())) + "-" + bf16
-    assert hardware_key() == expected
+    fields = dict(line.split(":", 1) for line in cpuinfo.split("\n\n")[0].splitlines() if ":" in line)
+    fields = {name.strip(): value.strip() for name, value in fields.items()}
+    if "cpu family" not in fields:
+        pytest.skip("an x86 /proc/cpuinfo is needed to read the family and model independently")
+    key = hardware_key()
+    assert key.startswith("cpu-" + "-".join(re.findall(r"[a-z0-9]+", fields["model name"].lower())) + "-")
+    assert f"-f{fields['cpu family']}-m{fields['model']}-{len(os.sched_getaffinity(0))}c-" in key
+    assert key.endswith("-bf16")
+    assert ("-no-bf16" in key) != bool(re.search(r"\bavx512_bf16\b", cpuinfo))
+    assert ("-avx512-" in key) == (bool(re.search(r"\bavx512f\b", cpuinfo)) and "amx_tile" not in cpuinfo)
 
 
 def test_bad_arguments_are_the_usage_line():

@@ -58,6 +58,7 @@ from .noise_floor import (
     job_floor,
     noise_floor_name,
     pooled,
+    row_alpha,
     run_spreads,
     within_floor,
 )
@@ -331,7 +332,11 @@ def compare_jobs(
             _geometric_mean(medians) if len(medians) > 1 and min(medians) > 0 else statistics.median(medians)
         )
         spread = pooled(floor.figures.get(figure) if floor else None, base_spreads.get(figure))
-        pct = None if spread is None else floor_pct(spread, baseline_runs=len(medians), figures=len(shared))
+        pct = (
+            None
+            if spread is None
+            else floor_pct(spread, baseline_runs=len(medians), alpha=row_alpha(figure, shared))
+        )
         higher = figure in HIGHER_IS_BETTER
         delta, verdict, p = judge(
             pooled_repeats,

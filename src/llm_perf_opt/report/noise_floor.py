@@ -10,16 +10,23 @@ floor is the change between processes that identical code shows, and a change mu
   sources: the k ≥ 2 baseline runs of this comparison, and a noise-floor file recorded from
   such runs earlier (:func:`estimate_noise_floor`, ``--noise-floor-out``); with both, their
   variances are pooled (weighted by degrees of freedom, which add up);
-* relative floor, the largest |ln(current / centre)| that identical code shows except with
-  probability ALPHA over the m figures of the job (Bonferroni, so that identical code passes
-  the whole job, not each figure, with probability ≥ 1 − ALPHA; m = 10 for 6 stages), where
-  the current run is one process and the centre the mean of k_b baseline processes::
+* relative floor, the largest ln(current / centre) in the worse direction that identical code
+  shows except with probability ``a`` (the row's level, :func:`row_alpha`), where the current
+  run is one process and the centre the mean of k_b baseline processes::
 
-      ln(1 + floor % / 100) = t(1 − ALPHA / (2 m), dof) · s · √(1 + 1 / k_b)
+      ln(1 + floor % / 100) = t(1 − a, dof) · s · √(1 + 1 / k_b)
 
   (``t`` the Student quantile at the spread's degrees of freedom: few runs give a wide floor,
-  e.g. t = 127 at dof 1, 3.69 at 9; the notes say where a floor is above the fail threshold,
-  since a smaller regression cannot be seen there);
+  e.g. t = 63.7 at dof 1; the notes say where a floor is above the fail threshold, since a
+  smaller regression cannot be seen there). The gate asks whether a figure got worse, so the
+  bound is one-sided; the floor is as wide in the other direction, where identical code is
+  marked ``improved`` with probability ``a`` too, which fails nothing. The job's ALPHA is split
+  so that identical code warns or fails in the whole job with probability ≤ ALPHA (Bonferroni):
+  end-to-end, the figure a slowdown of the whole process moves, gets ALPHA / 2 alone, the m
+  other rows share ALPHA / 2 (a = ALPHA / (2 m)). Before, a two-sided bound at ALPHA / m for
+  each row gave end-to-end, at 5 calibration runs (dof 4) and 10 rows, t = 5.60 instead of 2.78:
+  with a 3 % spread a floor run vs run of ±27 % instead of ±12.5 %, so a 20 % slowdown of every
+  stage passed as noise;
 * absolute floor ``min_ms`` (``--min-ms``, default 0 = none): a change of the median by at
   most that many ms is noise, since a stage of a few ms moves by a scheduling slice between
   processes. Decode tokens/s is a rate: its change in ms is that of its step time 1000 / value.
@@ -46,6 +53,7 @@ from llm_perf_opt.errors import UserError
 
 from .run_dirs import Job, RunSet
 from .run_figures import (
+    E2E,
     OK_STATUS,
     describe_mismatches,
     group_runs,
@@ -121,11 +129,22 @@ def within_floor(
     return None
 
 
-def floor_pct(spread: Spread, *, baseline_runs: int, figures: int) -> float:
+def row_alpha(figure: str, figures: Sequence[str]) -> float:
+    """One-sided level of the floor of ``figure`` among the job's rows ``figures``: ALPHA / 2
+    for end-to-end, the other rows ALPHA / 2 shared among them; without an end-to-end row, ALPHA
+    shared among all. Their sum is at most ALPHA."""
+    if E2E not in figures:
+        return ALPHA / max(len(figures), 1)
+    if figure == E2E:
+        return ALPHA / 2
+    return ALPHA / (2 * max(len(figures) - 1, 1))
+
+
+def floor_pct(spread: Spread, *, baseline_runs: int, alpha: float) -> float:
     """Relative noise floor of a row in %, for a current run of one process against the
-    centre of ``baseline_runs`` processes, among ``figures`` rows of the job:
-    ``100 · (exp(t(1 − ALPHA / (2 · figures), dof) · s · √(1 + 1 / baseline_runs)) − 1)``."""
-    quantile = _t_quantile(1 - ALPHA / (2 * max(figures, 1)), spread.dof)
+    centre of ``baseline_runs`` processes, at the one-sided level ``alpha`` (:func:`row_alpha`):
+    ``100 · (exp(t(1 − alpha, dof) · s · √(1 + 1 / baseline_runs)) − 1)``."""
+    quantile = _t_quantile(1 - alpha, spread.dof)
     return 100 * math.expm1(quantile * spread.log_sd * math.sqrt(1 + 1 / baseline_runs))
 
 
