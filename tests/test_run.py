@@ -679,6 +679,35 @@ def test_a_signal_while_hydra_composes_is_one_line(tmp_path, small_page, signum,
     assert not out.exists()
 
 
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_while_the_command_imports_is_one_line(tmp_path, signum, code):
+    # `python -m llm_perf_opt.run`, signalled by an import hook the moment it imports torch: the
+    # seconds before main() runs, where Python's own handler would print a traceback.
+    script = (
+        "import importlib.abc, os, runpy, sys\n"
+        "class Signal(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        f"        if name == 'torch': os.kill(os.getpid(), {int(signum)})\n"
+        "sys.meta_path.insert(0, Signal())\n"
+        "runpy.run_module('llm_perf_opt.run', run_name='__main__', alter_sys=True)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *TINY, f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=_default_sigint,
+    )
+    assert proc.returncode == code
+    assert proc.stderr.strip().splitlines() == [
+        ("interrupted by the user" if signum == signal.SIGINT else "terminated (SIGTERM)")
+        + ": no job started"
+    ], proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def _file_size_limit() -> None:
     # 512 KiB: Hydra's own files (a few KiB) and run.json fit, the trace (about 1 MB) does not.
     resource.setrlimit(resource.RLIMIT_FSIZE, (512 << 10, 512 << 10))

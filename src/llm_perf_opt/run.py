@@ -8,7 +8,13 @@ and validated first, the output folder is checked, and the request is prepared a
 against the context window and the machine's memory before the weights are built.
 """
 
+# ruff: noqa: E402 - a signal during the imports below (seconds, torch's) must be one line too.
 from __future__ import annotations
+
+from llm_perf_opt import signals
+
+if __name__ == "__main__":
+    signals.quiet_start()
 
 import gc
 import logging
@@ -20,7 +26,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from llm_perf_opt import signals
 from llm_perf_opt.atomic import storage_fault
 from llm_perf_opt.cli import checked_argv
 from llm_perf_opt.config import CONFIG_NAME, RunConfig, register_configs, validate
@@ -216,4 +221,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    signals.started()
     main()

@@ -6,6 +6,7 @@ running at the time is killed by `subprocess.run`, and the job records itself as
 from __future__ import annotations
 
 import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -36,3 +37,23 @@ def exit_code(exc: KeyboardInterrupt) -> int:
 
 def cause(exc: KeyboardInterrupt) -> str:
     return "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted by the user"
+
+
+def quiet_start() -> None:
+    """Until :func:`started`, SIGINT and SIGTERM end the process with one line: the imports before
+    `main()` (torch's among them) take seconds, and a KeyboardInterrupt there is a traceback."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _exit_while_starting)
+
+
+def _exit_while_starting(signum: int, frame: object) -> None:
+    text = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted by the user"
+    print(f"{text}: no job started", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
+def started() -> None:
+    """Back to Python's own handlers: Ctrl-C raises KeyboardInterrupt, SIGTERM ends the process
+    (`main()` turns it into a KeyboardInterrupt while it runs)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
