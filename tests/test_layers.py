@@ -56,7 +56,16 @@ def model_of(module: str) -> str | None:
 
 
 #: Modules of llm_perf_opt.models that belong to no one model.
-MODELS_SHARED = {"interface", "module_tree", "pages", "tokenizer", "assets", "kernels", "__init__"}
+MODELS_SHARED = {
+    "interface",
+    "module_tree",
+    "pages",
+    "tokenizer",
+    "assets",
+    "kernels",
+    "safetensors_file",
+    "__init__",
+}
 
 
 def layer_of(module: str) -> int:
