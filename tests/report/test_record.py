@@ -22,19 +22,28 @@ TINY = (
     "mode=tiny",
     "device=cpu",
     "profiling=quick",
-    "profiling.repeats=3",
+    # Timed runs until every figure varies by at most 0.01 % of its mean, 3 at most: never reached.
+    "profiling.repeats=2",
+    "profiling.until_cv=0.0001",
+    "profiling.max_repeats=3",
     "dtype=float32",
     "max_new_tokens=3",
 )
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> dict:
-    """run.json of a tiny job run in-process, as parsed JSON."""
+def tiny_dir(tmp_path_factory) -> Path:
+    """The run dir of a tiny job run in-process."""
     out = tmp_path_factory.mktemp("record") / "run"
     cfg = compose(list(TINY))
     run_module.run_job(validate(cfg), OmegaConf.to_container(cfg, resolve=True), out)
-    return json.loads((out / "run.json").read_text())
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_dir) -> dict:
+    """Its run.json, as parsed JSON."""
+    return json.loads((tiny_dir / "run.json").read_text())
 
 
 def test_a_run_json_reads_back_and_writes_again_unchanged(tiny_run):
@@ -47,7 +56,7 @@ def test_the_typed_record_holds_what_the_file_says(tiny_run):
     record = RunRecord.from_dict(tiny_run)
     assert (record.status, record.model_name, record.mode_name) == ("ok", "deepseek_ocr_tiny", "tiny")
     assert (record.device.type, record.dtype, record.batch_size) == ("cpu", "float32", 1)
-    # 3 timed runs of 2 decode steps each (max_new_tokens=3: the first token comes from prefill).
+    # 3 timed runs (until_cv) of 2 decode steps each (max_new_tokens=3: prefill gives the first token).
     assert len(record.samples) == 3
     assert [len(s.stages["decode"]) for s in record.samples] == [2, 2, 2]
     decode = [sum(sample["stages"]["decode"]) for sample in tiny_run["timing"]["samples"]]
@@ -58,6 +67,15 @@ def test_the_typed_record_holds_what_the_file_says(tiny_run):
     assert record.hardware.roofs[0].label == "calibrated"
     step = {row.stage for row in record.analytic.stage_rows("step")}
     assert step == set(record.stage_layout.per_step) == {"decode"}
+    until_cv = record.timing.until_cv
+    assert (until_cv.target, until_cv.runs, until_cv.max_repeats, until_cv.reached) == (0.0001, 3, 3, False)
+
+
+def test_report_md_reads_the_typed_record(tiny_dir):
+    report = (tiny_dir / "report.md").read_text()
+    assert report.startswith("# deepseek_ocr_tiny · ")
+    assert "3 timed runs (until every figure's stdev ≤ 0.01% of its mean: not reached by 3)" in report
+    assert "profiling.until_cv=0.0001 not reached in 3 timed runs (profiling.max_repeats)" in report
 
 
 def test_a_failed_job_reads_back_as_written(tmp_path):

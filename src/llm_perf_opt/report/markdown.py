@@ -221,7 +221,7 @@ def spread_warnings(
             f"median {median:,.2f} {unit}); trust the median less, or measure again on a quiet machine with "
             f"profiling.repeats=10 or profiling.until_cv=0.05"
         )
-    if until_cv and not until_cv["reached"]:
+    if until_cv and not until_cv.reached:
         lines.append(
             f"profiling.until_cv={until_cv.target:g} not reached in {until_cv.runs} timed runs "
             f"(profiling.max_repeats): {until_cv.widest} still varies by {100 * until_cv.cv:.1f}% of its mean"
