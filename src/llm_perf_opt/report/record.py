@@ -7,12 +7,14 @@ is no run record or has another ``schema_version``.
 
 Field names are run.json's. Schema 1 grew fields without a new version (new fields keep it), so
 every part but the status is optional: None where the run did not get that far (a failed run
-has no timing) or the file is older than the field. Parts that are the model's own or that one
-reader uses whole (``config``, ``execution``, ``routing``, the measured memory, the calibration,
-the trace's ranges, the analytic experts) stay plain JSON values. Fields this
-version does not model (the model's facts about its request, ``Request.describe()``: image,
-mode, tiles, tokens, pages for DeepSeek-OCR; a CUDA device's properties) are kept as they were
-and written back, so ``to_dict(from_dict(d)) == d`` for what the writer writes.
+has no timing) or the file is older than the field; a part's fields that an older file lacks
+take their defaults, and fields newer than this version are ignored. Parts that are the
+model's own or that one reader uses whole (``config``, ``execution``, ``routing``, the measured
+memory, the calibration, the trace's ranges, the analytic experts) stay plain JSON values.
+Top-level fields this version does not model (the model's facts about its request,
+``Request.describe()``: image, mode, tiles, tokens, pages for DeepSeek-OCR), a device's
+properties, versions and batch details beyond the modelled ones are kept (``request_facts``,
+``extra``) and written back, so ``to_dict(from_dict(d)) == d`` for what the writer writes.
 
 No torch here: compare and the sweep summary read records without importing it.
 """
@@ -115,8 +117,12 @@ class RoofRecord(_Part):
         return cls(data["label"], dict(data["flop_s"]), data["byte_s"], data["source"])
 
     def peak(self, dtype: str) -> float:
-        """Peak FLOP/s in a dtype (KeyError without one)."""
-        return self.flop_s[dtype]
+        """Peak FLOP/s for a dtype name such as "bfloat16"."""
+        try:
+            return self.flop_s[dtype]
+        except KeyError:
+            known = ", ".join(self.flop_s)
+            raise KeyError(f"{self.label} ceilings have no {dtype} rate (only {known})") from None
 
 
 @dataclass(frozen=True)
@@ -234,7 +240,7 @@ class Stats(_Part):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, JSON]) -> Stats:
-        return cls(**{**data, "outliers": tuple(data.get("outliers") or ())})
+        return cls(**{**_known(cls, data), "outliers": tuple(data.get("outliers") or ())})
 
 
 @dataclass(frozen=True)
@@ -273,7 +279,7 @@ class UntilCv(_Part):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, JSON]) -> UntilCv:
-        return cls(**data)
+        return cls(**_known(cls, data))
 
 
 @dataclass(frozen=True)
@@ -315,7 +321,7 @@ class StageMemoryRecord(_Part):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, JSON]) -> StageMemoryRecord:
-        return cls(**data)
+        return cls(**_known(cls, data))
 
 
 @dataclass(frozen=True)
@@ -330,7 +336,9 @@ class AnalyticMemory(_Part):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, JSON]) -> AnalyticMemory:
-        return cls(**{**data, "stages": tuple(StageMemoryRecord.from_dict(s) for s in data["stages"])})
+        return cls(
+            **{**_known(cls, data), "stages": tuple(StageMemoryRecord.from_dict(s) for s in data["stages"])}
+        )
 
     @property
     def largest_transient(self) -> StageMemoryRecord:
@@ -436,7 +444,7 @@ class Trace(_Part):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, JSON]) -> Trace:
-        return cls(**{**data, "ranges": tuple(data.get("ranges") or ())})
+        return cls(**{**_known(cls, data), "ranges": tuple(data.get("ranges") or ())})
 
 
 @dataclass(frozen=True)
