@@ -1,28 +1,29 @@
 """How often `compare` calls identical code a regression, and whether it catches a real one.
 
 Runs sweeps of the same code back to back, each its own `python -m llm_perf_opt.run -m`
-process (default: the reduced model, mode tiny, 8 new tokens, 5 timed repeats, no trace):
+process (default: the reduced model, mode tiny, 8 new tokens, 5 timed repeats, no trace), and
+judges them as the nightly does (`runners/nightly.sh`: a baseline of several runs, each its own
+process, against several current runs):
 
 0. `--warmup-sweeps` (default 1) whose figures are not used: the first process after an install
    or a build runs cold (2.3x the others' end-to-end measured on the 2-core VM), a start-up
    effect rather than the spread between processes that the floor is about;
-1. `--calibration` sweeps (default 10) whose spread is the noise floor, written to
-   `<root>/noise_floor.json` as `compare --noise-floor-out` writes it (`--noise-floor FILE`
-   reuses a recorded one instead and runs no calibration sweeps);
-2. `--pairs + 1` further sweeps; each is compared with the one before it, with that floor
-   (`compare PREV NEXT --noise-floor FILE`), and, for contrast, without it (the rank test alone),
-   and also against all calibration sweeps as baselines (`compare CAL... NEXT`). These sweeps
-   are not among those that measured the floor they are judged with.
+1. `--calibration` sweeps (default 10, as many as a CPU nightly baseline holds): the baseline. Their
+   spread is also written to `<root>/noise_floor.json` as `compare --noise-floor-out` writes it
+   (`--noise-floor FILE` adds a recorded one to it);
+2. `--pairs` groups of `--runs` further sweeps (default 3 groups of 10, as many as the CPU
+   nightly runs): each group is compared with the calibration sweeps (`compare CAL... --current GROUP...`),
+   and, for contrast, so is the group's first sweep alone (`compare CAL... SWEEP`): one process
+   cannot show a change below about twice the spread between processes.
 
 It prints the verdict of each comparison and how many said nothing. Then it injects a slowdown
-into a copy of the last sweep (every timed sample of its run.json multiplied by `1 +
---slowdown`: stages, TTFT, TPOT and end-to-end alike) and compares the last sweep (and the
-calibration sweeps) with it, which must FAIL: the summary says CAUGHT (every such comparison
-failed) or MISSED.
+into a copy of the last group (every timed sample of each run.json multiplied by `1 +
+--slowdown`: stages, TTFT, TPOT and end-to-end alike) and compares it with the calibration
+sweeps, which must FAIL: the summary says CAUGHT or MISSED (and the single sweep's verdict).
 
 Usage:
-    python benchmarks/compare_noise.py                       # 10 calibration sweeps, 10 pairs, 20 % slowdown
-    python benchmarks/compare_noise.py --noise-floor outputs/.../noise_floor.json --pairs 3
+    python benchmarks/compare_noise.py                       # 10 calibration sweeps, 3 groups of 10, 20 % slowdown
+    python benchmarks/compare_noise.py --calibration 5 --pairs 2 --runs 3
     python benchmarks/compare_noise.py --root DIR            # sweeps already in DIR are reused
 """
 
@@ -64,11 +65,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--warmup-sweeps", type=int, default=1, help="sweeps run first and not used (cold start)"
     )
-    parser.add_argument("--calibration", type=int, default=10, help="sweeps that measure the noise floor")
     parser.add_argument(
-        "--noise-floor", type=Path, help="a recorded noise floor instead of calibration sweeps"
+        "--calibration", type=int, default=10, help="baseline sweeps (their spread is the noise floor)"
     )
-    parser.add_argument("--pairs", type=int, default=10, help="back-to-back pairs of identical sweeps")
+    parser.add_argument(
+        "--noise-floor", type=Path, help="a recorded noise floor, pooled with the calibration sweeps' spread"
+    )
+    parser.add_argument(
+        "--pairs", type=int, default=3, help="comparisons of identical code against the calibration"
+    )
+    parser.add_argument("--runs", type=int, default=10, help="current sweeps per comparison (the nightly's)")
     parser.add_argument("--slowdown", type=float, default=0.2, help="injected slowdown (0.2 = 20 %%)")
     parser.add_argument("--warn", type=float, default=5.0)
     parser.add_argument("--fail", type=float, default=10.0)
@@ -76,8 +82,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--root", type=Path, help="default: outputs/benchmarks/compare_noise/<time>")
     parser.add_argument("overrides", nargs="*", help="run overrides after --, added to the defaults")
     args = parser.parse_args(argv)
-    if args.noise_floor is None and args.calibration < 2:
-        parser.error("--calibration needs 2 or more sweeps (or give --noise-floor)")
+    if args.calibration < 1 or args.runs < 1 or args.pairs < 1:
+        parser.error("--calibration, --runs and --pairs need 1 or more")
+    if args.noise_floor is None and args.calibration < 2 and args.runs < 2:
+        parser.error("a floor needs 2 or more calibration sweeps or --runs (or give --noise-floor)")
     return args
 
 
@@ -113,11 +121,14 @@ def slowed_copy(sweep: Path, target: Path, factor: float) -> Path:
 
 
 def judged(
-    baselines: Sequence[Path], current: Path, thresholds: Thresholds, floor: NoiseFloor | None
+    baselines: Sequence[Path], currents: Sequence[Path], thresholds: Thresholds, floor: NoiseFloor | None
 ) -> tuple[str, str]:
     """The comparison's verdict and its flagged rows, with the floor each had."""
     comparison: Comparison = compare(
-        [load_run_set(b) for b in baselines], load_run_set(current), thresholds, noise_floor=floor
+        [load_run_set(b) for b in baselines],
+        [load_run_set(c) for c in currents],
+        thresholds,
+        noise_floor=floor,
     )
     flagged = [
         f"{row.figure} {row.delta_pct:+.1f}% ({row.verdict}"
@@ -132,29 +143,38 @@ def judged(
 
 def count(
     title: str,
-    comparisons: Sequence[tuple[str, Sequence[Path], Path]],
+    comparisons: Sequence[tuple[str, Sequence[Path], Sequence[Path]]],
     thresholds: Thresholds,
     floor: NoiseFloor | None,
 ) -> int:
     print(f"\n{title}")
     clean = 0
-    for name, baselines, current in comparisons:
-        outcome, flagged = judged(baselines, current, thresholds, floor)
+    for name, baselines, currents in comparisons:
+        outcome, flagged = judged(baselines, currents, thresholds, floor)
         clean += outcome == PASSED
         print(f"  {name}: {outcome}" + (f"  ({flagged})" if flagged else ""))
     print(f"  identical code: {clean} of {len(comparisons)} without a warning")
     return clean
 
 
-def print_floor(floor: NoiseFloor, thresholds: Thresholds, slowdown: float) -> None:
-    """Each figure's between-run spread and the floor it gives one run against another, and
-    whether the injected slowdown can exceed any of them."""
+def print_floor(floor: NoiseFloor, thresholds: Thresholds, slowdown: float, runs: tuple[int, int]) -> None:
+    """Each figure's between-run spread and the floors it gives one current run and ``runs``
+    (calibration, current) runs against the calibration, and whether the injected slowdown can
+    exceed any of them."""
+    baseline_runs, current_runs = runs
     for job in floor.jobs.values():
         print(f"noise floor of {job.label} ({job.runs} runs, {job.repeats} repeats each):")
         floors = {}
         for figure, spread in job.figures.items():
-            floors[figure] = floor_pct(spread, baseline_runs=1, alpha=row_alpha(figure, list(job.figures)))
-            print(f"  {figure:18s} spread {spread.pct:7.1f} %  floor run vs run ±{floors[figure]:.1f} %")
+            alpha = row_alpha(figure, list(job.figures))
+            single = floor_pct(spread, baseline_runs=baseline_runs, alpha=alpha)
+            floors[figure] = floor_pct(
+                spread, baseline_runs=baseline_runs, current_runs=current_runs, alpha=alpha
+            )
+            print(
+                f"  {figure:18s} spread {spread.pct:6.1f} % (dof {spread.dof:4.1f})  floor: one run ±{single:6.1f} %, "
+                f"{current_runs} runs ±{floors[figure]:6.1f} %"
+            )
         narrowest = min(floors, key=floors.__getitem__)
         if floors[narrowest] >= 100 * slowdown:
             print(
@@ -181,57 +201,60 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = args.root or Path("outputs/benchmarks/compare_noise") / time.strftime("%Y-%m-%d_%H-%M-%S")
     overrides = [*DEFAULT_OVERRIDES, *args.overrides]
     thresholds = Thresholds(args.warn, args.fail, args.min_ms)
-    calibration = [] if args.noise_floor else [root / f"cal_{i:02d}" for i in range(args.calibration)]
-    sweeps = [root / f"sweep_{i:02d}" for i in range(args.pairs + 1)]
     warmups = [root / f"warmup_{i:02d}" for i in range(args.warmup_sweeps)]
-    for folder in [*warmups, *calibration, *sweeps]:
+    calibration = [root / f"cal_{i:02d}" for i in range(args.calibration)]
+    groups = [[root / f"sweep_{g:02d}_{i:02d}" for i in range(args.runs)] for g in range(args.pairs)]
+    for folder in [*warmups, *calibration, *(s for group in groups for s in group)]:
         run_sweep(folder, overrides)
-    if args.noise_floor:
-        floor = load_noise_floor(args.noise_floor)
+    recorded = load_noise_floor(args.noise_floor) if args.noise_floor else None
+    if len(calibration) >= 2:
+        write_json(
+            root / "noise_floor.json",
+            noise_floor_to_dict(estimate_noise_floor([load_run_set(c) for c in calibration])),
+        )
+        shown = load_noise_floor(root / "noise_floor.json")
     else:
-        floor = estimate_noise_floor([load_run_set(c) for c in calibration])
-        write_json(root / "noise_floor.json", noise_floor_to_dict(floor))
-        floor = load_noise_floor(root / "noise_floor.json")
+        shown = recorded
     print(
-        f"{len(calibration)} calibration sweeps, then {len(sweeps)} sweeps of identical code, back to back: "
-        f"{' '.join(overrides)}"
+        f"{len(calibration)} calibration sweeps, then {args.pairs} groups of {args.runs} sweeps of identical "
+        f"code, back to back: {' '.join(overrides)}"
     )
     print(
         f"thresholds: warn {args.warn:g} %, fail {args.fail:g} %, each only if significant and beyond the floor"
     )
-    print_medians([*calibration, *sweeps])
-    print_floor(floor, thresholds, args.slowdown)
+    print_medians([*calibration, *(s for group in groups for s in group)])
+    if shown is not None:
+        print_floor(shown, thresholds, args.slowdown, (len(calibration), args.runs))
 
-    pairs = [(f"pair {i:2d}", [sweeps[i - 1]], sweeps[i]) for i in range(1, len(sweeps))]
+    single = [(f"sweep {g:2d}", calibration, group[:1]) for g, group in enumerate(groups)]
     count(
-        "rank test alone (no floor): each sweep against the one before",
-        pairs,
-        Thresholds(args.warn, args.fail),
-        None,
+        f"one current sweep against the {len(calibration)} calibration sweeps", single, thresholds, recorded
     )
+    grouped = [(f"group {g:2d}", calibration, group) for g, group in enumerate(groups)]
     clean = count(
-        f"with the noise floor {floor.path}: each sweep against the one before", pairs, thresholds, floor
+        f"{args.runs} current sweeps against the {len(calibration)} calibration sweeps (the nightly)",
+        grouped,
+        thresholds,
+        recorded,
     )
-    if calibration:
-        against_all = [(f"sweep {i:2d}", calibration, sweeps[i]) for i in range(1, len(sweeps))]
-        count(
-            f"against the {len(calibration)} calibration sweeps as baselines", against_all, thresholds, None
-        )
 
-    slowed = slowed_copy(sweeps[-1], root / "slowed", 1 + args.slowdown)
-    print(f"\ninjected {args.slowdown:.0%} slowdown")
-    caught = []
-    for name, baselines in (("last sweep + noise floor", [sweeps[-1]]), ("calibration sweeps", calibration)):
-        if baselines:
-            outcome, flagged = judged(baselines, slowed, thresholds, floor if len(baselines) == 1 else None)
-            caught.append(outcome == FAILED)
-            print(f"  against the {name}: {outcome} ({caught_word(outcome == FAILED)})  ({flagged})")
+    slowed = [slowed_copy(s, root / f"slowed_{i:02d}", 1 + args.slowdown) for i, s in enumerate(groups[-1])]
+    print(f"\ninjected {args.slowdown:.0%} slowdown into the last group")
+    outcome, flagged = judged(calibration, slowed, thresholds, recorded)
+    caught = outcome == FAILED
     print(
-        f"\nsummary: {clean} of {len(pairs)} identical pairs without a warning (with the floor); injected "
-        f"{args.slowdown:.0%} slowdown: {caught_word(all(caught))}"
-        + ("" if all(caught) else f" ({caught.count(False)} of {len(caught)} comparisons passed it)")
+        f"  {args.runs} slowed sweeps against the calibration: {outcome} ({caught_word(caught)})  ({flagged})"
     )
-    return 0 if all(caught) else 1
+    one, flagged_one = judged(calibration, slowed[:1], thresholds, recorded)
+    print(
+        f"  one slowed sweep against the calibration: {one} ({caught_word(one == FAILED)})  ({flagged_one})"
+    )
+    print(
+        f"\nsummary: {clean} of {len(grouped)} comparisons of identical code without a warning "
+        f"({args.runs} current against {len(calibration)} baseline sweeps); injected {args.slowdown:.0%} "
+        f"slowdown: {caught_word(caught)} (one current sweep: {caught_word(one == FAILED)})"
+    )
+    return 0 if caught else 1
 
 
 def caught_word(caught: bool) -> str:

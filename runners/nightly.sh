@@ -4,10 +4,17 @@
 #   runners/nightly.sh gpu                  # full model, every mode, on the GPU (CI's self-hosted GPU job)
 #   runners/nightly.sh cpu --hardware-key   # only print the key that names this machine's baseline
 #
+# It runs the sweep $NIGHTLY_RUNS times (default 10 on a CPU, 3 on a GPU), each its own process:
+# processes of identical code differ by about 10 % as a whole on the 2-core VMs, so one process
+# cannot show a 20 % regression; the centre of ten against a baseline of ten can
+# (benchmarks/compare_noise.py, figures in the README). A baseline holds the runs of one such
+# nightly.
+#
 # Writes into $NIGHTLY_OUT (default outputs/nightly/<kind>-<UTC time>):
-#   <n>_<model>_<mode>/          the sweep's job dirs (hydra.sweep.dir)
-#   comparison.md                the comparison with $NIGHTLY_BASELINES/<hardware>/ (CI's job summary)
-#   baseline-candidate/<hardware>/  the sweep as a baseline holds it (run.json, stages.csv,
+#   run_<ii>/<n>_<model>_<mode>/ each sweep's job dirs (hydra.sweep.dir; run_01, run_02, ...)
+#   comparison.md                the comparison of the runs with those of $NIGHTLY_BASELINES/<hardware>/
+#                                (CI's job summary)
+#   baseline-candidate/<hardware>/run_<ii>/  the sweeps as a baseline holds them (run.json, stages.csv,
 #                                stages.json, .hydra/overrides.yaml per job; no trace.json)
 # <hardware> is, on a CPU, cpu-<model name>-f<family>-m<model>-<cores>c-<widest ISA>-<bf16|no-bf16>
 # (python -m llm_perf_opt.hardware.machine_key); on a GPU, the datasheet key of the GPU
@@ -30,10 +37,14 @@ kind=$1
 python=${PYTHON:-python}
 modes=tiny,small,base,large,gundam
 case "$kind" in
-  cpu) overrides=(model=deepseek_ocr_tiny device=cpu) ;;
-  gpu) overrides=(model=deepseek_ocr device=cuda) ;;
+  cpu) overrides=(model=deepseek_ocr_tiny device=cpu) runs=${NIGHTLY_RUNS:-10} ;;
+  gpu) overrides=(model=deepseek_ocr device=cuda) runs=${NIGHTLY_RUNS:-3} ;;
   *) usage ;;
 esac
+if ! [[ $runs =~ ^[1-9][0-9]*$ ]]; then
+  echo "error: NIGHTLY_RUNS must be a positive whole number, got '$runs'" >&2
+  exit 2
+fi
 # Five timed repeats per job: compare tells noise from a change by the spread of the repeats.
 overrides+=("mode=$modes" profiling.repeats=5)
 
@@ -56,7 +67,7 @@ print(s.key or "gpu-" + s.device_name)')
   fi
 }
 
-# The files of each finished job that compare reads, into $2/<job dir name>/.
+# The files of each finished job of the sweep $1 that compare reads, into $2/<job dir name>/.
 slim_copy() {
   local job dest name
   for job in "$1"/*/; do
@@ -81,22 +92,39 @@ out=${NIGHTLY_OUT:-outputs/nightly/$kind-$(date -u +%Y-%m-%d_%H-%M-%S)}
 baselines=${NIGHTLY_BASELINES:-benchmarks/baselines}
 baseline=$baselines/$hardware
 summary=$out/comparison.md
-echo "nightly $kind on $hardware: sweep into $out" >&2
+echo "nightly $kind on $hardware: $runs sweeps into $out" >&2
 
 sweep_status=0
-"$python" -m llm_perf_opt.run -m "${overrides[@]}" "hydra.sweep.dir=$out" || sweep_status=$?
-if [[ ! -d $out ]]; then  # refused before any job ran (e.g. no GPU): its error line says why
-  exit "$sweep_status"
-fi
+current=()
+for ((i = 1; i <= runs; i++)); do
+  run=$out/run_$(printf %02d "$i")
+  status=0
+  "$python" -m llm_perf_opt.run -m "${overrides[@]}" "hydra.sweep.dir=$run" || status=$?
+  sweep_status=$((status > sweep_status ? status : sweep_status))
+  if [[ ! -d $run ]]; then  # refused before any job ran (e.g. no GPU): its error line says why
+    exit "$sweep_status"
+  fi
+  current+=("$run")
+done
 
 candidate=$out/baseline-candidate/$hardware
 if [[ $sweep_status -eq 0 ]]; then
-  slim_copy "$out" "$candidate"
+  for run in "${current[@]}"; do
+    slim_copy "$run" "$candidate/$(basename "$run")"
+  done
 fi
+
+# A baseline holds its runs as run_<ii>/ (one sweep dir each); a baseline dir of job dirs is one run.
+base_runs=()
+for run in "$baseline"/run_*/; do
+  [[ -d $run ]] && base_runs+=("${run%/}")
+done
+[[ ${#base_runs[@]} -gt 0 ]] || base_runs=("$baseline")
 
 if [[ -d $baseline ]]; then
   status=0
-  "$python" -m llm_perf_opt.compare "$baseline" "$out" --markdown-out "$summary" 2>"$out/compare.err" || status=$?
+  "$python" -m llm_perf_opt.compare "${base_runs[@]}" --current "${current[@]}" \
+    --markdown-out "$summary" 2>"$out/compare.err" || status=$?
   cat "$out/compare.err" >&2
   if [[ ! -s $summary ]]; then  # compare refused (exit 2): its one line goes into the summary
     {
@@ -112,22 +140,24 @@ else
     echo "**NO BASELINE** for hardware \`$hardware\` (no \`$baseline/\`): nothing to compare with."
     echo
     if [[ $sweep_status -eq 0 ]]; then
-      echo "This sweep is stored as the baseline candidate \`$candidate/\` (in CI: in the run's artifact)."
+      echo "Its $runs sweeps are stored as the baseline candidate \`$candidate/\` (in CI: in the run's artifact)."
       echo "To make it the baseline, from the repository root:"
       echo
       echo "    cp -r $candidate $baselines/"
       echo "    git add $baseline && git commit -m \"Nightly baseline for $hardware\""
     else
-      echo "The sweep had failed jobs (exit $sweep_status), so it is no baseline candidate."
+      echo "A sweep had failed jobs (exit $sweep_status), so the run is no baseline candidate."
     fi
   } >"$summary"
   cat "$summary"
 fi
-# The sweep's own table, when the multirun wrote one (python -m llm_perf_opt.summarize).
-if [[ -f $out/sweep_summary.md ]]; then
+# The first sweep's own table, when the multirun wrote one (python -m llm_perf_opt.summarize).
+if [[ -f $out/run_01/sweep_summary.md ]]; then
   {
     echo
-    cat "$out/sweep_summary.md"
+    echo "Sweep run_01 of $runs:"
+    echo
+    cat "$out/run_01/sweep_summary.md"
   } >>"$summary"
 fi
 exit "$status"

@@ -257,7 +257,7 @@ def fake_sweep(folder: Path, slowdown: float = 1.0) -> Path:
     return folder
 
 
-def nightly(tmp_path: Path, sweep: Path, *args: str) -> subprocess.CompletedProcess:
+def nightly(tmp_path: Path, sweep: Path, *args: str, runs: str | None = None) -> subprocess.CompletedProcess:
     stub = tmp_path / "python"
     stub.write_text(STUB)
     stub.chmod(0o755)
@@ -270,6 +270,9 @@ def nightly(tmp_path: Path, sweep: Path, *args: str) -> subprocess.CompletedProc
         "NIGHTLY_BASELINES": str(tmp_path / "baselines"),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
     }
+    env.pop("NIGHTLY_RUNS", None)
+    if runs is not None:
+        env["NIGHTLY_RUNS"] = runs
     return subprocess.run(
         [str(NIGHTLY), *args], check=False, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
     )
@@ -301,40 +304,54 @@ def test_bad_arguments_are_the_usage_line():
     assert result.returncode == 2 and result.stderr.startswith("usage: ")
 
 
-def test_without_a_baseline_the_sweep_becomes_the_candidate(tmp_path):
+def test_without_a_baseline_the_sweeps_become_the_candidate(tmp_path):
     result = nightly(tmp_path, fake_sweep(tmp_path / "sweep"), "cpu")
     assert result.returncode == 0, result.stderr
     out, key = tmp_path / "out", hardware_key()
-    args = (out / "args.txt").read_text().splitlines()
+    # Ten sweeps on a CPU, each its own process and run dir.
+    assert sorted(p.name for p in out.glob("run_*")) == [f"run_{i:02d}" for i in range(1, 11)]
+    args = (out / "run_01" / "args.txt").read_text().splitlines()
     assert args[:3] == ["-m", "llm_perf_opt.run", "-m"]
     assert {
         "model=deepseek_ocr_tiny",
         "device=cpu",
         "mode=tiny,small,base,large,gundam",
-        f"hydra.sweep.dir={out}",
+        f"hydra.sweep.dir={out}/run_01",
     } <= set(args)
     summary = (out / "comparison.md").read_text()
     assert summary.startswith(f"**NO BASELINE** for hardware `{key}`")
     assert f"cp -r {out}/baseline-candidate/{key} {tmp_path}/baselines/" in summary
-    job = out / "baseline-candidate" / key / "0_deepseek_ocr_tiny_tiny"
+    candidate = out / "baseline-candidate" / key
+    assert sorted(p.name for p in candidate.iterdir()) == [f"run_{i:02d}" for i in range(1, 11)]
+    job = candidate / "run_10" / "0_deepseek_ocr_tiny_tiny"
     kept = sorted(str(p.relative_to(job)) for p in job.rglob("*") if p.is_file())
     assert kept == [".hydra/overrides.yaml", "run.json", "stages.csv"]  # no trace.json
 
 
+def test_a_bad_number_of_runs_is_one_line(tmp_path):
+    result = nightly(tmp_path, fake_sweep(tmp_path / "sweep"), "cpu", runs="0")
+    assert result.returncode == 2
+    assert result.stderr == "error: NIGHTLY_RUNS must be a positive whole number, got '0'\n"
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_stored_baseline_passes_against_the_same_sweep_and_fails_against_a_slower_one(tmp_path):
-    first = nightly(tmp_path, fake_sweep(tmp_path / "sweep"), "cpu")
+    first = nightly(tmp_path, fake_sweep(tmp_path / "sweep"), "cpu", runs="3")
     assert first.returncode == 0, first.stderr
     key = hardware_key()
     shutil.copytree(tmp_path / "out" / "baseline-candidate" / key, tmp_path / "baselines" / key)
     shutil.rmtree(tmp_path / "out")
 
-    same = nightly(tmp_path, tmp_path / "sweep", "cpu")
+    same = nightly(tmp_path, tmp_path / "sweep", "cpu", runs="2")
     assert same.returncode == 0, same.stdout + same.stderr
-    assert (tmp_path / "out" / "comparison.md").read_text().startswith("**PASS**")
+    summary = (tmp_path / "out" / "comparison.md").read_text()
+    assert summary.startswith("**PASS**")
+    # All three baseline runs against both current runs.
+    assert "repeats 3+3+3 baseline (3 runs), 3+3 current (2 runs)" in summary
     shutil.rmtree(tmp_path / "out")
 
     # Ten times slower: far outside the repeats' spread and the 10 % threshold.
-    slower = nightly(tmp_path, fake_sweep(tmp_path / "slow", slowdown=10.0), "cpu")
+    slower = nightly(tmp_path, fake_sweep(tmp_path / "slow", slowdown=10.0), "cpu", runs="2")
     assert slower.returncode == 1
     assert (tmp_path / "out" / "comparison.md").read_text().startswith("**FAIL**")
 

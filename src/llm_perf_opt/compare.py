@@ -1,12 +1,16 @@
 """python -m llm_perf_opt.compare BASELINE [BASELINE ...] CURRENT [--warn 5] [--fail 10] [--min-ms MS]
 [--noise-floor FILE] [--noise-floor-out FILE] [--force] [--shared-only] [--markdown-out FILE] [--json-out FILE]
+python -m llm_perf_opt.compare BASELINE [BASELINE ...] --current CURRENT [CURRENT ...] [...]
 
 Compares a run (run dir or its run.json) or a sweep (dir of job dirs) against a baseline and
 prints the comparison as Markdown (see :mod:`llm_perf_opt.report.compare` for the rules,
 :mod:`llm_perf_opt.report.noise_floor` for the noise floor).
 Several BASELINEs are runs of one code version, each its own process: their spread is the
 noise floor a change must exceed; ``--noise-floor-out`` records that spread for later
-comparisons (``--noise-floor``).
+comparisons (``--noise-floor``). Several CURRENTs (``--current``, every positional path is then
+a baseline) are runs of the new code version, each its own process: the floor shrinks with
+their number, since one process of a machine whose processes differ by s can never show a
+change below about 2 s.
 
 Exit status: 0 no regression, 1 a figure worse than the fail threshold or a baseline job
 that failed or is missing in CURRENT, 2 the runs cannot be compared (printed as one line).
@@ -32,13 +36,22 @@ def build_parser() -> OneLineParser:
         description="Compare runs or sweeps against a baseline; exit 1 on a regression.",
     )
     parser.add_argument(
-        "baseline",
+        "paths",
         type=Path,
         nargs="+",
-        help="baseline run dir, sweep dir or run.json; several: runs of one code version, "
+        metavar="PATH",
+        help="BASELINE [BASELINE ...] CURRENT: run dirs, sweep dirs or run.json files, the last one the "
+        "current run (with --current, all are baselines); several baselines: runs of one code version, "
         "each its own process, whose spread is the noise floor",
     )
-    parser.add_argument("current", type=Path, help="current run dir, sweep dir or run.json")
+    parser.add_argument(
+        "--current",
+        type=Path,
+        nargs="+",
+        metavar="CURRENT",
+        help="the current runs (several: runs of the new code version, each its own process); "
+        "every positional path is then a baseline",
+    )
     parser.add_argument(
         "--warn",
         type=float,
@@ -90,10 +103,14 @@ def build_parser() -> OneLineParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.current is None and len(args.paths) < 2:
+        parser.error("give a BASELINE and a CURRENT (or the CURRENTs with --current)")
+    base_paths, cur_paths = (args.paths, args.current) if args.current else (args.paths[:-1], args.paths[-1:])
     try:
-        _check_paths(args.baseline, args.current)
-        baselines = [load_run_set(path) for path in args.baseline]
+        _check_paths(base_paths, cur_paths)
+        baselines = [load_run_set(path) for path in base_paths]
         floor_out = None
         if args.noise_floor_out is not None:
             if len(baselines) < 2:
@@ -101,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             floor_out = estimate_noise_floor(baselines)
         comparison = compare(
             baselines,
-            load_run_set(args.current),
+            [load_run_set(path) for path in cur_paths],
             Thresholds(args.warn, args.fail, args.min_ms),
             force=args.force,
             shared_only=args.shared_only,
@@ -121,17 +138,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if comparison.failed else 0
 
 
-def _check_paths(baselines: Sequence[Path], current: Path) -> None:
-    """A run given twice as a baseline, or several baselines that include CURRENT, would
+def _check_paths(baselines: Sequence[Path], currents: Sequence[Path]) -> None:
+    """A run given twice on a side, or on both sides where one has several runs, would
     understate the spread between runs."""
-    seen: set[Path] = set()
-    for path in baselines:
-        resolved = path.resolve()
-        if resolved in seen:
-            raise UserError(f"BASELINE {path} is given twice")
-        seen.add(resolved)
-    if len(baselines) > 1 and current.resolve() in seen:
-        raise UserError(f"CURRENT {current} is also one of the BASELINEs")
+    seen: dict[Path, str] = {}
+    for side, paths in (("BASELINE", baselines), ("CURRENT", currents)):
+        for path in paths:
+            resolved = path.resolve()
+            if resolved in seen and (seen[resolved] == side or len(baselines) > 1 or len(currents) > 1):
+                where = "given twice" if seen[resolved] == side else f"also one of the {seen[resolved]}s"
+                raise UserError(f"{side} {path} is {where}")
+            seen[resolved] = side
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,15 @@ import pytest
 from llm_perf_opt.compare import main
 from llm_perf_opt.errors import UserError
 from llm_perf_opt.report.compare import FAIL, IMPROVED, NOISE, OK, WARN, Thresholds, compare, judge
-from llm_perf_opt.report.noise_floor import Spread, floor_pct, load_noise_floor, pooled, row_alpha
+from llm_perf_opt.report.noise_floor import (
+    Spread,
+    floor_pct,
+    load_noise_floor,
+    log_centre,
+    log_spread,
+    pooled,
+    row_alpha,
+)
 from llm_perf_opt.report.run_dirs import load_run_set
 from llm_perf_opt.report.run_figures import DECODE_TPS, stage_figure
 
@@ -457,15 +466,17 @@ def test_shared_only_compares_the_jobs_both_sides_have(tmp_path, capsys):
 
 
 # Noise floor: the between-process spread of identical code, which a change must exceed.
-# Ten runs of one code version whose process factors are exp(±0.02), five each (the first one
-# exp(−0.02)): ln(medians) have mean 0 (geometric mean: the base values themselves) and sample
-# standard deviation s = 0.02 · √(10 / 9) = 0.021082, with 9 degrees of freedom. Of the job's
-# 0.05, end-to-end gets 0.025 alone: Student t at 1 − 0.025 = 0.975 is 2.262 (t tables); each of
-# the 9 other figures gets 0.025 / 9: t at 1 − 0.025 / 9 = 0.99722 is 3.622. Floors for a run
-# against the 10 runs' centre: exp(2.262 · s · √1.1) − 1 = 5.13 % (end-to-end) and
-# exp(3.622 · s · √1.1) − 1 = 8.34 % (the others); for one run against another run:
-# exp(2.262 · s · √2) − 1 = 6.98 % and exp(3.622 · s · √2) − 1 = 11.40 %.
-PROCESS_FACTORS = tuple(float(np.exp(0.02 * sign)) for sign in (-1, 1) * 5)
+# Eleven runs of one code version whose process factors are exp(0.005 k), k = −5 … 5 (the first
+# one exp(−0.025) = 0.9753): the pairwise distances of ln(medians) are 0.005 j, j = 1 … 10, each
+# 11 − j times; the 28th of the 55 is 0.02, so the robust spread is s = 1.0483 · 0.02 / (1 + 0.5 /
+# 11) = 0.020054 with 0.7 · 10 = 7 degrees of freedom, and the Hodges-Lehmann centre is exp(0):
+# the base values themselves. Of the job's 0.05, end-to-end gets 0.025 alone: Student t at 0.975
+# is 2.365 (t tables); each of the 9 other figures gets 0.025 / 9: t at 0.99722 is 3.947 (between
+# the tables' 3.499 at 0.995 and 4.029 at 0.9975). Floors for a run against the 11 runs' centre:
+# exp(2.365 · s · √(1 + (π / 3) / 11)) − 1 = 5.09 % (end-to-end) and 8.64 % (the others); for one
+# run against another run: exp(2.365 · s · √2) − 1 = 6.94 % and exp(3.947 · s · √2) − 1 = 11.84 %.
+PROCESS_FACTORS = tuple(float(np.exp(0.005 * k)) for k in range(-5, 6))
+LOG_SD_11 = 1.0483 * 0.02 / (1 + 0.5 / 11)
 LOG_SD_10 = 0.02 * (10 / 9) ** 0.5
 
 
@@ -487,9 +498,10 @@ def test_floor_quantiles_match_closed_forms_and_tables():
     assert floor_pct(Spread(0.01, 1, "x"), baseline_runs=1, alpha=1 - q) == pytest.approx(
         100 * np.expm1(np.tan(np.pi * (q - 0.5)) * 0.01 * np.sqrt(2))
     )
-    # 9 degrees of freedom, one-tailed 0.0025: 3.690 in t tables.
+    # 9 degrees of freedom, one-tailed 0.0025: 3.690 in t tables; against the Hodges-Lehmann centre
+    # of 10 runs, whose variance is (π / 3) s² / 10: exp(3.690 · s · √(1 + π / 30)) − 1.
     assert floor_pct(Spread(LOG_SD_10, 9, "x"), baseline_runs=10, alpha=0.0025) == pytest.approx(
-        8.50, abs=0.01
+        8.52, abs=0.01
     )
     assert floor_pct(Spread(LOG_SD_10, 9, "x"), baseline_runs=1, alpha=0.0025) == pytest.approx(
         11.63, abs=0.01
@@ -545,33 +557,33 @@ def test_an_absolute_floor_in_ms_for_short_stages_and_the_step_time_of_tokens_pe
 def test_several_baseline_runs_give_the_floor(tmp_path, capsys):
     cal = runs_of_one_version(tmp_path)
     shifted = _sweep(tmp_path / "cur", [("0_m_tiny", scaled(1.07), ("max_new_tokens=8",))])
-    # Against the first run alone (factor 0.980): +9.2 %, ranges apart: a warning.
+    # Against the first run alone (factor 0.975): +9.7 %, ranges apart: a warning.
     assert main([str(cal[0]), str(shifted)]) == 0
     assert capsys.readouterr().out.startswith("**WARN**")
-    # Against all ten: +7 % from their centre, within the stages' 8.34 % floor but beyond
-    # end-to-end's 5.13 %, with the ranges apart: a warning on end-to-end alone.
+    # Against all eleven: +7 % from their centre, within the stages' 8.64 % floor but beyond
+    # end-to-end's 5.09 %, with the ranges apart: a warning on end-to-end alone.
     json_out = tmp_path / "cmp.json"
     assert main([*map(str, cal), str(shifted), "--json-out", str(json_out)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("**WARN**: deepseek_ocr_tiny · tiny · max_new_tokens=8: end-to-end (ms) +7.0%\n")
     assert (
-        "| sam (ms) | 100.0 [97.0, 103.0] | 107.0 [105.9, 108.1] | +7.0% | - | ±8.3% (10 baseline runs) "
+        "| sam (ms) | 100.0 [96.6, 103.6] | 107.0 [105.9, 108.1] | +7.0% | - | ±8.6% (11 baseline runs, robust) "
         "| noise (floor) |" in out
     )
-    assert "repeats 3+3+3+3+3+3+3+3+3+3 baseline (10 runs), 3 current" in out
+    assert "repeats 3+3+3+3+3+3+3+3+3+3+3 baseline (11 runs), 3 current" in out
     figures = {r["figure"]: r for r in json.loads(json_out.read_text())["jobs"][0]["rows"]}
     sam, e2e = figures["sam (ms)"], figures["end-to-end (ms)"]
     assert (sam["floor_pct"], sam["floor_source"], sam["floor_decided"]) == (
-        pytest.approx(8.34, abs=0.01),
-        "10 baseline runs",
+        pytest.approx(8.64, abs=0.01),
+        "11 baseline runs, robust",
         "floor",
     )
-    assert (e2e["floor_pct"], e2e["verdict"]) == (pytest.approx(5.13, abs=0.01), WARN)
+    assert (e2e["floor_pct"], e2e["verdict"]) == (pytest.approx(5.09, abs=0.01), WARN)
     assert sam["baseline_median"] == pytest.approx(100.0)
     # +20 % is beyond it.
     slow = _sweep(tmp_path / "slow", [("0_m_tiny", scaled(1.2), ("max_new_tokens=8",))])
     assert main([*map(str, cal), str(slow)]) == 1
-    assert "| sam (ms) | 100.0 [97.0, 103.0] | 120.0 [118.8, 121.2] | +20.0% |" in capsys.readouterr().out
+    assert "| sam (ms) | 100.0 [96.6, 103.6] | 120.0 [118.8, 121.2] | +20.0% |" in capsys.readouterr().out
 
 
 def test_a_recorded_noise_floor_judges_one_run_against_another(tmp_path, capsys):
@@ -586,25 +598,25 @@ def test_a_recorded_noise_floor_judges_one_run_against_another(tmp_path, capsys)
     capsys.readouterr()
     floor = load_noise_floor(floor_file)
     (job,) = floor.jobs.values()
-    assert (job.runs, job.repeats, job.fields["mode"], job.fields["batch"]) == (10, 3, "tiny", 1)
-    assert job.figures["sam (ms)"].log_sd == pytest.approx(LOG_SD_10)
-    assert job.figures["sam (ms)"].dof == 9
+    assert (job.runs, job.repeats, job.fields["mode"], job.fields["batch"]) == (11, 3, "tiny", 1)
+    assert job.figures["sam (ms)"].log_sd == pytest.approx(LOG_SD_11)
+    assert job.figures["sam (ms)"].dof == pytest.approx(7)
 
-    baseline = cal[0]  # factor 0.980
-    shifted = _sweep(tmp_path / "cur", [("0_m_tiny", scaled(1.045), ("max_new_tokens=8",))])
-    # ln(1.045 / 0.980) = 0.064 < ln 1.0698 = 0.067 (end-to-end's floor, the narrowest): noise
+    baseline = cal[0]  # factor exp(−0.025)
+    shifted = _sweep(tmp_path / "cur", [("0_m_tiny", scaled(1.04), ("max_new_tokens=8",))])
+    # ln 1.04 + 0.025 = 0.064 < ln 1.0694 = 0.067 (end-to-end's floor, the narrowest): noise
     # with the floor, a warning without.
     assert main([str(baseline), str(shifted)]) == 0
     assert capsys.readouterr().out.startswith("**WARN**")
     assert main([str(baseline), str(shifted), "--noise-floor", str(floor_file)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("**PASS**") and "±11.4% (floor file, 10 runs) | noise (floor) |" in out
-    assert "±7.0% (floor file, 10 runs) | noise (floor) |" in out
+    assert out.startswith("**PASS**") and "±11.8% (floor file, 11 runs) | noise (floor) |" in out
+    assert "±6.9% (floor file, 11 runs) | noise (floor) |" in out
     assert "the noise floor is above the fail threshold (10%) on 9 of 10 figures" in out
-    # ln(1.2 / 0.980) = 0.202: beyond it.
+    # ln(1.2 / 0.9753) = 0.207: beyond it.
     slow = _sweep(tmp_path / "slow", [("0_m_tiny", scaled(1.2), ("max_new_tokens=8",))])
     assert main([str(baseline), str(slow), "--noise-floor", str(floor_file)]) == 1
-    assert "sam (ms) +22.4%" in capsys.readouterr().out.splitlines()[0]
+    assert "sam (ms) +23.0%" in capsys.readouterr().out.splitlines()[0]
     # A floor recorded for another job leaves the rows without one, and says so.
     other = _sweep(tmp_path / "other", [("0_m_tiny", scaled(1.0), ("max_new_tokens=16",))])
     assert main([str(other), str(other), "--noise-floor", str(floor_file)]) == 0
@@ -716,6 +728,85 @@ def test_the_floor_levels_give_end_to_end_half_the_job_alpha_and_sum_to_it():
     assert floor_pct(spread, baseline_runs=1, alpha=0.0025) == pytest.approx(
         100 * np.expm1(5.598 * 0.03 * np.sqrt(2)), abs=0.02
     )
+
+
+def test_the_spread_of_five_runs_or_more_is_robust_to_one_slow_process():
+    # Below 5 runs: the sample standard deviation of ln, n − 1 degrees of freedom.
+    four = log_spread([1.0, np.exp(0.01), np.exp(0.02), np.exp(0.03)], "4 runs")
+    assert (four.log_sd, four.dof, four.source) == (pytest.approx(0.01 * (5 / 3) ** 0.5), 3, "4 runs")
+    # ln = 0, 0.01, …, 0.04: the 10 pairwise distances are 0.01 ×4, 0.02 ×3, 0.03 ×2, 0.04; their
+    # median 0.02, so s = 1.0483 · 0.02 / 1.1 with 0.7 · 4 degrees of freedom.
+    even = log_spread([np.exp(0.01 * k) for k in range(5)], "5 runs")
+    assert (even.log_sd, even.dof, even.source) == (
+        pytest.approx(1.0483 * 0.02 / 1.1),
+        pytest.approx(2.8),
+        "5 runs, robust",
+    )
+    # One process twice as slow (ln 2 = 0.69): distances 0.01 ×3, 0.02 ×2, 0.03, then 0.67-0.70;
+    # the median (0.02 + 0.03) / 2 moves the spread by a quarter, where the standard deviation
+    # grows 24-fold (0.308 against 0.0129 for the four).
+    slow = [1.0, np.exp(0.01), np.exp(0.02), np.exp(0.03), 2.0 * np.exp(0.01)]
+    assert log_spread(slow, "x").log_sd == pytest.approx(1.0483 * 0.025 / 1.1)
+    assert np.std(np.log(slow), ddof=1) > 10 * log_spread(slow, "x").log_sd
+
+
+def test_the_centre_of_several_runs_is_robust_to_one_slow_process():
+    # ln = 0 ×4 and ln 2: of the 15 pairwise means, 10 are 0, 4 are ln 2 / 2, one ln 2: median 0.
+    assert log_centre([1.0, 1.0, 1.0, 1.0, 2.0]) == pytest.approx(1.0)
+    # One run: itself; two: their geometric mean.
+    assert log_centre([3.0]) == pytest.approx(3.0)
+    assert log_centre([1.0, 4.0]) == pytest.approx(2.0)
+
+
+def test_several_current_runs_narrow_the_floor():
+    # Normal quantile 1.960 at dof → ∞; 5 runs a side, each centre with variance (π / 3) s² / 5.
+    spread = Spread(0.02, 10**6, "x")
+    assert floor_pct(spread, baseline_runs=5, current_runs=5, alpha=0.025) == pytest.approx(
+        100 * np.expm1(1.960 * 0.02 * np.sqrt(2 * np.pi / 15)), rel=1e-3
+    )
+    # One current run against a single baseline run: √2.
+    assert floor_pct(spread, baseline_runs=1, alpha=0.025) == pytest.approx(
+        100 * np.expm1(1.960 * 0.02 * np.sqrt(2)), rel=1e-3
+    )
+
+
+def _runs(root: Path, name: str, factors: Sequence[float]) -> list[Path]:
+    return [
+        _sweep(root / f"{name}_{i}", [("0_m_tiny", scaled(f), ("max_new_tokens=8",))])
+        for i, f in enumerate(factors)
+    ]
+
+
+def test_five_current_runs_pass_one_slow_process_and_fail_a_20_percent_slowdown(tmp_path, capsys):
+    base = _runs(tmp_path, "base", [np.exp(0.005 * k) for k in range(-2, 3)])
+    # Identical code, but the last process ran twice as slow as a whole: the robust centre of the
+    # five is that of the other four's ln = −0.01, −0.005, 0, 0.005 (the 8th of 15 pairwise means: 0).
+    current_factors = [np.exp(0.005 * k) for k in range(-2, 2)] + [2 * np.exp(0.01)]
+    current = _runs(tmp_path, "cur", current_factors)
+    json_out = tmp_path / "cmp.json"
+    assert main([*map(str, base), "--current", *map(str, current), "--json-out", str(json_out)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("**PASS**")
+    assert "repeats 3+3+3+3+3 baseline (5 runs), 3+3+3+3+3 current (5 runs)" in out
+    rows = {r["figure"]: r for r in json.loads(json_out.read_text())["jobs"][0]["rows"]}
+    assert rows["sam (ms)"]["current_median"] == pytest.approx(100.0)
+    assert rows["sam (ms)"]["floor_source"] == "5 baseline runs, robust + 5 current runs, robust"
+    # The same five processes 20 % slower: beyond every floor (a few %), on every figure.
+    slowed = _runs(tmp_path, "slow", [1.2 * f for f in current_factors])
+    assert main([*map(str, base), "--current", *map(str, slowed), "--json-out", str(json_out)]) == 1
+    rows = json.loads(json_out.read_text())["jobs"][0]["rows"]
+    assert {r["verdict"] for r in rows} == {FAIL}
+    assert rows[0]["delta_pct"] == pytest.approx(20.0)
+    # A baseline alone, without a current run, is one line.
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(base[0])])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        "error: give a BASELINE and a CURRENT (or the CURRENTs with --current)\n"
+    )
+    # One current run among the baselines is refused as on the baseline side.
+    assert main([*map(str, base), "--current", str(base[0]), str(current[0])]) == 2
+    assert "also one of the BASELINEs" in capsys.readouterr().err
 
 
 # Stage times of a synthetic job; end-to-end is their sum per repeat.

@@ -11,7 +11,7 @@ from llm_perf_opt.hardware.ceilings import datasheet_roof
 from llm_perf_opt.report.projection import FLOOR_COLUMNS, stage_floors
 from llm_perf_opt.report.record import read_record
 
-BASELINES = sorted((Path(__file__).parents[2] / "benchmarks" / "baselines").glob("*/*/run.json"))
+BASELINES = sorted((Path(__file__).parents[2] / "benchmarks" / "baselines").rglob("run.json"))
 BASE = next(p for p in BASELINES if p.parent.name.endswith("_base"))
 
 

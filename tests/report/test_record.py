@@ -87,7 +87,9 @@ def test_a_failed_job_reads_back_as_written(tmp_path):
     assert record.to_dict() == written
 
 
-@pytest.mark.parametrize("run_json", sorted(BASELINES.glob("*/*/run.json")), ids=lambda p: p.parent.name)
+@pytest.mark.parametrize(
+    "run_json", sorted(BASELINES.rglob("run.json")), ids=lambda p: str(p.parent.relative_to(BASELINES))
+)
 def test_the_committed_baselines_read_back_unchanged(run_json):
     data = json.loads(run_json.read_text())
     assert read_record(run_json).to_dict() == data

@@ -3,11 +3,12 @@
 Each side of a row is the list of per-repeat values of one figure (``timing.samples`` of
 run.json): TTFT, TPOT, decode tokens/s (``1000 / TPOT``: decode steps per second of decode
 time), end-to-end, and per stage its total time per run (the sum of its per-call times).
-A row compares the current median with the baseline's centre: the median of its repeats, or,
-with k ≥ 2 baseline runs of one code version (each its own process), the geometric mean of
-their k medians (the pooled repeats of the k runs are the baseline side of the tests below)::
+A row compares the centres of the two sides: the median of a run's repeats, or, with k ≥ 2
+runs of one code version on a side (each its own process), the Hodges-Lehmann centre of their k
+medians (:func:`~llm_perf_opt.report.noise_floor.log_centre`; the pooled repeats of the k runs are
+that side of the tests below)::
 
-    delta % = 100 · (median(current) − centre(baseline)) / centre(baseline)
+    delta % = 100 · (centre(current) − centre(baseline)) / centre(baseline)
     worse % = delta %    for times (lower is better)
             = −delta %   for decode tokens/s (higher is better)
 
@@ -55,6 +56,7 @@ from .noise_floor import (
     floor_pct,
     floor_width,
     job_floor,
+    log_centre,
     noise_floor_name,
     pooled,
     row_alpha,
@@ -108,13 +110,15 @@ class Row:
     delta_pct: float | None
     verdict: str
     p_value: float | None = None  # the rank test's, where it could decide (see the module docstring)
-    #: The baseline's centre (the median, or the geometric mean of several runs' medians).
+    #: The baseline's centre (the median, or the robust centre of several runs' medians).
     baseline_centre: float | None = None
     #: The relative noise floor of this row, in %, and where its spread was measured.
     floor_pct: float | None = None
     floor_source: str | None = None
     #: BY_FLOOR or BY_MIN_MS where a floor made the row ``noise``.
     floor_decided: str | None = None
+    #: The current side's centre where it has several runs (else its median is the centre).
+    current_centre: float | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,8 @@ class JobResult:
     problem_fails: bool = False
     #: Every baseline run of the job that ran ok (``baseline`` is the first of them).
     baselines: tuple[Job, ...] = ()
+    #: Every current run of the job (``current`` is the first of them).
+    currents: tuple[Job, ...] = ()
 
     @property
     def verdict(self) -> str:
@@ -142,7 +148,8 @@ class JobResult:
 
 @dataclass(frozen=True)
 class Comparison:
-    """All job results of comparing ``current`` against ``baseline`` (the first of ``baselines``)."""
+    """All job results of comparing ``current`` (the first of ``currents``) against ``baseline``
+    (the first of ``baselines``)."""
 
     baseline: RunSet
     current: RunSet
@@ -152,6 +159,7 @@ class Comparison:
     left_out: tuple[str, ...] = ()
     baselines: tuple[RunSet, ...] = ()
     noise_floor: NoiseFloor | None = None
+    currents: tuple[RunSet, ...] = ()
 
     @property
     def verdict(self) -> str:
@@ -164,11 +172,11 @@ class Comparison:
 
     @property
     def uses_floor(self) -> bool:
-        """Whether any row may have a floor: a floor file, several baseline runs or ``min_ms``."""
+        """Whether any row may have a floor: a floor file, several runs on a side or ``min_ms``."""
         return (
             self.noise_floor is not None
             or self.thresholds.min_ms > 0
-            or any(len(job.baselines) > 1 for job in self.jobs)
+            or any(len(job.baselines) > 1 or len(job.currents) > 1 for job in self.jobs)
         )
 
 
@@ -180,13 +188,14 @@ def judge(
     thresholds: Thresholds,
     floor_pct: float | None = None,
     baseline_centre: float | None = None,
+    current_centre: float | None = None,
 ) -> tuple[float | None, str, float | None]:
-    """Delta % of the medians, the verdict of one row and the rank test's p-value (None where
-    it was not run or cannot decide; rules in the module docstring). ``baseline_centre``
-    replaces the baseline's median (several baseline runs); ``floor_pct`` is the row's relative
-    noise floor (None: none)."""
+    """Delta % of the centres, the verdict of one row and the rank test's p-value (None where
+    it was not run or cannot decide; rules in the module docstring). ``baseline_centre`` and
+    ``current_centre`` replace a side's median (several runs on that side); ``floor_pct`` is the
+    row's relative noise floor (None: none)."""
     base = statistics.median(baseline) if baseline_centre is None else baseline_centre
-    cur = statistics.median(current)
+    cur = statistics.median(current) if current_centre is None else current_centre
     if base <= 0:
         return None, NOT_COMPARABLE, None
     delta = 100 * (cur - base) / base
@@ -217,23 +226,24 @@ def test_can_decide(n_baseline: int, n_current: int) -> bool:
 
 
 def pair_jobs(
-    baselines: RunSet | Sequence[RunSet], current: RunSet
-) -> list[tuple[tuple[Job, ...], Job | None]]:
-    """Each job's baseline runs with its current run. Single runs pair as given; otherwise
-    jobs pair by identity, baseline order first, then jobs only in the current set (no baseline)."""
-    baselines = _as_tuple(baselines)
-    if not current.sweep and not any(b.sweep for b in baselines):
-        return [(group_runs(baselines)[0], current.jobs[0])]
-    unpaired = {job.identity: job for job in current.jobs}
-    pairs: list[tuple[tuple[Job, ...], Job | None]] = [
-        (group, unpaired.pop(group[0].identity, None)) for group in group_runs(baselines)
+    baselines: RunSet | Sequence[RunSet], currents: RunSet | Sequence[RunSet]
+) -> list[tuple[tuple[Job, ...], tuple[Job, ...]]]:
+    """Each job's baseline runs with its current runs (``()`` where a side lacks the job).
+    Single runs pair as given; otherwise jobs pair by identity, baseline order first, then jobs
+    only in the current sets (no baseline)."""
+    baselines, currents = _as_tuple(baselines), _as_tuple(currents, "current")
+    if not any(run_set.sweep for run_set in (*baselines, *currents)):
+        return [(group_runs(baselines)[0], group_runs(currents)[0])]
+    unpaired = {group[0].identity: group for group in group_runs(currents)}
+    pairs: list[tuple[tuple[Job, ...], tuple[Job, ...]]] = [
+        (group, unpaired.pop(group[0].identity, ())) for group in group_runs(baselines)
     ]
-    return pairs + [((), job) for job in unpaired.values()]
+    return pairs + [((), group) for group in unpaired.values()]
 
 
 def compare(
     baseline: RunSet | Sequence[RunSet],
-    current: RunSet,
+    current: RunSet | Sequence[RunSet],
     thresholds: Thresholds,
     *,
     force: bool = False,
@@ -241,29 +251,31 @@ def compare(
     noise_floor: NoiseFloor | None = None,
 ) -> Comparison:
     """Compare every pair of jobs (with ``shared_only``, only the jobs both sides have).
-    ``baseline`` is one run set or several runs of one code version (each its own process),
-    whose spread gives a noise floor, as ``noise_floor`` does. Raises :class:`UserError` for
+    ``baseline`` and ``current`` are each one run set or several runs of one code version (each
+    its own process), whose spread gives a noise floor, as ``noise_floor`` does. Raises :class:`UserError` for
     runs that are not comparable (see :data:`~llm_perf_opt.report.run_figures.MATCHED_FIELDS`) unless
     ``force``."""
-    baselines = _as_tuple(baseline)
-    pairs = pair_jobs(baselines, current)
+    baselines, currents = _as_tuple(baseline), _as_tuple(current, "current")
+    pairs = pair_jobs(baselines, currents)
     left_out: tuple[str, ...] = ()
     if shared_only:
-        left_out = tuple(str((b[0] if b else c).identity) for b, c in pairs if not b or c is None)
-        pairs = [(b, c) for b, c in pairs if b and c is not None]
+        left_out = tuple(str((b or c)[0].identity) for b, c in pairs if not b or not c)
+        pairs = [(b, c) for b, c in pairs if b and c]
         if not pairs:
             raise UserError("--shared-only: the two sides have no job in common")
-    sweep = current.sweep or any(b.sweep for b in baselines)
-    floors = [job_floor(noise_floor, b, c, single=not sweep) for b, c in pairs]
+    sweep = any(run_set.sweep for run_set in (*baselines, *currents))
+    floors = [job_floor(noise_floor, b, c[0] if c else None, single=not sweep) for b, c in pairs]
     differences = []
-    for (group, cur), floor in zip(pairs, floors):
+    for (group, cur_group), floor in zip(pairs, floors):
         where = f" {group[0].identity}" if sweep and group else ""
         diffs = [
-            (f"baseline {b.path}: {describe_mismatches(d)}", d)
-            for b in group[1:]
-            if (d := mismatches(group[0].record, b.record))
+            (f"{side} {b.path}: {describe_mismatches(d)}", d)
+            for side, runs in (("baseline", group), ("current", cur_group))
+            for b in runs[1:]
+            if (d := mismatches(runs[0].record, b.record))
         ]
-        if cur is not None:
+        if cur_group:
+            cur = cur_group[0]
             diffs += [
                 (describe_mismatches(d), d) for b in group[:1] if (d := mismatches(b.record, cur.record))
             ]
@@ -277,38 +289,42 @@ def compare(
         compare_jobs(b, c, thresholds, forced=diffs, floor=floor, floor_name=noise_floor_name(noise_floor))
         for (b, c), diffs, floor in zip(pairs, differences, floors)
     )
-    return Comparison(baselines[0], current, thresholds, jobs, left_out, baselines, noise_floor)
+    return Comparison(baselines[0], currents[0], thresholds, jobs, left_out, baselines, noise_floor, currents)
 
 
 def compare_jobs(
     baseline: Job | Sequence[Job] | None,
-    current: Job | None,
+    current: Job | Sequence[Job] | None,
     thresholds: Thresholds,
     *,
     forced: Sequence[str] = (),
     floor: JobFloor | None = None,
     floor_name: str = "",
 ) -> JobResult:
-    """Rows and notes of one job: its baseline runs (one job or several runs of it, each its
-    own process) against its current run; either side may be absent."""
-    group = () if baseline is None else (baseline,) if isinstance(baseline, Job) else tuple(baseline)
+    """Rows and notes of one job: its baseline runs against its current runs (each side one job
+    or several runs of it, each its own process); either side may be absent."""
+    group, currents = _jobs(baseline), _jobs(current)
     ok_runs = tuple(job for job in group if job.status == OK_STATUS)
     first = ok_runs[0] if ok_runs else group[0] if group else None
+    current = currents[0] if currents else None
     label = str((first or current).identity)
     if first is None:
-        return JobResult(label, None, current, problem="new job: no baseline to compare with")
+        return JobResult(
+            label, None, current, problem="new job: no baseline to compare with", currents=currents
+        )
     if current is None:
         return JobResult(
             label, first, None, problem="missing in current", problem_fails=bool(ok_runs), baselines=ok_runs
         )
-    if current.status != OK_STATUS:
+    if failed := next((job for job in currents if job.status != OK_STATUS), None):
         return JobResult(
             label,
             first,
-            current,
-            problem=f"current run {current.status}: {current.error}",
+            failed,
+            problem=f"current run {failed.status}: {failed.error}",
             problem_fails=bool(ok_runs),
             baselines=ok_runs,
+            currents=currents,
         )
     if not ok_runs:
         return JobResult(
@@ -317,7 +333,9 @@ def compare_jobs(
 
     per_run = [sample_figures(job.record) for job in ok_runs]
     base_spreads, base_medians = run_spreads(ok_runs, f"{len(ok_runs)} baseline runs")
-    cur_figures = sample_figures(current.record)
+    cur_spreads, cur_medians = run_spreads(currents, f"{len(currents)} current runs")
+    cur_per_run = [sample_figures(job.record) for job in currents]
+    cur_figures = cur_per_run[0]
     base_names = list(dict.fromkeys(figure for figures in per_run for figure in figures))
     shared = [figure for figure in base_names if figure in cur_figures]
     rows = []
@@ -327,30 +345,38 @@ def compare_jobs(
             notes.append(f"{figure}: only in {'baseline' if figure in base_names else 'current'}")
             continue
         pooled_repeats = [value for figures in per_run for value in figures.get(figure, [])]
-        medians = base_medians[figure]
-        centre = (
-            _geometric_mean(medians) if len(medians) > 1 and min(medians) > 0 else statistics.median(medians)
+        cur_repeats = [value for figures in cur_per_run for value in figures.get(figure, [])]
+        medians, cur_run_medians = base_medians[figure], cur_medians.get(figure, ())
+        centre = _centre(medians)
+        cur_centre = _centre(cur_run_medians) if len(cur_run_medians) > 1 else None
+        spread = pooled(
+            floor.figures.get(figure) if floor else None, base_spreads.get(figure), cur_spreads.get(figure)
         )
-        spread = pooled(floor.figures.get(figure) if floor else None, base_spreads.get(figure))
         pct = (
             None
             if spread is None
-            else floor_pct(spread, baseline_runs=len(medians), alpha=row_alpha(figure, shared))
+            else floor_pct(
+                spread,
+                baseline_runs=len(medians),
+                current_runs=len(currents),
+                alpha=row_alpha(figure, shared),
+            )
         )
         higher = figure in HIGHER_IS_BETTER
         delta, verdict, p = judge(
             pooled_repeats,
-            cur_figures[figure],
+            cur_repeats,
             higher_is_better=higher,
             thresholds=thresholds,
             floor_pct=pct,
             baseline_centre=centre,
+            current_centre=cur_centre,
         )
         decided = None
         if verdict == NOISE and p is None and centre > 0:
             decided = within_floor(
                 centre,
-                statistics.median(cur_figures[figure]),
+                statistics.median(cur_repeats) if cur_centre is None else cur_centre,
                 higher_is_better=higher,
                 floor_pct=pct,
                 min_ms=thresholds.min_ms,
@@ -359,7 +385,7 @@ def compare_jobs(
             Row(
                 figure,
                 tuple(pooled_repeats),
-                tuple(cur_figures[figure]),
+                tuple(cur_repeats),
                 delta,
                 verdict,
                 p,
@@ -367,9 +393,10 @@ def compare_jobs(
                 pct,
                 None if spread is None else spread.source,
                 decided,
+                cur_centre,
             )
         )
-    notes += _sample_notes([job.record for job in ok_runs], current.record)
+    notes += _sample_notes([job.record for job in ok_runs], [job.record for job in currents])
     notes += floor_notes(floor, floor_name, len(ok_runs), current.record)
     notes += _wide_floor_notes(rows, thresholds)
     if first.identity.overrides != current.identity.overrides:
@@ -378,7 +405,7 @@ def compare_jobs(
             f"current {list(current.identity.overrides)}"
         )
     notes += _version_notes(first.record, current.record)
-    return JobResult(label, first, current, tuple(rows), tuple(notes), baselines=ok_runs)
+    return JobResult(label, first, current, tuple(rows), tuple(notes), baselines=ok_runs, currents=currents)
 
 
 def _wide_floor_notes(rows: Sequence[Row], thresholds: Thresholds) -> list[str]:
@@ -394,19 +421,24 @@ def _wide_floor_notes(rows: Sequence[Row], thresholds: Thresholds) -> list[str]:
     ]
 
 
-def _geometric_mean(values: Sequence[float]) -> float:
-    return math.exp(statistics.fmean(math.log(v) for v in values))
+def _centre(medians: Sequence[float]) -> float:
+    """A side's centre: its one run's median, or the robust centre of several runs' medians."""
+    return log_centre(medians) if len(medians) > 1 and min(medians) > 0 else statistics.median(medians)
 
 
-def _as_tuple(baselines: RunSet | Sequence[RunSet]) -> tuple[RunSet, ...]:
-    result = (baselines,) if isinstance(baselines, RunSet) else tuple(baselines)
+def _jobs(side: Job | Sequence[Job] | None) -> tuple[Job, ...]:
+    return () if side is None else (side,) if isinstance(side, Job) else tuple(side)
+
+
+def _as_tuple(run_sets: RunSet | Sequence[RunSet], side: str = "baseline") -> tuple[RunSet, ...]:
+    result = (run_sets,) if isinstance(run_sets, RunSet) else tuple(run_sets)
     if not result:
-        raise UserError("no baseline to compare with")
+        raise UserError(f"no {side} to compare")
     return result
 
 
-def _sample_notes(baselines: Sequence[RunRecord], current: RunRecord) -> list[str]:
-    n_base, n_cur = sum(repeats(r) for r in baselines), repeats(current)
+def _sample_notes(baselines: Sequence[RunRecord], currents: Sequence[RunRecord]) -> list[str]:
+    n_base, n_cur = sum(repeats(r) for r in baselines), sum(repeats(r) for r in currents)
     single = [side for side, n in (("baseline", n_base), ("current", n_cur)) if n == 1]
     if single:
         return [

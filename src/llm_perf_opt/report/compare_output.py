@@ -33,7 +33,8 @@ def to_markdown(comparison: Comparison) -> str:
         lines[-1] += (
             " It must also exceed the row's noise floor (column floor): the change between separate processes "
             f"that identical code shows except with probability {ALPHA:g} per job, from the spread of runs' "
-            "medians (several baseline runs or a noise-floor file)"
+            "medians (several runs on a side or a noise-floor file); a side of several runs is centred on "
+            "their medians' Hodges-Lehmann centre"
             + (f", and at least {t.min_ms:g} ms" if t.min_ms > 0 else "")
             + "."
         )
@@ -50,19 +51,21 @@ def to_markdown(comparison: Comparison) -> str:
         if job.problem is not None:
             lines.append(f"- {_cell(job.problem)}")
             continue
-        runs = len(job.baselines)
+        runs, cur_runs = len(job.baselines), len(job.currents)
         base_repeats = "+".join(str(repeats(b.record)) for b in job.baselines)
+        cur_repeats = "+".join(str(repeats(c.record)) for c in job.currents)
         lines += [
             f"{fields['device']} · {fields['dtype']} · weights {fields['weights']} · batch {fields['batch']} · "
             f"repeats {base_repeats} baseline{f' ({runs} runs)' if runs > 1 else ''}, "
-            f"{repeats(job.current.record)} current",
+            f"{cur_repeats} current{f' ({cur_runs} runs)' if cur_runs > 1 else ''}",
             "",
-            f"| figure | baseline {'centre' if runs > 1 else 'median'} [min, max] | current median [min, max] "
+            f"| figure | baseline {'centre' if runs > 1 else 'median'} [min, max] "
+            f"| current {'centre' if cur_runs > 1 else 'median'} [min, max] "
             "| delta | p |" + (" floor |" if floors else "") + " verdict |",
             "|---|---:|---:|---:|---:|" + ("---|" if floors else "") + "---|",
         ]
         lines += [
-            f"| {_cell(row.figure)} | {_spread(row.baseline, row.baseline_centre)} | {_spread(row.current)} | "
+            f"| {_cell(row.figure)} | {_spread(row.baseline, row.baseline_centre)} | {_spread(row.current, row.current_centre)} | "
             f"{'-' if row.delta_pct is None else f'{row.delta_pct:+.1f}%'} | "
             f"{'-' if row.p_value is None else f'{row.p_value:.2g}'} | "
             + (f"{_cell(_floor_text(row, t))} | " if floors else "")
@@ -83,13 +86,15 @@ def to_dict(comparison: Comparison) -> dict[str, Any]:
         "baseline": str(comparison.baseline.path),
         "baselines": [str(b.path) for b in comparison.baselines or (comparison.baseline,)],
         "current": str(comparison.current.path),
+        "currents": [str(c.path) for c in comparison.currents or (comparison.current,)],
         "thresholds": {
             "warn_pct": t.warn_pct,
             "fail_pct": t.fail_pct,
             "alpha": ALPHA,
             "min_ms": t.min_ms,
             "test": "two-sided Mann-Whitney U on the repeats",
-            "floor": "ln(1 + floor_pct/100) = t(1 - alpha/(2m), dof) * log_sd * sqrt(1 + 1/k)",
+            "floor": "ln(1 + floor_pct/100) = t(1 - a, dof) * log_sd * sqrt(v_kb/k_b + v_kc/k_c), "
+            "v_k = 1 for k <= 2 runs, pi/3 from 3",
         },
         "noise_floor_file": None if floor is None else noise_floor_name(floor),
         "left_out": list(comparison.left_out),
@@ -99,12 +104,13 @@ def to_dict(comparison: Comparison) -> dict[str, Any]:
                 "verdict": job.verdict,
                 "problem": job.problem,
                 "baseline_runs": [str(b.path) for b in job.baselines],
+                "current_runs": [str(c.path) for c in job.currents],
                 "notes": list(job.notes),
                 "rows": [
                     {
                         "figure": row.figure,
-                        "baseline_median": _centre(row),
-                        "current_median": statistics.median(row.current),
+                        "baseline_median": _centre(row.baseline, row.baseline_centre),
+                        "current_median": _centre(row.current, row.current_centre),
                         "baseline": list(row.baseline),
                         "current": list(row.current),
                         "delta_pct": row.delta_pct,
@@ -124,10 +130,12 @@ def to_dict(comparison: Comparison) -> dict[str, Any]:
 
 def _sides(comparison: Comparison) -> str:
     baselines = comparison.baselines or (comparison.baseline,)
+    currents = comparison.currents or (comparison.current,)
     base = ", ".join(f"`{b.path}`" for b in baselines)
+    cur = ", ".join(f"`{c.path}`" for c in currents)
     floor = comparison.noise_floor
     return (
-        f"Baseline{'s' if len(baselines) > 1 else ''} {base}, current `{comparison.current.path}`"
+        f"Baseline{'s' if len(baselines) > 1 else ''} {base}, current{' runs' if len(currents) > 1 else ''} {cur}"
         + (f", noise floor `{noise_floor_name(floor)}`" if floor is not None else "")
         + "."
     )
@@ -164,14 +172,14 @@ def _headline(comparison: Comparison) -> str:
     return f"**{verdict}**: " + "; ".join(_cell(cause) for cause in causes)
 
 
-def _centre(row: Row) -> float:
-    return statistics.median(row.baseline) if row.baseline_centre is None else row.baseline_centre
+def _centre(values: Sequence[float], centre: float | None) -> float:
+    return statistics.median(values) if centre is None else centre
 
 
 def _spread(values: Sequence[float], centre: float | None = None) -> str:
     """``centre [min, max]`` (centre: the median unless given), all with the decimals that suit
     the centre (about 4 significant digits)."""
-    median = statistics.median(values) if centre is None else centre
+    median = _centre(values, centre)
     decimals = 1 if abs(median) >= 100 else 2 if abs(median) >= 1 else 3
     return f"{median:.{decimals}f} [{min(values):.{decimals}f}, {max(values):.{decimals}f}]"
 

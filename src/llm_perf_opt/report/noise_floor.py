@@ -5,28 +5,39 @@ Repeats in one process agree more closely than runs of the same code in separate
 process's repeats (:mod:`.compare`) is confident about differences between processes. The
 floor is the change between processes that identical code shows, and a change must exceed it:
 
-* between-process spread of a figure: ``s``, the sample standard deviation of ln(median) over
-  k runs of identical code, each its own process, with ``k − 1`` degrees of freedom. Its
-  sources: the k ≥ 2 baseline runs of this comparison, and a noise-floor file recorded from
-  such runs earlier (:func:`estimate_noise_floor`, ``--noise-floor-out``); with both, their
-  variances are pooled (weighted by degrees of freedom, which add up);
-* relative floor, the largest ln(current / centre) in the worse direction that identical code
-  shows except with probability ``a`` (the row's level, :func:`row_alpha`), where the current
-  run is one process and the centre the mean of k_b baseline processes::
+* between-process spread of a figure (:func:`log_spread`): ``s``, the spread of x = ln(median)
+  over n runs of identical code, each its own process. Fewer than 5 runs: the sample standard
+  deviation, with ``n − 1`` degrees of freedom. From 5 runs on, robustly, so that one process
+  that ran slow as a whole (seen: 1 of 10 at twice the others' end-to-end) does not widen every
+  floor past the regressions it should catch: the Shamos estimator, the median distance between
+  two runs scaled to a standard deviation, ``s = 1.0483 · med_{i<j} |x_i − x_j| / (1 + 0.5 / n)``,
+  with ``0.7 · (n − 1)`` degrees of freedom (on normal data the estimator has 86 % of the
+  standard deviation's efficiency for large n; at n = 5-20 a simulation gives its mean as
+  (1 + 0.5 / n) σ and its variance as that of a standard deviation with 0.70-0.82 · (n − 1)
+  degrees of freedom). Its sources: the runs of each side of this comparison (both sides are runs
+  of one code version each), and a noise-floor file recorded from such runs earlier
+  (:func:`estimate_noise_floor`, ``--noise-floor-out``); the variances of several sources are
+  pooled (weighted by degrees of freedom, which add up);
+* centre of a side of k runs (:func:`log_centre`): the Hodges-Lehmann estimate, exp of the median
+  of the pairwise means (x_i + x_j) / 2, i ≤ j (k = 1: the run's median, k = 2: the geometric
+  mean of both), as robust as the spread; its variance is about ``v_k · s² / k``, with v_k = 1
+  for k ≤ 2 and π / 3 from 3 runs on;
+* relative floor, the largest ln(centre of current / centre of baseline) in the worse direction
+  that identical code shows except with probability ``a`` (the row's level, :func:`row_alpha`),
+  for ``k_c`` current and ``k_b`` baseline processes::
 
-      ln(1 + floor % / 100) = t(1 − a, dof) · s · √(1 + 1 / k_b)
+      ln(1 + floor % / 100) = t(1 − a, dof) · s · √(v_kb / k_b + v_kc / k_c)
 
   (``t`` the Student quantile at the spread's degrees of freedom: few runs give a wide floor,
   e.g. t = 63.7 at dof 1; the notes say where a floor is above the fail threshold, since a
-  smaller regression cannot be seen there). The gate asks whether a figure got worse, so the
-  bound is one-sided; the floor is as wide in the other direction, where identical code is
-  marked ``improved`` with probability ``a`` too, which fails nothing. The job's ALPHA is split
-  so that identical code warns or fails in the whole job with probability ≤ ALPHA (Bonferroni):
+  smaller regression cannot be seen there). One current process against k_b baseline runs can
+  never see a change smaller than about 2 s; several processes a side (the CPU nightly runs 10
+  against a baseline of 10) shrink the floor as 1 / √k. The gate asks whether a figure got
+  worse, so the bound is one-sided; the floor is as wide in the other direction, where identical
+  code is marked ``improved`` with probability ``a`` too, which fails nothing. The job's ALPHA is split so
+  that identical code warns or fails in the whole job with probability ≤ ALPHA (Bonferroni):
   end-to-end, the figure a slowdown of the whole process moves, gets ALPHA / 2 alone, the m
-  other rows share ALPHA / 2 (a = ALPHA / (2 m)). Before, a two-sided bound at ALPHA / m for
-  each row gave end-to-end, at 5 calibration runs (dof 4) and 10 rows, t = 5.60 instead of 2.78:
-  with a 3 % spread a floor run vs run of ±27 % instead of ±12.5 %, so a 20 % slowdown of every
-  stage passed as noise;
+  other rows share ALPHA / 2 (a = ALPHA / (2 m));
 * absolute floor ``min_ms`` (``--min-ms``, default 0 = none): a change of the median by at
   most that many ms is noise, since a stage of a few ms moves by a scheduling slice between
   processes. Decode tokens/s is a rate: its change in ms is that of its step time 1000 / value.
@@ -39,6 +50,7 @@ refuses a floor recorded for other runs.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import statistics
@@ -70,20 +82,26 @@ ALPHA = 0.05
 #: ``kind`` of a noise-floor file.
 NOISE_FLOOR_KIND = "llm_perf_opt noise floor"
 NOISE_FLOOR_SCHEMA = 1
-#: Fewer baseline runs than this give a floor so wide that the notes say so.
-_FEW_RUNS = 5
+#: Fewer baseline runs than this give a floor so wide that the notes say so; from this many
+#: runs on, a spread is estimated robustly (fewer cannot tell a slow process from the spread).
+_FEW_RUNS = ROBUST_RUNS = 5
+#: Shamos estimator: 1 / (√2 · Φ⁻¹(3/4)), which makes the median pairwise distance of normal
+#: data a standard deviation.
+_SHAMOS_SCALE = 1.0483
+#: Degrees of freedom of the Shamos estimator per (n − 1) (simulated, the smallest at n = 5-20).
+_SHAMOS_DOF = 0.7
 #: What made a row ``noise`` before the rank test ran (``Row.floor_decided``).
 BY_FLOOR, BY_MIN_MS = "floor", "min-ms"
 
 
 @dataclass(frozen=True)
 class Spread:
-    """Between-process spread of one figure: ``log_sd`` is the sample standard deviation of
-    ln(median) over runs of identical code in separate processes, with ``dof`` degrees of
-    freedom (runs − 1); ``source`` says where it was measured."""
+    """Between-process spread of one figure: ``log_sd`` estimates the standard deviation of
+    ln(median) over runs of identical code in separate processes (:func:`log_spread`), with
+    ``dof`` degrees of freedom; ``source`` says where it was measured."""
 
     log_sd: float
-    dof: int
+    dof: float
     source: str
 
     @property
@@ -141,16 +159,44 @@ def row_alpha(figure: str, figures: Sequence[str]) -> float:
     return ALPHA / (2 * max(len(figures) - 1, 1))
 
 
-def floor_pct(spread: Spread, *, baseline_runs: int, alpha: float) -> float:
-    """Relative noise floor of a row in %, for a current run of one process against the
-    centre of ``baseline_runs`` processes, at the one-sided level ``alpha`` (:func:`row_alpha`):
-    ``100 · (exp(t(1 − alpha, dof) · s · √(1 + 1 / baseline_runs)) − 1)``."""
+def floor_pct(spread: Spread, *, baseline_runs: int, current_runs: int = 1, alpha: float) -> float:
+    """Relative noise floor of a row in %, for the centre of ``current_runs`` processes against
+    that of ``baseline_runs`` processes (:func:`log_centre`), at the one-sided level ``alpha``
+    (:func:`row_alpha`): ``100 · (exp(t(1 − alpha, dof) · s · √(v_kb / k_b + v_kc / k_c)) − 1)``."""
     quantile = _t_quantile(1 - alpha, spread.dof)
-    return 100 * math.expm1(quantile * spread.log_sd * math.sqrt(1 + 1 / baseline_runs))
+    scale = math.sqrt(_centre_variance(baseline_runs) + _centre_variance(current_runs))
+    return 100 * math.expm1(quantile * spread.log_sd * scale)
+
+
+def _centre_variance(runs: int) -> float:
+    """Variance of :func:`log_centre` of ``runs`` runs in units of s²: v_k / k."""
+    return (1 if runs <= 2 else math.pi / 3) / runs
+
+
+def log_spread(values: Sequence[float], source: str) -> Spread:
+    """Spread of ln(values) (n ≥ 2 positive values, each one process's median): below
+    ROBUST_RUNS the sample standard deviation with n − 1 degrees of freedom, from there the
+    Shamos estimator ``1.0483 · med_{i<j} |ln v_i − ln v_j| / (1 + 0.5 / n)`` with
+    0.7 · (n − 1) degrees of freedom (see the module docstring)."""
+    logs = [math.log(v) for v in values]
+    n = len(logs)
+    if n < ROBUST_RUNS:
+        return Spread(statistics.stdev(logs), n - 1, source)
+    distances = [abs(a - b) for a, b in itertools.combinations(logs, 2)]
+    log_sd = _SHAMOS_SCALE * statistics.median(distances) / (1 + 0.5 / n)
+    return Spread(log_sd, _SHAMOS_DOF * (n - 1), f"{source}, robust")
+
+
+def log_centre(values: Sequence[float]) -> float:
+    """Hodges-Lehmann centre of positive values (each one process's median): exp of the median
+    of the pairwise means (ln v_i + ln v_j) / 2 over i ≤ j."""
+    logs = [math.log(v) for v in values]
+    walsh = [(a + b) / 2 for a, b in itertools.combinations_with_replacement(logs, 2)]
+    return math.exp(statistics.median(walsh))
 
 
 @functools.lru_cache(maxsize=256)
-def _t_quantile(probability: float, dof: int) -> float:
+def _t_quantile(probability: float, dof: float) -> float:
     """Student t quantile; cached because a comparison asks for the same few many times."""
     return float(student_t.ppf(probability, dof))
 
@@ -178,7 +224,7 @@ def run_spreads(jobs: Sequence[Job], source: str) -> tuple[dict[str, Spread], di
         for figure, values in sample_figures(job.record).items():
             medians.setdefault(figure, []).append(statistics.median(values))
     spreads = {
-        figure: Spread(statistics.stdev(math.log(m) for m in values), len(values) - 1, source)
+        figure: log_spread(values, source)
         for figure, values in medians.items()
         if len(values) >= 2 and min(values) > 0
     }
@@ -214,8 +260,9 @@ def noise_floor_to_dict(floor: NoiseFloor) -> dict[str, Any]:
     return {
         "kind": NOISE_FLOOR_KIND,
         "schema_version": NOISE_FLOOR_SCHEMA,
-        "what": "per job and figure, the standard deviation of ln(median) over runs of identical code, "
-        "each its own process (log_sd, with dof = runs - 1)",
+        "what": "per job and figure, the spread of ln(median) over runs of identical code, each its own "
+        "process (log_sd: the standard deviation below 5 runs, with dof = runs - 1; from 5 runs the "
+        "Shamos estimator, with dof = 0.7 (runs - 1))",
         "sources": list(floor.sources),
         "jobs": [
             {
@@ -259,11 +306,11 @@ def load_noise_floor(path: str | Path) -> NoiseFloor:
         for job in data["jobs"]:
             runs = int(job["runs"])
             figures = {
-                name: Spread(float(f["log_sd"]), int(f["dof"]), f"floor file, {runs} runs")
+                name: Spread(float(f["log_sd"]), float(f["dof"]), f"floor file, {runs} runs")
                 for name, f in job["figures"].items()
             }
-            if any(s.dof < 1 or not s.log_sd >= 0 for s in figures.values()):
-                raise ValueError("a spread needs dof >= 1 and log_sd >= 0")
+            if any(not s.dof > 0 or not s.log_sd >= 0 for s in figures.values()):
+                raise ValueError("a spread needs dof > 0 and log_sd >= 0")
             medians = {name: tuple(f.get("medians", ())) for name, f in job["figures"].items()}
             jobs[job["label"]] = JobFloor(
                 job["label"], dict(job["fields"]), runs, int(job["repeats"]), figures, medians
