@@ -76,6 +76,8 @@ def test_report_md_reads_the_typed_record(tiny_dir):
     assert report.startswith("# deepseek_ocr_tiny · ")
     assert "3 timed runs (until every figure's stdev ≤ 0.01% of its mean: not reached by 3)" in report
     assert "profiling.until_cv=0.0001 not reached in 3 timed runs (profiling.max_repeats)" in report
+    # A group of one stage is named once, a group of several with its stages.
+    assert "\n- prefill: " in report and "\n- vision (sam, clip, projector): " in report
 
 
 def test_a_failed_job_reads_back_as_written(tmp_path):

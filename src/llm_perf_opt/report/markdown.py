@@ -178,7 +178,7 @@ def _headline_lines(
             lines.append(f"- {label}: {headline_.figure(key):,.2f} {unit}{detail}")
     for group, per_roof in (headline_.roof_utilisation_pct or {}).items():
         stages = groups.get(group, [])
-        name = group if stages == [group] else f"{group} ({', '.join(stages)})"
+        name = group if list(stages) == [group] else f"{group} ({', '.join(stages)})"
         lines.append(f"- {name}: " + "; ".join(_binding_text(roof, v) for roof, v in per_roof.items()))
     return lines
 

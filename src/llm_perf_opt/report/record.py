@@ -236,11 +236,13 @@ class Stats(_Part):
     stdev: float
     cv: float | None = None  # stdev / mean; None in a record older than it
     p90: float | None = None  # None below 10 runs
-    outliers: tuple[int, ...] = ()  # positions of the runs above outlier_factor times the median
+    #: Positions of the runs above outlier_factor times the median; None in a record older than it.
+    outliers: tuple[int, ...] | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, JSON]) -> Stats:
-        return cls(**{**_known(cls, data), "outliers": tuple(data.get("outliers") or ())})
+        outliers = data.get("outliers")
+        return cls(**{**_known(cls, data), "outliers": None if outliers is None else tuple(outliers)})
 
 
 @dataclass(frozen=True)
