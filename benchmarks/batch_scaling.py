@@ -26,7 +26,6 @@ pages touch more experts per step (run.json `analytic.experts` has the counts).
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from base_run import cpu_line
 
 from llm_perf_opt.models.kernels.linear import rows_product
 from llm_perf_opt.report.batch_scaling import step_intensity
+from llm_perf_opt.report.record import read_record
 
 #: Decode tokens/s at batch 16 over batch 1 that the issue asks of a 2-core CPU.
 TARGET_SPEEDUP = 6.0
@@ -101,35 +101,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         done = subprocess.run(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False
         )
-        record = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else None
-        if done.returncode != 0 or record is None or record["status"] != "ok":
-            errors.append(f"{out.name}: {record['error'] if record else done.stderr[-500:]}")
+        record = read_record(out / "run.json") if (out / "run.json").is_file() else None
+        if done.returncode != 0 or record is None or not record.ok:
+            errors.append(f"{out.name}: {record.error if record else done.stderr[-500:]}")
         else:
             records.append(record)
     print(f"{len(jobs)} jobs: {time.perf_counter() - start:.0f} s, in {root}")
     if errors or not records:
         print("error: " + "; ".join(errors))
         return 1
-    print(f"dtype {records[0]['dtype']} ({records[0]['dtype_reason']})")
+    print(f"dtype {records[0].dtype} ({records[0].dtype_reason})")
     print(
         f"{'impl':>9} {'batch':>5} {'pages/s':>8} {'tokens/s':>9} {'decode tok/s':>12} {'TPOT ms':>8} "
         f"{'TTFT s':>7} {'peak RSS GB':>11}"
     )
     decode: dict[str, dict[int, float]] = {}
     for record in records:
-        impl, batch, head = record["config"]["model"]["impl"], record["batch"]["size"], record["headline"]
-        rss = (
-            record["memory"]["measured"].get("timed_rss_peak_bytes")
-            or record["memory"]["measured"]["peak_rss_bytes"]
-        )
-        decode.setdefault(impl, {})[batch] = head["decode_tokens_per_s"]
+        impl, batch, head = record.config["model"]["impl"], record.batch_size, record.headline
+        measured = record.memory.measured
+        rss = measured.get("timed_rss_peak_bytes") or measured["peak_rss_bytes"]
+        decode.setdefault(impl, {})[batch] = head.decode_tokens_per_s
         print(
-            f"{impl:>9} {batch:>5} {head['pages_per_s']:>8.3f} {head['tokens_per_s']:>9.2f} "
-            f"{head['decode_tokens_per_s']:>12.2f} {head['tpot_ms']:>8.1f} {head['ttft_ms'] / 1e3:>7.2f} "
+            f"{impl:>9} {batch:>5} {head.pages_per_s:>8.3f} {head.tokens_per_s:>9.2f} "
+            f"{head.decode_tokens_per_s:>12.2f} {head.tpot_ms:>8.1f} {head.ttft_ms / 1e3:>7.2f} "
             f"{rss / 1e9:>11.2f}"
         )
     ok = True
-    by_job = {(r["config"]["model"]["impl"], r["batch"]["size"]): r for r in records}
+    by_job = {(r.config["model"]["impl"], r.batch_size): r for r in records}
     rates: dict[tuple[int, torch.dtype], float] = {}
     for impl, by_batch in decode.items():
         low, high = min(by_batch), max(by_batch)
@@ -143,11 +141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{impl}: decode tokens/s at batch {high} = {speedup:.1f}x batch {low}{verdict}")
         step = step_intensity(by_job[impl, high])
         if low == 1 and high > 1 and step is not None:
-            dtype = getattr(torch, by_job[impl, high]["dtype"])
+            dtype = getattr(torch, by_job[impl, high].dtype)
             if (high, dtype) not in rates:
                 rates[high, dtype] = product_rate(high, dtype)
             rate = rates[high, dtype]
-            flops, tpot_1 = step.flops, by_job[impl, 1]["headline"]["tpot_ms"]
+            flops, tpot_1 = step.flops, by_job[impl, 1].headline.tpot_ms
             floor_ms = flops / rate * 1e3
             cap = high * tpot_1 / floor_ms
             limit = (

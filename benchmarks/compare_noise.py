@@ -190,7 +190,7 @@ def print_medians(folders: Sequence[Path]) -> None:
     print("end-to-end per sweep, median [min, max] ms:")
     for folder in folders:
         for job in load_run_set(folder).jobs:
-            values = [s["e2e_ms"] for s in job.record["timing"]["samples"]]
+            values = [s.e2e_ms for s in job.record.samples]
             print(
                 f"  {folder.name}: {sorted(values)[len(values) // 2]:.0f} [{min(values):.0f}, {max(values):.0f}]"
             )

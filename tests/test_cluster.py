@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 
 from llm_perf_opt.cli import preflight
 from llm_perf_opt.config import compose
+from llm_perf_opt.report.record import SCHEMA_VERSION, RunRecord
 from llm_perf_opt.report.run_dirs import job_identity
 
 SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
@@ -58,6 +59,8 @@ def test_the_cli_accepts_the_launcher_and_pairs_jobs_across_launchers(tmp_path):
             f"hydra.sweep.dir={tmp_path / 'sweep'}",
         ],
     )
-    record = {"config": {"model": {"name": "deepseek_ocr_tiny", "mode": {"name": "tiny"}}}}
+    record = RunRecord(
+        SCHEMA_VERSION, "ok", config={"model": {"name": "deepseek_ocr_tiny", "mode": {"name": "tiny"}}}
+    )
     on_cluster = job_identity(record, ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "mode=tiny"])
     assert on_cluster == job_identity(record, ["mode=tiny"])

@@ -113,7 +113,7 @@ def run_job(run: RunConfig, config: dict, out_dir: Path) -> None:
     )
     written = write_artifacts(out_dir, job)
     results.info(f"[{run.model.name}] {out_dir}")
-    results.info(compact_table(written["stages"], m, hardware.roofs[0].label))
+    results.info(compact_table(written["stages"], written["record"]))
 
 
 def check_memory(

@@ -3,6 +3,8 @@ analytic step and the ridge, and where the measured TPOT stops being flat."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pandas as pd
 import pytest
 from PIL import Image
@@ -16,9 +18,10 @@ from llm_perf_opt.report.batch_scaling import (
     step_intensity,
     throughput_plot,
 )
+from llm_perf_opt.report.record import RunRecord
 
 
-def record(batch: int, flops: float, weight_bytes: float, other_bytes: float, tpot: float) -> dict:
+def record(batch: int, flops: float, weight_bytes: float, other_bytes: float, tpot: float) -> RunRecord:
     """A run.json with what the batch analysis reads: a ridge of 5 FLOP/B (10 TFLOP/s, 2 TB/s)."""
     step = {
         "stage": "decode",
@@ -28,7 +31,8 @@ def record(batch: int, flops: float, weight_bytes: float, other_bytes: float, tp
         "bytes": weight_bytes + other_bytes,
     }
     prefill = {"stage": "prefill", "scope": "step", "useful_flops": 1e12, "weight_bytes": 1.0, "bytes": 2.0}
-    return {
+    data = {
+        "schema_version": 1,
         "status": "ok",
         "dtype": "bfloat16",
         "batch": {"size": batch},
@@ -44,6 +48,7 @@ def record(batch: int, flops: float, weight_bytes: float, other_bytes: float, tp
             "pages_per_s": 0.1,
         },
     }
+    return RunRecord.from_dict(data)
 
 
 def test_the_crossing_is_where_the_intensity_meets_the_ridge():
@@ -66,8 +71,7 @@ def test_a_step_whose_per_sequence_bytes_bind_it_never_crosses():
 
 
 def test_a_record_without_a_rate_for_its_dtype_has_no_step():
-    bare = record(1, 1.0, 1.0, 1.0, 1.0)
-    bare["dtype"] = "float32"
+    bare = dataclasses.replace(record(1, 1.0, 1.0, 1.0, 1.0), dtype="float32")
     assert step_intensity(bare) is None
 
 
@@ -83,7 +87,7 @@ def test_sweeps_group_runs_by_all_but_the_batch_and_predict_from_the_largest(tmp
         record(1, 100.0, 1000.0, 10.0, 50.0),
         record(8, 800.0, 3000.0, 80.0, 55.0),
         record(1, 100.0, 1000.0, 10.0, 60.0),
-        {"status": "failed"},
+        RunRecord(1, "failed"),
     ]
     sweeps = batch_sweeps(records, ["ref", "ref", "fast", "ref"])
     assert [s.label for s in sweeps] == ["ref"]  # "fast" has one batch only

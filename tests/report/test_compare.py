@@ -60,6 +60,7 @@ def make_record(
             }
         )
     return {
+        "schema_version": 1,
         "status": status,
         "error": None if status == "ok" else "CUDA out of memory",
         "config": {"model": {"name": model, "weights": "dummy"}, "mode": {"name": mode}, "dtype": dtype},

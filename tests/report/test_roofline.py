@@ -27,7 +27,7 @@ def _work(*rows: dict) -> pd.DataFrame:
 
 
 def _row(stage: str, wall: float, busy: float, flops: float, nbytes: float, **extra) -> dict:
-    return {"stage": stage, "wall_ms": wall, "busy_ms": busy, "flops": flops, "bytes": nbytes, **extra}
+    return {"stage": stage, "time_ms": wall, "busy_ms": busy, "flops": flops, "bytes": nbytes, **extra}
 
 
 def _numeric(table: pd.DataFrame) -> np.ndarray:
@@ -159,7 +159,7 @@ def test_input_order_index_and_columns_are_kept():
 
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="lacks columns"):
-        roofline_table(pd.DataFrame({"stage": ["x"], "wall_ms": [1.0]}), [DATASHEET], "bf16")
+        roofline_table(pd.DataFrame({"stage": ["x"], "time_ms": [1.0]}), [DATASHEET], "bf16")
     with pytest.raises(ValueError, match="negative"):
         roofline_table(_work(_row("x", -1.0, 1.0, 1.0, 1.0)), [DATASHEET], "bf16")
     with pytest.raises(ValueError, match="same column prefix"):
@@ -221,9 +221,9 @@ def test_time_split_parts():
 
 def test_time_split_adds_up_to_wall_in_every_case():
     split = time_split(_split_case(), "datasheet")
-    measured = split[split["wall_ms"].notna()]
+    measured = split[split["time_ms"].notna()]
     total = measured[["roofline_ms", "above_roof_ms", "host_ms", "unsplit_ms"]].sum(axis=1, skipna=True)
-    assert total.to_numpy() == pytest.approx(measured["wall_ms"].to_numpy(), abs=1e-12)
+    assert total.to_numpy() == pytest.approx(measured["time_ms"].to_numpy(), abs=1e-12)
     assert (measured[["roofline_ms", "above_roof_ms", "host_ms", "unsplit_ms"]].fillna(0) >= 0).all().all()
 
 

@@ -26,7 +26,7 @@ FIRST_STAGE_RGB = (31, 119, 180)
 
 
 def _table(rows: list[tuple]) -> pd.DataFrame:
-    work = pd.DataFrame(rows, columns=["stage", "wall_ms", "busy_ms", "flops", "bytes"])
+    work = pd.DataFrame(rows, columns=["stage", "time_ms", "busy_ms", "flops", "bytes"])
     return roofline_table(work, ROOFS, "bf16")
 
 

@@ -34,6 +34,7 @@ STAGES = ["load", "encode", "decode"]
 
 def ok_record(mode: str, image_tokens: int, ttft: float, tpot: float) -> dict:
     return {
+        "schema_version": 1,
         "status": "ok",
         "error": None,
         "config": {"model": {"name": "toy"}, "mode": {"name": mode}},
@@ -95,6 +96,7 @@ def make_sweep(root: Path) -> Path:
         ),
     )
     failed = {
+        "schema_version": 1,
         "status": "failed",
         "error": "ValueError: bad shape\n  in layer 3 | head 2",
         "config": {"model": {"name": "toy"}, "mode": {"name": "large"}},
@@ -176,14 +178,19 @@ def test_failed_and_missing_jobs_have_a_row_with_their_status_and_one_line_error
     assert np.isnan(missing["load_ms"]) and np.isnan(missing["encode_ms"])
 
 
+def summary(median: float) -> dict:
+    """A figure's timing summary, as profiling.timing.summarize writes it, of one run."""
+    return {"n": 1, "median": median, "mean": median, "min": median, "max": median, "stdev": 0.0, "cv": 0.0}
+
+
 def test_headline_falls_back_to_the_timing_summary(tmp_path):
     record = ok_record("tiny", 64, 0.0, 1.0)
     del record["headline"]
     record["timing"] = {
         "summary": {
-            "ttft_ms": {"median": 111.0, "min": 100.0},
-            "tpot_ms": {"median": 8.0},
-            "decode_tokens_per_s": {"median": 125.0},
+            "ttft_ms": summary(111.0),
+            "tpot_ms": summary(8.0),
+            "decode_tokens_per_s": summary(125.0),
             "e2e_ms": None,
         }
     }
@@ -314,6 +321,7 @@ def test_rewriting_replaces_the_files_and_ignores_them_as_jobs(tmp_path):
 
 def test_a_sweep_where_every_job_failed_still_gets_its_summary(tmp_path):
     failed = {
+        "schema_version": 1,
         "status": "interrupted",
         "error": "interrupted by the user",
         "config": {"model": {"name": "toy"}},

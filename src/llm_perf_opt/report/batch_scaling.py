@@ -32,7 +32,7 @@ from matplotlib.ticker import StrMethodFormatter
 
 from llm_perf_opt.atomic import atomic_path
 
-from .run_record import record_roofs
+from .record import RunRecord
 
 #: TPOT above this multiple of the smallest batch's no longer counts as flat.
 FLAT_LIMIT = 1.5
@@ -66,23 +66,19 @@ class StepIntensity:
         return self.ridge * self.weight_bytes / (f - self.ridge * a)
 
 
-def step_intensity(record: dict) -> StepIntensity | None:
+def step_intensity(record: RunRecord) -> StepIntensity | None:
     """The run's per-step stages (summed) from run.json, or None without them or a FLOP roof."""
-    per_step = set((record.get("stage_layout") or {}).get("per_step") or [])
-    rows = [
-        row
-        for row in (record.get("analytic") or {}).get("stages") or []
-        if row["scope"] == "step" and row["stage"] in per_step
-    ]
-    roofs = record_roofs(record) if (record.get("hardware") or {}).get("roofs") else []
-    peak = roofs[0].flop_s.get(record.get("dtype")) if roofs else None
+    per_step = set(record.stage_layout.per_step if record.stage_layout else ())
+    steps = record.analytic.stage_rows("step") if record.analytic else []
+    rows = [row for row in steps if row.stage in per_step]
+    roofs = record.hardware.roofs if record.hardware else ()
+    peak = roofs[0].flop_s.get(record.dtype) if roofs else None
     if not rows or not peak:
         return None
-    flops = sum(row["useful_flops"] for row in rows)
-    weights = sum(row["weight_bytes"] for row in rows)
-    other = sum(row["bytes"] for row in rows) - weights
-    batch = (record.get("batch") or {}).get("size", 1)
-    return StepIntensity(batch, flops, weights, other, peak / roofs[0].byte_s, roofs[0].label)
+    flops = sum(row.useful_flops for row in rows)
+    weights = sum(row.weight_bytes for row in rows)
+    other = sum(row.bytes for row in rows) - weights
+    return StepIntensity(record.batch_size, flops, weights, other, peak / roofs[0].byte_s, roofs[0].label)
 
 
 def crossing_text(step: StepIntensity, what: str = "decode") -> str:
@@ -132,25 +128,25 @@ class BatchSweep:
         return None if over.empty else int(over["batch"].iloc[0])
 
 
-def batch_sweeps(records: list[dict], keys: list[str]) -> list[BatchSweep]:
+def batch_sweeps(records: list[RunRecord], keys: list[str]) -> list[BatchSweep]:
     """Group finished runs by everything but the batch (`keys`: one label per record, e.g. model,
     mode and implementation); groups with at least two batch sizes."""
-    groups: dict[str, list[dict]] = {}
+    groups: dict[str, list[RunRecord]] = {}
     for key, record in zip(keys, records):
-        if record.get("status") == "ok" and record.get("headline"):
+        if record.ok and record.headline is not None:
             groups.setdefault(key, []).append(record)
     sweeps = []
     for key, group in groups.items():
         rows = []
         for record in group:
-            step, head = step_intensity(record), record["headline"]
+            step, head = step_intensity(record), record.headline
             rows.append(
                 {
-                    "batch": (record.get("batch") or {}).get("size", 1),
-                    "tpot_ms": head.get("tpot_ms"),
-                    "decode_tokens_per_s": head.get("decode_tokens_per_s"),
-                    "tokens_per_s": head.get("tokens_per_s"),
-                    "pages_per_s": head.get("pages_per_s"),
+                    "batch": record.batch_size,
+                    "tpot_ms": head.tpot_ms,
+                    "decode_tokens_per_s": head.decode_tokens_per_s,
+                    "tokens_per_s": head.tokens_per_s,
+                    "pages_per_s": head.pages_per_s,
                     "intensity": None if step is None else step.intensity,
                     "step": step,
                 }

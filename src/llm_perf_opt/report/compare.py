@@ -43,7 +43,6 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from scipy.stats import mannwhitneyu
 
@@ -64,6 +63,7 @@ from .noise_floor import (
     run_spreads,
     within_floor,
 )
+from .record import RunRecord
 from .run_dirs import Job, RunSet
 from .run_figures import (
     HIGHER_IS_BETTER,
@@ -437,7 +437,7 @@ def _as_tuple(run_sets: RunSet | Sequence[RunSet], side: str = "baseline") -> tu
     return result
 
 
-def _sample_notes(baselines: Sequence[dict[str, Any]], currents: Sequence[dict[str, Any]]) -> list[str]:
+def _sample_notes(baselines: Sequence[RunRecord], currents: Sequence[RunRecord]) -> list[str]:
     n_base, n_cur = sum(repeats(r) for r in baselines), sum(repeats(r) for r in currents)
     single = [side for side, n in (("baseline", n_base), ("current", n_cur)) if n == 1]
     if single:
@@ -453,8 +453,8 @@ def _sample_notes(baselines: Sequence[dict[str, Any]], currents: Sequence[dict[s
     return []
 
 
-def _version_notes(baseline: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    base, cur = baseline.get("versions") or {}, current.get("versions") or {}
+def _version_notes(baseline: RunRecord, current: RunRecord) -> list[str]:
+    base, cur = (r.versions.to_dict() if r.versions else {} for r in (baseline, current))
     changed = [
         f"{name} {base.get(name)} → {cur.get(name)}"
         for name in sorted(base.keys() | cur.keys())

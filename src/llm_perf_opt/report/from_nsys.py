@@ -25,7 +25,6 @@ Kernel rows outside every stage range, ``share``, ``total_busy_ms``, ``unattribu
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -41,7 +40,8 @@ from llm_perf_opt.profiling.nsys_import import (
 )
 from llm_perf_opt.runners.ranges import stage_of
 
-from .run_record import NSYS_BASIS, headline_figures, record_op_notes, record_roofs, trace_record
+from .record import RunRecord, Trace, read_record
+from .run_record import NSYS_BASIS, headline_figures, record_op_notes, trace_record
 from .run_report import write_report_files
 from .stage_report import measured_table, stage_table_from, steps_per_stage, work_table
 
@@ -95,19 +95,15 @@ def per_run(attribution: Attribution, calls: Mapping[str, int]) -> Attribution:
     return replace(attribution, stages=scaled_stages, kernels=kernels)
 
 
-def read_record(run_dir: Path) -> dict:
+def read_run(run_dir: Path) -> RunRecord:
     """run.json of a finished run, with the fields the rebuild needs; :class:`UserError` otherwise."""
     path = run_dir / RUN_JSON
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{run_dir}: no {RUN_JSON} (give the run dir of the profiled job)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: cannot read it ({exc})") from None
-    if not isinstance(record, dict) or record.get("status") != "ok":
-        status = record.get("status") if isinstance(record, dict) else None
-        raise UserError(f"{path}: the run did not finish (status {status!r}); nothing to rebuild")
-    missing = [key for key in _NEEDED if key not in record]
+    if not path.is_file():
+        raise UserError(f"{run_dir}: no {RUN_JSON} (give the run dir of the profiled job)")
+    record = read_record(path)
+    if not record.ok:
+        raise UserError(f"{path}: the run did not finish (status {record.status!r}); nothing to rebuild")
+    missing = [name for name in _NEEDED if getattr(record, name) is None]
     if missing:
         raise UserError(
             f"{path}: lacks {', '.join(missing)} (written by an older llm_perf_opt?); rerun the job"
@@ -119,28 +115,24 @@ def rebuild(run_dir: str | Path, reports: str | Path | None = None) -> pd.DataFr
     """Rewrite the run dir's report files from its run.json and the Nsight CSVs at ``reports``
     (default: the run dir); returns the new stage table."""
     run_dir = Path(run_dir)
-    record = read_record(run_dir)
+    record = read_run(run_dir)
     source = Path(reports) if reports is not None else run_dir
-    layout = record["stage_layout"]
-    runs = [sample["stages"] for sample in record["timing"]["samples"]]
-    attribution = per_run(load_nsys_attribution(source, layout["order"]), calls_per_run(runs))
+    layout = record.stage_layout
+    runs = [sample.stages for sample in record.samples]
+    attribution = per_run(load_nsys_attribution(source, layout.order), calls_per_run(runs))
     table = stage_table_from(
-        measured_table(layout["order"], runs, attribution),
-        work_table(
-            pd.DataFrame.from_records(record["analytic"]["stages"]),
-            pd.DataFrame.from_records(record["analytic"].get("ranges", [])),
-        ),
+        measured_table(layout.order, runs, attribution),
+        work_table(record.analytic),
         attribution,
-        record_roofs(record),
-        record["dtype"],
+        record.hardware.roofs,
+        record.dtype,
         "cuda",  # Nsight Systems' busy time is GPU kernel time, whatever the record says
-        steps_per_stage(layout["per_step"], runs),
+        steps_per_stage(layout.per_step, runs),
         record_op_notes(record),
     )
     label = _reports_label(find_reports(source)[RANGE_KERNEL_SUM], run_dir)
-    record["trace"] = trace_record(attribution, label, NSYS_BASIS)
-    record["headline"] = headline_figures(record["timing"]["summary"], table, record)
-    write_report_files(run_dir, record, table, attribution)
+    record = replace(record, trace=Trace.from_dict(trace_record(attribution, label, NSYS_BASIS)))
+    write_report_files(run_dir, replace(record, headline=headline_figures(record, table)), table, attribution)
     return table
 
 

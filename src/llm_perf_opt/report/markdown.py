@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -10,12 +11,12 @@ import torch
 
 from llm_perf_opt.hardware.precision import DtypeChoice, header_text
 from llm_perf_opt.profiling.attribution import Attribution
-from llm_perf_opt.profiling.passes import Measurement
 from llm_perf_opt.profiling.timing import OUTLIER_FACTOR
 
 from .batch_scaling import crossing_text, step_intensity
+from .record import Headline, RunRecord, Stats, UntilCv
 from .roofline import roof_prefix
-from .run_record import NSYS_BASIS, record_roofs
+from .run_record import NSYS_BASIS
 from .stage_report import top_ops
 
 TIME_BASES = (
@@ -71,15 +72,14 @@ def _pct_of_roof(table: pd.DataFrame, prefix: str) -> list[str]:
     ]
 
 
-def _spread(summary: dict | None) -> str:
+def _spread(stats: Stats) -> str:
     """ "median [min, max], n=3" of a figure's summary."""
-    if not summary:
-        return "-"
-    return f"{summary['median']:,.2f} [{summary['min']:,.2f}, {summary['max']:,.2f}], n={summary['n']}"
+    return f"{stats.median:,.2f} [{stats.min:,.2f}, {stats.max:,.2f}], n={stats.n}"
 
 
-def compact_table(table: pd.DataFrame, m: Measurement, roof_label: str) -> str:
+def compact_table(table: pd.DataFrame, record: RunRecord) -> str:
     """The table printed at the end of a run: time, busy time, work, rate and % of the first roof."""
+    roof_label = record.hardware.roofs[0].label
     p = roof_prefix(roof_label)
     view = pd.DataFrame(
         {
@@ -91,7 +91,7 @@ def compact_table(table: pd.DataFrame, m: Measurement, roof_label: str) -> str:
         }
     )
     lines = [view.to_string(index=False)]
-    s = m.summary()
+    s = record.timing.summary
     lines.append(f"{'':>14}  median [min, max] over the timed runs")
     for key, label in (
         ("ttft_ms", "TTFT ms"),
@@ -103,10 +103,10 @@ def compact_table(table: pd.DataFrame, m: Measurement, roof_label: str) -> str:
     ):
         if s.get(key):
             lines.append(f"{label:>14}: {_spread(s[key])}")
-    lines += [f"{'warning':>14}: {line}" for line in spread_warnings(table, s, m.until_cv)]
-    if m.attribution is not None:
+    lines += [f"{'warning':>14}: {line}" for line in spread_warnings(table, s, record.timing.until_cv)]
+    if record.trace is not None:
         lines.append(
-            f"{'coverage':>14}: {100 * m.attribution.coverage:.2f}% of {m.attribution.basis} time in stages"
+            f"{'coverage':>14}: {100 * record.trace.coverage:.2f}% of {record.trace.basis} time in stages"
         )
     return "\n".join(lines)
 
@@ -122,25 +122,25 @@ def _markdown_table(df: pd.DataFrame) -> str:
     return "\n".join([header, rule, *rows])
 
 
-def _roof_lines(record: dict) -> list[str]:
-    dtype, hardware = record["dtype"], record["hardware"]
+def _roof_lines(record: RunRecord) -> list[str]:
+    dtype, hardware = record.dtype, record.hardware
     lines = []
-    for roof in record_roofs(record):
+    for roof in hardware.roofs:
         peak = roof.flop_s.get(dtype)
         flops = "-" if peak is None else f"{peak / 1e12:,.3g} TFLOP/s {dtype}"
         lines.append(f"- {roof.label} ceilings: {flops}, {roof.byte_s / 1e9:,.1f} GB/s ({roof.source})")
-    emulated = [d for d, slow in hardware["calibration"]["emulated"].items() if slow]
+    emulated = hardware.emulated
     if emulated:
         lines.append(
             f"- emulated here (calibrated matmul rate under a quarter of float32's): {', '.join(emulated)}"
         )
-    lines.append(f"- datasheet: {hardware['datasheet'] or 'none'} ({hardware['matched']})")
+    lines.append(f"- datasheet: {hardware.datasheet or 'none'} ({hardware.matched})")
     return lines
 
 
-def _batch_lines(record: dict) -> list[str]:
+def _batch_lines(record: RunRecord) -> list[str]:
     """What the batch means for the figures, and where the per-step stages turn compute-bound."""
-    batch = (record.get("batch") or {}).get("size", 1)
+    batch = record.batch_size
     lines = []
     if batch > 1:
         lines.append(
@@ -148,13 +148,15 @@ def _batch_lines(record: dict) -> list[str]:
             f"{batch} sequences, tokens/s the real tokens of all of them"
         )
     step = step_intensity(record)
-    per_step = (record.get("stage_layout") or {}).get("per_step") or []
+    per_step = record.stage_layout.per_step if record.stage_layout else ()
     if step is not None and per_step:
         lines.append(f"- {crossing_text(step, '/'.join(per_step))}")
     return lines
 
 
-def _headline_lines(headline_: dict, summary: dict, groups: dict[str, list[str]]) -> list[str]:
+def _headline_lines(
+    headline_: Headline, summary: Mapping[str, Stats | None], groups: Mapping[str, Sequence[str]]
+) -> list[str]:
     lines = []
     for key, label, unit in (
         ("ttft_ms", "TTFT", "ms"),
@@ -163,20 +165,20 @@ def _headline_lines(headline_: dict, summary: dict, groups: dict[str, list[str]]
         ("tokens_per_s", "throughput, whole request", "generated tokens/s"),
         ("pages_per_s", "throughput, whole request", "pages/s"),
     ):
-        if headline_.get(key) is not None:
+        if headline_.figure(key) is not None:
             spread = summary.get(key)
             detail = (
                 ""
-                if not spread or spread["n"] < 2
+                if not spread or spread.n < 2
                 else (
-                    f" (median of {spread['n']} runs; min {spread['min']:,.2f}, max {spread['max']:,.2f}, "
-                    f"stdev {100 * spread['stdev'] / spread['mean']:.1f}% of the mean)"
+                    f" (median of {spread.n} runs; min {spread.min:,.2f}, max {spread.max:,.2f}, "
+                    f"stdev {100 * spread.stdev / spread.mean:.1f}% of the mean)"
                 )
             )
-            lines.append(f"- {label}: {headline_[key]:,.2f} {unit}{detail}")
-    for group, per_roof in (headline_.get("roof_utilisation_pct") or {}).items():
+            lines.append(f"- {label}: {headline_.figure(key):,.2f} {unit}{detail}")
+    for group, per_roof in (headline_.roof_utilisation_pct or {}).items():
         stages = groups.get(group, [])
-        name = group if stages == [group] else f"{group} ({', '.join(stages)})"
+        name = group if list(stages) == [group] else f"{group} ({', '.join(stages)})"
         lines.append(f"- {name}: " + "; ".join(_binding_text(roof, v) for roof, v in per_roof.items()))
     return lines
 
@@ -197,7 +199,9 @@ def _binding_text(roof: str, figures: dict) -> str:
     return f"no analytic cost on the {roof} roof" if bound == "unknown" else f"no modelled work ({roof} roof)"
 
 
-def spread_warnings(table: pd.DataFrame, summary: dict, until_cv: dict | None) -> list[str]:
+def spread_warnings(
+    table: pd.DataFrame, summary: Mapping[str, Stats | None], until_cv: UntilCv | None
+) -> list[str]:
     """One line per stage or headline figure with an outlier run, and one if profiling.until_cv
     ran out of repeats: the median stands, the spread says how far to trust it."""
     lines = []
@@ -207,9 +211,9 @@ def spread_warnings(table: pd.DataFrame, summary: dict, until_cv: dict | None) -
         if not pd.isna(row.outlier_runs) and row.outlier_runs > 0
     ]
     figures += [
-        (label, "ms", s["median"], s["max"], len(s["outliers"]), s["n"])
+        (label, "ms", s.median, s.max, len(s.outliers), s.n)
         for key, label in (("ttft_ms", "TTFT"), ("e2e_ms", "end-to-end"))
-        if (s := summary.get(key)) and s.get("outliers")
+        if (s := summary.get(key)) and s.outliers
     ]
     for name, unit, median, worst, count, n in figures:
         lines.append(
@@ -217,35 +221,35 @@ def spread_warnings(table: pd.DataFrame, summary: dict, until_cv: dict | None) -
             f"median {median:,.2f} {unit}); trust the median less, or measure again on a quiet machine with "
             f"profiling.repeats=10 or profiling.until_cv=0.05"
         )
-    if until_cv and not until_cv["reached"]:
+    if until_cv and not until_cv.reached:
         lines.append(
-            f"profiling.until_cv={until_cv['target']:g} not reached in {until_cv['runs']} timed runs "
-            f"(profiling.max_repeats): {until_cv['widest']} still varies by {100 * until_cv['cv']:.1f}% of its mean"
+            f"profiling.until_cv={until_cv.target:g} not reached in {until_cv.runs} timed runs "
+            f"(profiling.max_repeats): {until_cv.widest} still varies by {100 * until_cv.cv:.1f}% of its mean"
         )
     return lines
 
 
-def _busy_source(record: dict) -> str:
+def _busy_source(record: RunRecord) -> str:
     """Where the run's busy times come from, for the run summary."""
-    trace = record["trace"]
+    trace = record.trace
     if trace is None:
         return "no trace run"
-    if trace["basis"] == NSYS_BASIS:
-        return f"busy times from Nsight Systems ({trace['path']})"
+    if trace.basis == NSYS_BASIS:
+        return f"busy times from Nsight Systems ({trace.path})"
     return "one trace run"
 
 
-def report_markdown(record: dict, table: pd.DataFrame, attribution: Attribution | None) -> str:
+def report_markdown(record: RunRecord, table: pd.DataFrame, attribution: Attribution | None) -> str:
     """report.md from the run record, its stage table and the attribution behind its busy times."""
-    config, trace = record["config"], record["trace"]
-    roofs = record_roofs(record)
+    config, trace, timing = record.config, record.trace, record.timing
+    roofs = record.hardware.roofs
     roof = roofs[0].label
     p = roof_prefix(roof)
-    measured = record["memory"]["measured"] or {}
-    analytic_memory = record["memory"]["analytic"]
-    largest = max(analytic_memory["stages"], key=lambda row: row["transient_bytes"])
-    dtype = DtypeChoice(getattr(torch, record["dtype"]), record["dtype_reason"])
-    nsys = trace is not None and trace["basis"] == NSYS_BASIS
+    measured = record.memory.measured or {}
+    analytic_memory = record.memory.analytic
+    largest = analytic_memory.largest_transient
+    dtype = DtypeChoice(getattr(torch, record.dtype), record.dtype_reason)
+    nsys = trace is not None and trace.basis == NSYS_BASIS
     roof_view = pd.DataFrame(
         {
             **_time_and_work(table),
@@ -291,10 +295,11 @@ def report_markdown(record: dict, table: pd.DataFrame, attribution: Attribution 
             ),
         }
     )
-    warnings = spread_warnings(table, record["timing"]["summary"], record["timing"].get("until_cv"))
-    layout = record["stage_layout"]
+    warnings = spread_warnings(table, timing.summary, timing.until_cv)
+    layout = record.stage_layout
+    gpu = record.device.type == "cuda" or nsys
     top_lines = []
-    work = "kernels" if record["device"]["type"] == "cuda" or nsys else "ops"
+    work = "kernels" if gpu else "ops"
     for stage in table["stage"]:
         ops = top_ops(attribution, stage)
         if ops:
@@ -302,14 +307,14 @@ def report_markdown(record: dict, table: pd.DataFrame, attribution: Attribution 
             top_lines.append(f"- **{stage}**: {listed}")
     return "\n".join(
         [
-            f"# {config['model']['name']} · {record['device']['name']}",
+            f"# {record.model_name} · {record.device.name}",
             "",
             "## Run",
             "",
-            f"- request: {record['request']}; generated {record['generated_tokens']} tokens",
+            f"- request: {record.request}; generated {record.generated_tokens} tokens",
             *_execution_lines(record),
-            f"- weights: {record['weights']}; {header_text(dtype)}; torch {record['versions']['torch']}, "
-            f"CUDA {record['versions']['cuda'] or 'none'}",
+            f"- weights: {record.weights}; {header_text(dtype)}; torch {record.versions.torch}, "
+            f"CUDA {record.versions.cuda or 'none'}",
             f"- {config['profiling']['warmup']} warm-up, {_timed_runs(record)}, {_busy_source(record)}",
             *_roof_lines(record),
             "- memory, measured: "
@@ -318,16 +323,14 @@ def report_markdown(record: dict, table: pd.DataFrame, attribution: Attribution 
                 for key, value in measured.items()
                 if key.endswith("_bytes") and value is not None
             ),
-            f"- memory, analytic: weights {_gb(analytic_memory['total_weight_bytes'])}, "
-            f"KV cache {_gb(analytic_memory['kv_cache_bytes'])}, "
-            f"largest transient {_gb(largest['transient_bytes'])} ({largest['stage']}: {largest['transient']})",
+            f"- memory, analytic: weights {_gb(analytic_memory.total_weight_bytes)}, "
+            f"KV cache {_gb(analytic_memory.kv_cache_bytes)}, "
+            f"largest transient {_gb(largest.transient_bytes)} ({largest.stage}: {largest.transient})",
             "",
             "## Headline",
             "",
             *_headline_lines(
-                record["headline"],
-                record["timing"]["summary"],
-                {**layout["compute_groups"], **layout["bandwidth_groups"]},
+                record.headline, timing.summary, {**layout.compute_groups, **layout.bandwidth_groups}
             ),
             *_batch_lines(record),
             *[f"- **spread warning**: {line}" for line in warnings],
@@ -336,7 +339,7 @@ def report_markdown(record: dict, table: pd.DataFrame, attribution: Attribution 
             "",
             _markdown_table(roof_view),
             "",
-            TIME_BASES + " " + (record["analytic"]["note"] or ""),
+            TIME_BASES + " " + (record.analytic.note or ""),
             *(["", NSYS_NOTE] if nsys else []),
             "",
             "![roofline](roofline.png)",
@@ -346,7 +349,7 @@ def report_markdown(record: dict, table: pd.DataFrame, attribution: Attribution 
             SPLIT_NOTE.format(roof=roof),
             "",
             _markdown_table(split_view),
-            *_overlap_lines(table, record["device"]["type"] == "cuda" or nsys),
+            *_overlap_lines(table, gpu),
             "",
             "## Timing spread",
             "",
@@ -369,14 +372,16 @@ def report_markdown(record: dict, table: pd.DataFrame, attribution: Attribution 
     )
 
 
-def _timed_runs(record: dict) -> str:
+def _timed_runs(record: RunRecord) -> str:
     """ "3 timed runs", or how profiling.until_cv ended."""
-    until_cv = record["timing"].get("until_cv")
-    runs = len(record["timing"]["samples"])
+    until_cv = record.timing.until_cv
+    runs = len(record.samples)
     if not until_cv:
         return f"{runs} timed runs"
-    outcome = "reached" if until_cv["reached"] else f"not reached by {until_cv['max_repeats']}"
-    return f"{runs} timed runs (until every figure's stdev ≤ {100 * until_cv['target']:g}% of its mean: {outcome})"
+    outcome = "reached" if until_cv.reached else f"not reached by {until_cv.max_repeats}"
+    return (
+        f"{runs} timed runs (until every figure's stdev ≤ {100 * until_cv.target:g}% of its mean: {outcome})"
+    )
 
 
 def _overlap_lines(table: pd.DataFrame, gpu: bool) -> list[str]:
@@ -400,10 +405,10 @@ def _overlap_lines(table: pd.DataFrame, gpu: bool) -> list[str]:
     )
 
 
-def _execution_lines(record: dict) -> list[str]:
+def _execution_lines(record: RunRecord) -> list[str]:
     """How the model ran (a model with one way to run records none), and that the analytic
     bytes follow it."""
-    execution = record.get("execution")
+    execution = record.execution
     if not execution:
         return []
     lines = [f"- implementation: {execution['summary']} (the analytic bytes are those of these paths)"]

@@ -36,7 +36,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from .run_dirs import mode_name, model_name
+from llm_perf_opt.errors import UserError
+
+from .record import RunRecord, read_record
 
 log = logging.getLogger(__name__)
 #: MLflow's limits per log_batch call.
@@ -60,7 +62,11 @@ class MLflowLogger(Callback):
         if not record_path.is_file():
             log.error(f"error: mlflow: nothing logged, {record_path} is missing")
             return
-        record = json.loads(record_path.read_text(encoding="utf-8"))
+        try:
+            record = read_record(record_path)
+        except UserError as exc:
+            log.error(f"error: mlflow: nothing logged, {exc}")
+            return
         stages_path = out_dir / "stages.json"
         stages = (
             json.loads(stages_path.read_text(encoding="utf-8"))["stages"] if stages_path.is_file() else []
@@ -72,14 +78,14 @@ class MLflowLogger(Callback):
             return
         log.info(f"[mlflow] {self.tracking_uri} · experiment {self.experiment} · run {run_id}")
 
-    def _log(self, out_dir: Path, record: dict, stages: list[dict], overrides: Sequence[str]) -> str:
+    def _log(self, out_dir: Path, record: RunRecord, stages: list[dict], overrides: Sequence[str]) -> str:
         client = MlflowClient(tracking_uri=self.tracking_uri)
         experiment = client.get_experiment_by_name(self.experiment)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(self.experiment)
         run = client.create_run(experiment_id, run_name=out_dir.name)
         run_id = run.info.run_id
         now = int(time.time() * 1000)
-        params = [Param(key, _param_value(value)) for key, value in flatten(record.get("config") or {})]
+        params = [Param(key, _param_value(value)) for key, value in flatten(record.config or {})]
         metrics = [Metric(key, value, now, 0) for key, value in metrics_of(record, stages)]
         for batch in _batches(params, MAX_PARAMS):
             client.log_batch(run_id, params=batch)
@@ -89,7 +95,7 @@ class MLflowLogger(Callback):
             run_id, tags=[RunTag(k, str(v)) for k, v in tags_of(record, out_dir, overrides).items()]
         )
         client.log_artifacts(run_id, str(out_dir))
-        client.set_terminated(run_id, RUN_STATUS.get(record.get("status"), "FAILED"))
+        client.set_terminated(run_id, RUN_STATUS.get(record.status, "FAILED"))
         return run_id
 
 
@@ -102,10 +108,10 @@ def flatten(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
         yield prefix.removesuffix("."), node
 
 
-def metrics_of(record: dict, stages: list[dict]) -> list[tuple[str, float]]:
+def metrics_of(record: RunRecord, stages: list[dict]) -> list[tuple[str, float]]:
     """The headline's figures and each stage's numeric columns, finite numbers only (a stage
     without analytic work has no rates: those are null in stages.json and left out here)."""
-    pairs = list(flatten(record.get("headline") or {}))
+    pairs = list(flatten(record.headline.to_dict() if record.headline else {}))
     for row in stages:
         pairs += [
             (f"stage.{row['stage']}.{column}", value) for column, value in row.items() if column != "stage"
@@ -113,16 +119,14 @@ def metrics_of(record: dict, stages: list[dict]) -> list[tuple[str, float]]:
     return [(key, float(value)) for key, value in pairs if _is_number(value)]
 
 
-def tags_of(record: dict, out_dir: Path, overrides: Sequence[str]) -> dict[str, str]:
-    versions = record.get("versions") or {}
-    device = record.get("device") or {}
+def tags_of(record: RunRecord, out_dir: Path, overrides: Sequence[str]) -> dict[str, str]:
     tags = {
-        "status": record.get("status"),
-        "model": model_name(record),
-        "mode": mode_name(record),
-        "device": device.get("name"),
-        "dtype": record.get("dtype"),
-        "git_commit": versions.get("git_commit"),
+        "status": record.status,
+        "model": record.model_name,
+        "mode": record.mode_name,
+        "device": None if record.device is None else record.device.name,
+        "dtype": record.dtype,
+        "git_commit": None if record.versions is None else record.versions.git_commit,
         "overrides": " ".join(overrides),
         "run_dir": str(out_dir),
     }

@@ -63,6 +63,7 @@ from scipy.stats import t as student_t
 
 from llm_perf_opt.errors import UserError
 
+from .record import RunRecord
 from .run_dirs import Job, RunSet
 from .run_figures import (
     E2E,
@@ -336,7 +337,7 @@ def noise_floor_name(floor: NoiseFloor | None) -> str:
     return "" if floor is None else str(floor.path or "(given)")
 
 
-def floor_notes(floor: JobFloor | None, name: str, runs: int, current: dict[str, Any]) -> list[str]:
+def floor_notes(floor: JobFloor | None, name: str, runs: int, current: RunRecord) -> list[str]:
     """Notes of a job on its floor: none recorded for it in the file ``name``, a floor measured with
     other repeats than the current run, or a floor from too few baseline runs."""
     notes = []

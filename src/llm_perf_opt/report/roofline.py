@@ -7,7 +7,9 @@ turns one row into a plain-words line; :func:`headline` gives the FLOP and bandw
 utilisation of groups of stages.
 
 Units: times in ms, FLOPs with 2 per multiply-add, bytes in bytes, peaks in FLOP/s and
-bandwidths in byte/s. Rates come out as TFLOP/s (1e12 FLOP/s) and GB/s (1e9 byte/s).
+bandwidths in byte/s. Rates come out as TFLOP/s (1e12 FLOP/s) and GB/s (1e9 byte/s). A stage's
+measured time is ``time_ms`` (as in stages.csv); figures over it end in ``_wall`` (or sit under
+``wall``), those over the trace's op or kernel time ``busy_ms`` in ``_busy``.
 
 Degenerate rows never raise and never give an infinity:
 
@@ -37,11 +39,11 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
-REQUIRED_COLUMNS = ("stage", "wall_ms", "busy_ms", "flops", "bytes")
+REQUIRED_COLUMNS = ("stage", "time_ms", "busy_ms", "flops", "bytes")
 PER_ROOF_COLUMNS = ("ridge", "attainable_tflop_s", "roofline_ms", "pct_roof_wall", "pct_roof_busy", "bound")
 SPLIT_COLUMNS = (
     "stage",
-    "wall_ms",
+    "time_ms",
     "busy_ms",
     "roofline_ms",
     "above_roof_ms",
@@ -59,6 +61,8 @@ OPS_SHARE = 0.5
 _MAX_OPS = 3
 # A stage is host-bound when the device is idle for more than this share of its wall time.
 HOST_BOUND_SHARE = 0.5
+# The time bases of the "wall" and "busy" figures: the measured stage time, the trace's op time.
+_TIME_BASES = {"wall": "time_ms", "busy": "busy_ms"}
 # Longer kernel names (templated CUDA kernels run to hundreds of characters) are cut in verdicts.
 _MAX_OP_NAME = 60
 
@@ -89,7 +93,7 @@ def roof_prefix(label: str) -> str:
 def roofline_table(work: pd.DataFrame, roofs: Sequence[RoofLike], dtype: str) -> pd.DataFrame:
     """``work`` with the achieved rates and, for each roof, its roofline columns added.
 
-    With F = ``flops``, B = ``bytes``, t = ``wall_ms`` or ``busy_ms``, P = ``roof.peak(dtype)``
+    With F = ``flops``, B = ``bytes``, t = ``time_ms`` or ``busy_ms``, P = ``roof.peak(dtype)``
     and W = ``roof.byte_s``:
 
     - ``intensity`` = F / B (FLOP/byte)
@@ -116,7 +120,7 @@ def roofline_table(work: pd.DataFrame, roofs: Sequence[RoofLike], dtype: str) ->
 
     flops = _column(work, "flops")
     nbytes = _column(work, "bytes")
-    times = {"wall": _column(work, "wall_ms"), "busy": _column(work, "busy_ms")}
+    times = {basis: _column(work, column) for basis, column in _TIME_BASES.items()}
 
     out = work.copy()
     out["intensity"] = _ratio(flops, nbytes)
@@ -156,7 +160,7 @@ def roofline_table(work: pd.DataFrame, roofs: Sequence[RoofLike], dtype: str) ->
 
 
 def time_split(table: pd.DataFrame, roof_label: str) -> pd.DataFrame:
-    """Split each row's wall time into parts that add up to ``wall_ms``, against one roof.
+    """Split each row's wall time into parts that add up to ``time_ms``, against one roof.
 
     With wall w, busy b and the roof's roofline time r:
 
@@ -174,13 +178,13 @@ def time_split(table: pd.DataFrame, roof_label: str) -> pd.DataFrame:
       NaN and ``unsplit_ms`` = w − min(r, w). Without an analytic cost (r NaN), ``roofline_ms``
       and ``above_roof_ms`` are NaN and ``unsplit_ms`` = b' (or w without a trace).
 
-    The parts that are not NaN add up to ``wall_ms`` exactly; all are NaN when ``wall_ms`` is.
+    The parts that are not NaN add up to ``time_ms`` exactly; all are NaN when ``time_ms`` is.
     The index of ``table`` is kept, so rows pair with the table's rows.
     """
     prefix = roof_prefix(roof_label)
     if prefix + "roofline_ms" not in table.columns:
         raise ValueError(f"time_split: no roof {roof_label!r} in the table (columns {prefix}*)")
-    wall = _column(table, "wall_ms")
+    wall = _column(table, "time_ms")
     busy = _column(table, "busy_ms")
     roof = _column(table, prefix + "roofline_ms")
 
@@ -195,7 +199,7 @@ def time_split(table: pd.DataFrame, roof_label: str) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "stage": table["stage"].to_numpy(),
-            "wall_ms": wall,
+            "time_ms": wall,
             "busy_ms": busy,
             "roofline_ms": roof_part,
             "above_roof_ms": above,
@@ -228,7 +232,7 @@ def verdict(
     2. no modelled work (bound ``none``) or no analytic cost (``unknown``): the wall time and,
        with a trace, the device's busy share;
     3. host-bound when the device is idle for more than half the wall time
-       (``host_ms`` > :data:`HOST_BOUND_SHARE` · ``wall_ms``): the busy share, then the
+       (``host_ms`` > :data:`HOST_BOUND_SHARE` · ``time_ms``): the busy share, then the
        roofline time;
     4. otherwise compute-bound, memory-bound or balanced, by the roof's ``bound``, with the
        intensity beside the ridge and the % of the binding roof over the wall time (the dtype is
@@ -249,7 +253,7 @@ def verdict(
         raise ValueError(f"verdict: steps must be at least 1, got {steps}")
     prefix = roof_prefix(roof_label)
     stage = row["stage"]
-    wall, busy = _float(split_row["wall_ms"]), _float(split_row["busy_ms"])
+    wall, busy = _float(split_row["time_ms"]), _float(split_row["busy_ms"])
     host = _float(split_row["host_ms"])
     roofline_ms = _float(row[prefix + "roofline_ms"])
     roof_ms = roofline_ms / steps if steps else roofline_ms
@@ -433,7 +437,7 @@ def _group_sum(
         raise ValueError(f"headline: group {group!r} has stages {sorted(present)} but not {absent}")
     return (
         float(rows[metric].sum(skipna=False)),
-        {basis: float(rows[f"{basis}_ms"].sum(skipna=False)) for basis in ("wall", "busy")},
+        {basis: float(rows[column].sum(skipna=False)) for basis, column in _TIME_BASES.items()},
     )
 
 

@@ -13,15 +13,15 @@ lost a job reports it instead of silently comparing fewer jobs.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from omegaconf import OmegaConf
 
 from llm_perf_opt.errors import UserError
+
+from .record import SCHEMA_VERSION, RunRecord, read_record
 
 RUN_JSON = "run.json"
 HYDRA_DIR = ".hydra"
@@ -52,7 +52,7 @@ class Job:
     without Hydra's own."""
 
     path: Path
-    record: dict[str, Any]
+    record: RunRecord
     identity: JobIdentity
     overrides: tuple[str, ...] = ()
 
@@ -63,11 +63,11 @@ class Job:
 
     @property
     def status(self) -> str:
-        return str(self.record.get("status"))
+        return self.record.status
 
     @property
     def error(self) -> str | None:
-        return self.record.get("error")
+        return self.record.error
 
 
 @dataclass(frozen=True)
@@ -110,19 +110,10 @@ def load_run_set(path: str | Path, *, distinct: bool = True) -> RunSet:
     return RunSet(path, jobs, sweep=True)
 
 
-def model_name(record: dict[str, Any]) -> str | None:
-    return _get(record, "config", "model", "name")
-
-
-def mode_name(record: dict[str, Any]) -> str | None:
-    """The mode's name from ``config.mode`` or, where the mode is part of the model, ``config.model.mode``."""
-    return _get(record, "config", "mode", "name") or _get(record, "config", "model", "mode", "name")
-
-
-def job_identity(record: dict[str, Any], overrides: list[str]) -> JobIdentity:
+def job_identity(record: RunRecord, overrides: list[str]) -> JobIdentity:
     """Identity of a job from its record and its launch overrides (see the module docstring)."""
     kept = sorted(o for o in overrides if not _is_ignored_override(o) and not _is_group_choice(o))
-    return JobIdentity(model_name(record) or "?", mode_name(record) or "?", tuple(kept))
+    return JobIdentity(record.model_name or "?", record.mode_name or "?", tuple(kept))
 
 
 def _is_ignored_override(override: str) -> bool:
@@ -142,10 +133,10 @@ def _override_key(override: str) -> str:
 def _load_job(job_dir: Path, run_json: Path) -> Job:
     hydra = job_dir / HYDRA_DIR
     if run_json.is_file():
-        record, path = _read_record(run_json), run_json
+        record, path = read_record(run_json), run_json
     else:
         config = OmegaConf.to_container(OmegaConf.load(hydra / "config.yaml"), resolve=False)
-        record = {"status": MISSING, "error": f"no {RUN_JSON} (killed before it finished?)", "config": config}
+        record = RunRecord(SCHEMA_VERSION, MISSING, f"no {RUN_JSON} (killed before it finished?)", config)
         path = job_dir
     overrides_file = hydra / "overrides.yaml"
     loaded = OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
@@ -154,28 +145,7 @@ def _load_job(job_dir: Path, run_json: Path) -> Job:
     return Job(path, record, job_identity(record, overrides), launched)
 
 
-def _read_record(path: Path) -> dict[str, Any]:
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read it ({exc})") from None
-    if not isinstance(record, dict) or "status" not in record:
-        raise UserError(f"{path}: not a run.json of llm_perf_opt (no status field)")
-    return record
-
-
 def _job_order(job_dir: Path) -> tuple[float, str]:
     """Hydra names sweep job dirs ``<job number>_...``: sort by that number, then by name."""
     number = job_dir.name.partition("_")[0]
     return (int(number) if number.isdigit() else math.inf, job_dir.name)
-
-
-def _get(record: dict[str, Any], *keys: str) -> Any:
-    value: Any = record
-    for key in keys:
-        if not isinstance(value, dict):
-            return None
-        value = value.get(key)
-    return value

@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .run_dirs import Job, JobIdentity, RunSet, mode_name, model_name
+from .record import RunRecord
+from .run_dirs import Job, JobIdentity, RunSet
 
 TTFT, TPOT, DECODE_TPS, E2E = "TTFT (ms)", "TPOT (ms)", "decode tokens/s", "end-to-end (ms)"
 HIGHER_IS_BETTER = frozenset({DECODE_TPS})
@@ -20,20 +21,18 @@ MATCHED_FIELDS = ("device", "model", "mode", "dtype", "weights", "batch")
 OK_STATUS = "ok"
 
 
-def sample_figures(record: dict[str, Any]) -> dict[str, list[float]]:
+def sample_figures(record: RunRecord) -> dict[str, list[float]]:
     """Per figure, its value in each timed repeat: the headline figures, then one row per stage."""
-    samples = (record.get("timing") or {}).get("samples") or []
+    samples = record.samples
     figures = {
-        TTFT: [s["ttft_ms"] for s in samples if s.get("ttft_ms") is not None],
-        TPOT: [s["tpot_ms"] for s in samples if s.get("tpot_ms") is not None],
-        DECODE_TPS: [1e3 / s["tpot_ms"] for s in samples if s.get("tpot_ms")],
-        E2E: [s["e2e_ms"] for s in samples if s.get("e2e_ms") is not None],
+        TTFT: [s.ttft_ms for s in samples if s.ttft_ms is not None],
+        TPOT: [s.tpot_ms for s in samples if s.tpot_ms is not None],
+        DECODE_TPS: [1e3 / s.tpot_ms for s in samples if s.tpot_ms],
+        E2E: [s.e2e_ms for s in samples if s.e2e_ms is not None],
     }
     # Stages in the order the runs recorded them, which is the order they ran.
-    for stage in dict.fromkeys(stage for s in samples for stage in s.get("stages", {})):
-        figures[stage_figure(stage)] = [
-            sum(s["stages"][stage]) for s in samples if stage in s.get("stages", {})
-        ]
+    for stage in dict.fromkeys(stage for s in samples for stage in s.stages):
+        figures[stage_figure(stage)] = [s.stage_ms(stage) for s in samples if stage in s.stages]
     return {name: values for name, values in figures.items() if values}
 
 
@@ -42,26 +41,26 @@ def stage_figure(stage: str) -> str:
     return f"{stage} (ms)"
 
 
-def repeats(record: dict[str, Any]) -> int:
+def repeats(record: RunRecord) -> int:
     """How many timed repeats the run recorded."""
-    return len((record.get("timing") or {}).get("samples") or [])
+    return len(record.samples)
 
 
-def run_fields(record: dict[str, Any]) -> dict[str, Any]:
+def run_fields(record: RunRecord) -> dict[str, Any]:
     """The fields of :data:`MATCHED_FIELDS`, as resolved for the run; a run that failed before
     its settings were resolved lacks device, dtype and weights (``None``). A run.json without
     a batch size ran one page at a time (batch 1)."""
     return {
-        "device": (record.get("device") or {}).get("name"),
-        "model": model_name(record),
-        "mode": mode_name(record),
-        "dtype": record.get("dtype"),
-        "weights": record.get("weights"),
-        "batch": (record.get("batch") or {}).get("size") or 1,
+        "device": None if record.device is None else record.device.name,
+        "model": record.model_name,
+        "mode": record.mode_name,
+        "dtype": record.dtype,
+        "weights": record.weights,
+        "batch": record.batch_size,
     }
 
 
-def mismatches(baseline: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+def mismatches(baseline: RunRecord, current: RunRecord) -> list[tuple[str, Any, Any]]:
     """``(field, baseline value, current value)`` for each matched field known on both sides that differs."""
     return field_mismatches(run_fields(baseline), run_fields(current))
 

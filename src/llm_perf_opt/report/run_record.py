@@ -1,5 +1,5 @@
-"""run.json: everything about one finished job in one JSON-able record, and the pieces of it
-other modules read back (its ceilings, its headline)."""
+"""run.json's writer: everything about one finished job as a :class:`~.record.RunRecord` (the
+typed record every reader gets back), built from the live measurement, costs and ceilings."""
 
 from __future__ import annotations
 
@@ -24,10 +24,9 @@ from llm_perf_opt.profiling.attribution import Attribution
 from llm_perf_opt.profiling.passes import Measurement
 from llm_perf_opt.profiling.timing import OUTLIER_FACTOR, summarize
 
+from .record import FIGURES, SCHEMA_VERSION, Headline, RunRecord, Versions
 from .roofline import headline
 
-#: Version of run.json's layout, raised when a field changes meaning or goes away (new fields keep it).
-SCHEMA_VERSION = 1
 #: ``trace.basis`` of a run whose busy times were imported from Nsight Systems.
 NSYS_BASIS = "device (nsys)"
 
@@ -161,32 +160,25 @@ def analytic_record(costs: StageCosts) -> dict:
     }
 
 
-def headline_figures(summary: dict, table: pd.DataFrame, record: dict) -> dict:
-    """TTFT, TPOT, decode tokens/s (medians of the timing ``summary``), and the utilisation of the
-    model's stage groups (``stage_layout`` of ``record``) against the record's roofs."""
-    figures = {
-        key: None if summary.get(key) is None else summary[key]["median"]
-        for key in ("ttft_ms", "tpot_ms", "decode_tokens_per_s", "e2e_ms", "tokens_per_s", "pages_per_s")
-    }
-    layout = record["stage_layout"]
+def headline_figures(record: RunRecord, table: pd.DataFrame) -> Headline:
+    """The medians of the headline figures (``timing.summary``), and the utilisation of the
+    model's stage groups (``stage_layout``) in the stage ``table`` against the record's roofs."""
+    summary = record.timing.summary
+    medians = {key: None if summary.get(key) is None else summary[key].median for key in FIGURES}
+    layout = record.stage_layout
     utilisation = headline(
-        table.rename(columns={"time_ms": "wall_ms"}),
-        record_roofs(record),
-        record["dtype"],
-        compute_stages=layout["compute_groups"],
-        bandwidth_stages=layout["bandwidth_groups"],
+        table,
+        record.hardware.roofs,
+        record.dtype,
+        compute_stages=layout.compute_groups,
+        bandwidth_stages=layout.bandwidth_groups,
     )
-    return {**figures, **utilisation}
+    return Headline(**medians, **utilisation)
 
 
-def record_op_notes(record: dict) -> tuple[OpNote, ...]:
+def record_op_notes(record: RunRecord) -> tuple[OpNote, ...]:
     """The model's op notes of a run record (none in a record older than them)."""
-    return tuple(OpNote(n["stage"], tuple(n["ops"]), n["note"]) for n in record.get("op_notes") or [])
-
-
-def record_roofs(record: dict) -> list[Roof]:
-    """The roofs of a run record (``hardware.roofs``), the one used for verdicts first."""
-    return [Roof(**roof) for roof in record["hardware"]["roofs"]]
+    return tuple(OpNote(n.stage, n.ops, n.note) for n in record.notes)
 
 
 def stage_layout(job: Job) -> dict:
@@ -212,13 +204,13 @@ def trace_record(attribution: Attribution, path: str, basis: str | None = None) 
     }
 
 
-def run_record(job: Job, table: pd.DataFrame, status: str = "ok", error: str | None = None) -> dict:
-    """Everything about the job in one JSON-able dict."""
+def run_record(job: Job, table: pd.DataFrame) -> RunRecord:
+    """Everything about the finished job."""
     m = job.measurement
     record = {
         "schema_version": SCHEMA_VERSION,
-        "status": status,
-        "error": error,
+        "status": "ok",
+        "error": None,
         "config": job.config,
         "versions": versions(),
         "device": describe_device(job.device),
@@ -261,8 +253,13 @@ def run_record(job: Job, table: pd.DataFrame, status: str = "ok", error: str | N
         "analytic": analytic_record(job.stage_model),
         "trace": None if m.attribution is None else trace_record(m.attribution, m.trace_path.name),
     }
-    record["headline"] = headline_figures(m.summary(), table, record)
-    return record
+    typed = RunRecord.from_dict(record)
+    return dataclasses.replace(typed, headline=headline_figures(typed, table))
+
+
+def failure_record(config: dict, status: str, error: str) -> RunRecord:
+    """The record of a job that failed or was interrupted: why, and what it was asked to run."""
+    return RunRecord(SCHEMA_VERSION, status, error, config, Versions.from_dict(versions()))
 
 
 def _sum_calls(calls: list[list[list[int]]]) -> list[list[int]]:

@@ -7,8 +7,8 @@ or, from what run.json holds (the per-run samples, the analytic stage totals) an
 :class:`~llm_perf_opt.profiling.attribution.Attribution` (the trace pass's, or one imported
 from Nsight Systems)::
 
-    table = stage_table_from(measured_table(stages, runs, attribution), work_table(totals),
-                             attribution, roofs, dtype, device_kind, steps)
+    table = stage_table_from(measured_table(stages, runs, attribution), work_table(record.analytic),
+                             attribution, roofs, dtype, device_kind, steps)   # record: a RunRecord
 
 One row per stage (`Stage` order). Columns, in groups:
 
@@ -39,6 +39,7 @@ from llm_perf_opt.profiling.passes import Measurement
 from llm_perf_opt.profiling.timing import summarize
 from llm_perf_opt.runners.ranges import stage_of
 
+from .record import Analytic
 from .roofline import RoofLike, roof_prefix, roofline_table, time_split, verdict
 
 #: Ops or kernels listed per stage in report.md.
@@ -125,21 +126,18 @@ def stage_launches(attribution: Attribution | None) -> dict[str, int]:
     return pd.concat([per_stage, per_family]).round().astype(int).to_dict()
 
 
-def work_table(totals: pd.DataFrame, ranges: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Per stage of run.json's analytic stage totals (``analytic.stages``), whole run: useful FLOPs
-    and bytes by category; plus one row per nested ``stage/family`` range from ``ranges``
-    (``analytic.ranges``)."""
-    run = totals[totals["scope"] == "run"]
-    if ranges is not None and len(ranges):
-        run = pd.concat([run, ranges], ignore_index=True)
+def work_table(analytic: Analytic) -> pd.DataFrame:
+    """Per stage of a run record's analytic model, whole run (``analytic.stages``, scope "run"),
+    then per nested ``stage/family`` range (``analytic.ranges``): useful FLOPs and bytes by category."""
+    rows = [*analytic.stage_rows("run"), *analytic.ranges]
     return pd.DataFrame(
         {
-            "stage": run["stage"],
-            "flops": run["useful_flops"],
-            "bytes": run["bytes"],
-            "weight_bytes": run["weight_bytes"],
-            "act_bytes": run["act_read_bytes"] + run["act_write_bytes"],
-            "kv_bytes": run["kv_read_bytes"] + run["kv_write_bytes"],
+            "stage": [r.stage for r in rows],
+            "flops": [r.useful_flops for r in rows],
+            "bytes": [r.bytes for r in rows],
+            "weight_bytes": [r.weight_bytes for r in rows],
+            "act_bytes": [r.act_read_bytes + r.act_write_bytes for r in rows],
+            "kv_bytes": [r.kv_read_bytes + r.kv_write_bytes for r in rows],
         }
     )
 
@@ -213,10 +211,10 @@ def stage_table_from(
     A nested ``stage/family`` range is measured by the trace pass only: its split and verdict
     are over its op (kernel) time, with no host part (the enclosing stage has it)."""
     joined = measured.merge(work, on="stage", how="left")
-    table = roofline_table(joined.rename(columns={"time_ms": "wall_ms"}), roofs, dtype)
+    table = roofline_table(joined, roofs, dtype)
     nested = table["stage"] != table["stage"].map(stage_of)
-    # Over op time for nested ranges: "wall" is their busy time for the split and the verdict.
-    basis = table.assign(wall_ms=table["wall_ms"].where(~nested, table["busy_ms"]))
+    # Over op time for nested ranges: their busy time stands for their time in the split and the verdict.
+    basis = table.assign(time_ms=table["time_ms"].where(~nested, table["busy_ms"]))
     basis[roof_prefix(roofs[0].label) + "pct_roof_wall"] = table[
         roof_prefix(roofs[0].label) + "pct_roof_wall"
     ].where(~nested, table[roof_prefix(roofs[0].label) + "pct_roof_busy"])
@@ -240,7 +238,6 @@ def stage_table_from(
         + (" (over op time: a nested range is timed by the trace pass only)" if nested[i] else "")
         for i, row in basis.iterrows()
     ]
-    table = table.rename(columns={"wall_ms": "time_ms"})
     parts = split[["roofline_ms", "above_roof_ms", "host_ms", "unsplit_ms", "overlap_ms"]].rename(
         columns={"roofline_ms": "split_roofline_ms"}
     )

@@ -34,21 +34,21 @@ from llm_perf_opt.errors import UserError
 from llm_perf_opt.runners.ranges import stage_of
 
 from .batch_scaling import BatchSweep, batch_sweeps, sweep_lines, throughput_plot
-from .run_dirs import Job, load_run_set, mode_name, model_name
+from .run_dirs import Job, load_run_set
 
 SUMMARY_MD, SUMMARY_CSV, SUMMARY_PNG = "sweep_summary.md", "sweep_summary.csv", "sweep.png"
 THROUGHPUT_PNG = "throughput.png"
 STAGES_CSV = "stages.csv"
 OK = "ok"
 
-#: Headline figures: (column, run.json key, Markdown header).
+#: Headline figures: (column, named as the record's figure; Markdown header).
 HEADLINE = (
-    ("ttft_ms", "ttft_ms", "TTFT ms"),
-    ("tpot_ms", "tpot_ms", "TPOT ms"),
-    ("decode_tokens_per_s", "decode_tokens_per_s", "decode tok/s"),
-    ("e2e_ms", "e2e_ms", "end-to-end ms"),
-    ("tokens_per_s", "tokens_per_s", "tokens/s"),
-    ("pages_per_s", "pages_per_s", "pages/s"),
+    ("ttft_ms", "TTFT ms"),
+    ("tpot_ms", "TPOT ms"),
+    ("decode_tokens_per_s", "decode tok/s"),
+    ("e2e_ms", "end-to-end ms"),
+    ("tokens_per_s", "tokens/s"),
+    ("pages_per_s", "pages/s"),
 )
 _PCT_SUFFIX = "_pct_roof_wall"
 # Plot geometry: inches per job bar, plus room for title, axis and legend.
@@ -154,7 +154,7 @@ def summarize(results: Sequence[JobResult]) -> Summary:
         "batch_size",
         "image_tokens",
         "dtype",
-        *(c for c, _, _ in HEADLINE),
+        *(c for c, _ in HEADLINE),
         *(stage_column(s) for s in stages),
         *(roof_column(s, r) for r in roofs for s in stages),
         "status",
@@ -179,16 +179,17 @@ def _top_level(stages: pd.DataFrame | None) -> pd.DataFrame | None:
 
 def _row(job: Job, stages: pd.DataFrame | None, names: Sequence[str], roofs: Sequence[str]) -> dict:
     record = job.record
-    tokens = record.get("tokens") or {}
+    # The model's own request facts: DeepSeek-OCR's prompt token counts.
+    tokens = record.request_facts.get("tokens") or {}
     row = {
         "job": job.dir.name,
         "overrides": " ".join(job.overrides),
-        "model": model_name(record),
-        "mode": mode_name(record),
-        "batch_size": (record.get("batch") or {}).get("size", 1) if job.status == OK else None,
+        "model": record.model_name,
+        "mode": record.mode_name,
+        "batch_size": record.batch_size if job.status == OK else None,
         "image_tokens": tokens.get("image"),
-        "dtype": record.get("dtype"),
-        **{column: _median(record, key) for column, key, _ in HEADLINE},
+        "dtype": record.dtype,
+        **{figure: record.median(figure) for figure, _ in HEADLINE},
         "status": job.status,
         "error": _one_line(job.error),
     }
@@ -199,15 +200,6 @@ def _row(job: Job, stages: pd.DataFrame | None, names: Sequence[str], roofs: Seq
         for roof in roofs:
             row[roof_column(stage, roof)] = values.get(roof + _PCT_SUFFIX)
     return row
-
-
-def _median(record: dict, key: str) -> float | None:
-    """A headline figure: run.json's ``headline``, else the median in ``timing.summary``."""
-    headline = record.get("headline") or {}
-    if headline.get(key) is not None:
-        return headline[key]
-    summary = ((record.get("timing") or {}).get("summary") or {}).get(key)
-    return None if summary is None else summary.get("median")
 
 
 def _one_line(text: str | None) -> str | None:
@@ -261,7 +253,7 @@ def summary_markdown(summary: Summary, title: str, batches: Sequence[BatchSweep]
             "batch": table["batch_size"].map(lambda v: _num(v, 0)),
             "image tokens": table["image_tokens"].map(lambda v: _num(v, 0)),
             "dtype": table["dtype"].map(_text),
-            **{header: table[column].map(_num) for column, _, header in HEADLINE},
+            **{header: table[column].map(_num) for column, header in HEADLINE},
             "status": table["status"],
         }
     )
@@ -433,4 +425,4 @@ def _batch_group(job: Job, varying: Sequence[str]) -> str:
     """The group of a job in a batch sweep: the overrides that vary between the sweep's jobs but
     the batch size (jobs that differ only in it form one group), or its model and mode."""
     others = [o for o in varying if _split(o)[0] != "batch_size"]
-    return " ".join(others) or f"{model_name(job.record)} · {mode_name(job.record)}"
+    return " ".join(others) or f"{job.record.model_name} · {job.record.mode_name}"
