@@ -123,9 +123,10 @@ def rebuild(run_dir: str | Path, reports: str | Path | None = None) -> pd.DataFr
     source = Path(reports) if reports is not None else run_dir
     layout = record["stage_layout"]
     runs = [sample["stages"] for sample in record["timing"]["samples"]]
+    os_runs = [sample.get("os") or {} for sample in record["timing"]["samples"]]
     attribution = per_run(load_nsys_attribution(source, layout["order"]), calls_per_run(runs))
     table = stage_table_from(
-        measured_table(layout["order"], runs, attribution),
+        measured_table(layout["order"], runs, attribution, os_runs),
         work_table(
             pd.DataFrame.from_records(record["analytic"]["stages"]),
             pd.DataFrame.from_records(record["analytic"].get("ranges", [])),
@@ -136,6 +137,7 @@ def rebuild(run_dir: str | Path, reports: str | Path | None = None) -> pd.DataFr
         "cuda",  # Nsight Systems' busy time is GPU kernel time, whatever the record says
         steps_per_stage(layout["per_step"], runs),
         record_op_notes(record),
+        allocator=(record.get("cpu") or {}).get("in_force"),
     )
     label = _reports_label(find_reports(source)[RANGE_KERNEL_SUM], run_dir)
     record["trace"] = trace_record(attribution, label, NSYS_BASIS)

@@ -33,7 +33,24 @@ NSYS_NOTE = (
 )
 SPLIT_NOTE = (
     "Each stage's time = the roofline minimum (its FLOPs and bytes at the {roof} ceilings) + op/kernel "
-    "time above that minimum + host time with the device idle (time − busy)."
+    "time above that minimum + host time with the device idle (time − busy). The same time, as the "
+    "CPU spent it = user + sys + idle: the stage's CPU time in user mode and in the kernel "
+    "(getrusage), spread over {threads}, and the capacity left idle; `sys % of CPU` = sys / (user + sys)."
+)
+OS_NOTE = (
+    "Per stage, the change in the process's getrusage counters between its range's entry and exit, "
+    "summed over its calls: median [min, max] over the timed runs. CPU times are summed over every "
+    "thread of the process; page faults are minor (a fresh page mapped and zeroed) and major (read "
+    "from disk); switches are voluntary (a thread waited) and involuntary (preempted)."
+)
+#: (column, label, digits) of the OS counters' table.
+OS_LABELS = (
+    ("user_ms", "user CPU ms", 1),
+    ("sys_ms", "sys CPU ms", 1),
+    ("minor_faults", "minor faults", 0),
+    ("major_faults", "major faults", 0),
+    ("voluntary_switches", "voluntary switches", 0),
+    ("involuntary_switches", "involuntary switches", 0),
 )
 
 
@@ -69,6 +86,13 @@ def _pct_of_roof(table: pd.DataFrame, prefix: str) -> list[str]:
         _num(wall, 1) if not pd.isna(wall) else "-" if pd.isna(busy) else f"{_num(busy, 1)} (busy)"
         for wall, busy in zip(table[prefix + "pct_roof_wall"], table[prefix + "pct_roof_busy"])
     ]
+
+
+def _range(median: Any, low: Any, high: Any, digits: int) -> str:
+    """ "median [min, max]" of a figure, "-" without it."""
+    if pd.isna(median):
+        return "-"
+    return f"{_num(median, digits)} [{_num(low, digits)}, {_num(high, digits)}]"
 
 
 def _spread(summary: dict | None) -> str:
@@ -274,6 +298,10 @@ def report_markdown(record: dict, table: pd.DataFrame, attribution: Attribution 
             "above roof ms": table["above_roof_ms"].map(_num),
             "host ms": table["host_ms"].map(_num),
             "launches": table["launches"].map(lambda v: "-" if pd.isna(v) else f"{int(v):,}"),
+            "user ms": table["split_user_ms"].map(_num),
+            "sys ms": table["split_sys_ms"].map(_num),
+            "idle ms": table["split_idle_ms"].map(_num),
+            "sys % of CPU": table["sys_share_pct"].map(lambda v: _num(v, 1)),
         }
     )
     timed = table[table["time_ms"].notna()]
@@ -289,6 +317,18 @@ def report_markdown(record: dict, table: pd.DataFrame, attribution: Attribution 
             f"runs > {OUTLIER_FACTOR:g}x median": timed["outlier_runs"].map(
                 lambda v: "-" if pd.isna(v) else str(v)
             ),
+        }
+    )
+    os_view = pd.DataFrame(
+        {
+            "stage": timed["stage"],
+            **{
+                label: [
+                    _range(median, low, high, digits)
+                    for median, low, high in zip(timed[c], timed[f"{c}_min"], timed[f"{c}_max"])
+                ]
+                for c, label, digits in OS_LABELS
+            },
         }
     )
     warnings = spread_warnings(table, record["timing"]["summary"], record["timing"].get("until_cv"))
@@ -343,10 +383,16 @@ def report_markdown(record: dict, table: pd.DataFrame, attribution: Attribution 
             "",
             "## Where each stage's time goes",
             "",
-            SPLIT_NOTE.format(roof=roof),
+            SPLIT_NOTE.format(roof=roof, threads=_threads_text(record)),
             "",
             _markdown_table(split_view),
             *_overlap_lines(table, record["device"]["type"] == "cuda" or nsys),
+            "",
+            "## What the OS did in each stage",
+            "",
+            OS_NOTE,
+            "",
+            _markdown_table(os_view),
             "",
             "## Timing spread",
             "",
@@ -367,6 +413,14 @@ def report_markdown(record: dict, table: pd.DataFrame, attribution: Attribution 
             "",
         ]
     )
+
+
+def _threads_text(record: dict) -> str:
+    """Over how many threads the CPU split spreads a stage's CPU time."""
+    if record["device"]["type"] == "cuda":
+        return "the one host thread that launches (a GPU run)"
+    threads = (record.get("cpu") or {}).get("threads") or record["device"].get("threads")
+    return f"{threads} threads" if threads else "the threads"
 
 
 def _timed_runs(record: dict) -> str:

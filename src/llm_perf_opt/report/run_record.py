@@ -21,6 +21,7 @@ from llm_perf_opt.hardware.ceilings import Roof, Selection
 from llm_perf_opt.hardware.precision import DtypeChoice
 from llm_perf_opt.models.interface import Footprint, OpNote, StageCosts
 from llm_perf_opt.profiling.attribution import Attribution
+from llm_perf_opt.profiling.os_counters import COUNTERS
 from llm_perf_opt.profiling.passes import Measurement
 from llm_perf_opt.profiling.timing import OUTLIER_FACTOR, summarize
 
@@ -75,6 +76,17 @@ class Job:
     @property
     def dtype_name(self) -> str:
         return str(self.dtype.dtype).removeprefix("torch.")
+
+    @property
+    def split_threads(self) -> int:
+        """The threads a stage's CPU time is spread over in the CPU split: the intra-op threads on
+        a CPU, the one launching thread on a GPU."""
+        return torch.get_num_threads() if self.device.type == "cpu" else 1
+
+    @property
+    def allocator(self) -> str | None:
+        """The host allocator in force, which the verdicts' remedy for page faults depends on."""
+        return None
 
 
 def versions() -> dict:
@@ -244,6 +256,9 @@ def run_record(job: Job, table: pd.DataFrame, status: str = "ok", error: str | N
             "tokens of the decode steps / (e2e - ttft); pages_per_s = pages / e2e",
             "summary": m.summary(),
             "stages": {s.name: summarize(m.stage_totals(s.name)) for s in m.stages if m.runs},
+            "os_unit": "user_ms, sys_ms: CPU time in ms over all the process's threads; the others: counts "
+            "(getrusage's minor and major page faults, voluntary and involuntary context switches)",
+            "os_stages": {s.name: os_summary(m, s.name) for s in m.stages if m.runs},
             "outlier_factor": OUTLIER_FACTOR,
             "until_cv": m.until_cv,
             "samples": [r.as_dict() for r in m.runs],
@@ -263,6 +278,14 @@ def run_record(job: Job, table: pd.DataFrame, status: str = "ok", error: str | N
     }
     record["headline"] = headline_figures(m.summary(), table, record)
     return record
+
+
+def os_summary(m: Measurement, stage: str) -> dict[str, dict]:
+    """Per OS counter, the summary over the timed runs of the stage's total (none without counters)."""
+    calls = [run[stage] for run in m.os_runs() if stage in run]
+    return (
+        {counter: summarize([sum(call[counter]) for call in calls]) for counter in COUNTERS} if calls else {}
+    )
 
 
 def _sum_calls(calls: list[list[list[int]]]) -> list[list[int]]:
