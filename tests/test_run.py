@@ -25,9 +25,11 @@ from cli_helpers import call_main
 from omegaconf import OmegaConf
 from PIL import Image
 
+from llm_perf_opt import allocator
 from llm_perf_opt import run as run_module
 from llm_perf_opt.config import compose, validate
 from llm_perf_opt.errors import UserError
+from llm_perf_opt.hardware.host import IN_PROCESS
 from llm_perf_opt.models.deepseek_ocr.session import DeepSeekOCRSession
 from llm_perf_opt.profiling.attribution import KERNEL_COLUMNS
 from llm_perf_opt.profiling.os_counters import COUNTERS
@@ -263,6 +265,11 @@ def test_run_json(gundam_run):
     assert tokens["prompt"] == tokens["image"] + tokens["text"] and tokens["text"] > 0
     assert record["generated_tokens"] == 4
     assert record["schema_version"] == 1
+    # Run in-process: the test process's own allocator, recorded as such, and its threads.
+    cpu = record["cpu"]
+    assert (cpu["allocator"], cpu["applied"]) == ("tuned", IN_PROCESS)
+    assert cpu["in_force"] == allocator.in_force(os.environ)
+    assert cpu["threads"] == record["device"]["threads"] >= 1
 
 
 def test_run_json_names_the_commit_of_the_code_that_ran(gundam_run):
@@ -466,6 +473,8 @@ def test_missing_image_is_one_line_and_recorded(monkeypatch, capsys, tmp_path):
         (["model=gpt5"], ["model/gpt5", "deepseek_ocr_tiny"]),
         (["max_new_tokens=abc"], ["max_new_tokens"]),
         (["-m", "max_new_tokens=2,0"], ["max_new_tokens must be >= 1"]),
+        (["cpu.allocator=glibc"], ["cpu.allocator='glibc' is not one of tuned, system"]),
+        (["cpu.threads=0"], ["cpu.threads must be >= 1"]),
     ],
 )
 def test_config_mistakes_are_one_line_before_anything_runs(monkeypatch, capsys, tmp_path, args, fragments):

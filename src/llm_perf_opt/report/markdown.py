@@ -348,6 +348,7 @@ def report_markdown(record: dict, table: pd.DataFrame, attribution: Attribution 
             "",
             f"- request: {record['request']}; generated {record['generated_tokens']} tokens",
             *_execution_lines(record),
+            *_host_lines(record),
             f"- weights: {record['weights']}; {header_text(dtype)}; torch {record['versions']['torch']}, "
             f"CUDA {record['versions']['cuda'] or 'none'}",
             f"- {config['profiling']['warmup']} warm-up, {_timed_runs(record)}, {_busy_source(record)}",
@@ -452,6 +453,25 @@ def _overlap_lines(table: pd.DataFrame, gpu: bool) -> list[str]:
         if len(rows)
         else []
     )
+
+
+def _host_lines(record: dict) -> list[str]:
+    """The allocator in force and how, the threads and the cores (a record older than them has none)."""
+    cpu = record.get("cpu")
+    if not cpu:
+        return []
+    asked = cpu["allocator"]
+    allocator = (
+        f"allocator {asked}"
+        if asked == cpu["in_force"]
+        else f"allocator {cpu['in_force']} in force ({asked} asked)"
+    )
+    env = cpu["environment"]
+    settings = ", ".join(f"{key} {env.get(key) or 'unset'}" for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"))
+    return [
+        f"- host: {allocator}, {cpu['applied']}; {cpu['threads']} intra-op threads ({cpu['threads_from']}), "
+        f"CPUs {cpu['affinity']}; {settings}"
+    ]
 
 
 def _execution_lines(record: dict) -> list[str]:

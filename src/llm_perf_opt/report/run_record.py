@@ -18,6 +18,7 @@ import llm_perf_opt
 from llm_perf_opt.config import RunConfig
 from llm_perf_opt.hardware.calibration import Calibration
 from llm_perf_opt.hardware.ceilings import Roof, Selection
+from llm_perf_opt.hardware.host import HostSetup
 from llm_perf_opt.hardware.precision import DtypeChoice
 from llm_perf_opt.models.interface import Footprint, OpNote, StageCosts
 from llm_perf_opt.profiling.attribution import Attribution
@@ -72,6 +73,7 @@ class Job:
     bandwidth_groups: dict[str, tuple[str, ...]]
     execution: Any = None  # the session's Execution (as_dict(), summary()), or None
     op_notes: tuple[OpNote, ...] = ()  # the session's words on ops, quoted by the verdicts
+    host: HostSetup | None = None  # allocator and threads (None: a job built without them, in tests)
 
     @property
     def dtype_name(self) -> str:
@@ -81,12 +83,14 @@ class Job:
     def split_threads(self) -> int:
         """The threads a stage's CPU time is spread over in the CPU split: the intra-op threads on
         a CPU, the one launching thread on a GPU."""
-        return torch.get_num_threads() if self.device.type == "cpu" else 1
+        if self.device.type != "cpu":
+            return 1
+        return self.host.threads if self.host is not None else torch.get_num_threads()
 
     @property
     def allocator(self) -> str | None:
         """The host allocator in force, which the verdicts' remedy for page faults depends on."""
-        return None
+        return self.host.in_force if self.host is not None else None
 
 
 def versions() -> dict:
@@ -234,6 +238,7 @@ def run_record(job: Job, table: pd.DataFrame, status: str = "ok", error: str | N
         "config": job.config,
         "versions": versions(),
         "device": describe_device(job.device),
+        "cpu": None if job.host is None else job.host.record(),
         "hardware": job.hardware.record(),
         "dtype": job.dtype_name,
         "dtype_reason": job.dtype.reason,
