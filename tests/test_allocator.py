@@ -111,6 +111,13 @@ def test_start_never_re_executes_twice(monkeypatch, clean_start):
     assert clean_start == [] and allocator.started().allocator == "tuned"
 
 
+def test_help_and_a_malformed_command_line_run_no_job_and_re_execute_nothing(monkeypatch, clean_start):
+    for argv in (["--help"], ["--cfg", "job"], ["mode=(base"]):
+        monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-m", "llm_perf_opt.run", *argv])
+        allocator.start(argv, argv)
+    assert clean_start == [] and allocator.started() is None
+
+
 def test_a_main_called_in_process_does_not_re_execute_the_process(monkeypatch, clean_start):
     # As under pytest: the process's command line is not the one the entry point was given.
     monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-m", "pytest", "tests"])

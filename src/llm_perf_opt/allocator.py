@@ -120,9 +120,9 @@ def environment(allocator: str, environ: Mapping[str, str]) -> dict[str, str] | 
     return env
 
 
-def requested(argv: Sequence[str]) -> str | None:
-    """The ``cpu.allocator`` the command line asks for (None: not given, or arguments Hydra itself
-    will refuse or answer: help, a malformed override). A sweep of several values is refused."""
+def _parsed(argv: Sequence[str]):
+    """Hydra's reading of the command line: (its flags, its overrides), or None when no job runs
+    (help, --cfg, shell completion) or Hydra will refuse it (a malformed override)."""
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -134,6 +134,16 @@ def requested(argv: Sequence[str]) -> str | None:
         return None
     if args.help or args.hydra_help or args.info or args.shell_completion or args.cfg:
         return None
+    return args, overrides
+
+
+def requested(argv: Sequence[str]) -> str | None:
+    """The ``cpu.allocator`` the command line asks for: None where it gives none, or where no
+    job runs (:func:`_parsed`). A sweep of several values is refused."""
+    parsed = _parsed(argv)
+    if parsed is None:
+        return None
+    args, overrides = parsed
     values = None
     for override in overrides:
         if override.get_key_element().lstrip("+~") != _KEY:
@@ -163,6 +173,8 @@ def start(argv: Sequence[str], command_line: Sequence[str]) -> None:
     global _started
     words = list(command_line)
     if words and list(sys.orig_argv[-len(words) :]) != words:
+        return
+    if _parsed(argv) is None:  # Hydra answers or refuses it; no job runs
         return
     allocator = requested(argv) or DEFAULT
     env = environment(allocator, os.environ)
