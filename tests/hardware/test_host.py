@@ -10,12 +10,12 @@ import torch
 
 from llm_perf_opt import allocator
 from llm_perf_opt.errors import UserError
-from llm_perf_opt.hardware.host import IN_PROCESS, cpu_ranges, host_setup, using_threads
+from llm_perf_opt.hardware.host import IN_PROCESS, cpu_ranges, host_setup, own_cpus, using_threads
 
 
 def test_threads_come_from_the_config_then_openmp_then_the_affinity(monkeypatch):
     monkeypatch.setattr(allocator, "_started", None)
-    cores = len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0))  # Linux, where the tests run
     assert (host_setup("tuned", 3, {"OMP_NUM_THREADS": "1"}).threads_from) == "cpu.threads"
     assert host_setup("tuned", 3, {}).threads == 3
     omp = host_setup("tuned", None, {"OMP_NUM_THREADS": "2,1"})  # OpenMP's nested list: the first level
@@ -35,7 +35,7 @@ def test_the_record_names_the_allocator_in_force_and_the_environment(monkeypatch
         "GLIBC_TUNABLES": environ["GLIBC_TUNABLES"],
         "LD_PRELOAD": None,
     }
-    assert record["affinity"] == cpu_ranges(sorted(os.sched_getaffinity(0)))
+    assert record["affinity"] == cpu_ranges(sorted(os.sched_getaffinity(0))) == cpu_ranges(own_cpus())
 
 
 def test_an_allocator_the_process_did_not_start_with_is_refused(monkeypatch):

@@ -52,7 +52,7 @@ def host_setup(wanted: str, threads: int | None, environ: Mapping[str, str] = os
             f"{started.allocator}: the allocator is set when the process starts, from the command line; "
             f"give cpu.allocator={wanted} there"
         )
-    cores = sorted(os.sched_getaffinity(0))
+    cores = own_cpus()
     threads, source = _threads(threads, environ, len(cores))
     return HostSetup(
         allocator=wanted,
@@ -74,6 +74,12 @@ def using_threads(threads: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def own_cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity; every CPU where the OS has no such call)."""
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux; not on macOS
+    return sorted(affinity(0)) if affinity else list(range(os.cpu_count() or 1))
 
 
 def cpu_ranges(cpus: list[int]) -> str:
