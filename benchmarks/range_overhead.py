@@ -13,6 +13,11 @@ The end-to-end figure is noisy when the range cost is far below the run-to-run s
 the per-range estimate is the sharper one then. With `--granularity module` the forward
 hooks themselves still run when ranges are off, so only the range cost is measured.
 
+Then the same two estimates for the OS counters the timed runs record per stage
+(`profiling.os_counters.OsCounters`, two getrusage calls per top-level range): runs with the
+listener attached against runs without, and empty ranges with and without it; the per-range
+cost is also given as a share of the TPOT (a decode step is one top-level range).
+
 Usage:
     python3 benchmarks/range_overhead.py                      # tiny model, 20 pairs
     python3 benchmarks/range_overhead.py --granularity module
@@ -35,8 +40,10 @@ from llm_perf_opt.config import load
 from llm_perf_opt.hardware.device import resolve_device
 from llm_perf_opt.hardware.precision import choose_dtype
 from llm_perf_opt.models.interface import ModelSession, SessionOptions
+from llm_perf_opt.profiling.os_counters import OsCounters
+from llm_perf_opt.profiling.timing import StageTimer
 from llm_perf_opt.profiling.trackers import ModuleRanges
-from llm_perf_opt.runners.ranges import is_range_name, ranges_enabled, stage_range
+from llm_perf_opt.runners.ranges import SEPARATOR, is_range_name, listening, ranges_enabled, stage_range
 
 MODELS = {"tiny": "deepseek_ocr_tiny", "full": "deepseek_ocr"}
 
@@ -60,6 +67,25 @@ def ranges_per_run(session: ModelSession, prompt: str, max_new_tokens: int) -> i
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         session.generate(session.prepare(None, prompt), max_new_tokens)
     return sum(1 for e in prof.events() if is_range_name(e.name, session.stage_names()))
+
+
+def empty_range_us_with(n: int, make_listener, repeats: int = 5) -> tuple[float, float]:
+    """µs per empty `with stage_range("prefill"):` block with a listener (a new one each repeat,
+    from `make_listener`) attached and without (best of repeats)."""
+
+    def loop() -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            with stage_range("prefill"):
+                pass
+        return (time.perf_counter() - t0) / n * 1e6
+
+    on, off = [], []
+    for _ in range(repeats):
+        with listening(make_listener()):
+            on.append(loop())
+        off.append(loop())
+    return min(on), min(off)
 
 
 def empty_range_us(n: int, repeats: int = 5) -> tuple[float, float]:
@@ -125,6 +151,7 @@ def main() -> None:
         for _ in range(args.warmup):
             timed_run(session, run.prompt, args.max_new_tokens)
         measure_overhead(session, run.prompt, args, runs)
+        measure_os_counters(session, run.prompt, args, runs)
 
 
 def measure_overhead(session: ModelSession, prompt: str, args, runs: int) -> None:
@@ -158,6 +185,42 @@ def measure_overhead(session: ModelSession, prompt: str, args, runs: int) -> Non
     print(
         f"  {count} ranges per run -> {estimate_ms:.3f} ms per run = {estimate_ms / (med_off * 1e3) * 100:.4f}% "
         "of the median run"
+    )
+
+
+def measure_os_counters(session: ModelSession, prompt: str, args, runs: int) -> None:
+    """The OS counters' cost: end to end (A/B with and without the listener) and per range, against the TPOT."""
+    on, off = [], []
+    for i in range(runs):
+        for attached in (True, False) if i % 2 == 0 else (False, True):
+            with listening(OsCounters()) if attached else nullcontext():
+                (on if attached else off).append(timed_run(session, prompt, args.max_new_tokens))
+    med_on, med_off = statistics.median(on), statistics.median(off)
+    paired = statistics.median(a - b for a, b in zip(on, off))
+    print(f"\nOS counters, end to end, {runs} interleaved pairs:")
+    print(f"  counters on : median {med_on * 1e3:9.2f} ms")
+    print(f"  counters off: median {med_off * 1e3:9.2f} ms")
+    print(
+        f"  overhead    : {(med_on - med_off) / med_off * 100:+.3f}% from the medians, "
+        f"{paired / med_off * 100:+.3f}% from the median paired difference ({paired * 1e3:+.3f} ms)"
+    )
+
+    timer = StageTimer(session.options.device)
+    with listening(timer):
+        timed_run(session, prompt, args.max_new_tokens)
+    samples = timer.samples()
+    tpot_ms = statistics.median(samples.get("decode", [float("nan")]))
+    top_level = sum(len(calls) for name, calls in samples.items() if SEPARATOR not in name)
+    us_on, us_off = empty_range_us_with(args.empty_ranges, OsCounters)
+    per_range = max(us_on - us_off, 0.0)
+    print(f"\nOS counters per range ({args.empty_ranges} empty ranges, best of 5):")
+    print(
+        f"  empty block: {us_on:.3f} µs with the counters, {us_off:.3f} µs without -> {per_range:.3f} µs per range"
+    )
+    print(
+        f"  a decode step is one range: {per_range:.3f} µs of a {tpot_ms:.2f} ms TPOT = "
+        f"{per_range / 1e3 / tpot_ms * 100:.4f}% (must be under 1%); {top_level} ranges per run -> "
+        f"{per_range * top_level / 1e3:.3f} ms per run"
     )
 
 

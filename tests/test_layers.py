@@ -18,7 +18,7 @@ PACKAGE = Path(llm_perf_opt.__file__).parent
 
 #: Lowest first. A module belongs to the first layer with a prefix matching its dotted name.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("llm_perf_opt.errors", "llm_perf_opt.atomic")),
+    ("base", ("llm_perf_opt.errors", "llm_perf_opt.atomic", "llm_perf_opt.allocator")),
     ("hardware", ("llm_perf_opt.hardware",)),
     ("config", ("llm_perf_opt.config", "llm_perf_opt.conf")),
     ("model", ("llm_perf_opt.models",)),

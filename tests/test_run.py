@@ -25,11 +25,14 @@ from cli_helpers import call_main
 from omegaconf import OmegaConf
 from PIL import Image
 
+from llm_perf_opt import allocator
 from llm_perf_opt import run as run_module
 from llm_perf_opt.config import compose, validate
 from llm_perf_opt.errors import UserError
+from llm_perf_opt.hardware.host import IN_PROCESS
 from llm_perf_opt.models.deepseek_ocr.session import DeepSeekOCRSession
 from llm_perf_opt.profiling.attribution import KERNEL_COLUMNS
+from llm_perf_opt.profiling.os_counters import COUNTERS
 
 TINY = ("model=deepseek_ocr_tiny", "device=cpu", "profiling=quick", "dtype=float32")
 STAGES = ["preprocess", "sam", "clip", "projector", "prefill", "decode"]
@@ -48,6 +51,7 @@ MEASURED = [
     "busy_share_pct",
     "launches",
 ]
+OS = [f"{c}{suffix}" for c in COUNTERS for suffix in ("", "_min", "_max")] + ["sys_share_pct"]
 ANALYTIC = ["flops", "bytes", "weight_bytes", "act_bytes", "kv_bytes"]
 RATES = [
     "intensity",
@@ -58,6 +62,7 @@ RATES = [
 ]
 ROOF = ["ridge", "attainable_tflop_s", "roofline_ms", "pct_roof_wall", "pct_roof_busy", "bound"]
 SPLIT = ["split_roofline_ms", "above_roof_ms", "host_ms", "unsplit_ms", "overlap_ms"]
+CPU_SPLIT = ["split_user_ms", "split_sys_ms", "split_idle_ms"]
 DOCUMENTED_KERNEL_COLUMNS = ["stage", "name", "calls", "total_ms"]
 
 
@@ -116,7 +121,15 @@ def test_stages_csv_joins_measured_time_with_the_analytic_work(gundam_run):
     out, record = gundam_run
     stages = pd.read_csv(out / "stages.csv")
     expected = (
-        MEASURED + ANALYTIC + RATES + [f"calibrated_{c}" for c in ROOF] + ["verdict"] + SPLIT + ["batch_size"]
+        MEASURED
+        + OS
+        + ANALYTIC
+        + RATES
+        + [f"calibrated_{c}" for c in ROOF]
+        + ["verdict"]
+        + SPLIT
+        + CPU_SPLIT
+        + ["batch_size"]
     )
     assert list(stages.columns) == expected  # a CPU run has calibrated ceilings only
     assert list(stages["stage"]) == STAGES and set(stages["batch_size"]) == {1}
@@ -152,6 +165,27 @@ def test_stages_csv_joins_measured_time_with_the_analytic_work(gundam_run):
         assert parts == pytest.approx(row["time_ms"])
         assert row["verdict"].startswith(f"{stage}: ")
     assert rows.loc["decode", "kv_bytes"] > 0 and rows.loc["sam", "kv_bytes"] == 0
+
+
+def test_stages_csv_has_each_stages_os_counters_and_their_split(gundam_run):
+    out, record = gundam_run
+    rows = pd.read_csv(out / "stages.csv").set_index("stage")
+    (sample,) = record["timing"]["samples"]
+    for stage in STAGES:
+        row = rows.loc[stage]
+        # One timed run: its median is that run's total over the stage's calls, as run.json keeps them.
+        for counter in COUNTERS:
+            assert row[counter] == pytest.approx(sum(sample["os"][stage][counter])), (stage, counter)
+            assert row[f"{counter}_min"] == row[counter] == row[f"{counter}_max"]
+            assert record["timing"]["os_stages"][stage][counter]["median"] == pytest.approx(row[counter])
+        assert row["user_ms"] >= 0 and row["sys_ms"] >= 0 and row["minor_faults"] >= 0
+        parts = row["split_user_ms"] + row["split_sys_ms"] + row["split_idle_ms"]
+        assert parts == pytest.approx(row["time_ms"])
+    # SAM computes for tens of ms on the CPU: its CPU time is there, and is about its time or more.
+    assert rows.loc["sam", "user_ms"] + rows.loc["sam", "sys_ms"] > 0.3 * rows.loc["sam", "time_ms"]
+    assert rows.loc["sam", "voluntary_switches"] + rows.loc["sam", "involuntary_switches"] >= 0
+    text = (out / "report.md").read_text()
+    assert "## What the OS did in each stage" in text and "| sys % of CPU |" in text
 
 
 def test_stages_json_and_the_headline(gundam_run):
@@ -231,6 +265,11 @@ def test_run_json(gundam_run):
     assert tokens["prompt"] == tokens["image"] + tokens["text"] and tokens["text"] > 0
     assert record["generated_tokens"] == 4
     assert record["schema_version"] == 1
+    # Run in-process: the test process's own allocator, recorded as such, and its threads.
+    cpu = record["cpu"]
+    assert (cpu["allocator"], cpu["applied"]) == ("tuned", IN_PROCESS)
+    assert cpu["in_force"] == allocator.in_force(os.environ)
+    assert cpu["threads"] == record["device"]["threads"] >= 1
 
 
 def test_run_json_names_the_commit_of_the_code_that_ran(gundam_run):
@@ -434,6 +473,8 @@ def test_missing_image_is_one_line_and_recorded(monkeypatch, capsys, tmp_path):
         (["model=gpt5"], ["model/gpt5", "deepseek_ocr_tiny"]),
         (["max_new_tokens=abc"], ["max_new_tokens"]),
         (["-m", "max_new_tokens=2,0"], ["max_new_tokens must be >= 1"]),
+        (["cpu.allocator=glibc"], ["cpu.allocator='glibc' is not one of tuned, system"]),
+        (["cpu.threads=0"], ["cpu.threads must be >= 1"]),
     ],
 )
 def test_config_mistakes_are_one_line_before_anything_runs(monkeypatch, capsys, tmp_path, args, fragments):

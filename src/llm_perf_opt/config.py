@@ -31,6 +31,8 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from llm_perf_opt.allocator import DEFAULT as DEFAULT_ALLOCATOR
+from llm_perf_opt.allocator import check as check_allocator
 from llm_perf_opt.errors import UserError
 from llm_perf_opt.hardware.ceilings import HardwareConfig
 
@@ -95,10 +97,25 @@ class ProfilingConfig:
 
 
 @dataclass
+class CpuConfig:
+    """How the host runs: its memory allocator (set when the process starts: `llm_perf_opt.allocator`)
+    and the intra-op threads (`hardware.host`). Both apply on a GPU run too, to its host side."""
+
+    allocator: str = DEFAULT_ALLOCATOR  # tuned | system | jemalloc | tcmalloc
+    threads: int | None = None  # None = OMP_NUM_THREADS where set, else the cores of this process's affinity
+
+    def __post_init__(self) -> None:
+        check_allocator(self.allocator)
+        if self.threads is not None:
+            _check_at_least("cpu.threads", self.threads, 1)
+
+
+@dataclass
 class RunConfig:
     model: Any = MISSING  # the model's own ModelConfig subclass
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
+    cpu: CpuConfig = field(default_factory=CpuConfig)
     image: str | None = None  # None = the model's bundled sample input
     # The pages of a batch: a list of files, a directory or a glob; the first batch_size of them
     # (repeated when fewer). None = `image` (or the bundled page) batch_size times.

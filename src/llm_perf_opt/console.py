@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from llm_perf_opt import allocator
 from llm_perf_opt.errors import OneLineParser
 
 #: command -> (module whose main() runs it, what it does)
@@ -54,6 +55,8 @@ def main() -> None:
         sys.exit(2)
     # Only the first word is ours: everything after it, --help included, is the command's.
     command = parser.parse_args(argv[:1]).command
+    if command == "run":  # before torch loads, as `python -m llm_perf_opt.run` does
+        allocator.start_or_exit(argv[1:], argv)
     try:
         tool = importlib.import_module(COMMANDS[command][0])  # seconds: torch loads
     except KeyboardInterrupt:

@@ -11,14 +11,17 @@ against the context window and the machine's memory before the weights are built
 # ruff: noqa: E402 - a signal during the imports below (seconds, torch's) must be one line too.
 from __future__ import annotations
 
-from llm_perf_opt import signals
+import sys
+
+from llm_perf_opt import allocator, signals
 
 if __name__ == "__main__":
     signals.quiet_start()
+    # Before torch loads: the allocator is read by the loader and glibc when a process starts.
+    allocator.start_or_exit(sys.argv[1:], sys.argv[1:])
 
 import gc
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -33,6 +36,7 @@ from llm_perf_opt.errors import UserError
 from llm_perf_opt.hardware.calibration import cached_calibration
 from llm_perf_opt.hardware.ceilings import select
 from llm_perf_opt.hardware.device import resolve_device
+from llm_perf_opt.hardware.host import HostSetup, host_setup, using_threads
 from llm_perf_opt.hardware.memory_check import (
     available_memory_bytes,
     check_fits,
@@ -59,6 +63,12 @@ results = logging.getLogger("llm_perf_opt.results")
 
 def run_job(run: RunConfig, config: dict, out_dir: Path) -> None:
     """One job: everything it measures ends up in out_dir."""
+    host = host_setup(run.cpu.allocator, run.cpu.threads)
+    with using_threads(host.threads):
+        _run_job(run, config, out_dir, host)
+
+
+def _run_job(run: RunConfig, config: dict, out_dir: Path, host: HostSetup) -> None:
     device = resolve_device(run.device)
     dtype = choose_dtype(run.dtype, device)
     if dtype.warning:
@@ -78,7 +88,9 @@ def run_job(run: RunConfig, config: dict, out_dir: Path) -> None:
     session.check(request, inputs.max_new_tokens)
     footprint = analytic.footprint(request, inputs.max_new_tokens, _dtype_name(dtype))
     check_memory(run, footprint, dtype, device)
-    log.info(f"[{run.model.name}] {device} · {header_text(dtype)}")
+    log.info(
+        f"[{run.model.name}] {device} · {header_text(dtype)} · {host.in_force} allocator, {host.threads} threads"
+    )
     hardware = Hardware(select(run.hardware.name, device), cached_calibration(device))
     if hardware.selection.warning:
         log.warning(f"warning: {hardware.selection.warning}")
@@ -110,6 +122,7 @@ def run_job(run: RunConfig, config: dict, out_dir: Path) -> None:
         type(session).bandwidth_groups,
         execution,
         session.op_notes(),
+        host,
     )
     written = write_artifacts(out_dir, job)
     results.info(f"[{run.model.name}] {out_dir}")

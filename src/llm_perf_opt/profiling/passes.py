@@ -22,6 +22,7 @@ from llm_perf_opt.runners.ranges import listening
 
 from .attribution import Attribution, attribute_trace
 from .memory import CudaPeaks, MemoryFigures, RssSampler
+from .os_counters import OsCounters
 from .timing import StageTimer, summarize
 from .trace import capture_range, load_trace, prepare_graph_tracing, record_trace
 from .trackers import ModuleRanges, RoutingRecorder, StepCounter
@@ -43,8 +44,9 @@ class RunInputs:
 
 @dataclass
 class RunSample:
-    """One timed run: per-stage lists of per-call milliseconds, its end-to-end time, and what it
-    produced (a request of `pages` pages, `generated_tokens` real tokens over the batch)."""
+    """One timed run: per-stage lists of per-call milliseconds, its end-to-end time, what it
+    produced (a request of `pages` pages, `generated_tokens` real tokens over the batch), and
+    per stage the OS counters of each call (`profiling.os_counters`: counter -> per-call values)."""
 
     stages: dict[str, list[float]]
     e2e_ms: float
@@ -53,6 +55,7 @@ class RunSample:
     pages: int
     generated_tokens: int  # real tokens over the batch (a sequence stops counting at its EOS)
     decode_tokens: int  # real tokens the decode steps produced
+    os: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     @property
     def tpot_ms(self) -> float | None:
@@ -84,6 +87,7 @@ class RunSample:
             "pages": self.pages,
             "generated_tokens": self.generated_tokens,
             "decode_tokens": self.decode_tokens,
+            "os": self.os,
         }
 
 
@@ -132,6 +136,10 @@ class Measurement:
     def stage_totals(self, stage: str) -> list[float]:
         """Per run, the total time of a stage (all its calls), in ms."""
         return [sum(r.stages.get(stage, [])) for r in self.runs]
+
+    def os_runs(self) -> list[dict[str, dict[str, list[float]]]]:
+        """Per timed run, its OS counters per stage and call (:attr:`RunSample.os`)."""
+        return [r.os for r in self.runs]
 
     def median_stage_ms(self, stage: str) -> float | None:
         totals = self.stage_totals(stage)
@@ -217,8 +225,8 @@ def measure(
             while more_runs():
                 i = len(m.runs)
                 bar.set_description(f"repeat {i + 1}/{repeats if i < repeats else limit}")
-                timer = StageTimer(device)
-                with listening(timer), timer.time(E2E):
+                timer, counters = StageTimer(device), OsCounters()
+                with listening(timer, counters), timer.time(E2E):
                     m.request, m.result = one_run()
                 samples = timer.samples()
                 e2e = samples.pop(E2E)[0]
@@ -234,6 +242,7 @@ def measure(
                         result.batch_size,
                         result.generated_tokens,
                         result.decode_tokens,
+                        counters.samples(),
                     )
                 )
         if until_cv is not None:

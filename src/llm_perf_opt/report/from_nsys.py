@@ -119,9 +119,10 @@ def rebuild(run_dir: str | Path, reports: str | Path | None = None) -> pd.DataFr
     source = Path(reports) if reports is not None else run_dir
     layout = record.stage_layout
     runs = [sample.stages for sample in record.samples]
+    os_runs = [sample.os for sample in record.samples]
     attribution = per_run(load_nsys_attribution(source, layout.order), calls_per_run(runs))
     table = stage_table_from(
-        measured_table(layout.order, runs, attribution),
+        measured_table(layout.order, runs, attribution, os_runs),
         work_table(record.analytic),
         attribution,
         record.hardware.roofs,
@@ -129,6 +130,7 @@ def rebuild(run_dir: str | Path, reports: str | Path | None = None) -> pd.DataFr
         "cuda",  # Nsight Systems' busy time is GPU kernel time, whatever the record says
         steps_per_stage(layout.per_step, runs),
         record_op_notes(record),
+        allocator=record.cpu.get("in_force"),
     )
     label = _reports_label(find_reports(source)[RANGE_KERNEL_SUM], run_dir)
     record = replace(record, trace=Trace.from_dict(trace_record(attribution, label, NSYS_BASIS)))

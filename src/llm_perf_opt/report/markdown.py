@@ -34,7 +34,24 @@ NSYS_NOTE = (
 )
 SPLIT_NOTE = (
     "Each stage's time = the roofline minimum (its FLOPs and bytes at the {roof} ceilings) + op/kernel "
-    "time above that minimum + host time with the device idle (time − busy)."
+    "time above that minimum + host time with the device idle (time − busy). The same time, as the "
+    "CPU spent it = user + sys + idle: the stage's CPU time in user mode and in the kernel "
+    "(getrusage), spread over {threads}, and the capacity left idle; `sys % of CPU` = sys / (user + sys)."
+)
+OS_NOTE = (
+    "Per stage, the change in the process's getrusage counters between its range's entry and exit, "
+    "summed over its calls: median [min, max] over the timed runs. CPU times are summed over every "
+    "thread of the process; page faults are minor (a fresh page mapped and zeroed) and major (read "
+    "from disk); switches are voluntary (a thread waited) and involuntary (preempted)."
+)
+#: (column, label, digits) of the OS counters' table.
+OS_LABELS = (
+    ("user_ms", "user CPU ms", 1),
+    ("sys_ms", "sys CPU ms", 1),
+    ("minor_faults", "minor faults", 0),
+    ("major_faults", "major faults", 0),
+    ("voluntary_switches", "voluntary switches", 0),
+    ("involuntary_switches", "involuntary switches", 0),
 )
 
 
@@ -70,6 +87,13 @@ def _pct_of_roof(table: pd.DataFrame, prefix: str) -> list[str]:
         _num(wall, 1) if not pd.isna(wall) else "-" if pd.isna(busy) else f"{_num(busy, 1)} (busy)"
         for wall, busy in zip(table[prefix + "pct_roof_wall"], table[prefix + "pct_roof_busy"])
     ]
+
+
+def _range(median: Any, low: Any, high: Any, digits: int) -> str:
+    """ "median [min, max]" of a figure, "-" without it."""
+    if pd.isna(median):
+        return "-"
+    return f"{_num(median, digits)} [{_num(low, digits)}, {_num(high, digits)}]"
 
 
 def _spread(stats: Stats) -> str:
@@ -278,6 +302,10 @@ def report_markdown(record: RunRecord, table: pd.DataFrame, attribution: Attribu
             "above roof ms": table["above_roof_ms"].map(_num),
             "host ms": table["host_ms"].map(_num),
             "launches": table["launches"].map(lambda v: "-" if pd.isna(v) else f"{int(v):,}"),
+            "user ms": table["split_user_ms"].map(_num),
+            "sys ms": table["split_sys_ms"].map(_num),
+            "idle ms": table["split_idle_ms"].map(_num),
+            "sys % of CPU": table["sys_share_pct"].map(lambda v: _num(v, 1)),
         }
     )
     timed = table[table["time_ms"].notna()]
@@ -293,6 +321,18 @@ def report_markdown(record: RunRecord, table: pd.DataFrame, attribution: Attribu
             f"runs > {OUTLIER_FACTOR:g}x median": timed["outlier_runs"].map(
                 lambda v: "-" if pd.isna(v) else str(v)
             ),
+        }
+    )
+    os_view = pd.DataFrame(
+        {
+            "stage": timed["stage"],
+            **{
+                label: [
+                    _range(median, low, high, digits)
+                    for median, low, high in zip(timed[c], timed[f"{c}_min"], timed[f"{c}_max"])
+                ]
+                for c, label, digits in OS_LABELS
+            },
         }
     )
     warnings = spread_warnings(table, timing.summary, timing.until_cv)
@@ -313,6 +353,7 @@ def report_markdown(record: RunRecord, table: pd.DataFrame, attribution: Attribu
             "",
             f"- request: {record.request}; generated {record.generated_tokens} tokens",
             *_execution_lines(record),
+            *_host_lines(record),
             f"- weights: {record.weights}; {header_text(dtype)}; torch {record.versions.torch}, "
             f"CUDA {record.versions.cuda or 'none'}",
             f"- {config['profiling']['warmup']} warm-up, {_timed_runs(record)}, {_busy_source(record)}",
@@ -346,10 +387,16 @@ def report_markdown(record: RunRecord, table: pd.DataFrame, attribution: Attribu
             "",
             "## Where each stage's time goes",
             "",
-            SPLIT_NOTE.format(roof=roof),
+            SPLIT_NOTE.format(roof=roof, threads=_threads_text(record)),
             "",
             _markdown_table(split_view),
             *_overlap_lines(table, gpu),
+            "",
+            "## What the OS did in each stage",
+            "",
+            OS_NOTE,
+            "",
+            _markdown_table(os_view),
             "",
             "## Timing spread",
             "",
@@ -370,6 +417,14 @@ def report_markdown(record: RunRecord, table: pd.DataFrame, attribution: Attribu
             "",
         ]
     )
+
+
+def _threads_text(record: RunRecord) -> str:
+    """Over how many threads the CPU split spreads a stage's CPU time."""
+    if record.device.type == "cuda":
+        return "the one host thread that launches (a GPU run)"
+    threads = record.cpu.get("threads") or record.device.extra.get("threads")
+    return f"{threads} threads" if threads else "the threads"
 
 
 def _timed_runs(record: RunRecord) -> str:
@@ -403,6 +458,25 @@ def _overlap_lines(table: pd.DataFrame, gpu: bool) -> list[str]:
         if len(rows)
         else []
     )
+
+
+def _host_lines(record: RunRecord) -> list[str]:
+    """The allocator in force and how, the threads and the cores (a record older than them has none)."""
+    cpu = record.cpu
+    if not cpu:
+        return []
+    asked = cpu["allocator"]
+    allocator = (
+        f"allocator {asked}"
+        if asked == cpu["in_force"]
+        else f"allocator {cpu['in_force']} in force ({asked} asked)"
+    )
+    env = cpu["environment"]
+    settings = ", ".join(f"{key} {env.get(key) or 'unset'}" for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"))
+    return [
+        f"- host: {allocator}, {cpu['applied']}; {cpu['threads']} intra-op threads ({cpu['threads_from']}), "
+        f"CPUs {cpu['affinity']}; {settings}"
+    ]
 
 
 def _execution_lines(record: RunRecord) -> list[str]:

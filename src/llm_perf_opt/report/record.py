@@ -247,7 +247,8 @@ class Stats(_Part):
 
 @dataclass(frozen=True)
 class Sample(_Part):
-    """One timed run: each stage's ms per call, and its end-to-end figures."""
+    """One timed run: each stage's ms per call, and its end-to-end figures; ``extra``: the
+    OS counters of each stage call (``os``) and fields newer than this type."""
 
     stages: Mapping[str, tuple[float, ...]]
     e2e_ms: float | None = None
@@ -256,11 +257,17 @@ class Sample(_Part):
     pages: int | None = None
     generated_tokens: int | None = None
     decode_tokens: int | None = None
+    extra: Mapping[str, JSON] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, JSON]) -> Sample:
         stages = {name: tuple(calls) for name, calls in (data.get("stages") or {}).items()}
-        return cls(**{**_known(cls, data), "stages": stages})
+        return cls(**{**_known(cls, data), "stages": stages}, extra=_rest(cls, data))
+
+    @property
+    def os(self) -> Mapping[str, JSON]:
+        """Per stage, each OS counter's change per call (empty for a run recorded without them)."""
+        return self.extra.get("os") or {}
 
     def stage_ms(self, stage: str) -> float | None:
         """The stage's total over this run, None where it did not run."""
@@ -297,6 +304,9 @@ class Timing(_Part):
     outlier_factor: float | None = None
     until_cv: UntilCv | None = None
     samples: tuple[Sample, ...] = ()
+    #: The OS counters' summaries per stage (``os_stages``), their units (``os_unit``), and
+    #: fields newer than this type.
+    extra: Mapping[str, JSON] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, JSON]) -> Timing:
@@ -307,6 +317,7 @@ class Timing(_Part):
                 "stages": {k: Stats.from_dict(v) for k, v in (data.get("stages") or {}).items()},
                 "until_cv": _part(UntilCv, data.get("until_cv")),
                 "samples": tuple(Sample.from_dict(s) for s in data.get("samples") or ()),
+                "extra": _rest(cls, data),
             }
         )
 
@@ -525,6 +536,12 @@ class RunRecord:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def cpu(self) -> Mapping[str, JSON]:
+        """The host setup of the run (allocator, threads, affinity; empty for a run recorded
+        without it), a top-level field kept with the request facts."""
+        return self.request_facts.get("cpu") or {}
 
     @property
     def model_name(self) -> str | None:

@@ -18,9 +18,11 @@ import llm_perf_opt
 from llm_perf_opt.config import RunConfig
 from llm_perf_opt.hardware.calibration import Calibration
 from llm_perf_opt.hardware.ceilings import Roof, Selection
+from llm_perf_opt.hardware.host import HostSetup
 from llm_perf_opt.hardware.precision import DtypeChoice
 from llm_perf_opt.models.interface import Footprint, OpNote, StageCosts
 from llm_perf_opt.profiling.attribution import Attribution
+from llm_perf_opt.profiling.os_counters import COUNTERS
 from llm_perf_opt.profiling.passes import Measurement
 from llm_perf_opt.profiling.timing import OUTLIER_FACTOR, summarize
 
@@ -70,10 +72,24 @@ class Job:
     bandwidth_groups: dict[str, tuple[str, ...]]
     execution: Any = None  # the session's Execution (as_dict(), summary()), or None
     op_notes: tuple[OpNote, ...] = ()  # the session's words on ops, quoted by the verdicts
+    host: HostSetup | None = None  # allocator and threads (None: a job built without them, in tests)
 
     @property
     def dtype_name(self) -> str:
         return str(self.dtype.dtype).removeprefix("torch.")
+
+    @property
+    def split_threads(self) -> int:
+        """The threads a stage's CPU time is spread over in the CPU split: the intra-op threads on
+        a CPU, the one launching thread on a GPU."""
+        if self.device.type != "cpu":
+            return 1
+        return self.host.threads if self.host is not None else torch.get_num_threads()
+
+    @property
+    def allocator(self) -> str | None:
+        """The host allocator in force, which the verdicts' remedy for page faults depends on."""
+        return self.host.in_force if self.host is not None else None
 
 
 def versions() -> dict:
@@ -214,6 +230,7 @@ def run_record(job: Job, table: pd.DataFrame) -> RunRecord:
         "config": job.config,
         "versions": versions(),
         "device": describe_device(job.device),
+        "cpu": None if job.host is None else job.host.record(),
         "hardware": job.hardware.record(),
         "dtype": job.dtype_name,
         "dtype_reason": job.dtype.reason,
@@ -236,6 +253,9 @@ def run_record(job: Job, table: pd.DataFrame) -> RunRecord:
             "tokens of the decode steps / (e2e - ttft); pages_per_s = pages / e2e",
             "summary": m.summary(),
             "stages": {s.name: summarize(m.stage_totals(s.name)) for s in m.stages if m.runs},
+            "os_unit": "user_ms, sys_ms: CPU time in ms over all the process's threads; the others: counts "
+            "(getrusage's minor and major page faults, voluntary and involuntary context switches)",
+            "os_stages": {s.name: os_summary(m, s.name) for s in m.stages if m.runs},
             "outlier_factor": OUTLIER_FACTOR,
             "until_cv": m.until_cv,
             "samples": [r.as_dict() for r in m.runs],
@@ -260,6 +280,14 @@ def run_record(job: Job, table: pd.DataFrame) -> RunRecord:
 def failure_record(config: dict, status: str, error: str) -> RunRecord:
     """The record of a job that failed or was interrupted: why, and what it was asked to run."""
     return RunRecord(SCHEMA_VERSION, status, error, config, Versions.from_dict(versions()))
+
+
+def os_summary(m: Measurement, stage: str) -> dict[str, dict]:
+    """Per OS counter, the summary over the timed runs of the stage's total (none without counters)."""
+    calls = [run[stage] for run in m.os_runs() if stage in run]
+    return (
+        {counter: summarize([sum(call[counter]) for call in calls]) for counter in COUNTERS} if calls else {}
+    )
 
 
 def _sum_calls(calls: list[list[list[int]]]) -> list[list[int]]:

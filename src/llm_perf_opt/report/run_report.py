@@ -20,7 +20,16 @@ from .stage_report import stage_table
 def write_artifacts(out_dir: Path, job: Job) -> dict:
     """The artifacts of a finished job (see :func:`write_report_files`); its stage table and record."""
     m = job.measurement
-    table = stage_table(m, job.stage_model, job.hardware.roofs, job.dtype_name, job.device.type, job.op_notes)
+    table = stage_table(
+        m,
+        job.stage_model,
+        job.hardware.roofs,
+        job.dtype_name,
+        job.device.type,
+        job.op_notes,
+        threads=job.split_threads,
+        allocator=job.allocator,
+    )
     record = run_record(job, table)
     write_report_files(out_dir, record, table, m.attribution)
     return {"stages": table, "record": record}

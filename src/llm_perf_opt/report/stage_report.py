@@ -17,13 +17,17 @@ One row per stage (`Stage` order). Columns, in groups:
   `time_ms_p90` (10 runs or more) and `outlier_runs` (runs above 1.5x the median), `busy_ms`
   and `busy_share_pct` (op or kernel time of the trace pass, and its % of all of it),
   `launches` (kernels, or CPU ops, the trace attributes to the stage);
+* OS counters (`report.os_table`): per counter `user_ms`, `sys_ms`, `minor_faults`,
+  `major_faults`, `voluntary_switches`, `involuntary_switches` the median over the timed runs and
+  `_min`/`_max`, and `sys_share_pct` (system time's share of the stage's CPU time);
 * analytic: `flops` (useful FLOPs, 2 per multiply-add), `bytes` and its parts
   `weight_bytes`, `act_bytes`, `kv_bytes`;
 * roofline (`report.roofline.roofline_table`): `intensity`, `achieved_*_{wall,busy}`, and
   per roof `<roof>_ridge/attainable_tflop_s/roofline_ms/pct_roof_wall/pct_roof_busy/bound`;
 * split (against the first roof, `report.roofline.time_split`): `split_roofline_ms`,
   `above_roof_ms`, `host_ms` (adding up to `time_ms`; `unsplit_ms` holds what cannot be
-  split, e.g. without a trace), `overlap_ms`;
+  split, e.g. without a trace), `overlap_ms`; and the CPU's split of the same time
+  (`report.os_table.cpu_split`): `split_user_ms + split_sys_ms + split_idle_ms` (= `time_ms`);
 * `verdict`: one line in words.
 """
 
@@ -39,6 +43,7 @@ from llm_perf_opt.profiling.passes import Measurement
 from llm_perf_opt.profiling.timing import summarize
 from llm_perf_opt.runners.ranges import stage_of
 
+from .os_table import OsRuns, cpu_split, fault_phrase, os_columns
 from .record import Analytic
 from .roofline import RoofLike, roof_prefix, roofline_table, time_split, verdict
 
@@ -65,12 +70,17 @@ COUNT_COLUMNS = ("calls", "repeats", "outlier_runs", "launches")
 
 
 def measured_table(
-    stages: Sequence[str], runs: Sequence[Mapping[str, Sequence[float]]], attribution: Attribution | None
+    stages: Sequence[str],
+    runs: Sequence[Mapping[str, Sequence[float]]],
+    attribution: Attribution | None,
+    os_runs: OsRuns = (),
 ) -> pd.DataFrame:
     """Per stage: calls per run, the median and spread (:func:`~llm_perf_opt.profiling.timing.summarize`)
-    over the runs of its total time per run, and the busy time, share and launches of
-    ``attribution``. ``runs`` holds one ``{stage: [ms per call]}`` per timed run
-    (``RunSample.stages``, ``timing.samples[i].stages`` of run.json)."""
+    over the runs of its total time per run, the busy time, share and launches of
+    ``attribution``, and the OS counters of ``os_runs`` (:func:`~.os_table.os_columns`; NaN
+    without them and on nested ranges). ``runs`` holds one ``{stage: [ms per call]}`` per timed
+    run (``RunSample.stages``, ``timing.samples[i].stages`` of run.json), ``os_runs`` the
+    counters of the same runs (``RunSample.os``, ``timing.samples[i].os``)."""
     busy = {}
     if attribution is not None:
         busy = attribution.stages.set_index("stage")[["busy_ms", "share"]].to_dict("index")
@@ -106,7 +116,8 @@ def measured_table(
     # Missing figures (no trace, no runs) are NaN (<NA> for counts), so every column stays numeric.
     numeric = [c for c in MEASURED_COLUMNS if c != "stage" and c not in COUNT_COLUMNS]
     table = pd.DataFrame(rows, columns=list(MEASURED_COLUMNS)).astype({c: "float64" for c in numeric})
-    return table.astype({c: "Int64" for c in COUNT_COLUMNS})
+    table = table.astype({c: "Int64" for c in COUNT_COLUMNS})
+    return table.merge(os_columns(stages, os_runs), on="stage", how="left")
 
 
 def steps_per_stage(per_step: Iterable[str], runs: Sequence[Mapping[str, Sequence[float]]]) -> dict[str, int]:
@@ -179,11 +190,15 @@ def stage_table(
     dtype: str,
     device_kind: str,
     op_notes: Sequence[OpNote] = (),
+    *,
+    threads: int = 1,
+    allocator: str | None = None,
 ) -> pd.DataFrame:
-    """The joined table of the module docstring for a live measurement."""
+    """The joined table of the module docstring for a live measurement (``threads`` and
+    ``allocator``: see :func:`stage_table_from`)."""
     runs = [r.stages for r in m.runs]
     return stage_table_from(
-        measured_table([s.name for s in m.stages], runs, m.attribution),
+        measured_table([s.name for s in m.stages], runs, m.attribution, m.os_runs()),
         work_of(costs),
         m.attribution,
         roofs,
@@ -191,6 +206,8 @@ def stage_table(
         device_kind,
         steps_per_stage([s.name for s in m.stages if s.per_step], runs),
         op_notes,
+        threads=threads,
+        allocator=allocator,
     )
 
 
@@ -203,10 +220,16 @@ def stage_table_from(
     device_kind: str,
     steps: Mapping[str, int],
     op_notes: Sequence[OpNote] = (),
+    *,
+    threads: int = 1,
+    allocator: str | None = None,
 ) -> pd.DataFrame:
     """The joined table of :func:`measured_table` and :func:`work_table`; the split and verdicts
     use ``roofs[0]``, ``steps`` (:func:`steps_per_stage`) turns per-step stages' verdicts per
     step, and the verdicts quote the model's ``op_notes`` on the ops that hold a stage's time.
+    The CPU split spreads each stage's CPU time over ``threads`` (:func:`~.os_table.cpu_split`),
+    and a stage whose system time is large names its page faults with the remedy for the
+    ``allocator`` in force (:func:`~.os_table.fault_phrase`).
 
     A nested ``stage/family`` range is measured by the trace pass only: its split and verdict
     are over its op (kernel) time, with no host part (the enclosing stage has it)."""
@@ -236,9 +259,10 @@ def stage_table_from(
             device_kind=device_kind,
         )
         + (" (over op time: a nested range is timed by the trace pass only)" if nested[i] else "")
+        + ("" if (faults := fault_phrase(row, allocator)) is None else f"; {faults}")
         for i, row in basis.iterrows()
     ]
     parts = split[["roofline_ms", "above_roof_ms", "host_ms", "unsplit_ms", "overlap_ms"]].rename(
         columns={"roofline_ms": "split_roofline_ms"}
     )
-    return pd.concat([table, parts], axis=1)
+    return pd.concat([table, parts, cpu_split(table, threads)], axis=1)
