@@ -69,40 +69,35 @@ def ranges_per_run(session: ModelSession, prompt: str, max_new_tokens: int) -> i
     return sum(1 for e in prof.events() if is_range_name(e.name, session.stage_names()))
 
 
+def _empty_ranges_us(n: int) -> float:
+    """µs per empty `with stage_range("prefill"):` block, over ``n`` of them."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        with stage_range("prefill"):
+            pass
+    return (time.perf_counter() - t0) / n * 1e6
+
+
 def empty_range_us_with(n: int, make_listener, repeats: int = 5) -> tuple[float, float]:
     """µs per empty `with stage_range("prefill"):` block with a listener (a new one each repeat,
     from `make_listener`) attached and without (best of repeats)."""
 
-    def loop() -> float:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            with stage_range("prefill"):
-                pass
-        return (time.perf_counter() - t0) / n * 1e6
-
     on, off = [], []
     for _ in range(repeats):
         with listening(make_listener()):
-            on.append(loop())
-        off.append(loop())
+            on.append(_empty_ranges_us(n))
+        off.append(_empty_ranges_us(n))
     return min(on), min(off)
 
 
 def empty_range_us(n: int, repeats: int = 5) -> tuple[float, float]:
     """µs per empty `with stage_range("prefill"):` block with ranges on and off (best of repeats)."""
 
-    def loop() -> float:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            with stage_range("prefill"):
-                pass
-        return (time.perf_counter() - t0) / n * 1e6
-
     on, off = [], []
     for _ in range(repeats):
-        on.append(loop())
+        on.append(_empty_ranges_us(n))
         with ranges_enabled(False):
-            off.append(loop())
+            off.append(_empty_ranges_us(n))
     return min(on), min(off)
 
 

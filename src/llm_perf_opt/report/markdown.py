@@ -14,7 +14,7 @@ from llm_perf_opt.profiling.attribution import Attribution
 from llm_perf_opt.profiling.timing import OUTLIER_FACTOR
 
 from .batch_scaling import crossing_text, step_intensity
-from .record import Headline, RunRecord, Stats, UntilCv
+from .record import FIGURE_LABELS, Headline, RunRecord, Stats, UntilCv
 from .roofline import roof_prefix
 from .run_record import NSYS_BASIS
 from .stage_report import top_ops
@@ -117,14 +117,7 @@ def compact_table(table: pd.DataFrame, record: RunRecord) -> str:
     lines = [view.to_string(index=False)]
     s = record.timing.summary
     lines.append(f"{'':>14}  median [min, max] over the timed runs")
-    for key, label in (
-        ("ttft_ms", "TTFT ms"),
-        ("tpot_ms", "TPOT ms"),
-        ("decode_tokens_per_s", "decode tok/s"),
-        ("e2e_ms", "end-to-end ms"),
-        ("tokens_per_s", "tokens/s"),
-        ("pages_per_s", "pages/s"),
-    ):
+    for key, label in FIGURE_LABELS.items():
         if s.get(key):
             lines.append(f"{label:>14}: {_spread(s[key])}")
     lines += [f"{'warning':>14}: {line}" for line in spread_warnings(table, s, record.timing.until_cv)]

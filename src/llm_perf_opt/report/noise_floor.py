@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import math
 import statistics
 from collections.abc import Sequence
@@ -63,7 +62,7 @@ from scipy.stats import t as student_t
 
 from llm_perf_opt.errors import UserError
 
-from .record import RunRecord
+from .record import RunRecord, read_json
 from .run_dirs import Job, RunSet
 from .run_figures import (
     E2E,
@@ -288,12 +287,7 @@ def noise_floor_to_dict(floor: NoiseFloor) -> dict[str, Any]:
 def load_noise_floor(path: str | Path) -> NoiseFloor:
     """Read a noise-floor file (:func:`noise_floor_to_dict`); a file that is not one is a :class:`UserError`."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read it ({exc})") from None
+    data = read_json(path)
     if not isinstance(data, dict) or data.get("kind") != NOISE_FLOOR_KIND:
         raise UserError(f"{path}: not a noise-floor file (kind is not {NOISE_FLOOR_KIND!r})")
     if data.get("schema_version") != NOISE_FLOOR_SCHEMA:

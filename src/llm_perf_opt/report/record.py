@@ -34,6 +34,10 @@ from llm_perf_opt.errors import UserError
 SCHEMA_VERSION = 1
 #: The headline figures, as run.json's ``headline`` and ``timing.summary`` name them.
 FIGURES = ("ttft_ms", "tpot_ms", "decode_tokens_per_s", "e2e_ms", "tokens_per_s", "pages_per_s")
+#: Each of :data:`FIGURES` as tables name it.
+FIGURE_LABELS = dict(
+    zip(FIGURES, ("TTFT ms", "TPOT ms", "decode tok/s", "end-to-end ms", "tokens/s", "pages/s"), strict=True)
+)
 
 JSON = Any
 
@@ -583,13 +587,17 @@ def _dig(node: JSON, *keys: str) -> JSON:
     return node
 
 
-def read_record(path: str | Path) -> RunRecord:
-    """The run.json at ``path``; :class:`UserError` for a file that cannot be read or is none."""
-    path = Path(path)
+def read_json(path: Path) -> JSON:
+    """The JSON file at ``path``; :class:`UserError` for one that cannot be read or parsed."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read it ({exc})") from None
-    return RunRecord.from_dict(data, str(path))
+
+
+def read_record(path: str | Path) -> RunRecord:
+    """The run.json at ``path``; :class:`UserError` for a file that cannot be read or is none."""
+    path = Path(path)
+    return RunRecord.from_dict(read_json(path), str(path))

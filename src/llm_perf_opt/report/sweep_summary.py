@@ -34,6 +34,7 @@ from llm_perf_opt.errors import UserError
 from llm_perf_opt.runners.ranges import stage_of
 
 from .batch_scaling import BatchSweep, batch_sweeps, sweep_lines, throughput_plot
+from .record import FIGURE_LABELS
 from .run_dirs import Job, load_run_set
 
 SUMMARY_MD, SUMMARY_CSV, SUMMARY_PNG = "sweep_summary.md", "sweep_summary.csv", "sweep.png"
@@ -42,14 +43,7 @@ STAGES_CSV = "stages.csv"
 OK = "ok"
 
 #: Headline figures: (column, named as the record's figure; Markdown header).
-HEADLINE = (
-    ("ttft_ms", "TTFT ms"),
-    ("tpot_ms", "TPOT ms"),
-    ("decode_tokens_per_s", "decode tok/s"),
-    ("e2e_ms", "end-to-end ms"),
-    ("tokens_per_s", "tokens/s"),
-    ("pages_per_s", "pages/s"),
-)
+HEADLINE = tuple(FIGURE_LABELS.items())
 _PCT_SUFFIX = "_pct_roof_wall"
 # Plot geometry: inches per job bar, plus room for title, axis and legend.
 _WIDTH_IN, _BAR_IN, _FRAME_IN, _MIN_HEIGHT_IN = 10.0, 0.45, 1.9, 3.2
